@@ -1,0 +1,229 @@
+"""varsd configuration: one TOML file, every key optional, unknown keys rejected.
+
+Lookup order for the file: `--config PATH`, then `$VARSD_CONFIG`, then
+`/etc/varsd/varsd.toml`. A missing default file means "all defaults"; a file named
+explicitly must exist. Example::
+
+    uri = "qemu:///system"
+    nvram_dir = "/var/lib/libvirt/qemu/nvram"
+    state_dir = "/var/lib/varsd"
+    firmware_dirs = ["/usr/share/qemu/firmware", "/etc/qemu/firmware"]
+    exclude = ["build-*", "3f2a...uuid"]
+    reconcile_interval = 300
+    upgrade_policy = "auto"
+    qemu_user = "libvirt-qemu"
+    qemu_group = "libvirt-qemu"
+
+    [[extra_firmware]]          # pairs no descriptor lists (like qemu.conf's nvram list)
+    code = "/usr/share/OVMF/OVMF_CODE.fd"
+    template = "/usr/share/OVMF/OVMF_VARS.fd"
+    machines = ["pc-i440fx-*", "pc-q35-*"]   # optional
+    features = []                               # optional, e.g. ["secure-boot", "requires-smm"]
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import pwd
+import grp
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from varsd.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/varsd/varsd.toml"
+QEMU_CONF = "/etc/libvirt/qemu.conf"
+
+# QEMU's descriptor search path (docs/interop/firmware.json), lowest precedence first
+# is irrelevant here: precedence is by directory order in varsd.firmware.descriptors.
+DEFAULT_FIRMWARE_DIRS: tuple[str, ...] = (
+    "/usr/share/qemu/firmware",
+    "/etc/qemu/firmware",
+)
+
+UPGRADE_POLICIES = ("auto", "manual")
+
+
+@dataclass(frozen=True)
+class ExtraFirmware:
+    """A code+template pair no descriptor lists, treated as a split build."""
+
+    code: str
+    template: str
+    machines: tuple[str, ...] = ("pc-i440fx-*", "pc-q35-*")
+    architecture: str = "x86_64"
+    features: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    uri: str = "qemu:///system"
+    nvram_dir: str = "/var/lib/libvirt/qemu/nvram"
+    state_dir: str = "/var/lib/varsd"
+    firmware_dirs: tuple[str, ...] = DEFAULT_FIRMWARE_DIRS
+    extra_firmware: tuple[ExtraFirmware, ...] = ()
+    qemu_user: str | None = None  # None: read qemu.conf, then distro default
+    qemu_group: str | None = None
+    exclude: tuple[str, ...] = ()  # domain name globs or UUIDs
+    reconcile_interval: int = 300  # seconds between safety-net full passes
+    upgrade_policy: str = "auto"
+    archive_retention_days: int = 30
+    source: str | None = field(default=None, compare=False)  # file it came from
+
+    def is_excluded(self, name: str, uuid: str) -> bool:
+        return any(uuid == pat or fnmatch.fnmatchcase(name, pat) for pat in self.exclude)
+
+    @property
+    def journal_path(self) -> str:
+        return os.path.join(self.state_dir, "state.sqlite3")
+
+    @property
+    def lock_path(self) -> str:
+        return os.path.join(self.state_dir, "varsd.lock")
+
+    @property
+    def archive_dir(self) -> str:
+        return os.path.join(self.state_dir, "archive")
+
+
+_TOP_KEYS = {f.name for f in fields(Config)} - {"source"}
+_EXTRA_KEYS = {f.name for f in fields(ExtraFirmware)}
+
+
+def _expect(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{where}: {msg}")
+
+
+def _str_list(value: object, where: str, key: str) -> tuple[str, ...]:
+    _expect(
+        isinstance(value, list) and all(isinstance(v, str) for v in value),
+        where,
+        f"'{key}' must be a list of strings",
+    )
+    return tuple(value)  # type: ignore[arg-type]
+
+
+def parse_config(text: str, where: str = "<config>") -> Config:
+    """Parse TOML text into a Config; raise ConfigError naming the file and key."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - _TOP_KEYS)
+    _expect(not unknown, where, f"unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(_TOP_KEYS))}")
+    kw: dict[str, object] = {}
+    for key in ("uri", "nvram_dir", "state_dir", "qemu_user", "qemu_group", "upgrade_policy"):
+        if key in data:
+            _expect(isinstance(data[key], str) and data[key] != "", where, f"'{key}' must be a non-empty string")
+            kw[key] = data[key]
+    for key in ("nvram_dir", "state_dir"):
+        if key in kw:
+            _expect(os.path.isabs(str(kw[key])), where, f"'{key}' must be an absolute path")
+    if "firmware_dirs" in data:
+        kw["firmware_dirs"] = _str_list(data["firmware_dirs"], where, "firmware_dirs")
+    if "exclude" in data:
+        kw["exclude"] = _str_list(data["exclude"], where, "exclude")
+    for key in ("reconcile_interval", "archive_retention_days"):
+        if key in data:
+            v = data[key]
+            _expect(isinstance(v, int) and not isinstance(v, bool) and v > 0, where, f"'{key}' must be a positive integer")
+            kw[key] = v
+    if "upgrade_policy" in kw:
+        _expect(kw["upgrade_policy"] in UPGRADE_POLICIES, where, f"'upgrade_policy' must be one of {', '.join(UPGRADE_POLICIES)}")
+    if "extra_firmware" in data:
+        items = data["extra_firmware"]
+        _expect(isinstance(items, list), where, "'extra_firmware' must be an array of tables ([[extra_firmware]])")
+        extras = []
+        for i, item in enumerate(items):
+            w = f"{where}: extra_firmware[{i}]"
+            _expect(isinstance(item, dict), w, "must be a table")
+            bad = sorted(set(item) - _EXTRA_KEYS)
+            _expect(not bad, w, f"unknown key(s) {', '.join(bad)}")
+            for k in ("code", "template"):
+                _expect(isinstance(item.get(k), str) and os.path.isabs(item[k]), w, f"'{k}' must be an absolute path")
+            ekw: dict[str, object] = {"code": item["code"], "template": item["template"]}
+            if "architecture" in item:
+                _expect(isinstance(item["architecture"], str), w, "'architecture' must be a string")
+                ekw["architecture"] = item["architecture"]
+            for k in ("machines", "features"):
+                if k in item:
+                    ekw[k] = _str_list(item[k], w, k)
+            extras.append(ExtraFirmware(**ekw))  # type: ignore[arg-type]
+        kw["extra_firmware"] = tuple(extras)
+    return Config(source=where, **kw)  # type: ignore[arg-type]
+
+
+def config_path(explicit: str | None = None, environ: dict[str, str] | None = None) -> tuple[str, bool]:
+    """The config file to read and whether it was asked for explicitly (must exist)."""
+    env = os.environ if environ is None else environ
+    if explicit:
+        return explicit, True
+    if env.get("VARSD_CONFIG"):
+        return env["VARSD_CONFIG"], True
+    return DEFAULT_CONFIG_PATH, False
+
+
+def load_config(explicit: str | None = None, uri: str | None = None) -> Config:
+    """Read the config file (see module doc); `uri` (from --connect) overrides `uri`."""
+    path, required = config_path(explicit)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"{path}: config file not found") from None
+        cfg = Config()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    else:
+        cfg = parse_config(text, path)
+    if uri:
+        cfg = replace(cfg, uri=uri)
+    return cfg
+
+
+_QEMU_CONF_KEY = re.compile(r'^\s*(user|group)\s*=\s*"([^"]*)"', re.M)
+
+
+def qemu_owner(cfg: Config, qemu_conf: str = QEMU_CONF) -> tuple[int, int]:
+    """uid/gid that must own varstores: config, then qemu.conf, then distro defaults.
+
+    libvirt runs QEMU as this user; a varstore it cannot write is a guest whose
+    variable changes silently vanish.
+    """
+    user, group = cfg.qemu_user, cfg.qemu_group
+    if user is None or group is None:
+        try:
+            found = dict(_QEMU_CONF_KEY.findall(Path(qemu_conf).read_text(encoding="utf-8")))
+        except OSError:
+            found = {}
+        user = user or found.get("user")
+        group = group or found.get("group")
+    if user is None:
+        for candidate in ("libvirt-qemu", "qemu"):  # Debian/Ubuntu, Fedora/SUSE
+            try:
+                pwd.getpwnam(candidate)
+            except KeyError:
+                continue
+            user = candidate
+            break
+        else:
+            user = "root"
+    try:
+        pw = pwd.getpwnam(user) if not user.startswith("+") else pwd.getpwuid(int(user[1:]))
+    except (KeyError, ValueError):
+        raise ConfigError(f"qemu user '{user}' does not exist; set qemu_user in the config") from None
+    if group is None:
+        try:
+            grp.getgrnam(user)
+            group = user
+        except KeyError:
+            return pw.pw_uid, pw.pw_gid
+    try:
+        gr = grp.getgrnam(group) if not group.startswith("+") else grp.getgrgid(int(group[1:]))
+    except (KeyError, ValueError):
+        raise ConfigError(f"qemu group '{group}' does not exist; set qemu_group in the config") from None
+    return pw.pw_uid, gr.gr_gid

@@ -1,0 +1,91 @@
+"""Typed records for one domain's firmware: what its XML says and what its files are.
+
+These are plain data: `varsd.domain.xml` builds them from domain XML, the engine adds
+`FileFacts` read from disk, and the pure planner decides from them alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from varsd.model.firmware import VarstoreLayout
+
+
+class FirmwareConfig(str, Enum):
+    """The firmware configuration classes (see README: which ones are right)."""
+
+    NONE = "none"  # SeaBIOS or no firmware at all
+    BIOS_ROM = "bios-rom"  # OVMF as -bios / <loader type='rom'>: no persistent variables
+    CODE_ONLY = "code-only"  # one pflash with only code: varstore range unbacked
+    UNIFIED = "unified"  # one pflash with a private OVMF.fd: right, not upgradable
+    SPLIT = "split"  # code read-only + private varstore: the normal case
+    AUTOSELECT = "autoselect"  # <os firmware='efi'> left to libvirt
+    STATELESS = "stateless"  # <loader stateless='yes'>
+    CONFIDENTIAL = "confidential"  # SEV/SEV-ES/SNP/TDX: firmware must not be split
+
+
+class Status(str, Enum):
+    """What `varsctl status` reports per domain."""
+
+    OK = "ok"
+    PENDING_COLD_BOOT = "pending-cold-boot"
+    PINNED = "pinned"
+    NEEDS_MIGRATION = "needs-migration"
+    UNMANAGED = "unmanaged"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class VarsdMetadata:
+    """varsd's own record inside the domain's <metadata> (our XML namespace)."""
+
+    opt_out: bool = False
+    build_code_path: str | None = None  # central code the domain is bound to
+    build_code_sha256: str | None = None
+    template_path: str | None = None  # where the varstore came from
+    template_sha256: str | None = None
+    varstore_source: str | None = None  # "template" or "unified:<path>"
+    provisioned_at: str | None = None  # ISO 8601 UTC
+    pinned_sha256: str | None = None
+    booted_sha256: str | None = None  # live metadata: what this QEMU process runs
+
+
+@dataclass(frozen=True)
+class DomainFirmware:
+    """The firmware-relevant part of one domain XML, nothing else."""
+
+    name: str
+    uuid: str
+    arch: str | None
+    machine: str | None
+    domain_type: str | None = None
+    os_firmware: str | None = None  # <os firmware='efi'>
+    loader_path: str | None = None
+    loader_type: str | None = None  # 'rom' | 'pflash' | None
+    loader_readonly: bool | None = None
+    loader_secure: bool | None = None
+    loader_stateless: bool | None = None
+    nvram_path: str | None = None
+    nvram_template: str | None = None
+    smm: bool = False
+    launch_security: str | None = None  # 'sev', 'sev-snp', 'tdx', ... when present
+    cmdline_bios: str | None = None  # path passed as -bios through <qemu:commandline>
+    metadata: VarsdMetadata = field(default_factory=VarsdMetadata)
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What the engine read from one file the domain XML names.
+
+    `varstore_layout` is set when the file *begins with* an edk2 varstore (a varstore
+    file, or a unified image whose leading bytes are one); `None` otherwise.
+    """
+
+    path: str
+    exists: bool
+    size: int = 0
+    sha256: str | None = None
+    realpath: str | None = None
+    varstore_layout: VarstoreLayout | None = None
+    error: str | None = None  # unreadable, corrupt, ...
