@@ -24,9 +24,9 @@ explicitly must exist. Example::
 from __future__ import annotations
 
 import fnmatch
+import grp
 import os
 import pwd
-import grp
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -37,8 +37,8 @@ from varsd.errors import ConfigError
 DEFAULT_CONFIG_PATH = "/etc/varsd/varsd.toml"
 QEMU_CONF = "/etc/libvirt/qemu.conf"
 
-# QEMU's descriptor search path (docs/interop/firmware.json), lowest precedence first
-# is irrelevant here: precedence is by directory order in varsd.firmware.descriptors.
+# QEMU's descriptor search path (docs/interop/firmware.json), lowest precedence
+# first: a same-named file in a later directory overrides (varsd.firmware.descriptors).
 DEFAULT_FIRMWARE_DIRS: tuple[str, ...] = (
     "/usr/share/qemu/firmware",
     "/etc/qemu/firmware",
@@ -114,7 +114,8 @@ def parse_config(text: str, where: str = "<config>") -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML: {exc}") from None
     unknown = sorted(set(data) - _TOP_KEYS)
-    _expect(not unknown, where, f"unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(_TOP_KEYS))}")
+    known = ", ".join(sorted(_TOP_KEYS))
+    _expect(not unknown, where, f"unknown key(s) {', '.join(unknown)}; known: {known}")
     kw: dict[str, object] = {}
     for key in ("uri", "nvram_dir", "state_dir", "qemu_user", "qemu_group", "upgrade_policy"):
         if key in data:
@@ -130,10 +131,12 @@ def parse_config(text: str, where: str = "<config>") -> Config:
     for key in ("reconcile_interval", "archive_retention_days"):
         if key in data:
             v = data[key]
-            _expect(isinstance(v, int) and not isinstance(v, bool) and v > 0, where, f"'{key}' must be a positive integer")
+            ok = isinstance(v, int) and not isinstance(v, bool) and v > 0
+            _expect(ok, where, f"'{key}' must be a positive integer")
             kw[key] = v
     if "upgrade_policy" in kw:
-        _expect(kw["upgrade_policy"] in UPGRADE_POLICIES, where, f"'upgrade_policy' must be one of {', '.join(UPGRADE_POLICIES)}")
+        choices = ", ".join(UPGRADE_POLICIES)
+        _expect(kw["upgrade_policy"] in UPGRADE_POLICIES, where, f"'upgrade_policy' must be one of {choices}")
     if "extra_firmware" in data:
         items = data["extra_firmware"]
         _expect(isinstance(items, list), where, "'extra_firmware' must be an array of tables ([[extra_firmware]])")

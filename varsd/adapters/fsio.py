@@ -1,8 +1,67 @@
-"""Filesystem primitives: hashing and (later) atomic exclusive file creation."""
+"""Filesystem primitives: hashing, careful reads and atomic exclusive file creation.
+
+Rules of this module (a varstore is user data):
+- Never overwrite, truncate or rewrite an existing file. New files are written to a
+  private temp file in the target's directory and appear under their final name by
+  `link()`, which fails when *anything* (file, symlink, dangling symlink) is there.
+- The final path component is never followed. The parent directory may be a symlink
+  (libvirt's nvram dir is one on some hosts): it is resolved once into a dir fd and
+  every later step works relative to that fd.
+- On any failure nothing is left behind: no temp file, no partial target.
+- Errors name the file and say what went wrong in an admin's words.
+"""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import secrets
+import stat
+
+from varsd.errors import ProvisionError, VarsdError
+
+TEMP_MARKER = ".varsd-tmp."
+"""Temp files are `.<name>.varsd-tmp.<random>`: hidden, and recognisably ours."""
+
+DEFAULT_MAX_READ = 256 * 1024 * 1024
+"""Largest file `read_file` accepts: firmware images are a few MiB (AAVMF: 64 MiB)."""
+
+_REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EEXIST: "already exists",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOENT: "no such file or directory",
+    errno.ENOTDIR: "a path component is not a directory",
+    errno.ELOOP: "is a symbolic link (varsd does not follow it)",
+    errno.EIO: "I/O error",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.EMLINK: "too many links",
+    errno.EXDEV: "cross-device link",
+}
+
+
+class ReadError(VarsdError):
+    """A file could not be read as asked; callers re-raise it as their own error kind."""
+
+
+class TargetExists(ProvisionError):
+    """`create_exclusive` found something at the target name (raised instead of overwriting)."""
+
+
+def describe_oserror(exc: OSError) -> str:
+    """An OSError's reason in admin terms, without the Python noise."""
+    if exc.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
+        return "operation not supported by this file system"
+    return _REASONS.get(exc.errno or 0) or exc.strerror or str(exc)
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of `data`."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: str) -> str:
@@ -12,3 +71,160 @@ def sha256_file(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _open_regular(path: str, follow_symlinks: bool) -> tuple[int, os.stat_result]:
+    """Open `path` read-only, refusing anything but a regular file.
+
+    O_NONBLOCK keeps a FIFO planted at the path from hanging the daemon in open().
+    """
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise ReadError(f"{path}: cannot open: {describe_oserror(exc)}") from None
+    except ValueError:  # embedded NUL
+        raise ReadError(f"{path!r}: invalid file name") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ReadError(f"{path}: not a regular file")
+    return fd, st
+
+
+def _read_upto(fd: int, path: str, length: int) -> bytes:
+    chunks: list[bytes] = []
+    remaining = length
+    try:
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+    except OSError as exc:
+        raise ReadError(f"{path}: cannot read: {describe_oserror(exc)}") from None
+    return b"".join(chunks)
+
+
+def read_prefix(path: str, length: int, *, follow_symlinks: bool = False) -> bytes:
+    """The first `length` bytes of the regular file `path`; ReadError if it is shorter.
+
+    Used to take the leading varstore of a unified image and to compare an existing
+    target with what would be written. The final component is not followed unless
+    asked (templates in /usr/share/OVMF are often symlinks, varstore targets never).
+    """
+    if length < 0:
+        raise ValueError("length must be >= 0")
+    fd, _ = _open_regular(path, follow_symlinks)
+    try:
+        data = _read_upto(fd, path, length)
+    finally:
+        os.close(fd)
+    if len(data) < length:
+        raise ReadError(f"{path}: file is only {len(data)} bytes, expected at least {length}")
+    return data
+
+
+def read_file(path: str, *, follow_symlinks: bool = True, max_size: int = DEFAULT_MAX_READ) -> bytes:
+    """Whole content of the regular file `path`, refusing files over `max_size` bytes."""
+    fd, st = _open_regular(path, follow_symlinks)
+    try:
+        if st.st_size > max_size:
+            raise ReadError(f"{path}: file is {st.st_size} bytes, more than the {max_size} a firmware file can be")
+        data = _read_upto(fd, path, max_size + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_size:
+        raise ReadError(f"{path}: file grew beyond {max_size} bytes while being read")
+    return data
+
+
+def _final_name(path: str) -> tuple[str, str]:
+    """Split `path` into (parent, name), rejecting names that are not one plain component."""
+    if "\0" in path:
+        raise ProvisionError(f"{path!r}: invalid file name (contains NUL)")
+    parent, name = os.path.split(path)
+    if not name or name in (".", "..") or "/" in name:
+        raise ProvisionError(f"{path!r}: invalid file name (the last component must be a plain file name)")
+    return parent or ".", name
+
+
+def _temp_name(name: str) -> str:
+    # Keep the temp name within NAME_MAX (255) even for long target names.
+    return f".{name[:200]}{TEMP_MARKER}{secrets.token_hex(8)}"
+
+
+def create_exclusive(path: str, data: bytes, *, mode: int = 0o600, uid: int = -1, gid: int = -1) -> None:
+    """Create `path` holding `data`, atomically and exclusively, or raise ProvisionError.
+
+    Why this dance: readers (QEMU, libvirt, a retrying varsd) must only ever see no
+    file or the complete file, a crash must not leave a truncated varstore under the
+    final name, and nothing that already exists may be replaced. Content, owner and
+    mode are set on a private temp file, fsynced, then hard-linked into place (link()
+    never overwrites), and the directory is fsynced so the name survives a crash.
+    Raises TargetExists when something is already at `path`.
+    """
+    parent, name = _final_name(path)
+    try:
+        dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        reason = "directory does not exist" if exc.errno == errno.ENOENT else describe_oserror(exc)
+        raise ProvisionError(f"cannot create {path}: {parent}: {reason}") from None
+
+    tmp = _temp_name(name)
+    fd = -1
+    tmp_created = False
+    linked = False
+    ident: tuple[int, int] | None = None
+    try:
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        tmp_created = True
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        if uid != -1 or gid != -1:
+            os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+        st = os.fstat(fd)
+        ident = (st.st_dev, st.st_ino)
+        os.close(fd)  # close() can report delayed write errors (NFS): check it before linking
+        fd = -1
+        os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+        linked = True
+        os.unlink(tmp, dir_fd=dfd)
+        tmp_created = False
+        os.fsync(dfd)
+    except OSError as exc:
+        _cleanup(dfd, fd, tmp if tmp_created else None, name if linked else None, ident)
+        if exc.errno == errno.EEXIST and not linked:
+            raise TargetExists(f"cannot create {path}: already exists (varsd never overwrites a file)") from None
+        raise ProvisionError(f"cannot create {path}: {describe_oserror(exc)}") from None
+    except BaseException:
+        _cleanup(dfd, fd, tmp if tmp_created else None, name if linked else None, ident)
+        raise
+    finally:
+        os.close(dfd)
+
+
+def _cleanup(dfd: int, fd: int, tmp: str | None, final: str | None, ident: tuple[int, int] | None) -> None:
+    """Undo a failed create: close, drop the temp, and drop the final name only if it is still ours."""
+    if fd != -1:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    if tmp is not None:
+        try:
+            os.unlink(tmp, dir_fd=dfd)
+        except OSError:
+            pass
+    if final is not None and ident is not None:
+        try:
+            st = os.stat(final, dir_fd=dfd, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == ident:
+                os.unlink(final, dir_fd=dfd)
+        except OSError:
+            pass

@@ -2,64 +2,339 @@
 
 virt-firmware is the field's varstore library, but it exits the process on bad input
 (`sys.exit(1)` raises SystemExit, which `except Exception` misses), logs to the root
-logger and reads files in constructors. Everything here catches that and raises
-VarstoreError naming the file, so callers never see a library hazard.
+logger (and thereby runs `logging.basicConfig()` behind the application's back),
+loops forever on a firmware volume header of length 0, and reads files in
+constructors. This module contains all of that:
+
+- Stores are parsed from bytes already in memory (a subclass feeds them), so the
+  library never opens a user's file, let alone writes one. Everything here returns
+  bytes; writing them is `fsio.create_exclusive`'s job.
+- The library's `logging` calls are routed to the `varsd.virtfw` logger at DEBUG.
+- Every failure is a VarstoreError naming the file; never SystemExit.
+- Variables are keyed by "<guid>:<name>": the library's own `get_varlist` keys by
+  name only, silently dropping one of two variables that share a name under
+  different vendor GUIDs, so this module walks the store itself (mirroring edk2's
+  rules for which variable records are live) and keeps each record byte-exact.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
+import struct
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
+from virt.firmware.efi import efivar, guids, ucs16
+from virt.firmware.varstore import edk2
+
+from varsd.adapters import fsio
 from varsd.errors import VarstoreError
 from varsd.model.firmware import VarstoreLayout
 
+log = logging.getLogger("varsd.virtfw")
 
-def _edk2(path: str):
-    from virt.firmware.varstore.edk2 import Edk2VarStore
+# edk2 variable record: StartId, State, Attributes, MonotonicCount, TimeStamp (16),
+# PubKeyIndex, NameSize, DataSize, VendorGuid (16), then name and data.
+_HEADER = struct.Struct("<HBxLQ16sLLL16s")
+_VAR_START_ID = 0x55AA
+_VAR_ADDED = 0x3F
+_VAR_ADDED_IN_DELETED_TRANSITION = 0x3F & 0xFE
+_FV_HEADER_MIN = 0x48  # EFI_FIRMWARE_VOLUME_HEADER with one block map entry + terminator
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.CRITICAL)  # the library logs "varstore not found" at ERROR
+ATTR_NV_BS_RT = 0x7
+"""NON_VOLATILE | BOOTSERVICE_ACCESS | RUNTIME_ACCESS: what BootOrder and Boot#### use."""
+
+
+@dataclass(frozen=True)
+class EfiVariable:
+    """One live UEFI variable: what a guest sees through GetVariable()."""
+
+    name: str
+    guid: str
+    attr: int
+    data: bytes
+
+    @property
+    def key(self) -> str:
+        return f"{self.guid}:{self.name}"
+
+
+class _LibraryLog:
+    """Stands in for the `logging` module inside virt-firmware's edk2 module.
+
+    Messages go to our logger at DEBUG; the last error per thread is kept so the
+    VarstoreError can say why the library gave up before calling sys.exit().
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def _emit(self, level: int, msg: str, *args: Any, **_kw: Any) -> None:
+        text = msg % args if args else msg
+        if level >= logging.ERROR:
+            self._local.last_error = text
+        log.debug("virt-firmware: %s", text)
+
+    def debug(self, msg: str, *args: Any, **kw: Any) -> None:
+        self._emit(logging.DEBUG, msg, *args, **kw)
+
+    def info(self, msg: str, *args: Any, **kw: Any) -> None:
+        self._emit(logging.INFO, msg, *args, **kw)
+
+    def warning(self, msg: str, *args: Any, **kw: Any) -> None:
+        self._emit(logging.WARNING, msg, *args, **kw)
+
+    def error(self, msg: str, *args: Any, **kw: Any) -> None:
+        self._emit(logging.ERROR, msg, *args, **kw)
+
+    def take_error(self) -> str | None:
+        text = getattr(self._local, "last_error", None)
+        self._local.last_error = None
+        return text
+
+    def __getattr__(self, name: str) -> Any:  # constants such as logging.DEBUG
+        return getattr(logging, name)
+
+
+_liblog = _LibraryLog()
+edk2.logging = _liblog  # type: ignore[attr-defined]
+
+
+def _find_nvdata(data: bytes) -> int | None:
+    """edk2.Edk2VarStore.find_nvdata, minus its endless loop on a volume length < header."""
+    offset = 0
+    while offset + 64 < len(data):
+        guid = str(guids.parse_bin(data, offset + 16))
+        if guid == guids.NvData:
+            return offset
+        if guid == guids.Ffs:
+            (vlen,) = struct.unpack_from("<Q", data, offset + 32)
+            if vlen < _FV_HEADER_MIN:
+                return None
+            offset += vlen
+            continue
+        offset += 1024
+    return None
+
+
+class _BytesVarStore(edk2.Edk2VarStore):
+    """An Edk2VarStore parsed from bytes in memory; `filename` is only used in messages."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        self._data = bytes(data)
+        super().__init__(name)
+
+    def readfile(self) -> None:
+        self.filedata = self._data
+
+    @staticmethod
+    def find_nvdata(data: bytes) -> int | None:
+        return _find_nvdata(data)
+
+    def write_varstore(self, filename: str, varlist: Any) -> None:
+        raise AssertionError("varsd never lets virt-firmware write files")
+
+
+class _RawVar(efivar.EfiVar):
+    """An EfiVar that serialises back to exactly the record it was read from.
+
+    The library's EfiVar re-encodes the timestamp (dropping nanoseconds and the time
+    zone) and parses signature databases by variable name alone; neither is wanted
+    when carrying a guest's variables over, so the constructor is bypassed and the
+    raw timestamp kept. `bytes_var` only needs the attributes set here.
+    """
+
+    def __init__(self, name: str, guid: str, attr: int, data: bytes, count: int, pkidx: int, raw_time: bytes):
+        # deliberately not calling EfiVar.__init__ (see class docstring)
+        self.name = ucs16.from_string(name)
+        self.guid = guids.parse_str(guid)
+        self.attr = attr
+        self.data = data
+        self.count = count
+        self.pkidx = pkidx
+        self.time = None
+        self.sigdb = None
+        self.raw_time = raw_time
+
+    def bytes_time(self) -> bytes:
+        return self.raw_time
+
+    def public(self) -> EfiVariable:
+        return EfiVariable(name=str(self.name), guid=str(self.guid), attr=self.attr, data=self.data)
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    store: _BytesVarStore
+    layout: VarstoreLayout
+    records: dict[str, _RawVar]  # key "<name>\0<guid>": the library sorts by key, so name order is kept
+
+
+def _read(path: str, length: int | None) -> bytes:
     try:
-        return Edk2VarStore(path)
+        if length is None:
+            return fsio.read_file(path)
+        return fsio.read_prefix(path, length, follow_symlinks=True)
+    except fsio.ReadError as exc:
+        raise VarstoreError(str(exc)) from None
+
+
+def _parse(data: bytes, name: str) -> _Parsed:
+    """Parse and sanity-check a varstore (or a unified image's leading varstore)."""
+    _liblog.take_error()
+    try:
+        store = _BytesVarStore(data, name)
     except SystemExit:
-        raise VarstoreError(f"{path}: not an edk2 varstore (no valid NvData volume found)") from None
-    except FileNotFoundError:
-        raise VarstoreError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise VarstoreError(f"{path}: cannot read: {exc.strerror}") from None
-    except Exception as exc:  # struct errors on truncated files and the like
-        raise VarstoreError(f"{path}: not an edk2 varstore ({exc})") from None
-    finally:
-        root.setLevel(level)
+        why = _liblog.take_error() or "no valid NvData volume found"
+        why = why.removeprefix(f"{name}: ")
+        raise VarstoreError(f"{name}: not an edk2 varstore ({why})") from None
+    except Exception as exc:  # struct errors on short files and the like
+        raise VarstoreError(f"{name}: not an edk2 varstore ({exc})") from None
+    offset = _find_nvdata(data)
+    assert offset is not None  # parse_volume found it
+    (vlen,) = struct.unpack_from("<Q", data, offset + 32)
+    volume_end = offset + vlen
+    if volume_end > len(data) or not (offset < store.start <= store.end <= volume_end):
+        raise VarstoreError(
+            f"{name}: truncated or damaged edk2 varstore (volume ends at 0x{volume_end:x}, "
+            f"variables 0x{store.start:x}-0x{store.end:x}, file has 0x{len(data):x} bytes)"
+        )
+    layout = VarstoreLayout(size=volume_end, start=store.start, end=store.end)
+    return _Parsed(store=store, layout=layout, records=_walk(store.filedata, store.start, store.end, name))
+
+
+def _walk(data: bytes, start: int, end: int, name: str) -> dict[str, _RawVar]:
+    """The live variables between `start` and `end`, as edk2's FindVariable sees them.
+
+    A record in state ADDED is live; one caught IN_DELETED_TRANSITION by a power
+    cut is live only when no ADDED copy of the same variable exists. The walk stops
+    at the first slot without a record header, like edk2's.
+    """
+    added: dict[str, _RawVar] = {}
+    in_transition: dict[str, _RawVar] = {}
+    pos = start
+    while pos + _HEADER.size <= end:
+        magic, state, attr, count, raw_time, pkidx, nsize, dsize, guid_le = _HEADER.unpack_from(data, pos)
+        if magic != _VAR_START_ID:
+            break
+        name_at = pos + _HEADER.size
+        data_at = name_at + nsize
+        next_pos = (data_at + dsize + 3) & ~3
+        live = state in (_VAR_ADDED, _VAR_ADDED_IN_DELETED_TRANSITION)
+        if data_at + dsize > end:
+            if not live:  # a dead record with a bad length ends edk2's walk too
+                break
+            raise VarstoreError(f"{name}: damaged varstore: variable record at 0x{pos:x} runs past the store end")
+        if live:
+            try:
+                var_name = str(ucs16.from_ucs16(data[name_at:data_at]))
+            except UnicodeDecodeError:
+                raise VarstoreError(f"{name}: damaged varstore: bad variable name at 0x{pos:x}") from None
+            guid = str(guids.parse_bin(guid_le, 0))
+            var = _RawVar(var_name, guid, attr, bytes(data[data_at : data_at + dsize]), count, pkidx, raw_time)
+            key = f"{var_name}\0{guid}"
+            (added if state == _VAR_ADDED else in_transition)[key] = var
+        pos = next_pos
+    for key, var in in_transition.items():
+        added.setdefault(key, var)
+    return dict(sorted(added.items()))
+
+
+def _public(records: dict[str, _RawVar]) -> dict[str, EfiVariable]:
+    out = {}
+    for var in records.values():
+        pub = var.public()
+        out[pub.key] = pub
+    return out
+
+
+def _render(parsed: _Parsed, records: dict[str, _RawVar], template_name: str, src_name: str) -> bytes:
+    """Bytes of `parsed`'s store holding exactly `records`, or VarstoreError if they do not fit."""
+    store = parsed.store
+    need = sum(len(store.bytes_var(v)) for v in records.values())
+    room = store.end - store.start
+    if need > room:
+        raise VarstoreError(
+            f"variables of {src_name} need {need} bytes, but {template_name} has room for only {room} "
+            f"({parsed.layout.describe()})"
+        )
+    try:
+        blob = store.bytes_varstore(records)
+    except SystemExit:  # bytes_varlist's own "varstore is too small" check
+        raise VarstoreError(f"variables of {src_name} do not fit into {template_name}") from None
+    if len(blob) != len(store.filedata):
+        raise VarstoreError(f"{template_name}: virt-firmware produced {len(blob)} bytes instead of {len(store.filedata)}")
+    return blob
+
+
+def layout_of_bytes(data: bytes, name: str) -> VarstoreLayout:
+    """Layout of the varstore at the start of `data` (read from the file called `name`)."""
+    return _parse(data, name).layout
 
 
 def read_layout(path: str) -> VarstoreLayout:
     """Layout of the varstore at the start of `path` (a varstore or unified image).
 
     For a unified image, `size` is the varstore part only: the end of the NvData
-    firmware volume that holds the variables.
+    firmware volume that holds the variables (in OVMF its length covers variables,
+    FTW working block and spare: 0x20000 for 2 MiB builds, 0x84000 for 4 MiB ones).
     """
-    store = _edk2(path)
-    volume_size = _nvdata_volume_end(store.filedata)
-    return VarstoreLayout(size=volume_size, start=store.start, end=store.end)
+    return layout_of_bytes(_read(path, None), path)
 
 
-def _nvdata_volume_end(data: bytes) -> int:
-    """End of the varstore region: offset plus length of the NvData firmware volume.
+def variables_of_bytes(data: bytes, name: str) -> dict[str, EfiVariable]:
+    """Live variables of the varstore at the start of `data`, keyed "<guid>:<name>"."""
+    return _public(_parse(data, name).records)
 
-    In OVMF the NvData volume header's length covers the whole varstore region
-    (variables + FTW working block + spare): 0x20000 for 2 MiB builds, 0x84000 for
-    4 MiB ones. In a unified image the code volumes follow it.
+
+def read_variables(path: str, length: int | None = None) -> dict[str, EfiVariable]:
+    """Live variables of the varstore `path` (only its first `length` bytes if given)."""
+    return variables_of_bytes(_read(path, length), path)
+
+
+def migrate_variables(src_path: str, template_path: str, *, template_length: int | None = None) -> bytes:
+    """A fresh copy of the template holding every variable of `src_path`, as bytes.
+
+    This is how a 2 MiB varstore moves to the 4 MiB layout without losing boot
+    entries or enrolled keys. Every variable record is carried over byte for byte;
+    the result is re-read and compared before it is returned. `template_length`
+    takes only the leading varstore of a unified image as the template.
     """
-    import struct
+    src = _parse(_read(src_path, None), src_path)
+    template = _parse(_read(template_path, template_length), template_path)
+    blob = _render(template, src.records, template_path, src_path)
+    check = _parse(blob, f"migrated copy of {src_path}")
+    if check.layout != template.layout or _records_bytes(check) != _records_bytes(src):
+        raise VarstoreError(f"migrating {src_path} into {template_path} did not preserve every variable")
+    return blob
 
-    from virt.firmware.varstore.edk2 import Edk2VarStore
 
-    offset = Edk2VarStore.find_nvdata(data)
-    if offset is None:
-        return len(data)
-    (vlen,) = struct.unpack_from("<Q", data, offset + 32)
-    return min(len(data), offset + vlen)
+def _records_bytes(parsed: _Parsed) -> dict[str, bytes]:
+    return {key: parsed.store.bytes_var(var) for key, var in parsed.records.items()}
+
+
+def with_variables(path: str, variables: Iterable[EfiVariable], *, length: int | None = None) -> bytes:
+    """Bytes of the varstore `path` with `variables` added or replaced (the file is not touched).
+
+    Existing variables keep their monotonic count and timestamp; new ones get zeros.
+    Meant for tests and tools that need a varstore with non-default content.
+    """
+    parsed = _parse(_read(path, length), path)
+    records = dict(parsed.records)
+    for v in variables:
+        try:
+            guid = str(guids.parse_str(v.guid))
+        except ValueError:
+            raise VarstoreError(f"{v.guid!r}: not a GUID (variable {v.name})") from None
+        key = f"{v.name}\0{guid}"
+        old = records.get(key)
+        count, pkidx, raw_time = (old.count, old.pkidx, old.raw_time) if old else (0, 0, bytes(16))
+        records[key] = _RawVar(v.name, guid, v.attr, bytes(v.data), count, pkidx, raw_time)
+    return _render(parsed, dict(sorted(records.items())), path, path)
+
+
+def with_variable(path: str, name: str, guid: str, data: bytes, attr: int = ATTR_NV_BS_RT) -> bytes:
+    """Bytes of the varstore `path` with one variable set (e.g. BootOrder, or a vendor test variable)."""
+    return with_variables(path, [EfiVariable(name=name, guid=guid, attr=attr, data=data)])

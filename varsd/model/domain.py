@@ -7,12 +7,12 @@ These are plain data: `varsd.domain.xml` builds them from domain XML, the engine
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from varsd.model.firmware import VarstoreLayout
 
 
-class FirmwareConfig(str, Enum):
+class FirmwareConfig(StrEnum):
     """The firmware configuration classes (see README: which ones are right)."""
 
     NONE = "none"  # SeaBIOS or no firmware at all
@@ -25,7 +25,7 @@ class FirmwareConfig(str, Enum):
     CONFIDENTIAL = "confidential"  # SEV/SEV-ES/SNP/TDX: firmware must not be split
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     """What `varsctl status` reports per domain."""
 
     OK = "ok"
@@ -88,4 +88,7 @@ class FileFacts:
     sha256: str | None = None
     realpath: str | None = None
     varstore_layout: VarstoreLayout | None = None
+    # For a unified image: digest of the code part after the leading varstore, so the
+    # planner can recognise which build the image was made from.
+    trailing_sha256: str | None = None
     error: str | None = None  # unreadable, corrupt, ...

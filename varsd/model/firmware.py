@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class MappingMode(str, Enum):
+class MappingMode(StrEnum):
     """How a flash build is mapped (QEMU firmware.json `mapping.mode`)."""
 
     SPLIT = "split"

@@ -1,0 +1,185 @@
+"""varsctl: the admin's tool. Thin: parse arguments, call the engine, print.
+
+Exit codes (documented in README): 0 all fine, 1 something needs attention (a domain
+in `error` or `needs-migration`, or an action failed), 2 usage, configuration or
+connection error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from varsd.adapters.journal import Journal
+from varsd.adapters.libvirt_api import DomainRef, Hypervisor
+from varsd.config import Config, load_config, qemu_owner
+from varsd.engine.reconciler import Outcome, Reconciler
+from varsd.errors import ConfigError, HypervisorError, VarsdError
+from varsd.firmware.catalog import load_catalog
+from varsd.model.domain import Status
+
+EXIT_OK, EXIT_ATTENTION, EXIT_USAGE = 0, 1, 2
+ATTENTION = {Status.ERROR, Status.NEEDS_MIGRATION}
+
+
+class Context:
+    """What every subcommand needs, opened lazily and closed once."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._hv: Hypervisor | None = None
+        self._journal: Journal | None = None
+
+    @property
+    def hv(self) -> Hypervisor:
+        if self._hv is None:
+            self._hv = Hypervisor(self.cfg.uri).open()
+        return self._hv
+
+    @property
+    def journal(self) -> Journal:
+        if self._journal is None:
+            self._journal = Journal(self.cfg.journal_path)
+        return self._journal
+
+    def reconciler(self) -> Reconciler:
+        catalog = load_catalog(self.cfg.firmware_dirs, self.cfg.extra_firmware)
+        for problem in catalog.problems:
+            logging.getLogger("varsd.catalog").warning("%s: %s", problem.source, problem.message)
+        return Reconciler(self.cfg, self.hv, catalog, self.journal, qemu_owner(self.cfg), actor="varsctl")
+
+    def refs(self, names: Sequence[str]) -> list[DomainRef]:
+        return [self.hv.lookup(n) for n in names] if names else self.hv.list_domains()
+
+    def close(self) -> None:
+        if self._hv is not None:
+            self._hv.close()
+        if self._journal is not None:
+            self._journal.close()
+
+
+def _table(outcomes: list[Outcome]) -> str:
+    rows = [("DOMAIN", "STATE", "CONFIG", "STATUS", "DETAIL")]
+    rows += [(o.ref.name, o.ref.state, o.plan.config.value, o.status.value, o.plan.detail) for o in outcomes]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join(
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r[:4])) + "  " + r[4] for r in rows
+    )
+
+
+def _exit_for(outcomes: list[Outcome]) -> int:
+    return EXIT_ATTENTION if any(o.status in ATTENTION for o in outcomes) else EXIT_OK
+
+
+def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
+    rec = ctx.reconciler()
+    outcomes = [rec.reconcile(ref, apply=False) for ref in ctx.refs(args.domains)]
+    if args.json:
+        print(json.dumps({"domains": [o.as_dict() for o in outcomes]}, indent=2))
+    else:
+        print(_table(outcomes))
+    return _exit_for(outcomes)
+
+
+def cmd_reconcile(ctx: Context, args: argparse.Namespace) -> int:
+    rec = ctx.reconciler()
+    outcomes = [rec.reconcile(ref, apply=not args.dry_run) for ref in ctx.refs(args.domains)]
+    if args.json:
+        print(json.dumps({"domains": [o.as_dict() for o in outcomes]}, indent=2))
+    else:
+        for o in outcomes:
+            if args.dry_run and o.plan.actions:
+                for a in o.plan.actions:
+                    print(f"{o.ref.name}: would {type(a).__name__}: {getattr(a, 'reason', getattr(a, 'path', ''))}")
+            for d in o.done:
+                print(f"{o.ref.name}: {d}")
+        print(_table(outcomes))
+    return _exit_for(outcomes)
+
+
+def cmd_journal(ctx: Context, args: argparse.Namespace) -> int:
+    uuid = ctx.hv.lookup(args.domain).uuid if args.domain else None
+    changes = ctx.journal.changes(uuid, limit=args.limit)
+    if args.json:
+        print(json.dumps([c.__dict__ for c in changes], indent=2))
+        return EXIT_OK
+    for c in changes:
+        print(f"#{c.id}  {c.at}  {c.name}  {c.actor}  {c.outcome}  {c.reason}")
+    return EXIT_OK
+
+
+def cmd_undo(ctx: Context, args: argparse.Namespace) -> int:
+    """Put back the XML a journaled change replaced (itself journaled)."""
+    change = ctx.journal.change(args.change)
+    if change is None:
+        print(f"varsctl: no journal entry #{args.change}", file=sys.stderr)
+        return EXIT_USAGE
+    rec = ctx.reconciler()
+    ref = ctx.hv.lookup(change.uuid)
+    current = ctx.hv.persistent_xml(ref.uuid)
+    rec.redefine(ref, current, change.old_xml, f"undo of journal #{change.id}")
+    print(f"{ref.name}: restored the definition from before journal #{change.id}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="varsctl", description="Inspect and repair UEFI firmware of libvirt domains.")
+    p.add_argument("--config", help="config file (default $VARSD_CONFIG or /etc/varsd/varsd.toml)")
+    p.add_argument("--connect", "-c", metavar="URI", help="libvirt URI (default from config: qemu:///system)")
+    p.add_argument("--verbose", "-v", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("status", help="report every domain's firmware configuration and status")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("domains", nargs="*", metavar="DOMAIN")
+    s.set_defaults(func=cmd_status)
+
+    r = sub.add_parser("reconcile", help="repair domains now, without the daemon")
+    r.add_argument("--dry-run", action="store_true", help="show what would change")
+    r.add_argument("--json", action="store_true")
+    r.add_argument("domains", nargs="*", metavar="DOMAIN")
+    r.set_defaults(func=cmd_reconcile)
+
+    j = sub.add_parser("journal", help="list journaled domain XML changes")
+    j.add_argument("domain", nargs="?")
+    j.add_argument("--limit", type=int, default=50)
+    j.add_argument("--json", action="store_true")
+    j.set_defaults(func=cmd_journal)
+
+    u = sub.add_parser("undo", help="restore the XML a journaled change replaced")
+    u.add_argument("change", type=int, metavar="ID")
+    u.set_defaults(func=cmd_undo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="varsctl: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        cfg = load_config(args.config, args.connect)
+    except ConfigError as exc:
+        print(f"varsctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    ctx = Context(cfg)
+    try:
+        return args.func(ctx, args)
+    except HypervisorError as exc:
+        print(f"varsctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except VarsdError as exc:
+        print(f"varsctl: {exc}", file=sys.stderr)
+        return EXIT_ATTENTION
+    finally:
+        ctx.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Which of the firmware configurations a domain uses (pure).
+
+Rules, first match wins:
+1. `<launchSecurity>` present -> confidential (whatever the loader: measured firmware
+   must never be split, QEMU measures only pflash unit 0).
+2. `<loader stateless='yes'>` -> stateless.
+3. `-bios PATH` in `<qemu:commandline>`, or a loader of type rom (or no type, which
+   libvirt also passes as -bios): bios-rom when the image is OVMF, none otherwise
+   (a custom SeaBIOS build).
+4. No loader: autoselect with `<os firmware='efi'>`, otherwise none (SeaBIOS).
+5. pflash with `<nvram>`: split. A read-only pflash without one is libvirt < 9.0
+   leaving the nvram to be filled at start; it is split too (libvirt fills it).
+6. A single writable pflash: unified when the image begins with a varstore, else
+   code-only (the varstore range is backed by nothing persistent).
+"""
+
+from __future__ import annotations
+
+from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig
+from varsd.model.firmware import Catalog
+
+
+def looks_like_ovmf(facts: FileFacts | None, path: str, catalog: Catalog) -> bool:
+    """True for images that are edk2 firmware rather than SeaBIOS.
+
+    A unified OVMF image starts with a varstore; a bare code image is recognised by
+    its digest matching a catalog build, or failing that by its conventional name.
+    """
+    if facts is not None:
+        if facts.varstore_layout is not None:
+            return True
+        if facts.sha256 and catalog.by_code_sha(facts.sha256):
+            return True
+    lowered = path.lower()
+    return any(word in lowered for word in ("ovmf", "edk2", "uefi", "aavmf"))
+
+
+def classify(fw: DomainFirmware, loader: FileFacts | None, catalog: Catalog) -> FirmwareConfig:
+    if fw.launch_security:
+        return FirmwareConfig.CONFIDENTIAL
+    if fw.loader_stateless:
+        return FirmwareConfig.STATELESS
+    if fw.cmdline_bios:
+        if looks_like_ovmf(loader, fw.cmdline_bios, catalog):
+            return FirmwareConfig.BIOS_ROM
+        return FirmwareConfig.NONE
+    if fw.loader_path is None:
+        return FirmwareConfig.AUTOSELECT if fw.os_firmware == "efi" else FirmwareConfig.NONE
+    if fw.loader_type == "rom" or (fw.loader_type is None and not fw.nvram_path):
+        if looks_like_ovmf(loader, fw.loader_path, catalog):
+            return FirmwareConfig.BIOS_ROM
+        return FirmwareConfig.NONE
+    if fw.nvram_path or fw.loader_readonly:
+        return FirmwareConfig.SPLIT
+    if loader is not None and loader.varstore_layout is not None:
+        return FirmwareConfig.UNIFIED
+    return FirmwareConfig.CODE_ONLY
+
+
+def firmware_image_path(fw: DomainFirmware) -> str | None:
+    """The image the domain boots as firmware: -bios argument or loader path."""
+    return fw.cmdline_bios or fw.loader_path

@@ -1,0 +1,34 @@
+"""One actor at a time: a host-wide advisory lock shared by varsd and varsctl.
+
+Held only around one domain's read-plan-act step, so `varsctl` never waits long for
+a running daemon and vice versa, and two actors never act on one domain at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+
+from varsd.errors import LockBusy
+
+
+@contextlib.contextmanager
+def host_lock(path: str, timeout: float = 60.0) -> Iterator[None]:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LockBusy(f"{path}: another varsd actor has held the lock for {timeout:.0f}s") from None
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,116 @@
+"""Provisioning a domain's private varstore from a template (or a unified image's prefix).
+
+Rules:
+- A varstore is user data: an existing file at the target is never overwritten,
+  truncated or chowned. If it already holds exactly the bytes we would write (a
+  retry after a crash between provisioning and the XML redefinition), it is adopted
+  as is; anything else at the target is refused with advice for the admin.
+- The source must be a real edk2 varstore with exactly the layout the code image
+  expects, and exactly that many bytes: a 2 MiB varstore behind 4 MiB code fails
+  silently in the guest, and a whole unified image is not a varstore.
+- The file is created by `fsio.create_exclusive`: atomic, exclusive, 0600, owned by
+  the qemu user, nothing left behind on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+from varsd.adapters import fsio, virtfw
+from varsd.errors import ProvisionError, VarstoreError
+from varsd.model.firmware import VarstoreLayout
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    """A varstore that now exists at `path`; `adopted` when it was already there, identical."""
+
+    path: str
+    sha256: str
+    adopted: bool
+    layout: VarstoreLayout
+
+
+def provision_varstore(
+    target: str,
+    source: str,
+    *,
+    expected_layout: VarstoreLayout,
+    owner: tuple[int, int],
+    length: int | None = None,
+) -> Provisioned:
+    """Create the varstore `target` from `source`, or adopt an identical existing one.
+
+    `source` is a varstore template (`length` None: the whole file) or a unified
+    image (`length` = template size: its leading varstore is taken). `owner` is the
+    (uid, gid) of the qemu user. Raises ProvisionError (VarstoreError for a source
+    that is not a varstore) naming the file; on error nothing was created.
+    """
+    data = _read_source(source, length)
+    layout = virtfw.layout_of_bytes(data, source)
+    if layout != expected_layout:
+        raise VarstoreError(
+            f"{source}: varstore layout ({layout.describe()}) does not match the layout the firmware "
+            f"code expects ({expected_layout.describe()}); use the template built with that code"
+        )
+    if len(data) != layout.size:
+        raise ProvisionError(
+            f"{source}: {len(data)} bytes, but its varstore is only the first {layout.size}; "
+            "a unified image must be given with the template size as length"
+        )
+    digest = fsio.sha256_bytes(data)
+    if _adoptable(target, data, source):
+        return Provisioned(path=target, sha256=digest, adopted=True, layout=layout)
+    try:
+        fsio.create_exclusive(target, data, mode=0o600, uid=owner[0], gid=owner[1])
+    except fsio.TargetExists:
+        # Someone created it between our look and our link: judge what is there now.
+        if _adoptable(target, data, source):
+            return Provisioned(path=target, sha256=digest, adopted=True, layout=layout)
+        raise  # it vanished again in between: report the collision rather than loop
+    return Provisioned(path=target, sha256=digest, adopted=False, layout=layout)
+
+
+def _read_source(source: str, length: int | None) -> bytes:
+    try:
+        if length is None:
+            return fsio.read_file(source)
+        return fsio.read_prefix(source, length, follow_symlinks=True)
+    except fsio.ReadError as exc:
+        raise ProvisionError(f"cannot read varstore template: {exc}") from None
+
+
+def _adoptable(target: str, data: bytes, source: str) -> bool:
+    """False if nothing is at `target`; True if it is a regular file holding exactly `data`.
+
+    Anything else there raises: varsd never overwrites a varstore, and a symlink is
+    not followed (it could point at another VM's varstore or at a system file).
+    """
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise ProvisionError(f"cannot examine {target}: {fsio.describe_oserror(exc)}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise ProvisionError(
+            f"{target} already exists as a symbolic link; varsd never writes through or replaces a link "
+            "at a varstore path. Replace it with the varstore file it points to, or remove it, and retry."
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise ProvisionError(f"{target} already exists and is not a regular file; remove it and retry.")
+    same = False
+    if st.st_size == len(data):
+        try:
+            same = fsio.read_prefix(target, len(data), follow_symlinks=False) == data
+        except fsio.ReadError as exc:
+            raise ProvisionError(f"{target} already exists and cannot be compared: {exc}") from None
+    if not same:
+        raise ProvisionError(
+            f"{target} already exists and differs from {source}; varsd never overwrites a varstore "
+            "(it holds the VM's boot entries and Secure Boot keys). If it is this VM's varstore, point the "
+            "domain at it; if it is stale, move it aside (e.g. to a .bak name) and retry."
+        )
+    return True

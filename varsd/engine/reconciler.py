@@ -1,0 +1,179 @@
+"""The imperative shell around the planner: read a domain, plan, act, journal.
+
+One `Reconciler` serves `varsctl reconcile` and the daemon alike. For each domain it
+re-reads the persistent (and live) XML from libvirt rather than trusting any event,
+gathers file facts, asks the pure planner, and executes the actions in order under
+the host lock. Every XML change is journaled with the previous XML before libvirt
+sees it. A failure in one domain becomes that domain's `error` outcome; it never
+stops the pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from varsd.adapters.journal import Journal
+from varsd.adapters.libvirt_api import DomainRef, Hypervisor
+from varsd.config import Config
+from varsd.domain.classify import firmware_image_path
+from varsd.domain.xml import parse_domain
+from varsd.engine.inspect import FileInspector
+from varsd.engine.lock import host_lock
+from varsd.engine.provision import provision_varstore
+from varsd.errors import HypervisorError, VarsdError
+from varsd.model.domain import FirmwareConfig, Status
+from varsd.model.firmware import Catalog
+from varsd.planning.repair import CreateVarstore, DomainFacts, Plan, Redefine, plan_repair
+
+log = logging.getLogger("varsd.reconcile")
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One domain's result: the plan, what was done, and the status to report."""
+
+    ref: DomainRef
+    plan: Plan
+    done: tuple[str, ...] = ()
+
+    @property
+    def status(self) -> Status:
+        return self.plan.status
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.done)
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.ref.name,
+            "uuid": self.ref.uuid,
+            "state": self.ref.state,
+            "config": self.plan.config.value,
+            "code": self.plan.code,
+            "varstore": self.plan.varstore,
+            "status": self.plan.status.value,
+            "detail": self.plan.detail,
+            "build": self.plan.build.code_sha256 if self.plan.build else None,
+            "changes": list(self.done),
+        }
+
+
+def _error(ref: DomainRef, message: str) -> Outcome:
+    return Outcome(ref, Plan(FirmwareConfig.NONE, Status.ERROR, message))
+
+
+class StaleDefinition(VarsdError):
+    """The domain was redefined by someone else between our read and our write."""
+
+
+class Reconciler:
+    def __init__(
+        self,
+        cfg: Config,
+        hv: Hypervisor,
+        catalog: Catalog,
+        journal: Journal,
+        owner: tuple[int, int],
+        *,
+        actor: str = "varsctl",
+        clock: Callable[[], str] = utc_now,
+        inspector: FileInspector | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.hv = hv
+        self.catalog = catalog
+        self.journal = journal
+        self.owner = owner
+        self.actor = actor
+        self.clock = clock
+        self.inspector = inspector or FileInspector()
+
+    # -- reading -----------------------------------------------------------------
+
+    def facts(self, ref: DomainRef) -> DomainFacts:
+        xml = self.hv.persistent_xml(ref.uuid)
+        fw = parse_domain(xml)
+        live = None
+        if ref.active:
+            live_xml = self.hv.live_xml(ref.uuid)
+            live = parse_domain(live_xml) if live_xml else None
+        image_path = firmware_image_path(fw)
+        image = self.inspector.inspect(image_path, digest=True) if image_path else None
+        nvram = self.inspector.inspect(fw.nvram_path, digest=False) if fw.nvram_path else None
+        return DomainFacts(
+            xml=xml,
+            firmware=fw,
+            live=live,
+            image=image,
+            nvram=nvram,
+            excluded=self.cfg.is_excluded(ref.name, ref.uuid),
+            persistent=ref.persistent,
+        )
+
+    def examine(self, ref: DomainRef) -> tuple[DomainFacts, Plan]:
+        facts = self.facts(ref)
+        return facts, plan_repair(facts, self.catalog, self.cfg.nvram_dir, self.clock())
+
+    # -- acting ------------------------------------------------------------------
+
+    def reconcile(self, ref: DomainRef, *, apply: bool = True) -> Outcome:
+        """Bring one domain to its planned state; never raises for a domain problem."""
+        try:
+            with host_lock(self.cfg.lock_path):
+                facts, plan = self.examine(ref)
+                if not apply or not plan.actions:
+                    return Outcome(ref, plan)
+                done = self._execute(ref, facts, plan)
+                return Outcome(ref, plan, done)
+        except HypervisorError as exc:
+            if exc.retryable:
+                raise
+            log.error("domain '%s': %s", ref.name, exc)
+            return _error(ref, str(exc))
+        except VarsdError as exc:
+            log.error("domain '%s': %s", ref.name, exc)
+            return _error(ref, str(exc))
+
+    def _execute(self, ref: DomainRef, facts: DomainFacts, plan: Plan) -> tuple[str, ...]:
+        done: list[str] = []
+        for action in plan.actions:
+            if isinstance(action, CreateVarstore):
+                result = provision_varstore(
+                    action.path, action.source, expected_layout=action.layout, owner=self.owner, length=action.length
+                )
+                what = "adopted existing identical" if result.adopted else "created"
+                done.append(f"{what} varstore {action.path}")
+                log.info("domain '%s': %s varstore %s from %s", ref.name, what, action.path, action.source)
+            elif isinstance(action, Redefine):
+                self.redefine(ref, facts.xml, action.xml, action.reason)
+                done.append(f"redefined: {action.reason}")
+        return tuple(done)
+
+    def redefine(self, ref: DomainRef, old_xml: str, new_xml: str, reason: str) -> None:
+        """Journal, check nobody redefined the domain meanwhile, then define."""
+        if self.hv.persistent_xml(ref.uuid) != old_xml:
+            raise StaleDefinition(f"domain '{ref.name}' was redefined meanwhile; will look again")
+        change = self.journal.record(
+            at=self.clock(), uuid=ref.uuid, name=ref.name, actor=self.actor, reason=reason,
+            old_xml=old_xml, new_xml=new_xml,
+        )
+        try:
+            self.hv.define(new_xml)
+        except VarsdError as exc:
+            self.journal.settle(change, f"failed: {exc}")
+            raise
+        self.journal.settle(change, "applied")
+        log.info("domain '%s': %s (journal #%d)", ref.name, reason, change)
+
+    def reconcile_all(self, refs: Iterable[DomainRef] | None = None, *, apply: bool = True) -> list[Outcome]:
+        refs = list(self.hv.list_domains() if refs is None else refs)
+        return [self.reconcile(ref, apply=apply) for ref in refs]
+

@@ -1,0 +1,215 @@
+"""The host's firmware catalog: every UEFI flash build, in first-match-wins order.
+
+Rules:
+
+- Descriptors are read in `descriptors.list_descriptor_paths` order. Only those with
+  `uefi` in `interface-types` and a `flash` device become builds; others (BIOS,
+  `memory`/`kernel` devices) are skipped with a log note: they are valid, just not
+  ours.
+- Split builds need their code and a template that is a plain edk2 varstore (its
+  layout, read with virt-firmware, is what a domain's varstore must match).
+  Combined and stateless builds are kept without template or layout, so a domain
+  using one can still be classified.
+- The config's `extra_firmware` pairs follow the descriptors as split builds, with
+  origin `config:extra_firmware[N]`.
+- Anything unusable (unreadable or malformed descriptor, missing code or template,
+  template that is not a varstore) becomes a `CatalogProblem` and is skipped: a bad
+  file in /etc must never stop the daemon. `load_catalog` does not raise.
+- Several descriptors share images (Debian's secure builds share code through a
+  symlink, two builds share a template), so digests and layouts are memoised per
+  file identity within one `load_catalog` call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from varsd.adapters import fsio, virtfw
+from varsd.config import ExtraFirmware
+from varsd.errors import DescriptorError, VarstoreError
+from varsd.firmware.descriptors import Descriptor, list_descriptor_paths, parse_descriptor
+from varsd.model.firmware import Build, Catalog, CatalogProblem, MappingMode, Target, VarstoreLayout
+
+log = logging.getLogger(__name__)
+
+MAX_DESCRIPTOR_SIZE = 1 << 20  # libvirt's limit too: a larger "descriptor" is not one
+
+
+class _Skip(Exception):
+    """A build that cannot be used; the message goes into a CatalogProblem."""
+
+
+@dataclass(frozen=True)
+class _Image:
+    size: int
+    sha256: str
+
+
+class _Reader:
+    """Digest and layout of image files, each file read once per load.
+
+    Keyed by (st_dev, st_ino, st_size, st_mtime_ns) after following symlinks, so two
+    paths to one file (OVMF_CODE_4M.ms.fd -> OVMF_CODE_4M.secboot.fd) share an entry,
+    and a file replaced by a package upgrade mid-load (rename: new inode) gets a new entry.
+    """
+
+    def __init__(self, read_layout: Callable[[str], VarstoreLayout], sha256: Callable[[str], str]) -> None:
+        self._read_layout = read_layout
+        self._sha256 = sha256
+        self._images: dict[tuple[int, int, int, int], _Image] = {}
+        self._layouts: dict[tuple[int, int, int, int], VarstoreLayout] = {}
+
+    @staticmethod
+    def _key(path: str, role: str) -> tuple[int, int, int, int]:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise _Skip(f"{role} {path} does not exist") from None
+        except OSError as exc:
+            raise _Skip(f"cannot access {role} {path}: {exc.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise _Skip(f"{role} {path} is not a regular file")
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def image(self, path: str, role: str) -> _Image:
+        key = self._key(path, role)
+        if key not in self._images:
+            try:
+                digest = self._sha256(path)
+            except OSError as exc:
+                raise _Skip(f"cannot read {role} {path}: {exc.strerror}") from None
+            self._images[key] = _Image(size=key[2], sha256=digest)
+        return self._images[key]
+
+    def layout(self, path: str, role: str) -> VarstoreLayout:
+        key = self._key(path, role)
+        if key not in self._layouts:
+            try:
+                self._layouts[key] = self._read_layout(path)
+            except VarstoreError as exc:
+                raise _Skip(f"{role} is not usable as a varstore template: {exc}") from None
+        return self._layouts[key]
+
+
+def _split_parts(reader: _Reader, code: str, template: str) -> tuple[_Image, _Image, VarstoreLayout]:
+    code_img = reader.image(code, "code image")
+    tmpl_img = reader.image(template, "varstore template")
+    layout = reader.layout(template, "varstore template")
+    if layout.size != tmpl_img.size:
+        # e.g. a unified OVMF.fd named as template: libvirt would copy code into every varstore
+        raise _Skip(
+            f"varstore template {template} is {tmpl_img.size} bytes but its varstore is "
+            f"{layout.size} bytes; a template must be a varstore file only"
+        )
+    return code_img, tmpl_img, layout
+
+
+def _descriptor_build(desc: Descriptor, reader: _Reader) -> Build:
+    mode = desc.mode or MappingMode.SPLIT
+    if mode is MappingMode.SPLIT and desc.template_path is not None:
+        code_img, tmpl_img, layout = _split_parts(reader, desc.executable_path, desc.template_path)
+        tmpl_sha: str | None = tmpl_img.sha256
+    else:
+        code_img, tmpl_sha, layout = reader.image(desc.executable_path, "code image"), None, None
+    return Build(
+        origin=desc.path,
+        code_path=desc.executable_path,
+        code_format=desc.executable_format or "raw",
+        code_sha256=code_img.sha256,
+        code_size=code_img.size,
+        mode=mode,
+        template_path=desc.template_path,
+        template_format=desc.template_format,
+        template_sha256=tmpl_sha,
+        layout=layout,
+        features=desc.features,
+        targets=desc.targets,
+        interface_types=desc.interface_types,
+        description=desc.description,
+    )
+
+
+def _extra_build(index: int, extra: ExtraFirmware, reader: _Reader) -> Build:
+    origin = f"config:extra_firmware[{index}]"
+    code_img, tmpl_img, layout = _split_parts(reader, extra.code, extra.template)
+    return Build(
+        origin=origin,
+        code_path=extra.code,
+        code_format="raw",
+        code_sha256=code_img.sha256,
+        code_size=code_img.size,
+        mode=MappingMode.SPLIT,
+        template_path=extra.template,
+        template_format="raw",
+        template_sha256=tmpl_img.sha256,
+        layout=layout,
+        features=frozenset(extra.features),
+        targets=(Target(extra.architecture, tuple(extra.machines)),),
+        interface_types=("uefi",),
+        description=f"extra firmware pair from the varsd configuration ({origin})",
+    )
+
+
+def _read_descriptor(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_DESCRIPTOR_SIZE + 1)
+    except OSError as exc:
+        raise _Skip(f"cannot read descriptor: {exc.strerror}") from None
+    if len(data) > MAX_DESCRIPTOR_SIZE:
+        raise _Skip(f"descriptor is larger than {MAX_DESCRIPTOR_SIZE} bytes")
+    return data
+
+
+def load_catalog(
+    firmware_dirs: Sequence[str],
+    extra: Sequence[ExtraFirmware] = (),
+    *,
+    read_layout: Callable[[str], VarstoreLayout] = virtfw.read_layout,
+    sha256: Callable[[str], str] = fsio.sha256_file,
+) -> Catalog:
+    """Build the catalog from descriptor dirs (lowest precedence first) and extra pairs.
+
+    Never raises for bad input: each unusable descriptor or pair is a CatalogProblem.
+    """
+    reader = _Reader(read_layout, sha256)
+    builds: list[Build] = []
+    problems: list[CatalogProblem] = []
+    for path in list_descriptor_paths(firmware_dirs):
+        try:
+            desc = parse_descriptor(_read_descriptor(path), path)
+        except DescriptorError as exc:
+            problems.append(CatalogProblem(source=path, message=str(exc)))
+            continue
+        except _Skip as exc:
+            problems.append(CatalogProblem(source=path, message=f"firmware descriptor {path}: {exc}"))
+            continue
+        if not desc.is_uefi_flash:
+            log.info(
+                "firmware descriptor %s: skipped, not a UEFI flash build (interfaces %s, device %s)",
+                path,
+                ",".join(desc.interface_types) or "none",
+                desc.device,
+            )
+            continue
+        try:
+            builds.append(_descriptor_build(desc, reader))
+        except _Skip as exc:
+            problems.append(CatalogProblem(source=path, message=f"firmware descriptor {path}: {exc}"))
+        except Exception as exc:  # a bug or library surprise must not take the catalog down
+            log.exception("firmware descriptor %s: unexpected error", path)
+            problems.append(CatalogProblem(source=path, message=f"firmware descriptor {path}: unexpected error: {exc}"))
+    for i, pair in enumerate(extra):
+        origin = f"config:extra_firmware[{i}]"
+        try:
+            builds.append(_extra_build(i, pair, reader))
+        except _Skip as exc:
+            problems.append(CatalogProblem(source=origin, message=f"{origin}: {exc}"))
+        except Exception as exc:  # see above
+            log.exception("%s: unexpected error", origin)
+            problems.append(CatalogProblem(source=origin, message=f"{origin}: unexpected error: {exc}"))
+    return Catalog(builds=tuple(builds), problems=tuple(problems))

@@ -1,0 +1,220 @@
+"""QEMU firmware descriptors (QEMU's docs/interop/firmware.json), parsed and ordered.
+
+Rules this module implements, as QEMU's spec and libvirt (qemu_interop_config.c,
+qemu_firmware.c) do:
+
+- Descriptors are `*.json` files in a list of directories given lowest precedence
+  first (default: /usr/share/qemu/firmware, then /etc/qemu/firmware). A file in a
+  later directory replaces a same-named file in an earlier one; a zero-length file
+  hides the name altogether. Names starting with "." are ignored.
+- The surviving files are sorted by file name (byte order, like libvirt's strcmp);
+  consumers take the first descriptor that matches.
+- `mapping.mode` absent means `split` (the historical default); a split build must
+  name an `nvram-template`, combined and stateless builds have none.
+- `memory` and `kernel` devices are valid descriptors but not flash, so varsd cannot
+  use them; parsing them is not an error.
+- Unknown feature names are kept verbatim (new QEMU versions add features); `tags`
+  is ignored.
+
+Parsing is pure; only `list_descriptor_paths` touches the filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from varsd.errors import DescriptorError
+from varsd.model.firmware import MappingMode, Target
+
+DEVICES = ("flash", "memory", "kernel")
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """One parsed descriptor file; `path` is the descriptor's own path, for reports."""
+
+    path: str
+    description: str
+    interface_types: tuple[str, ...]
+    device: str
+    mode: MappingMode | None  # None unless device is flash
+    executable_path: str
+    executable_format: str | None  # None for memory/kernel devices (no format field)
+    template_path: str | None = None  # only for split flash builds
+    template_format: str | None = None
+    features: frozenset[str] = frozenset()
+    targets: tuple[Target, ...] = ()
+
+    @property
+    def is_uefi_flash(self) -> bool:
+        """Whether varsd can use it at all: a UEFI build mapped as pflash."""
+        return "uefi" in self.interface_types and self.device == "flash"
+
+
+def _fail(path: str, msg: str) -> DescriptorError:
+    return DescriptorError(f"firmware descriptor {path}: {msg}")
+
+
+def _str(obj: Mapping[str, object], key: str, path: str, where: str) -> str:
+    value = obj.get(key)
+    if value is None:
+        raise _fail(path, f"missing '{key}' in {where}")
+    if not isinstance(value, str) or not value:
+        raise _fail(path, f"'{key}' in {where} must be a non-empty string")
+    return value
+
+
+def _str_list(obj: Mapping[str, object], key: str, path: str, where: str) -> tuple[str, ...]:
+    value = obj.get(key)
+    if value is None:
+        raise _fail(path, f"missing '{key}' in {where}")
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _fail(path, f"'{key}' in {where} must be a list of strings")
+    return tuple(value)
+
+
+def _object(value: object, path: str, where: str) -> Mapping[str, object]:
+    if not isinstance(value, dict):
+        raise _fail(path, f"{where} must be a JSON object")
+    return value
+
+
+def _file(mapping: Mapping[str, object], key: str, path: str) -> tuple[str, str]:
+    """A `{filename, format}` flash file; QEMU requires an absolute filename."""
+    if key not in mapping:
+        raise _fail(path, f"missing 'mapping.{key}'")
+    obj = _object(mapping[key], path, f"'mapping.{key}'")
+    filename = _str(obj, "filename", path, f"'mapping.{key}'")
+    if not os.path.isabs(filename):
+        raise _fail(path, f"'mapping.{key}.filename' must be an absolute path, got {filename!r}")
+    return filename, _str(obj, "format", path, f"'mapping.{key}'")
+
+
+def _targets(doc: Mapping[str, object], path: str) -> tuple[Target, ...]:
+    raw = doc.get("targets")
+    if raw is None:
+        raise _fail(path, "missing 'targets'")
+    if not isinstance(raw, list):
+        raise _fail(path, "'targets' must be a list")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"'targets[{i}]'"
+        obj = _object(item, path, where)
+        out.append(Target(_str(obj, "architecture", path, where), _str_list(obj, "machines", path, where)))
+    return tuple(out)
+
+
+def parse_descriptor(text: str | bytes, path: str) -> Descriptor:
+    """Parse one descriptor's content; raise DescriptorError naming `path` and the fault.
+
+    Like libvirt, `interface-types`, `mapping`, `targets` and `features` are required:
+    a descriptor libvirt rejects must not be offered by varsd either.
+    """
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _fail(path, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except UnicodeDecodeError as exc:
+        raise _fail(path, f"not valid UTF-8 text: {exc.reason}") from None
+    doc = _object(doc, path, "the document")
+
+    description = doc.get("description", "")
+    if not isinstance(description, str):
+        raise _fail(path, "'description' must be a string")
+    interfaces = _str_list(doc, "interface-types", path, "the document")
+
+    if "mapping" not in doc:
+        raise _fail(path, "missing 'mapping'")
+    mapping = _object(doc["mapping"], path, "'mapping'")
+    if "device" not in mapping:
+        raise _fail(path, "missing 'mapping.device'")
+    device = mapping["device"]
+    if device not in DEVICES:
+        raise _fail(path, f"unknown 'mapping.device' {device!r}; expected one of {', '.join(DEVICES)}")
+
+    mode: MappingMode | None = None
+    template: tuple[str | None, str | None] = (None, None)
+    if device == "flash":
+        raw_mode = mapping.get("mode", MappingMode.SPLIT.value)
+        try:
+            mode = MappingMode(raw_mode)
+        except ValueError:
+            known = ", ".join(m.value for m in MappingMode)
+            raise _fail(path, f"unknown 'mapping.mode' {raw_mode!r}; expected one of {known}") from None
+        exe_path, exe_format = _file(mapping, "executable", path)
+        if mode is MappingMode.SPLIT:
+            if "nvram-template" not in mapping:
+                raise _fail(path, "split flash mapping without 'mapping.nvram-template'")
+            template = _file(mapping, "nvram-template", path)
+    else:
+        exe_path = _str(mapping, "filename", path, "'mapping'")
+        exe_format = None
+
+    features = _str_list(doc, "features", path, "the document")
+    return Descriptor(
+        path=path,
+        description=description,
+        interface_types=interfaces,
+        device=str(device),
+        mode=mode,
+        executable_path=exe_path,
+        executable_format=exe_format,
+        template_path=template[0],
+        template_format=template[1],
+        features=frozenset(features),
+        targets=_targets(doc, path),
+    )
+
+
+def ordered_descriptor_paths(listings: Mapping[str, Sequence[tuple[str, int]]], dirs: Sequence[str]) -> list[str]:
+    """Effective descriptor paths, first match first (pure; see the module rules).
+
+    `dirs` is lowest precedence first; `listings[dir]` holds (file name, size) pairs
+    and a directory absent from `listings` has no files.
+    """
+    winner: dict[str, tuple[str, int]] = {}
+    for d in dirs:
+        for name, size in listings.get(d, ()):
+            if name.endswith(".json") and not name.startswith("."):
+                winner[name] = (d, size)
+    return [
+        os.path.join(winner[name][0], name)
+        for name in sorted(winner, key=lambda n: n.encode("utf-8", "surrogateescape"))
+        if winner[name][1] != 0
+    ]
+
+
+def _listing(directory: str) -> list[tuple[str, int]]:
+    """(name, size) of the regular files in `directory`; nothing if it cannot be read.
+
+    A dangling symlink is listed with size 1, not dropped: it must still override a
+    lower-precedence file (libvirt fails on it too), and the catalog then reports it
+    as unreadable instead of silently falling back to the distro file.
+    """
+    out = []
+    try:
+        with os.scandir(directory) as it:
+            for entry in it:
+                try:
+                    st = entry.stat(follow_symlinks=True)
+                except FileNotFoundError:
+                    if entry.is_symlink():
+                        out.append((entry.name, 1))
+                    continue
+                except OSError:
+                    out.append((entry.name, 1))  # exists but unreadable: report it downstream
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    out.append((entry.name, st.st_size))
+    except OSError:  # missing, not a directory, or unreadable: contributes nothing
+        return []
+    return out
+
+
+def list_descriptor_paths(dirs: Sequence[str]) -> list[str]:
+    """Effective descriptor paths found on disk in `dirs` (lowest precedence first)."""
+    return ordered_descriptor_paths({d: _listing(d) for d in dirs}, dirs)
