@@ -62,10 +62,7 @@ def split_os(code: str, varstore: str, *, template: str | None = None, secure: b
     """<os> content for the normal case: read-only central code + private varstore."""
     template_attr = f" template='{template}'" if template else ""
     secure_attr = " secure='yes'" if secure else ""
-    return (
-        f"<loader readonly='yes'{secure_attr} type='pflash'>{code}</loader>"
-        f"<nvram{template_attr}>{varstore}</nvram>"
-    )
+    return f"<loader readonly='yes'{secure_attr} type='pflash'>{code}</loader><nvram{template_attr}>{varstore}</nvram>"
 
 
 def qemu_pid(name: str) -> int:

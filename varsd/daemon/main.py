@@ -1,0 +1,43 @@
+"""`varsd` entry point: runs the service in the foreground (systemd Type=notify).
+
+Logs go to stderr, where journald picks them up; every line about a domain names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from varsd import __version__
+from varsd.config import load_config
+from varsd.daemon.service import Service
+from varsd.errors import VarsdError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="varsd", description="Keep UEFI firmware of libvirt domains right.")
+    p.add_argument("--config", help="config file (default $VARSD_CONFIG or /etc/varsd/varsd.toml)")
+    p.add_argument("--connect", "-c", metavar="URI", help="libvirt URI (default from config: qemu:///system)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--version", action="version", version=f"varsd {__version__}")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args.config, args.connect)
+        service = Service(cfg, config_path=args.config)
+    except VarsdError as exc:
+        print(f"varsd: {exc}", file=sys.stderr)
+        return 2
+    service.install_signal_handlers()
+    return service.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""The varsd service: list, then watch; one worker; reconnect forever.
+
+Theory of operation:
+- Threads: libvirt's event loop (callbacks only queue work), one worker (all libvirt
+  calls that may take long, all reconciles), APScheduler's timer (queues a full pass),
+  and the main thread, which supervises the connection and handles signals.
+- On every (re)connect: subscribe to lifecycle events, then list every domain and
+  queue it. Events are hints; the worker re-reads the domain. A reconcile of a domain
+  varsd itself just redefined plans no action, so its own DEFINED events end there.
+- The connection is watched by libvirt keepalive and a close callback. When it goes,
+  the supervisor reconnects with capped exponential backoff; it never exits because
+  libvirtd is away, and never spins.
+- SIGTERM/SIGINT: the worker finishes the domain in hand, then the process exits.
+  SIGHUP: reload the config and the firmware catalog, then queue a full pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from varsd.adapters.journal import Journal
+from varsd.adapters.libvirt_api import Hypervisor
+from varsd.adapters.libvirt_events import LifecycleEvent, Subscription, start_event_loop
+from varsd.config import Config, load_config, qemu_owner
+from varsd.daemon.notify import sd_notify, watchdog_interval
+from varsd.daemon.workqueue import WorkQueue
+from varsd.engine.boots import booted, record_boot
+from varsd.engine.inspect import FileInspector
+from varsd.engine.reconciler import Reconciler, utc_now
+from varsd.errors import HypervisorError, VarsdError
+from varsd.firmware.catalog import load_catalog
+from varsd.model.domain import Status
+
+log = logging.getLogger("varsd")
+
+BOOT_PREFIX = "boot:"
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Reconnect delays: first, factor, cap (seconds). Configuration data, not code."""
+
+    first: float = 0.5
+    factor: float = 2.0
+    cap: float = 30.0
+
+    def delays(self):
+        d = self.first
+        while True:
+            yield d
+            d = min(self.cap, d * self.factor)
+
+
+class Service:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        config_path: str | None = None,
+        backoff: Backoff = Backoff(),
+        clock: Callable[[], str] = utc_now,
+        notify: Callable[..., bool] = sd_notify,
+    ) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.backoff = backoff
+        self.clock = clock
+        self.notify = notify
+        self.queue = WorkQueue()
+        self.inspector = FileInspector()
+        self.journal = Journal(cfg.journal_path)
+        self.owner = qemu_owner(cfg)
+        self.catalog = self._load_catalog()
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._disconnected = threading.Event()
+        self._lock = threading.Lock()  # guards hv / reconciler swaps
+        self.hv: Hypervisor | None = None
+        self.reconciler: Reconciler | None = None
+        self._subscription: Subscription | None = None
+        self._worker = threading.Thread(target=self._work, name="varsd-worker", daemon=True)
+        self._scheduler = BackgroundScheduler(daemon=True)
+        self.ready = threading.Event()
+        self.handled = 0  # reconciles done, for tests and STATUS
+        self.first_pass_pending: set[str] = set()
+
+    # -- public control ------------------------------------------------------------
+
+    def request_stop(self, *_: object) -> None:
+        self._stop.set()
+        self.queue.close()
+
+    def request_reload(self, *_: object) -> None:
+        self._reload.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
+
+    def run(self) -> int:
+        """Serve until stopped; returns the process exit code."""
+        start_event_loop()
+        self._worker.start()
+        self._scheduler.add_job(
+            self.queue_full_pass, "interval", seconds=self.cfg.reconcile_interval, id="full-pass",
+            max_instances=1, coalesce=True,
+        )
+        self._scheduler.start()
+        self.notify("STATUS=connecting to " + self.cfg.uri)
+        wd = watchdog_interval()
+        delays = self.backoff.delays()
+        last_wd = 0.0
+        try:
+            while not self._stop.is_set():
+                if wd and time.monotonic() - last_wd >= wd:
+                    self.notify("WATCHDOG=1")
+                    last_wd = time.monotonic()
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self._do_reload()
+                if self.hv is None or self._disconnected.is_set():
+                    if self._connect():
+                        delays = self.backoff.delays()
+                    else:
+                        self._stop.wait(next(delays))
+                    continue
+                if not self.ready.is_set() and not self.first_pass_pending:
+                    self.ready.set()
+                    self.notify("READY=1", f"STATUS=watching {self.cfg.uri}")
+                    log.info("first full reconcile done; watching %s", self.cfg.uri)
+                self._stop.wait(min(wd or 0.2, 0.2))
+        finally:
+            self._shutdown()
+        return 0
+
+    # -- connection ----------------------------------------------------------------
+
+    def _connect(self) -> bool:
+        self._teardown_connection()
+        hv = Hypervisor(self.cfg.uri)
+        try:
+            hv.open()
+            self._disconnected.clear()
+            subscription = Subscription(hv, self._on_event, self._on_close)
+            refs = hv.list_domains()
+        except HypervisorError as exc:
+            log.warning("libvirt not reachable (%s); retrying", exc)
+            self.notify(f"STATUS=waiting for libvirt: {exc}")
+            hv.close()
+            return False
+        with self._lock:
+            self.hv = hv
+            self._subscription = subscription
+            self.reconciler = Reconciler(
+                self.cfg, hv, self.catalog, self.journal, self.owner, actor="varsd", clock=self.clock,
+                inspector=self.inspector,
+            )
+        log.info("connected to %s: %d domains, full reconcile queued", self.cfg.uri, len(refs))
+        if not self.ready.is_set():
+            self.first_pass_pending = {r.uuid for r in refs}
+        for ref in refs:
+            self.queue.put(ref.uuid)
+        return True
+
+    def _teardown_connection(self) -> None:
+        with self._lock:
+            if self._subscription is not None:
+                self._subscription.cancel()
+            if self.hv is not None:
+                self.hv.close()
+            self.hv, self.reconciler, self._subscription = None, None, None
+
+    def _on_close(self, why: str) -> None:
+        log.warning("connection to %s closed (%s); reconnecting", self.cfg.uri, why)
+        self._disconnected.set()
+
+    def _on_event(self, ev: LifecycleEvent) -> None:
+        """Runs on libvirt's event thread: queue and return at once."""
+        if ev.kind == "started":
+            self.queue.put(BOOT_PREFIX + ev.uuid)
+        self.queue.put(ev.uuid)
+
+    def queue_full_pass(self) -> None:
+        with self._lock:
+            hv = self.hv
+        if hv is None:
+            return
+        try:
+            refs = hv.list_domains()
+        except HypervisorError as exc:
+            log.warning("full pass: %s", exc)
+            return
+        for ref in refs:
+            self.queue.put(ref.uuid)
+
+    def _do_reload(self) -> None:
+        try:
+            cfg = load_config(self.config_path, self.cfg.uri if self.config_path is None else None)
+        except VarsdError as exc:
+            log.error("reload: %s; keeping the old configuration", exc)
+            return
+        self.cfg = cfg
+        self.catalog = self._load_catalog()
+        log.info("configuration and firmware catalog reloaded")
+        self._disconnected.set()  # reconnect with the new settings and queue everything
+
+    def _load_catalog(self):
+        catalog = load_catalog(self.cfg.firmware_dirs, self.cfg.extra_firmware)
+        for p in catalog.problems:
+            log.warning("firmware catalog: %s: %s", p.source, p.message)
+        return catalog
+
+    # -- worker --------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            key = self.queue.get()
+            if key is None:
+                return
+            try:
+                self._handle(key)
+            except Exception:  # the daemon never dies of one domain
+                log.exception("unexpected error while handling %s", key)
+            finally:
+                self.queue.done(key)
+
+    def _handle(self, key: str) -> None:
+        with self._lock:
+            hv, rec = self.hv, self.reconciler
+        if hv is None or rec is None:
+            self.queue.put_later(key, 1.0)  # picked up again by the full pass after reconnect anyway
+            return
+        try:
+            if key.startswith(BOOT_PREFIX):
+                uuid = key[len(BOOT_PREFIX) :]
+                boot = record_boot(hv, uuid, self.clock())
+                if boot:
+                    log.info("domain %s booted code %s sha256 %s", uuid, boot.code_path, boot.sha256[:12])
+                return
+            try:
+                ref = hv.lookup(key)
+            except HypervisorError as exc:
+                if exc.retryable:
+                    raise
+                self.first_pass_pending.discard(key)
+                log.info("domain %s is gone; its varstore (if any) is kept", key)
+                return
+            outcome = rec.reconcile(ref)
+            if ref.active and booted(hv, ref.uuid) is None:
+                # Running since before varsd watched it: QEMU's open file still tells.
+                record_boot(hv, ref.uuid, self.clock())
+            self.handled += 1
+            self.first_pass_pending.discard(key)
+            if outcome.status is Status.ERROR:
+                log.error("domain '%s': %s", ref.name, outcome.plan.detail)
+            elif outcome.status is Status.NEEDS_MIGRATION:
+                log.warning("domain '%s': %s", ref.name, outcome.plan.detail)
+        except HypervisorError as exc:
+            if exc.retryable:
+                log.warning("%s: %s; will retry after reconnect", key, exc)
+                self._disconnected.set()
+                self.queue.put_later(key, 2.0)
+            else:
+                log.error("%s: %s", key, exc)
+                self.first_pass_pending.discard(key)
+
+    def _shutdown(self) -> None:
+        self.notify("STOPPING=1")
+        self.queue.close()
+        try:
+            self._scheduler.shutdown(wait=False)
+        except Exception:
+            pass
+        self._worker.join(timeout=30)
+        self._teardown_connection()
+        self.journal.close()
+        log.info("stopped")
