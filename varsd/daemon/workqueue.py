@@ -88,6 +88,11 @@ class WorkQueue:
             self._closed = True
             self._cond.notify_all()
 
+    def idle(self) -> bool:
+        """Nothing queued, scheduled, dirty or in progress."""
+        with self._cond:
+            return not (self._ready or self._later or self._dirty or self._active)
+
     def pending(self) -> int:
         with self._cond:
             return len(self._ready) + len(self._later) + len(self._dirty)

@@ -4,14 +4,17 @@ Rules, first match wins:
 1. `<launchSecurity>` present -> confidential (whatever the loader: measured firmware
    must never be split, QEMU measures only pflash unit 0).
 2. `<loader stateless='yes'>` -> stateless.
-3. `-bios PATH` in `<qemu:commandline>`, or a loader of type rom (or no type, which
-   libvirt also passes as -bios): bios-rom when the image is OVMF, none otherwise
-   (a custom SeaBIOS build).
-4. No loader: autoselect with `<os firmware='efi'>`, otherwise none (SeaBIOS).
-5. pflash with `<nvram>`: split. A read-only pflash without one is libvirt < 9.0
-   leaving the nvram to be filled at start; it is split too (libvirt fills it).
+3. `-bios PATH` in `<qemu:commandline>`, or a loader of type rom or of no type (libvirt
+   passes both as -bios, even with readonly='yes' or an `<nvram>` beside it): bios-rom
+   when the image is OVMF, none otherwise (a custom SeaBIOS build).
+4. No loader: autoselect with `<os firmware='efi'>`, otherwise none (SeaBIOS). A loader
+   path next to `firmware='efi'` is what libvirt >= 9.2 resolved at define time: the
+   paths rule, so such a domain is classified by them like any other.
+5. pflash with `<nvram>`: split. A read-only pflash without one is split too: libvirt
+   fills in `<nvram>` when it defines the domain.
 6. A single writable pflash: unified when the image begins with a varstore, else
-   code-only (the varstore range is backed by nothing persistent).
+   code-only (the varstore range is backed by nothing persistent). A missing or
+   unreadable image is classified code-only; the planner must not act on that guess.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def looks_like_ovmf(facts: FileFacts | None, path: str, catalog: Catalog) -> boo
 
 
 def classify(fw: DomainFirmware, loader: FileFacts | None, catalog: Catalog) -> FirmwareConfig:
+    """The configuration class of `fw`; `loader` are the facts of its firmware image."""
     if fw.launch_security:
         return FirmwareConfig.CONFIDENTIAL
     if fw.loader_stateless:
@@ -46,7 +50,7 @@ def classify(fw: DomainFirmware, loader: FileFacts | None, catalog: Catalog) -> 
         return FirmwareConfig.NONE
     if fw.loader_path is None:
         return FirmwareConfig.AUTOSELECT if fw.os_firmware == "efi" else FirmwareConfig.NONE
-    if fw.loader_type == "rom" or (fw.loader_type is None and not fw.nvram_path):
+    if fw.loader_type != "pflash":
         if looks_like_ovmf(loader, fw.loader_path, catalog):
             return FirmwareConfig.BIOS_ROM
         return FirmwareConfig.NONE

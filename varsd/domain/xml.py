@@ -1,10 +1,21 @@
 """Domain XML: the one module that knows the xpaths of firmware elements.
 
 Reading turns libvirt domain XML into a `DomainFirmware` record. Writing applies a
-`FirmwareEdit` and touches only the firmware elements: `<os>/<loader>`, `<os>/<nvram>`,
-`<features>/<smm>`, a `-bios` pair inside `<qemu:commandline>`, and varsd's own
-element inside `<metadata>`. Everything else is carried over untouched, so an
-admin's hand edits and other tools' metadata survive every repair.
+`FirmwareEdit` and touches only the firmware elements: `<os firmware>` and
+`<os>/<firmware>`, `<os>/<loader>`, `<os>/<nvram>`, `<features>/<smm>`, a `-bios` pair
+inside `<qemu:commandline>`, and varsd's own element inside `<metadata>`. Everything
+else is carried over untouched, so an admin's hand edits and other tools' metadata
+survive every repair (`outside_firmware` is the test of that promise).
+
+libvirt facts this module relies on (checked against libvirt 9.0's QEMU driver):
+- `<loader>` without `type` is passed to QEMU as `-bios` (libvirt canonicalises it to
+  `type='rom'`), whatever its other attributes or an `<nvram>` beside it say.
+- `<nvram>` names its file either as text or, since 8.5, as
+  `<nvram type='file'><source file='...'/></nvram>`; `type='block'` and
+  `type='network'` put the varstore on a device or a remote server.
+- libvirt < 9.2 refuses `<os firmware='efi'>` next to loader attributes; 9.2 and later
+  keep it beside the paths they resolved. Writing explicit paths therefore drops the
+  autoselection request (`firmware='efi'` and its `<firmware>` feature list).
 """
 
 from __future__ import annotations
@@ -22,6 +33,11 @@ VARSD_KEY = "firmware"  # local name of our element in <metadata>
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 
 _PARSER = etree.XMLParser(remove_blank_text=False, resolve_entities=False, no_network=True)
+
+# Children of our metadata element that this version writes; others are kept as found.
+_KNOWN_METADATA_CHILDREN = frozenset({"build", "varstore", "pin", "booted"})
+# Elements libvirt puts before <metadata>: a new <metadata> goes right after the last one.
+_BEFORE_METADATA = ("name", "uuid", "genid", "title", "description")
 
 
 def _root(xml: str, what: str = "domain XML") -> etree._Element:
@@ -55,6 +71,35 @@ def _cmdline_bios(root: etree._Element) -> str | None:
         if arg.startswith("-bios="):
             return arg[len("-bios=") :]
     return None
+
+
+def _nvram_path(nvram: etree._Element | None) -> str | None:
+    """The varstore file or device an <nvram> names; None for none or a network source."""
+    if nvram is None:
+        return None
+    kind = nvram.get("type")
+    if kind is None:
+        return _text(nvram)
+    source = nvram.find("source")
+    if source is None:
+        return None
+    if kind == "file":
+        return source.get("file")
+    if kind == "block":
+        return source.get("dev")
+    return None
+
+
+def nvram_storage(xml: str) -> str | None:
+    """How the varstore is stored: 'file', 'block', 'network', ...; None without <nvram>.
+
+    The planner manages file-backed varstores only; a device or a remote varstore is
+    left to whoever set it up.
+    """
+    nvram = _root(xml).find("os/nvram")
+    if nvram is None:
+        return None
+    return nvram.get("type") or "file"
 
 
 def parse_metadata(el: etree._Element | None) -> VarsdMetadata:
@@ -120,7 +165,7 @@ def parse_domain(xml: str) -> DomainFirmware:
         loader_readonly=_yesno(loader.get("readonly")) if loader is not None else None,
         loader_secure=_yesno(loader.get("secure")) if loader is not None else None,
         loader_stateless=_yesno(loader.get("stateless")) if loader is not None else None,
-        nvram_path=_text(nvram),
+        nvram_path=_nvram_path(nvram),
         nvram_template=nvram.get("template") if nvram is not None else None,
         smm=smm is not None and (_yesno(smm.get("state")) is not False),
         launch_security=(ls.get("type") or "unknown") if ls is not None else None,
@@ -139,6 +184,56 @@ class FirmwareEdit:
     secure: bool
     smm: bool
     metadata: VarsdMetadata
+
+
+# -- writing -------------------------------------------------------------------------
+
+
+def _ws(el: etree._Element, extra: int = 0) -> str | None:
+    """Whitespace libvirt puts before an element at `el`'s depth (+extra); None in compact XML."""
+    root = el.getroottree().getroot()
+    text = root.text
+    if not text or not text.startswith("\n") or text.strip():
+        return None
+    depth = sum(1 for _ in el.iterancestors()) + extra
+    return "\n" + text[1:] * depth
+
+
+def _append(parent: etree._Element, el: etree._Element) -> etree._Element:
+    """Append `el` as `parent`'s last child, indented like libvirt's own output."""
+    children = list(parent)
+    parent.append(el)
+    inner, outer = _ws(parent, 1), _ws(parent)
+    if inner is not None:
+        if children:
+            el.tail, children[-1].tail = children[-1].tail, inner
+        else:
+            parent.text, el.tail = inner, outer
+    _pretty(el)
+    return el
+
+
+def _insert_after(anchor: etree._Element, el: etree._Element) -> etree._Element:
+    """Insert `el` as `anchor`'s next sibling, indented like it."""
+    anchor.addnext(el)
+    el.tail = anchor.tail
+    if anchor.tail is not None:
+        anchor.tail = _ws(anchor)
+    _pretty(el)
+    return el
+
+
+def _pretty(el: etree._Element) -> None:
+    """Indent the inside of an element we built (it arrives without whitespace)."""
+    children = list(el)
+    inner, outer = _ws(el, 1), _ws(el)
+    if not children or inner is None or (el.text and el.text.strip()):
+        return
+    el.text = inner
+    for child in children:
+        child.tail = inner
+        _pretty(child)
+    children[-1].tail = outer
 
 
 def metadata_element(md: VarsdMetadata) -> etree._Element:
@@ -163,6 +258,7 @@ def metadata_element(md: VarsdMetadata) -> etree._Element:
         created=md.provisioned_at,
     )
     child("pin", sha256=md.pinned_sha256)
+    child("booted", sha256=md.booted_sha256)
     return el
 
 
@@ -171,26 +267,30 @@ def metadata_fragment(md: VarsdMetadata) -> str:
 
 
 def _set_metadata(root: etree._Element, md: VarsdMetadata) -> None:
+    """Replace varsd's element; what a newer varsd wrote into it and we do not know is kept."""
     meta = root.find("metadata")
     if meta is None:
-        meta = etree.SubElement(root, "metadata")
-        _fix_tail(root, meta)
+        meta = etree.Element("metadata")
+        anchors = [el for el in root if el.tag in _BEFORE_METADATA]
+        if anchors:
+            _insert_after(anchors[-1], meta)
+        else:
+            _append(root, meta)
     old = meta.find(f"{{{VARSD_NS}}}{VARSD_KEY}")
     new = metadata_element(md)
     if old is not None:
+        for name, value in old.attrib.items():
+            if name != "manage":
+                new.set(name, value)
+        for child in old:
+            if not (isinstance(child.tag, str) and etree.QName(child).localname in _KNOWN_METADATA_CHILDREN
+                    and etree.QName(child).namespace == VARSD_NS):
+                new.append(child)
         new.tail = old.tail
         meta.replace(old, new)
+        _pretty(new)
     else:
-        meta.append(new)
-
-
-def _fix_tail(parent: etree._Element, el: etree._Element) -> None:
-    """Keep libvirt-style indentation for an element we appended."""
-    siblings = list(parent)
-    if len(siblings) >= 2:
-        prev = siblings[-2]
-        el.tail = prev.tail
-        prev.tail = parent.text if parent.text else "\n"
+        _append(meta, new)
 
 
 def _drop_cmdline_bios(root: etree._Element) -> None:
@@ -206,9 +306,41 @@ def _drop_cmdline_bios(root: etree._Element) -> None:
         elif v.startswith("-bios="):
             drop.append(arg)
     for el in drop:
-        cmd.remove(el)
+        _remove(el)
     if len(cmd) == 0:
-        root.remove(cmd)
+        _remove(cmd)
+
+
+def _remove(el: etree._Element) -> None:
+    """Remove `el` and the whitespace before it, keeping its neighbours' layout."""
+    parent = el.getparent()
+    prev = el.getprevious()
+    if prev is not None:
+        prev.tail = el.tail if (prev.tail is None or not prev.tail.strip()) else prev.tail + (el.tail or "")
+    elif el.tail is not None and (parent.text is None or not parent.text.strip()):
+        parent.text = el.tail
+    parent.remove(el)
+
+
+def _set_nvram(os_el: etree._Element, loader: etree._Element, edit: FirmwareEdit) -> None:
+    nvram = os_el.find("nvram")
+    if nvram is None:
+        nvram = _insert_after(loader, etree.Element("nvram"))
+    kind = nvram.get("type")
+    if kind is None:
+        nvram.text = edit.nvram_path
+    elif kind == "file":
+        source = nvram.find("source")
+        if source is None:
+            source = _append(nvram, etree.Element("source"))
+        source.set("file", edit.nvram_path)
+    else:
+        raise DomainXMLError(f"<nvram type='{kind}'> is not a file; varsd does not rewrite it")
+    nvram.attrib.pop("format", None)  # our varstores are raw copies of raw templates
+    if edit.template_path:
+        nvram.set("template", edit.template_path)
+    else:
+        nvram.attrib.pop("template", None)
 
 
 def apply_edit(xml: str, edit: FirmwareEdit) -> str:
@@ -217,45 +349,35 @@ def apply_edit(xml: str, edit: FirmwareEdit) -> str:
     os_el = root.find("os")
     if os_el is None:
         raise DomainXMLError(f"domain '{_text(root.find('name'))}': has no <os> element")
+    # Explicit paths replace autoselection (libvirt < 9.2 refuses to have both).
+    os_el.attrib.pop("firmware", None)
+    for el in os_el.findall("firmware"):
+        _remove(el)
     type_el = os_el.find("type")
     loader = os_el.find("loader")
     if loader is None:
         loader = etree.Element("loader")
-        anchor = type_el if type_el is not None else None
-        if anchor is not None:
-            anchor.addnext(loader)
-            loader.tail, anchor.tail = anchor.tail, anchor.tail
+        if type_el is not None:
+            _insert_after(type_el, loader)
         else:
             os_el.insert(0, loader)
     loader.text = edit.code_path
     loader.set("readonly", "yes")
     loader.set("type", "pflash")
-    for attr in ("stateless",):
+    for attr in ("stateless", "format"):  # central builds are raw, split, stateful
         loader.attrib.pop(attr, None)
     if edit.secure:
         loader.set("secure", "yes")
     else:
         loader.attrib.pop("secure", None)
-    nvram = os_el.find("nvram")
-    if nvram is None:
-        nvram = etree.Element("nvram")
-        loader.addnext(nvram)
-        nvram.tail = loader.tail
-    nvram.text = edit.nvram_path
-    if edit.template_path:
-        nvram.set("template", edit.template_path)
-    else:
-        nvram.attrib.pop("template", None)
+    _set_nvram(os_el, loader, edit)
     if edit.smm:
         features = root.find("features")
         if features is None:
-            features = etree.Element("features")
-            os_el.addnext(features)
-            features.tail = os_el.tail
+            features = _insert_after(os_el, etree.Element("features"))
         smm = features.find("smm")
         if smm is None:
-            smm = etree.SubElement(features, "smm")
-            _fix_tail(features, smm)
+            smm = _append(features, etree.Element("smm"))
         smm.set("state", "on")
     _drop_cmdline_bios(root)
     _set_metadata(root, edit.metadata)
@@ -290,7 +412,8 @@ def outside_firmware(xml: str) -> bytes:
     root = _root(xml)
     os_el = root.find("os")
     if os_el is not None:
-        for tag in ("loader", "nvram"):
+        os_el.attrib.pop("firmware", None)
+        for tag in ("loader", "nvram", "firmware"):
             for el in os_el.findall(tag):
                 os_el.remove(el)
     for el in root.findall("features/smm"):
@@ -309,4 +432,6 @@ def outside_firmware(xml: str) -> bytes:
             el.tail = None
             if len(el):
                 el.text = None
+        else:
+            el.tail = None
     return etree.tostring(root, method="c14n")

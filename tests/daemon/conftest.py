@@ -1,0 +1,100 @@
+"""Tier 2: the daemon's event logic on libvirt's in-process `test:///default` driver.
+
+Contract of this tier: no libvirtd, no QEMU. The test driver is a real libvirt driver
+(define, start, events, live metadata) living inside this process, shared by every
+connection to `test:///default`, so a test defines domains on its own connection and
+watches the service react through events. It proves event handling, coalescing, loop
+freedom and start recording; that firmware really boots is tier 3's job.
+Domains here get unique names and are undefined afterwards; the driver's built-in
+`test` domain (no firmware) must always come out unmanaged.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from varsd.config import Config
+from varsd.daemon.service import Backoff, Service
+
+TEST_URI = "test:///default"
+
+
+def wait_until(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def bios_xml(name: str, image: str = "/usr/share/ovmf/OVMF.fd") -> str:
+    return f"""<domain type='test'>
+  <name>{name}</name>
+  <uuid>{uuid.uuid4()}</uuid>
+  <memory unit='KiB'>262144</memory>
+  <os>
+    <type arch='x86_64' machine='pc-q35-7.2'>hvm</type>
+    <loader type='rom'>{image}</loader>
+  </os>
+  <devices/>
+</domain>"""
+
+
+@pytest.fixture
+def conn() -> Iterator[libvirt.virConnect]:
+    c = libvirt.open(TEST_URI)
+    created: list[str] = []
+    c.created = created  # type: ignore[attr-defined]
+    yield c
+    for name in created:
+        try:
+            d = c.lookupByName(name)
+        except libvirt.libvirtError:
+            continue
+        if d.isActive():
+            d.destroy()
+        d.undefine()
+    c.close()
+
+
+@pytest.fixture
+def service_factory(tmp_path: Path) -> Iterator[Callable[..., Service]]:
+    started: list[tuple[Service, threading.Thread]] = []
+    user = pwd.getpwuid(os.getuid()).pw_name
+    group = grp.getgrgid(os.getgid()).gr_name
+
+    def start(**overrides: object) -> Service:
+        cfg = Config(
+            uri=TEST_URI,
+            nvram_dir=str(tmp_path / "nvram"),
+            state_dir=str(tmp_path / "state"),
+            qemu_user=user,
+            qemu_group=group,
+            reconcile_interval=3600,
+            **overrides,  # type: ignore[arg-type]
+        )
+        os.makedirs(cfg.nvram_dir, exist_ok=True)
+        svc = Service(cfg, backoff=Backoff(0.05, 2.0, 0.2), notify=lambda *lines: True)
+        t = threading.Thread(target=svc.run, name="varsd-under-test", daemon=True)
+        t.start()
+        assert svc.ready.wait(15), "service never became ready"
+        started.append((svc, t))
+        return svc
+
+    yield start
+    for svc, t in started:
+        svc.request_stop()
+        t.join(15)
+        assert not t.is_alive(), "service did not stop within 15 s"

@@ -1,0 +1,121 @@
+"""The service on the test:/// driver: events in, repairs out, no loops, boots recorded."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import time
+
+import libvirt
+
+from varsd.adapters.journal import Journal
+from varsd.engine.boots import BOOT_NS
+
+from .conftest import bios_xml, wait_until
+
+
+def _repaired(conn: libvirt.virConnect, name: str) -> bool:
+    return "<nvram" in conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+
+
+def test_defined_bios_domain_is_repaired_without_any_command(conn, service_factory) -> None:
+    svc = service_factory()
+    name = "evt-bios"
+    conn.created.append(name)
+    conn.defineXML(bios_xml(name))
+    wait_until(lambda: _repaired(conn, name), what="repair of a freshly defined -bios domain")
+    xml = conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    assert "<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>" in xml
+    varstore = os.path.join(svc.cfg.nvram_dir, f"{name}_VARS.fd")
+    st = os.stat(varstore)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    with open(varstore, "rb") as f, open("/usr/share/OVMF/OVMF_VARS_4M.fd", "rb") as t:
+        assert f.read() == t.read()
+
+
+def test_own_redefinition_does_not_loop(conn, service_factory) -> None:
+    svc = service_factory()
+    name = "evt-noloop"
+    conn.created.append(name)
+    conn.defineXML(bios_xml(name))
+    wait_until(lambda: _repaired(conn, name), what="repair")
+    # Our define raised a DEFINED event; handling it must plan nothing and stop there.
+    wait_until(svc.queue.idle, what="queue idle")
+    time.sleep(0.5)  # let the event of our own define arrive and be handled
+    settled = svc.handled
+    time.sleep(1.0)
+    assert svc.handled == settled, "the service kept reconciling its own change"
+    assert settled <= 4  # initial list + define event + the event of our own redefinition
+    uuid = conn.lookupByName(name).UUIDString()
+    j = Journal(svc.cfg.journal_path)
+    try:
+        changes = j.changes(uuid)
+    finally:
+        j.close()
+    assert len(changes) == 1 and changes[0].outcome == "applied"
+    assert "<loader type='rom'>" in changes[0].old_xml  # the previous XML is kept for undo
+
+
+def test_burst_of_defines_converges_once_each(conn, service_factory) -> None:
+    svc = service_factory()
+    names = [f"evt-burst-{i:03d}" for i in range(60)]
+    conn.created.extend(names)
+    for n in names:
+        conn.defineXML(bios_xml(n))
+    wait_until(lambda: all(_repaired(conn, n) for n in names), timeout=60, what="all 60 repaired")
+    wait_until(lambda: svc.queue.idle(), what="queue drained")
+    j = Journal(svc.cfg.journal_path)
+    try:
+        per_domain = {}
+        for c in j.changes(limit=1000):
+            per_domain[c.name] = per_domain.get(c.name, 0) + 1
+    finally:
+        j.close()
+    assert {n: per_domain.get(n) for n in names} == {n: 1 for n in names}
+
+
+def test_start_event_records_the_booted_build_in_live_metadata(conn, service_factory) -> None:
+    service_factory()
+    name = "evt-start"
+    conn.created.append(name)
+    conn.defineXML(bios_xml(name))
+    wait_until(lambda: _repaired(conn, name), what="repair")
+    dom = conn.lookupByName(name)
+    dom.create()
+
+    def boot_record() -> str | None:
+        try:
+            return dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, BOOT_NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError:
+            return None
+
+    record = wait_until(boot_record, what="boot record in live metadata")
+    with open("/usr/share/OVMF/OVMF_CODE_4M.fd", "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    assert f'sha256="{digest}"' in record
+    assert 'code="/usr/share/OVMF/OVMF_CODE_4M.fd"' in record
+    # Live only: the persistent definition does not carry it.
+    assert BOOT_NS not in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+
+
+def test_undefined_domain_keeps_its_varstore(conn, service_factory) -> None:
+    svc = service_factory()
+    name = "evt-undefine"
+    conn.defineXML(bios_xml(name))
+    wait_until(lambda: _repaired(conn, name), what="repair")
+    varstore = os.path.join(svc.cfg.nvram_dir, f"{name}_VARS.fd")
+    conn.lookupByName(name).undefine()
+    wait_until(lambda: svc.queue.idle(), what="queue drained")
+    assert os.path.exists(varstore)
+
+
+def test_domains_without_uefi_are_left_alone(conn, service_factory) -> None:
+    service_factory()
+    before = conn.lookupByName("test").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    name = "evt-seabios"
+    conn.created.append(name)
+    conn.defineXML(bios_xml(name, image="/usr/share/seabios/bios-256k.bin"))
+    time.sleep(0.5)
+    assert not _repaired(conn, name)
+    assert conn.lookupByName("test").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == before
