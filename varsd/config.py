@@ -29,8 +29,10 @@ import os
 import pwd
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import TypeVar
 
 from varsd.errors import ConfigError
 
@@ -45,6 +47,8 @@ DEFAULT_FIRMWARE_DIRS: tuple[str, ...] = (
 )
 
 UPGRADE_POLICIES = ("auto", "manual")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -74,15 +78,16 @@ class Config:
     source: str | None = field(default=None, compare=False)  # file it came from
 
     def is_excluded(self, name: str, uuid: str) -> bool:
-        return any(uuid == pat or fnmatch.fnmatchcase(name, pat) for pat in self.exclude)
+        # UUIDs compare case-insensitively (libvirt prints lower case, admins paste either).
+        return any(uuid.lower() == pat.lower() or fnmatch.fnmatchcase(name, pat) for pat in self.exclude)
 
     @property
     def journal_path(self) -> str:
         return os.path.join(self.state_dir, "state.sqlite3")
 
-    @property
-    def lock_path(self) -> str:
-        return os.path.join(self.state_dir, "varsd.lock")
+    def domain_lock_path(self, uuid: str) -> str:
+        """One lock per domain: varsd and varsctl never act on the same domain at once."""
+        return os.path.join(self.state_dir, "locks", f"{uuid}.lock")
 
     @property
     def archive_dir(self) -> str:
@@ -126,6 +131,8 @@ def parse_config(text: str, where: str = "<config>") -> Config:
             _expect(os.path.isabs(str(kw[key])), where, f"'{key}' must be an absolute path")
     if "firmware_dirs" in data:
         kw["firmware_dirs"] = _str_list(data["firmware_dirs"], where, "firmware_dirs")
+        relative = [d for d in kw["firmware_dirs"] if not os.path.isabs(d)]  # type: ignore[union-attr]
+        _expect(not relative, where, f"'firmware_dirs' must be absolute paths, not {', '.join(relative)}")
     if "exclude" in data:
         kw["exclude"] = _str_list(data["exclude"], where, "exclude")
     for key in ("reconcile_interval", "archive_retention_days"):
@@ -181,6 +188,8 @@ def load_config(explicit: str | None = None, uri: str | None = None) -> Config:
         cfg = Config()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte {exc.start}): {exc.reason}") from None
     else:
         cfg = parse_config(text, path)
     if uri:
@@ -188,7 +197,8 @@ def load_config(explicit: str | None = None, uri: str | None = None) -> Config:
     return cfg
 
 
-_QEMU_CONF_KEY = re.compile(r'^\s*(user|group)\s*=\s*"([^"]*)"', re.M)
+# libvirt's conf parser accepts "..." and '...' strings.
+_QEMU_CONF_KEY = re.compile(r"""^[ \t]*(user|group)[ \t]*=[ \t]*(?:"([^"\n]*)"|'([^'\n]*)')""", re.M)
 
 
 def qemu_owner(cfg: Config, qemu_conf: str = QEMU_CONF) -> tuple[int, int]:
@@ -200,7 +210,8 @@ def qemu_owner(cfg: Config, qemu_conf: str = QEMU_CONF) -> tuple[int, int]:
     user, group = cfg.qemu_user, cfg.qemu_group
     if user is None or group is None:
         try:
-            found = dict(_QEMU_CONF_KEY.findall(Path(qemu_conf).read_text(encoding="utf-8")))
+            text = Path(qemu_conf).read_text(encoding="utf-8", errors="replace")
+            found = {key: dq or sq for key, dq, sq in _QEMU_CONF_KEY.findall(text)}
         except OSError:
             found = {}
         user = user or found.get("user")
@@ -215,18 +226,31 @@ def qemu_owner(cfg: Config, qemu_conf: str = QEMU_CONF) -> tuple[int, int]:
             break
         else:
             user = "root"
-    try:
-        pw = pwd.getpwnam(user) if not user.startswith("+") else pwd.getpwuid(int(user[1:]))
-    except (KeyError, ValueError):
-        raise ConfigError(f"qemu user '{user}' does not exist; set qemu_user in the config") from None
+    pw = _lookup(pwd.getpwnam, pwd.getpwuid, user)
+    if pw is None:
+        raise ConfigError(f"qemu user '{user}' does not exist; set qemu_user in the config")
     if group is None:
         try:
             grp.getgrnam(user)
             group = user
         except KeyError:
             return pw.pw_uid, pw.pw_gid
-    try:
-        gr = grp.getgrnam(group) if not group.startswith("+") else grp.getgrgid(int(group[1:]))
-    except (KeyError, ValueError):
-        raise ConfigError(f"qemu group '{group}' does not exist; set qemu_group in the config") from None
+    gr = _lookup(grp.getgrnam, grp.getgrgid, group)
+    if gr is None:
+        raise ConfigError(f"qemu group '{group}' does not exist; set qemu_group in the config")
     return pw.pw_uid, gr.gr_gid
+
+
+def _lookup(by_name: Callable[[str], T], by_id: Callable[[int], T], spec: str) -> T | None:
+    """qemu.conf semantics: "+N" is id N; "N" is the name N, else id N; None if unknown."""
+    try:
+        if spec.startswith("+"):
+            return by_id(int(spec[1:]))
+        try:
+            return by_name(spec)
+        except KeyError:
+            if not spec.isdigit():
+                raise
+            return by_id(int(spec))
+    except (KeyError, ValueError, OverflowError):
+        return None

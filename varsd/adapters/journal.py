@@ -7,8 +7,11 @@ half-way. The file is created mode 0600: domain XML may hold secrets' references
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from varsd.errors import VarsdError
@@ -58,23 +61,37 @@ class Journal:
             os.close(fd)
             self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a journaled old XML survives a power cut
             self._db.executescript(_SCHEMA)
+            self._lock = threading.Lock()  # one connection, several worker threads
         except (OSError, sqlite3.Error) as exc:
             raise VarsdError(f"{path}: cannot open the varsd journal: {exc}") from None
 
     def close(self) -> None:
         self._db.close()
 
+    @contextlib.contextmanager
+    def _sql(self, what: str) -> Iterator[None]:
+        """Serialise use of the one connection; sqlite3 errors (disk full, I/O error,
+        locked too long) become VarsdError naming the file, which callers handle."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.Error as exc:
+                raise VarsdError(f"{self.path}: cannot {what} the varsd journal: {exc}") from None
+
     def record(self, *, at: str, uuid: str, name: str, actor: str, reason: str, old_xml: str, new_xml: str) -> int:
         """Write the intent (old and new XML) before the change is made; returns its id."""
-        cur = self._db.execute(
-            "INSERT INTO xml_changes (at, uuid, name, actor, reason, old_xml, new_xml) VALUES (?,?,?,?,?,?,?)",
-            (at, uuid, name, actor, reason, old_xml, new_xml),
-        )
+        with self._sql("write to"):
+            cur = self._db.execute(
+                "INSERT INTO xml_changes (at, uuid, name, actor, reason, old_xml, new_xml) VALUES (?,?,?,?,?,?,?)",
+                (at, uuid, name, actor, reason, old_xml, new_xml),
+            )
         return int(cur.lastrowid)
 
     def settle(self, change_id: int, outcome: str) -> None:
-        self._db.execute("UPDATE xml_changes SET outcome=? WHERE id=?", (outcome, change_id))
+        with self._sql("write to"):
+            self._db.execute("UPDATE xml_changes SET outcome=? WHERE id=?", (outcome, change_id))
 
     def changes(self, uuid: str | None = None, limit: int = 100) -> list[Change]:
         q = "SELECT id, at, uuid, name, actor, reason, old_xml, new_xml, outcome FROM xml_changes"
@@ -83,11 +100,13 @@ class Journal:
             q += " WHERE uuid=?"
             args = (uuid,)
         q += " ORDER BY id DESC LIMIT ?"
-        return [Change(*row) for row in self._db.execute(q, args + (limit,))]
+        with self._sql("read"):
+            return [Change(*row) for row in self._db.execute(q, args + (limit,)).fetchall()]
 
     def change(self, change_id: int) -> Change | None:
-        row = self._db.execute(
-            "SELECT id, at, uuid, name, actor, reason, old_xml, new_xml, outcome FROM xml_changes WHERE id=?",
-            (change_id,),
-        ).fetchone()
+        with self._sql("read"):
+            row = self._db.execute(
+                "SELECT id, at, uuid, name, actor, reason, old_xml, new_xml, outcome FROM xml_changes WHERE id=?",
+                (change_id,),
+            ).fetchone()
         return Change(*row) if row else None

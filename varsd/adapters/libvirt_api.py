@@ -151,6 +151,7 @@ class Hypervisor:
     def __init__(self, uri: str) -> None:
         self._uri = uri
         self._conn: libvirt.virConnect | None = None
+        self._handles: dict[str, libvirt.virDomain] = {}
 
     # -- connection -----------------------------------------------------------------
 
@@ -169,6 +170,7 @@ class Hypervisor:
     def close(self) -> None:
         """Disconnect; never raises, so it is safe in cleanup paths."""
         conn, self._conn = self._conn, None
+        self._handles.clear()
         if conn is not None:
             try:
                 conn.close()
@@ -205,20 +207,44 @@ class Hypervisor:
     # -- domains --------------------------------------------------------------------
 
     def list_domains(self) -> list[DomainRef]:
-        """All domains, active and inactive, sorted by name."""
+        """All domains, active and inactive, sorted by name.
+
+        Two RPCs however many domains there are (states of all domains in one
+        getAllDomainStats call, plus the transient ones): a full pass over hundreds
+        of domains must not pay three round trips per domain before it starts.
+        """
         with _translated(f"cannot list domains on {self._uri}"):
-            doms = self.connection.listAllDomains(0)
+            stats = self.connection.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE, 0)
+            transient = {
+                d.UUIDString() for d in self.connection.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_TRANSIENT)
+            }
         refs = []
-        for dom in doms:
-            try:
-                refs.append(self._ref(dom))
-            except NoSuchDomain:
-                continue  # undefined between the listing and the state query
+        for dom, record in stats:
+            uuid = dom.UUIDString()
+            self._handles[uuid] = dom
+            state = record.get("state.state", libvirt.VIR_DOMAIN_NOSTATE)
+            refs.append(
+                DomainRef(
+                    uuid=uuid,
+                    name=dom.name(),
+                    state=_STATE_NAMES.get(state, "nostate"),
+                    active=state not in _INACTIVE_STATES,
+                    persistent=uuid not in transient,
+                )
+            )
         return sorted(refs, key=lambda r: (r.name, r.uuid))
 
     def lookup(self, name_or_uuid: str) -> DomainRef:
         """Find a domain by UUID (any case) or, failing that, by name."""
-        return self._ref(self._lookup(name_or_uuid))
+        cached = self._handles.get(name_or_uuid.lower()) if _is_uuid(name_or_uuid) else None
+        if cached is not None:
+            try:
+                return self._ref(cached)
+            except NoSuchDomain:
+                self._handles.pop(name_or_uuid.lower(), None)  # undefined (and maybe redefined): look up afresh
+        dom = self._lookup(name_or_uuid)
+        self._handles[dom.UUIDString()] = dom
+        return self._ref(dom)
 
     def persistent_xml(self, uuid: str) -> str:
         """The configuration used at the next cold boot (secure: includes secrets)."""
@@ -248,7 +274,16 @@ class Hypervisor:
         what = f"domain '{name}'" if name else "domain XML"
         with _translated(f"{what}: cannot define"):
             dom = self.connection.defineXML(xml)
-        return self._ref(dom)
+            state, _reason = dom.state()  # one round trip: a define is on varsd's hot path
+        uuid = dom.UUIDString()
+        self._handles[uuid] = dom
+        return DomainRef(
+            uuid=uuid,
+            name=dom.name(),
+            state=_STATE_NAMES.get(state, "nostate"),
+            active=state not in _INACTIVE_STATES,
+            persistent=True,
+        )
 
     def undefine(self, uuid: str, *, remove_nvram: bool) -> None:
         """Remove a persistent definition, stating explicitly what happens to the varstore.
@@ -343,8 +378,14 @@ class Hypervisor:
             return conn.lookupByName(name_or_uuid)
 
     def _domain(self, uuid: str) -> libvirt.virDomain:
+        """A handle by UUID; handles from listing are reused (a handle is just a name)."""
+        dom = self._handles.get(uuid)
+        if dom is not None:
+            return dom
         with _translated(f"domain {uuid}: lookup failed"):
-            return self.connection.lookupByUUIDString(uuid)
+            dom = self.connection.lookupByUUIDString(uuid)
+        self._handles[uuid] = dom
+        return dom
 
     def _ref(self, dom: libvirt.virDomain) -> DomainRef:
         with _translated(f"{_label(dom)}: cannot read state"):
@@ -353,9 +394,12 @@ class Hypervisor:
                 uuid=dom.UUIDString(),
                 name=dom.name(),
                 state=_STATE_NAMES.get(state, "nostate"),
-                active=bool(dom.isActive()),
+                active=state not in _INACTIVE_STATES,
                 persistent=bool(dom.isPersistent()),
             )
+
+
+_INACTIVE_STATES = (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_NOSTATE, libvirt.VIR_DOMAIN_CRASHED)
 
 
 def _label(dom: libvirt.virDomain) -> str:

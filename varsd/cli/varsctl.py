@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
 from varsd.config import Config, load_config, qemu_owner
+from varsd.engine.lock import host_lock
 from varsd.engine.reconciler import Outcome, Reconciler
 from varsd.errors import ConfigError, HypervisorError, VarsdError
 from varsd.firmware.catalog import load_catalog
@@ -119,8 +120,11 @@ def cmd_undo(ctx: Context, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     rec = ctx.reconciler()
     ref = ctx.hv.lookup(change.uuid)
-    current = ctx.hv.persistent_xml(ref.uuid)
-    rec.redefine(ref, current, change.old_xml, f"undo of journal #{change.id}")
+    # The domain's lock, like any write: a daemon acting on it at this moment must not
+    # overwrite the restored definition, nor we its repair.
+    with host_lock(ctx.cfg.domain_lock_path(ref.uuid)):
+        current = ctx.hv.persistent_xml(ref.uuid)
+        rec.redefine(ref, current, change.old_xml, f"undo of journal #{change.id}")
     print(f"{ref.name}: restored the definition from before journal #{change.id}")
     return EXIT_OK
 
@@ -171,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = Context(cfg)
     try:
         return args.func(ctx, args)
-    except HypervisorError as exc:
+    except (ConfigError, HypervisorError) as exc:  # e.g. qemu_owner() finding no qemu user
         print(f"varsctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except VarsdError as exc:

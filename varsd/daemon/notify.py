@@ -32,6 +32,8 @@ def watchdog_interval() -> float | None:
     if not usec or (pid and pid != str(os.getpid())):
         return None
     try:
-        return int(usec) / 2_000_000
+        value = int(usec)
     except ValueError:
         return None
+    # Like sd_watchdog_enabled(): 0 (or nonsense) means no watchdog, not "ping constantly".
+    return value / 2_000_000 if value > 0 else None

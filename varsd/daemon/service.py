@@ -1,8 +1,8 @@
 """The varsd service: list, then watch; one worker; reconnect forever.
 
 Theory of operation:
-- Threads: libvirt's event loop (callbacks only queue work), one worker (all libvirt
-  calls that may take long, all reconciles), APScheduler's timer (queues a full pass),
+- Threads: libvirt's event loop (callbacks only queue work), four workers (all libvirt
+  calls that may take long, all reconciles; never both on one domain), APScheduler's timer (queues a full pass),
   and the main thread, which supervises the connection and handles signals.
 - On every (re)connect: subscribe to lifecycle events, then list every domain and
   queue it. Events are hints; the worker re-reads the domain. A reconcile of a domain
@@ -41,6 +41,10 @@ from varsd.model.domain import Status
 log = logging.getLogger("varsd")
 
 BOOT_PREFIX = "boot:"
+# Workers overlap one domain's fsyncs and libvirt round trips with another's (a repair
+# waits far more than it computes); the
+# queue never hands the same domain to both, and acting takes the domain's lock.
+WORKERS = 4
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,10 @@ class Service:
         self.hv: Hypervisor | None = None
         self.reconciler: Reconciler | None = None
         self._subscription: Subscription | None = None
-        self._worker = threading.Thread(target=self._work, name="varsd-worker", daemon=True)
+        self._workers = [
+            threading.Thread(target=self._work, name=f"varsd-worker-{i}", daemon=True) for i in range(WORKERS)
+        ]
+        self._count_lock = threading.Lock()
         self._scheduler = BackgroundScheduler(daemon=True)
         self.ready = threading.Event()
         self.handled = 0  # reconciles done, for tests and STATUS
@@ -108,7 +115,8 @@ class Service:
     def run(self) -> int:
         """Serve until stopped; returns the process exit code."""
         start_event_loop()
-        self._worker.start()
+        for w in self._workers:
+            w.start()
         self._scheduler.add_job(
             self.queue_full_pass, "interval", seconds=self.cfg.reconcile_interval, id="full-pass",
             max_instances=1, coalesce=True,
@@ -257,7 +265,8 @@ class Service:
             if ref.active and booted(hv, ref.uuid) is None:
                 # Running since before varsd watched it: QEMU's open file still tells.
                 record_boot(hv, ref.uuid, self.clock())
-            self.handled += 1
+            with self._count_lock:
+                self.handled += 1
             self.first_pass_pending.discard(key)
             if outcome.status is Status.ERROR:
                 log.error("domain '%s': %s", ref.name, outcome.plan.detail)
@@ -279,7 +288,8 @@ class Service:
             self._scheduler.shutdown(wait=False)
         except Exception:
             pass
-        self._worker.join(timeout=30)
+        for w in self._workers:
+            w.join(timeout=30)
         self._teardown_connection()
         self.journal.close()
         log.info("stopped")

@@ -20,6 +20,7 @@ libvirt facts this module relies on (checked against libvirt 9.0's QEMU driver):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from lxml import etree
@@ -187,6 +188,57 @@ class FirmwareEdit:
 
 
 # -- writing -------------------------------------------------------------------------
+
+# Markup lxml writes: comments, CDATA and PIs are left alone, start tags get libvirt's quotes.
+_MARKUP = re.compile(r"<!--.*?-->|<!\[CDATA\[.*?\]\]>|<\?.*?\?>|<[A-Za-z_][^>]*>", re.DOTALL)
+_DQ_ATTR = re.compile(r'="([^"]*)"')
+_ROOT_ATTR = re.compile(r"[^\s=<>]+='[^']*'")
+_LOADER_ATTR_ORDER = ("readonly", "secure", "type", "stateless", "format")
+
+
+def _single_quote(tag: str) -> str:
+    if tag.startswith(("<!", "<?")):
+        return tag
+    return _DQ_ATTR.sub(lambda m: "='" + m.group(1).replace("'", "&apos;").replace("&quot;", '"') + "'", tag)
+
+
+def _namespaces_last(tag: str) -> str:
+    """libvirt writes the root's attributes before its namespace declarations."""
+    attrs = _ROOT_ATTR.findall(tag)
+    ordered = [a for a in attrs if not a.startswith("xmlns")] + [a for a in attrs if a.startswith("xmlns")]
+    return tag[: tag.index(" ")] + "".join(" " + a for a in ordered) + ">" if attrs else tag
+
+
+def _serialize(root: etree._Element) -> str:
+    """The tree as text in libvirt's own style, so the journal's diff shows only varsd's change.
+
+    `virsh dumpxml` quotes attributes with `'` and puts the root's namespace declarations
+    last; lxml writes `"` and declarations first. Inside `<metadata>` libvirt keeps the
+    applications' own serialisation (double quotes), so that region is left as lxml wrote it.
+    """
+    text = etree.tostring(root, encoding="unicode")
+    meta_start, meta_end = text.find("<metadata>"), text.rfind("</metadata>")
+
+    def fix(m: re.Match[str]) -> str:
+        if meta_start != -1 and meta_start < m.start() < meta_end:
+            return m.group(0)
+        return _single_quote(m.group(0))
+
+    out = _MARKUP.sub(fix, text)
+    first = _MARKUP.search(out)
+    assert first is not None
+    return out[: first.start()] + _namespaces_last(first.group(0)) + out[first.end() :]
+
+
+def _order_attributes(el: etree._Element, order: tuple[str, ...]) -> None:
+    """Put `el`'s attributes in libvirt's order (others keep theirs, after those)."""
+    items = list(el.attrib.items())
+    rank = {name: i for i, name in enumerate(order)}
+    items.sort(key=lambda kv: rank.get(kv[0], len(order)))
+    el.attrib.clear()
+    for name, value in items:
+        el.set(name, value)
+
 
 
 def _ws(el: etree._Element, extra: int = 0) -> str | None:
@@ -370,6 +422,7 @@ def apply_edit(xml: str, edit: FirmwareEdit) -> str:
         loader.set("secure", "yes")
     else:
         loader.attrib.pop("secure", None)
+    _order_attributes(loader, _LOADER_ATTR_ORDER)
     _set_nvram(os_el, loader, edit)
     if edit.smm:
         features = root.find("features")
@@ -381,14 +434,14 @@ def apply_edit(xml: str, edit: FirmwareEdit) -> str:
         smm.set("state", "on")
     _drop_cmdline_bios(root)
     _set_metadata(root, edit.metadata)
-    return etree.tostring(root, encoding="unicode")
+    return _serialize(root)
 
 
 def set_metadata(xml: str, md: VarsdMetadata) -> str:
     """Return `xml` with varsd's metadata element replaced (used for opt-out, pins)."""
     root = _root(xml)
     _set_metadata(root, md)
-    return etree.tostring(root, encoding="unicode")
+    return _serialize(root)
 
 
 def replace_loader_code(xml: str, code_path: str) -> str:
@@ -398,7 +451,7 @@ def replace_loader_code(xml: str, code_path: str) -> str:
     if loader is None:
         raise DomainXMLError(f"domain '{_text(root.find('name'))}': has no <loader> to repoint")
     loader.text = code_path
-    return etree.tostring(root, encoding="unicode")
+    return _serialize(root)
 
 
 def firmware_signature(xml: str) -> tuple:

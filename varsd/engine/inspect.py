@@ -11,14 +11,26 @@ from __future__ import annotations
 import hashlib
 import os
 
-from varsd.adapters import virtfw
+from varsd.adapters import fsio, virtfw
 from varsd.errors import VarstoreError
 from varsd.model.domain import FileFacts
 
 
 class FileInspector:
     def __init__(self) -> None:
-        self._cache: dict[tuple, FileFacts] = {}
+        # (path, digest) -> (stat signature, facts): one entry per file, replaced when
+        # the file changes, so a daemon watching varstores rewritten at every boot
+        # does not keep every version it ever saw.
+        self._cache: dict[tuple[str, bool], tuple[tuple, FileFacts]] = {}
+
+    @staticmethod
+    def stat_key(path: str) -> tuple | None:
+        """What identifies a file's content cheaply: device, inode, size, mtime."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
     def inspect(self, path: str, *, digest: bool) -> FileFacts:
         """Facts of `path`: existence, size, realpath, leading varstore layout, digests.
@@ -31,12 +43,12 @@ class FileInspector:
             return FileFacts(path=path, exists=False)
         except OSError as exc:
             return FileFacts(path=path, exists=False, error=f"cannot stat: {exc.strerror}")
-        key = (path, digest, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
+        sig = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        hit = self._cache.get((path, digest))
+        if hit is not None and hit[0] == sig:
+            return hit[1]
         facts = self._read(path, st.st_size, digest)
-        self._cache[key] = facts
+        self._cache[(path, digest)] = (sig, facts)
         return facts
 
     def _read(self, path: str, size: int, digest: bool) -> FileFacts:
@@ -47,11 +59,12 @@ class FileInspector:
             layout, error = None, str(exc)
         sha = trailing = None
         if digest:
+            # fsio refuses anything but a regular file and never blocks in open(): a FIFO
+            # or /dev/zero at a loader path must not hang the daemon or exhaust memory.
             try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except OSError as exc:
-                return FileFacts(path=path, exists=True, size=size, error=f"cannot read: {exc.strerror}")
+                data = fsio.read_file(path)
+            except fsio.ReadError as exc:
+                return FileFacts(path=path, exists=True, size=size, error=str(exc))
             sha = hashlib.sha256(data).hexdigest()
             if layout is not None and layout.size < len(data):
                 trailing = hashlib.sha256(data[layout.size :]).hexdigest()

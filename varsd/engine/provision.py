@@ -28,7 +28,6 @@ class Provisioned:
     """A varstore that now exists at `path`; `adopted` when it was already there, identical."""
 
     path: str
-    sha256: str
     adopted: bool
     layout: VarstoreLayout
 
@@ -48,8 +47,7 @@ def provision_varstore(
     (uid, gid) of the qemu user. Raises ProvisionError (VarstoreError for a source
     that is not a varstore) naming the file; on error nothing was created.
     """
-    data = _read_source(source, length)
-    layout = virtfw.layout_of_bytes(data, source)
+    data, layout = _verified_source(source, length)
     if layout != expected_layout:
         raise VarstoreError(
             f"{source}: varstore layout ({layout.describe()}) does not match the layout the firmware "
@@ -60,17 +58,39 @@ def provision_varstore(
             f"{source}: {len(data)} bytes, but its varstore is only the first {layout.size}; "
             "a unified image must be given with the template size as length"
         )
-    digest = fsio.sha256_bytes(data)
     if _adoptable(target, data, source):
-        return Provisioned(path=target, sha256=digest, adopted=True, layout=layout)
+        return Provisioned(path=target, adopted=True, layout=layout)
     try:
         fsio.create_exclusive(target, data, mode=0o600, uid=owner[0], gid=owner[1])
     except fsio.TargetExists:
         # Someone created it between our look and our link: judge what is there now.
         if _adoptable(target, data, source):
-            return Provisioned(path=target, sha256=digest, adopted=True, layout=layout)
+            return Provisioned(path=target, adopted=True, layout=layout)
         raise  # it vanished again in between: report the collision rather than loop
-    return Provisioned(path=target, sha256=digest, adopted=False, layout=layout)
+    return Provisioned(path=target, adopted=False, layout=layout)
+
+
+# Templates are read and parsed once per content (a burst of new domains shares one),
+# keyed by stat so a replaced or rewritten source is read again.
+_VERIFIED: dict[tuple, tuple[bytes, VarstoreLayout]] = {}
+
+
+def _verified_source(source: str, length: int | None) -> tuple[bytes, VarstoreLayout]:
+    try:
+        st = os.stat(source)
+        key: tuple | None = (source, length, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None  # _read_source reports it
+    hit = _VERIFIED.get(key) if key else None
+    if hit is not None:
+        return hit
+    data = _read_source(source, length)
+    result = (data, virtfw.layout_of_bytes(data, source))
+    if key:
+        if len(_VERIFIED) >= 16:
+            _VERIFIED.clear()
+        _VERIFIED[key] = result
+    return result
 
 
 def _read_source(source: str, length: int | None) -> bytes:

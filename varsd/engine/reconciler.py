@@ -70,6 +70,21 @@ def _error(ref: DomainRef, message: str) -> Outcome:
     return Outcome(ref, Plan(FirmwareConfig.NONE, Status.ERROR, message))
 
 
+@dataclass(frozen=True)
+class _Memo:
+    """The inputs a compliant plan was made from; equal inputs give the same plan."""
+
+    xml: str
+    live_xml: str | None
+    catalog: Catalog
+    excluded: bool
+    persistent: bool
+    paths: tuple[str, ...]
+    stats: tuple
+    facts: DomainFacts
+    plan: Plan
+
+
 class StaleDefinition(VarsdError):
     """The domain was redefined by someone else between our read and our write."""
 
@@ -95,44 +110,73 @@ class Reconciler:
         self.actor = actor
         self.clock = clock
         self.inspector = inspector or FileInspector()
+        self._memo: dict[str, _Memo] = {}
 
     # -- reading -----------------------------------------------------------------
 
-    def facts(self, ref: DomainRef) -> DomainFacts:
+    def examine(self, ref: DomainRef) -> tuple[DomainFacts, Plan]:
+        """Read the domain now and plan; a compliant domain whose inputs are unchanged
+        since the last look (same XML text, same file stat keys, same catalog) reuses
+        its plan, so a full pass costs about one XML fetch per domain."""
         xml = self.hv.persistent_xml(ref.uuid)
+        live_xml = self.hv.live_xml(ref.uuid) if ref.active else None
+        excluded = self.cfg.is_excluded(ref.name, ref.uuid)
+        memo = self._memo.get(ref.uuid)
+        if (
+            memo is not None
+            and memo.xml == xml
+            and memo.live_xml == live_xml
+            and memo.catalog is self.catalog
+            and memo.excluded == excluded
+            and memo.persistent == ref.persistent
+            and memo.stats == tuple(self.inspector.stat_key(p) for p in memo.paths)
+        ):
+            return memo.facts, memo.plan
         fw = parse_domain(xml)
-        live = None
-        if ref.active:
-            live_xml = self.hv.live_xml(ref.uuid)
-            live = parse_domain(live_xml) if live_xml else None
+        live = parse_domain(live_xml) if live_xml else None
         image_path = firmware_image_path(fw)
         image = self.inspector.inspect(image_path, digest=True) if image_path else None
         nvram = self.inspector.inspect(fw.nvram_path, digest=False) if fw.nvram_path else None
-        return DomainFacts(
-            xml=xml,
-            firmware=fw,
-            live=live,
-            image=image,
-            nvram=nvram,
-            excluded=self.cfg.is_excluded(ref.name, ref.uuid),
-            persistent=ref.persistent,
+        facts = DomainFacts(
+            xml=xml, firmware=fw, live=live, image=image, nvram=nvram, excluded=excluded, persistent=ref.persistent
         )
-
-    def examine(self, ref: DomainRef) -> tuple[DomainFacts, Plan]:
-        facts = self.facts(ref)
-        return facts, plan_repair(facts, self.catalog, self.cfg.nvram_dir, self.clock())
+        plan = plan_repair(facts, self.catalog, self.cfg.nvram_dir, self.clock())
+        if plan.actions:
+            self._memo.pop(ref.uuid, None)
+        else:
+            paths = tuple(p for p in (image_path, fw.nvram_path) if p)
+            self._memo[ref.uuid] = _Memo(
+                xml, live_xml, self.catalog, excluded, ref.persistent, paths,
+                tuple(self.inspector.stat_key(p) for p in paths), facts, plan,
+            )
+        return facts, plan
 
     # -- acting ------------------------------------------------------------------
 
     def reconcile(self, ref: DomainRef, *, apply: bool = True) -> Outcome:
-        """Bring one domain to its planned state; never raises for a domain problem."""
+        """Bring one domain to its planned state; never raises for a domain problem.
+
+        Looking is lock-free; acting happens under the domain's lock after a fresh
+        look, so varsd and varsctl never act on one domain at once, and neither acts
+        on what it read before the other changed it.
+        """
         try:
-            with host_lock(self.cfg.lock_path):
-                facts, plan = self.examine(ref)
-                if not apply or not plan.actions:
+            if apply and ref.uuid not in self._memo:
+                # Not known compliant (a new domain, most likely to need work): look
+                # once, under the lock, instead of looking twice.
+                with host_lock(self.cfg.domain_lock_path(ref.uuid)):
+                    facts, plan = self.examine(ref)
+                    return Outcome(ref, plan, self._execute(ref, facts, plan) if plan.actions else ())
+            facts, plan = self.examine(ref)
+            if not apply or not plan.actions:
+                return Outcome(ref, plan)
+            with host_lock(self.cfg.domain_lock_path(ref.uuid)):
+                if self.hv.persistent_xml(ref.uuid) != facts.xml:
+                    # Another actor changed it since we looked: look again, under the lock.
+                    facts, plan = self.examine(ref)
+                if not plan.actions:
                     return Outcome(ref, plan)
-                done = self._execute(ref, facts, plan)
-                return Outcome(ref, plan, done)
+                return Outcome(ref, plan, self._execute(ref, facts, plan))
         except HypervisorError as exc:
             if exc.retryable:
                 raise
@@ -153,13 +197,14 @@ class Reconciler:
                 done.append(f"{what} varstore {action.path}")
                 log.info("domain '%s': %s varstore %s from %s", ref.name, what, action.path, action.source)
             elif isinstance(action, Redefine):
-                self.redefine(ref, facts.xml, action.xml, action.reason)
+                self.redefine(ref, facts.xml, action.xml, action.reason, checked=True)
                 done.append(f"redefined: {action.reason}")
         return tuple(done)
 
-    def redefine(self, ref: DomainRef, old_xml: str, new_xml: str, reason: str) -> None:
-        """Journal, check nobody redefined the domain meanwhile, then define."""
-        if self.hv.persistent_xml(ref.uuid) != old_xml:
+    def redefine(self, ref: DomainRef, old_xml: str, new_xml: str, reason: str, *, checked: bool = False) -> None:
+        """Journal, check nobody redefined the domain meanwhile (unless the caller just
+        did, under the domain's lock), then define."""
+        if not checked and self.hv.persistent_xml(ref.uuid) != old_xml:
             raise StaleDefinition(f"domain '{ref.name}' was redefined meanwhile; will look again")
         change = self.journal.record(
             at=self.clock(), uuid=ref.uuid, name=ref.name, actor=self.actor, reason=reason,

@@ -5,21 +5,34 @@ Contract: `plan_repair(facts, catalog, nvram_dir, now)` looks only at its argume
 returns a `Plan`: the configuration class, the status to report, a sentence for the
 admin and the actions that bring the domain to the normal case: two pflash, the
 central code of a catalog build read-only + a private varstore with that build's
-layout. It never performs I/O; the engine executes the actions.
+layout. It never performs I/O; the engine executes the actions. Planning again on
+the result of a plan's actions yields no actions.
 
 Rules, in order (early returns):
-- opted out, excluded, transient, SeaBIOS, confidential, stateless, autoselect: left
-  alone, reported `unmanaged`;
+- opted out, excluded, transient, SeaBIOS, confidential, stateless, autoselect, or a
+  varstore on a block device or network storage: left alone, reported `unmanaged`;
+- pinned (varsd metadata `<pin sha256>`): the loader is left where the pin put it,
+  reported `pinned`; a loader that no longer has the pinned digest is an `error`;
+- Secure Boot or not is what the domain's *code* is (its digest in the catalog); the
+  XML's `secure='yes'` decides only when the code is unknown. Swapping one for the
+  other changes what the guest trusts, so no rule ever does;
 - bios-rom and code-only: nothing persistent to keep; a new varstore from the template
-  of the build that matches what the domain booted (Secure Boot or not; a Secure Boot
-  guest gets an *unenrolled* template, as it never had keys), and the XML rewritten;
+  of the build that matches what the domain booted (a Secure Boot guest gets an
+  *unenrolled* template, as it never had keys), and the XML rewritten. A varstore the
+  XML already names and that fits a build is kept instead. A single writable pflash
+  whose image cannot be read may be a unified image full of variables: `error`;
 - unified: the image's leading varstore region *is* the varstore: copied out byte for
   byte and paired with a build of the same layout, so no variable is lost; no such
   build -> `needs-migration`, unchanged. A running guest may still write its image, so
   the split waits until it is shut off;
-- split: compliant when the loader is a catalog build's code and the varstore has that
-  build's layout; a stale private code copy or unknown/missing code path is repointed to
-  the central code of a build whose layout fits; nothing fits -> `needs-migration`;
+- split: compliant when the loader is a catalog build's code (by path, or a symlink to
+  it) and the varstore has that build's layout; a stale private code copy or an
+  unknown/missing code path is repointed to the central code of a build whose layout
+  fits; nothing fits -> `needs-migration`. A varstore that is not a varstore -> `error`;
+- a split varstore that is not private (a catalog template or code image, any file in
+  a catalog build's directory, or a file larger than its varstore) is copied, every
+  variable kept, to a new private file and `<nvram>` repointed; while the domain runs
+  this waits, as the guest may still write the shared file;
 - a Secure Boot build needs SMM, which needs a q35 machine: otherwise `error`, and the
   XML is not touched.
 A running domain whose persistent firmware differs from what it booted is reported
@@ -33,7 +46,7 @@ import re
 from dataclasses import dataclass, replace
 
 from varsd.domain.classify import classify, firmware_image_path
-from varsd.domain.xml import FirmwareEdit, apply_edit, set_metadata
+from varsd.domain.xml import FirmwareEdit, apply_edit, nvram_storage, parse_domain, set_metadata
 from varsd.firmware.selection import explain_no_build, select_build
 from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig, Status, VarsdMetadata
 from varsd.model.firmware import Build, Catalog, MappingMode, VarstoreLayout
@@ -101,19 +114,35 @@ def varstore_path(nvram_dir: str, name: str, uuid: str) -> str:
     return os.path.join(nvram_dir, f"{stem}_VARS.fd")
 
 
+def _new_varstore_path(nvram_dir: str, fw: DomainFirmware, taken: set[str | None]) -> str:
+    """`varstore_path`, or a sibling name when that path is the very file being replaced.
+
+    (Guides tell people to keep a private OVMF.fd as `<name>_VARS.fd`; provisioning
+    never overwrites, so the copy needs a name of its own.)
+    """
+    path = varstore_path(nvram_dir, fw.name, fw.uuid)
+    if path in taken:
+        path = path.removesuffix("_VARS.fd") + "-varsd_VARS.fd"
+    return path
+
+
 def _q35(machine: str | None) -> bool:
     return bool(machine) and (machine == "q35" or "q35" in machine)
 
 
 def wants_secure_boot(fw: DomainFirmware, image: FileFacts | None, catalog: Catalog) -> bool:
-    """Keep the firmware features the domain had: Secure Boot iff its XML or its code said so."""
-    if fw.loader_secure:
-        return True
+    """Keep the firmware features the domain had: its code decides, its XML only for unknown code.
+
+    A plain build with `secure='yes'` (SMM-protected flash, which libvirt allows) stays
+    a plain build; only when no catalog build has the code's digest does the XML's
+    `secure` attribute tell.
+    """
     if image is not None:
         for sha in (image.sha256, image.trailing_sha256):
-            if sha and any(b.secure_boot for b in catalog.by_code_sha(sha)):
-                return True
-    return False
+            builds = catalog.by_code_sha(sha) if sha else []
+            if builds:
+                return any(b.secure_boot for b in builds)
+    return bool(fw.loader_secure)
 
 
 def _unmanaged(config: FirmwareConfig, why: str, fw: DomainFirmware) -> Plan:
@@ -133,6 +162,14 @@ def _bind(md: VarsdMetadata, build: Build, **extra: str | None) -> VarsdMetadata
     return replace(md, build_code_path=build.code_path, build_code_sha256=build.code_sha256, **extra)
 
 
+def _provenance(md: VarsdMetadata, build: Build, source: str, now: str) -> VarsdMetadata:
+    """Bind to `build` and record where a varstore we create comes from."""
+    return _bind(
+        md, build, template_path=build.template_path, template_sha256=build.template_sha256,
+        varstore_source=source, provisioned_at=now,
+    )
+
+
 def _finish(facts: DomainFacts, plan: Plan) -> Plan:
     """Turn an applied-or-clean plan into `pending-cold-boot` when a running guest differs."""
     live = facts.live
@@ -144,6 +181,7 @@ def _finish(facts: DomainFacts, plan: Plan) -> Plan:
 
 
 def plan_repair(facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str) -> Plan:
+    """The plan for one domain (module rules); never raises for a domain's configuration."""
     fw = facts.firmware
     image = facts.image
     config = classify(fw, image, catalog)
@@ -165,9 +203,18 @@ def plan_repair(facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str) 
         return _unmanaged(config, "stateless firmware: no varstore by design", fw)
     if config is FirmwareConfig.AUTOSELECT:
         return _unmanaged(config, "firmware='efi' autoselection is left to libvirt", fw)
+    storage = nvram_storage(facts.xml)
+    if storage not in (None, "file"):
+        return _unmanaged(config, f"varstore on {storage} storage (<nvram type='{storage}'>): not a local file", fw)
+    if fw.metadata.pinned_sha256:
+        return _plan_pinned(facts, config)
     if not fw.arch or not fw.machine:
         return Plan(config, Status.ERROR, "domain XML has no <os><type arch machine>", code=fw.loader_path)
     secure = wants_secure_boot(fw, image, catalog)
+    if config is FirmwareConfig.CODE_ONLY and (image is None or not image.exists or image.error):
+        why = image.error if image is not None and image.error else "it does not exist"
+        return Plan(config, Status.ERROR, f"firmware image {fw.loader_path} cannot be read ({why}): it may be a "
+                    "unified image holding the guest's variables; left untouched", code=fw.loader_path)
     if config in (FirmwareConfig.BIOS_ROM, FirmwareConfig.CODE_ONLY):
         return _finish(facts, _plan_new_varstore(facts, config, catalog, nvram_dir, now, secure))
     if config is FirmwareConfig.UNIFIED:
@@ -175,13 +222,51 @@ def plan_repair(facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str) 
     return _finish(facts, _plan_split(facts, catalog, nvram_dir, now, secure))
 
 
-def _rewrite(facts: DomainFacts, build: Build, nvram: str, md: VarsdMetadata) -> str:
+def _plan_pinned(facts: DomainFacts, config: FirmwareConfig) -> Plan:
+    fw, image = facts.firmware, facts.image
+    pin = fw.metadata.pinned_sha256 or ""
+    if image is not None and image.sha256 == pin:
+        return Plan(config, Status.PINNED, f"pinned to build {pin[:12]} ({fw.loader_path})",
+                    code=firmware_image_path(fw), varstore=fw.nvram_path)
+    return Plan(config, Status.ERROR, f"pinned to build {pin[:12]}, but {firmware_image_path(fw)} is "
+                f"{'missing' if image is None or not image.exists else 'another build'}; left untouched, "
+                "re-pin or unpin with varsctl", code=firmware_image_path(fw), varstore=fw.nvram_path)
+
+
+def _template_layouts(catalog: Catalog, template: str) -> set[VarstoreLayout | None]:
+    return {b.layout for b in catalog.builds if b.template_path == template}
+
+
+def _template_for(catalog: Catalog, fw: DomainFirmware, build: Build) -> str | None:
+    """The `<nvram template>` a rewrite writes: the XML's own if it is a catalog template of
+    `build`'s layout (e.g. the enrolled one of a Secure Boot pair), else the build's.
+
+    The template is what libvirt copies when the varstore is missing or reset
+    (`virsh start --reset-nvram`), so it must fit the code; a template the catalog does
+    not know cannot be checked, so a rewrite replaces it.
+    """
+    current = fw.nvram_template
+    if current is not None and build.layout in _template_layouts(catalog, current):
+        return current
+    return build.template_path
+
+
+def _template_wrong(catalog: Catalog, fw: DomainFirmware, build: Build) -> bool:
+    """True when the XML names a catalog template of another layout: a reason to rewrite.
+
+    An unknown template is never a reason by itself (it may be an admin's own, fitting one).
+    """
+    layouts = _template_layouts(catalog, fw.nvram_template) if fw.nvram_template else set()
+    return bool(layouts) and build.layout not in layouts
+
+
+def _rewrite(facts: DomainFacts, catalog: Catalog, build: Build, nvram: str, md: VarsdMetadata) -> str:
     return apply_edit(
         facts.xml,
         FirmwareEdit(
             code_path=build.code_path,
             nvram_path=nvram,
-            template_path=build.template_path,
+            template_path=_template_for(catalog, facts.firmware, build),
             secure=build.secure_boot,
             smm=build.requires_smm or facts.firmware.smm,
             metadata=md,
@@ -189,30 +274,57 @@ def _rewrite(facts: DomainFacts, build: Build, nvram: str, md: VarsdMetadata) ->
     )
 
 
+def _private_varstore(catalog: Catalog, nvram_dir: str, nvram: FileFacts) -> bool:
+    """False for a file other domains or the firmware package own, or that is more than a varstore."""
+    paths = {p for p in (nvram.path, nvram.realpath) if p}
+    shared = {p for b in catalog.builds for p in (b.code_path, b.template_path) if p}
+    if paths & shared:
+        return False
+    home = os.path.normpath(nvram_dir)
+    package_dirs = {os.path.dirname(p) for p in shared} - {home}
+    if any(os.path.dirname(p) in package_dirs for p in paths):
+        return False
+    layout = nvram.varstore_layout
+    return layout is None or nvram.size == layout.size
+
+
 def _plan_new_varstore(
     facts: DomainFacts, config: FirmwareConfig, catalog: Catalog, nvram_dir: str, now: str, secure: bool
 ) -> Plan:
-    fw = facts.firmware
-    query = dict(arch=fw.arch, machine=fw.machine, secure_boot=secure, enrolled_keys=False if secure else None)
+    fw, nvram = facts.firmware, facts.nvram
+    query = dict(arch=fw.arch, machine=fw.machine, secure_boot=secure)
+    # A varstore the XML already names (left from before the domain lost its pflash) is kept.
+    kept = None
+    if nvram is not None and nvram.exists and nvram.varstore_layout and _private_varstore(catalog, nvram_dir, nvram):
+        kept = select_build(catalog, **query, layout=nvram.varstore_layout)
+    if kept is not None and not _smm_problem(kept, fw):
+        assert nvram is not None
+        md = _bind(fw.metadata, kept)
+        return Plan(
+            config, Status.OK,
+            f"{config.value} repaired: central code {kept.code_path} + its existing varstore {nvram.path}",
+            actions=(Redefine(_rewrite(facts, catalog, kept, nvram.path, md),
+                              f"{config.value} -> split ({kept.label}), existing varstore kept"),),
+            build=kept, code=kept.code_path, varstore=nvram.path,
+        )
+    query["enrolled_keys"] = False if secure else None
     build = select_build(catalog, **query)
     if build is None:
         return Plan(config, Status.ERROR, explain_no_build(catalog, **query), code=firmware_image_path(fw))
     problem = _smm_problem(build, fw)
     if problem:
         return Plan(config, Status.ERROR, problem, code=firmware_image_path(fw))
-    target = varstore_path(nvram_dir, fw.name, fw.uuid)
-    md = _bind(
-        fw.metadata, build, template_path=build.template_path, template_sha256=build.template_sha256,
-        varstore_source="template", provisioned_at=now,
-    )
     assert build.template_path and build.layout
+    taken = {firmware_image_path(fw)} | ({nvram.path} if nvram is not None and nvram.exists else set())
+    target = _new_varstore_path(nvram_dir, fw, taken)
+    md = _provenance(fw.metadata, build, "template", now)
     return Plan(
         config,
         Status.OK,
         f"{config.value} repaired: central code {build.code_path} + new private varstore from {build.template_path}",
         actions=(
             CreateVarstore(target, build.template_path, build.layout),
-            Redefine(_rewrite(facts, build, target, md), f"{config.value} -> split ({build.label})"),
+            Redefine(_rewrite(facts, catalog, build, target, md), f"{config.value} -> split ({build.label})"),
         ),
         build=build,
         code=build.code_path,
@@ -247,18 +359,15 @@ def _plan_unified(facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str
             build=build,
             code=fw.loader_path,
         )
-    target = varstore_path(nvram_dir, fw.name, fw.uuid)
-    md = _bind(
-        fw.metadata, build, template_path=build.template_path, template_sha256=build.template_sha256,
-        varstore_source=f"unified:{fw.loader_path}", provisioned_at=now,
-    )
+    target = _new_varstore_path(nvram_dir, fw, {fw.loader_path, image.realpath})
+    md = _provenance(fw.metadata, build, f"unified:{fw.loader_path}", now)
     return Plan(
         FirmwareConfig.UNIFIED,
         Status.OK,
         f"unified image split: its variables moved to a private varstore, code from {build.code_path}",
         actions=(
             CreateVarstore(target, fw.loader_path, layout, length=layout.size),
-            Redefine(_rewrite(facts, build, target, md), f"unified -> split ({build.label}), variables kept"),
+            Redefine(_rewrite(facts, catalog, build, target, md), f"unified -> split ({build.label}), variables kept"),
         ),
         build=build,
         code=build.code_path,
@@ -271,8 +380,18 @@ def _exact_build(catalog: Catalog, sha: str | None, layout: VarstoreLayout | Non
     if not sha:
         return None
     for b in catalog.by_code_sha(sha):
-        if b.mode is MappingMode.SPLIT and layout in (None, b.layout) and b.secure_boot == secure:
+        if b.mode is MappingMode.SPLIT and b.layout is not None and layout in (None, b.layout) \
+                and b.secure_boot == secure:
             return b
+    return None
+
+
+def _central(catalog: Catalog, fw: DomainFirmware, image: FileFacts | None) -> Build | None:
+    """The split build whose code the loader names, directly or through a symlink."""
+    for path in (fw.loader_path, image.realpath if image is not None and image.exists else None):
+        build = catalog.by_code_path(path) if path else None
+        if build is not None and build.mode is MappingMode.SPLIT:
+            return build
     return None
 
 
@@ -280,33 +399,10 @@ def _plan_split(facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str, 
     fw, image, nvram = facts.firmware, facts.image, facts.nvram
     config = FirmwareConfig.SPLIT
     assert fw.loader_path
-    central = catalog.by_code_path(fw.loader_path)
-    central = central if central is not None and central.mode is MappingMode.SPLIT else None
+    central = _central(catalog, fw, image)
 
     if nvram is None or not nvram.exists:
-        # No varstore yet (new domain): create it from the template of the build its code
-        # belongs to, so we record where it came from; libvirt would do the same at start.
-        build = central or _exact_build(catalog, image.sha256 if image else None, None, secure) or select_build(
-            catalog, arch=fw.arch, machine=fw.machine, secure_boot=secure,
-            code_size=image.size if image and image.exists else None,
-        )
-        if build is None or build.layout is None:
-            return Plan(config, Status.ERROR, f"code {fw.loader_path} belongs to no catalog build; cannot "
-                        "choose a varstore template", code=fw.loader_path)
-        problem = _smm_problem(build, fw)
-        if problem:
-            return Plan(config, Status.ERROR, problem, code=fw.loader_path)
-        target = fw.nvram_path or varstore_path(nvram_dir, fw.name, fw.uuid)
-        actions: tuple[Action, ...] = ()
-        md = _bind(fw.metadata, build)
-        if os.path.dirname(target) == nvram_dir.rstrip("/"):
-            md = replace(md, template_path=build.template_path, template_sha256=build.template_sha256,
-                         varstore_source="template", provisioned_at=now)
-            actions = (CreateVarstore(target, build.template_path or "", build.layout),)
-        new_xml = _rewrite(facts, build, target, md)
-        actions += (Redefine(new_xml, f"varstore provisioned ({build.label})"),)
-        return Plan(config, Status.OK, f"new varstore from {build.template_path}", actions=actions,
-                    build=build, code=build.code_path, varstore=target)
+        return _plan_missing_varstore(facts, catalog, nvram_dir, now, secure, central)
 
     layout = nvram.varstore_layout
     if layout is None:
@@ -337,18 +433,86 @@ def _plan_split(facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str, 
     problem = _smm_problem(build, fw)
     if problem:
         return Plan(config, Status.ERROR, problem, code=fw.loader_path, varstore=nvram.path)
+
+    if not _private_varstore(catalog, nvram_dir, nvram):
+        return _plan_shared_varstore(facts, catalog, nvram_dir, now, build, nvram, layout)
+
     md = _bind(fw.metadata, build)
-    needs_attrs = (build.requires_smm and not fw.smm) or (build.secure_boot and not fw.loader_secure) or (
-        fw.loader_readonly is not True
+    needs_attrs = (
+        (build.requires_smm and not fw.smm)
+        or (build.secure_boot and not fw.loader_secure)
+        or fw.loader_readonly is not True
+        or _template_wrong(catalog, fw, build)
     )
     if reason is None and needs_attrs:
-        reason = "Secure Boot/SMM/read-only attributes completed"
+        reason = "Secure Boot/SMM/read-only/template attributes completed"
     if reason is not None:
-        new_xml = _rewrite(facts, build, nvram.path, md)
+        new_xml = _rewrite(facts, catalog, build, nvram.path, md)
+        code = build.code_path
     elif md != fw.metadata:
         new_xml, reason = set_metadata(facts.xml, md), f"bound to build {build.label}"
+        code = fw.loader_path
     else:
         return Plan(config, Status.OK, f"central code {build.code_path}, private varstore", build=build,
-                    code=build.code_path, varstore=nvram.path)
+                    code=fw.loader_path, varstore=nvram.path)
     return Plan(config, Status.OK, reason, actions=(Redefine(new_xml, reason),), build=build,
-                code=build.code_path, varstore=nvram.path)
+                code=code, varstore=nvram.path)
+
+
+def _plan_shared_varstore(
+    facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str, build: Build, nvram: FileFacts,
+    layout: VarstoreLayout,
+) -> Plan:
+    """Give the domain its own copy of the varstore it shares, every variable kept."""
+    fw = facts.firmware
+    if facts.running:
+        return Plan(FirmwareConfig.SPLIT, Status.PENDING_COLD_BOOT,
+                    f"varstore {nvram.path} is not private; it will be copied once the domain is shut off "
+                    "(the running guest may still write variables into it)",
+                    build=build, code=fw.loader_path, varstore=nvram.path)
+    target = _new_varstore_path(nvram_dir, fw, {nvram.path, nvram.realpath})
+    md = _provenance(fw.metadata, build, f"copy:{nvram.path}", now)
+    reason = f"shared varstore {nvram.path} copied to private {target} ({build.label})"
+    return Plan(
+        FirmwareConfig.SPLIT, Status.OK, reason,
+        actions=(
+            CreateVarstore(target, nvram.path, layout, length=layout.size),
+            Redefine(_rewrite(facts, catalog, build, target, md), reason),
+        ),
+        build=build, code=build.code_path, varstore=target,
+    )
+
+
+def _plan_missing_varstore(
+    facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str, secure: bool, central: Build | None
+) -> Plan:
+    """No varstore yet (a domain never started): create it, so we record where it came from."""
+    fw, image = facts.firmware, facts.image
+    config = FirmwareConfig.SPLIT
+    build = central or _exact_build(catalog, image.sha256 if image else None, None, secure) or select_build(
+        catalog, arch=fw.arch, machine=fw.machine, secure_boot=secure,
+        code_size=image.size if image and image.exists else None,
+    )
+    if build is None or build.layout is None or build.template_path is None:
+        return Plan(config, Status.ERROR, f"code {fw.loader_path} belongs to no catalog build; cannot "
+                    "choose a varstore template", code=fw.loader_path, varstore=fw.nvram_path)
+    problem = _smm_problem(build, fw)
+    if problem:
+        return Plan(config, Status.ERROR, problem, code=fw.loader_path, varstore=fw.nvram_path)
+    target = fw.nvram_path or varstore_path(nvram_dir, fw.name, fw.uuid)
+    if fw.nvram_path and not _private_varstore(catalog, nvram_dir, FileFacts(path=fw.nvram_path, exists=False)):
+        target = varstore_path(nvram_dir, fw.name, fw.uuid)
+    actions: tuple[Action, ...] = ()
+    md = _bind(fw.metadata, build)
+    # Outside nvram_dir libvirt creates the file at first start; we do not own that directory.
+    if os.path.normpath(os.path.dirname(target)) == os.path.normpath(nvram_dir):
+        md = _provenance(fw.metadata, build, "template", now)
+        actions = (CreateVarstore(target, build.template_path, build.layout),)
+    new_xml = _rewrite(facts, catalog, build, target, md)
+    code = fw.loader_path
+    if parse_domain(new_xml) != fw:
+        actions += (Redefine(new_xml, f"varstore provisioned ({build.label})"),)
+        code = build.code_path
+    detail = f"new varstore from {build.template_path}" if actions else (
+        f"varstore {target} will be created from {build.template_path} by libvirt at first start")
+    return Plan(config, Status.OK, detail, actions=actions, build=build, code=code, varstore=target)
