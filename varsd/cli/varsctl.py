@@ -13,53 +13,14 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from varsd.adapters.journal import Journal
-from varsd.adapters.libvirt_api import DomainRef, Hypervisor
-from varsd.config import Config, load_config, qemu_owner
+from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, Context
+from varsd.config import load_config
 from varsd.engine.lock import host_lock
-from varsd.engine.reconciler import Outcome, Reconciler
+from varsd.engine.reconciler import Outcome
 from varsd.errors import ConfigError, HypervisorError, VarsdError
-from varsd.firmware.catalog import load_catalog
 from varsd.model.domain import Status
 
-EXIT_OK, EXIT_ATTENTION, EXIT_USAGE = 0, 1, 2
 ATTENTION = {Status.ERROR, Status.NEEDS_MIGRATION}
-
-
-class Context:
-    """What every subcommand needs, opened lazily and closed once."""
-
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self._hv: Hypervisor | None = None
-        self._journal: Journal | None = None
-
-    @property
-    def hv(self) -> Hypervisor:
-        if self._hv is None:
-            self._hv = Hypervisor(self.cfg.uri).open()
-        return self._hv
-
-    @property
-    def journal(self) -> Journal:
-        if self._journal is None:
-            self._journal = Journal(self.cfg.journal_path)
-        return self._journal
-
-    def reconciler(self) -> Reconciler:
-        catalog = load_catalog(self.cfg.firmware_dirs, self.cfg.extra_firmware)
-        for problem in catalog.problems:
-            logging.getLogger("varsd.catalog").warning("%s: %s", problem.source, problem.message)
-        return Reconciler(self.cfg, self.hv, catalog, self.journal, qemu_owner(self.cfg), actor="varsctl")
-
-    def refs(self, names: Sequence[str]) -> list[DomainRef]:
-        return [self.hv.lookup(n) for n in names] if names else self.hv.list_domains()
-
-    def close(self) -> None:
-        if self._hv is not None:
-            self._hv.close()
-        if self._journal is not None:
-            self._journal.close()
 
 
 def _table(outcomes: list[Outcome]) -> str:
@@ -156,7 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("undo", help="restore the XML a journaled change replaced")
     u.add_argument("change", type=int, metavar="ID")
     u.set_defaults(func=cmd_undo)
+
+    for register in _command_modules():
+        register(sub)
     return p
+
+
+def _command_modules():
+    """Subcommands that live in their own modules register themselves here."""
+    from varsd.cli import firmware_cmds, migrate_cmd
+
+    return [firmware_cmds.register, migrate_cmd.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
