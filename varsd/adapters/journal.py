@@ -89,9 +89,23 @@ class Journal:
             )
         return int(cur.lastrowid)
 
-    def settle(self, change_id: int, outcome: str) -> None:
+    def settle(self, change_id: int, outcome: str, *, stored_xml: str | None = None) -> None:
+        """Mark how a change ended; `stored_xml` is the definition as libvirt stored it
+        (normalised), so a later undo can tell whether anything changed since.
+
+        Not fsynced: the record with the old XML already is, and a lost outcome after a
+        power cut only leaves the entry 'pending'."""
         with self._sql("write to"):
-            self._db.execute("UPDATE xml_changes SET outcome=? WHERE id=?", (outcome, change_id))
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                if stored_xml is None:
+                    self._db.execute("UPDATE xml_changes SET outcome=? WHERE id=?", (outcome, change_id))
+                else:
+                    self._db.execute(
+                        "UPDATE xml_changes SET outcome=?, new_xml=? WHERE id=?", (outcome, stored_xml, change_id)
+                    )
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
 
     def changes(self, uuid: str | None = None, limit: int = 100) -> list[Change]:
         q = "SELECT id, at, uuid, name, actor, reason, old_xml, new_xml, outcome FROM xml_changes"

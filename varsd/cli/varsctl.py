@@ -25,7 +25,7 @@ ATTENTION = {Status.ERROR, Status.NEEDS_MIGRATION}
 
 def _table(outcomes: list[Outcome]) -> str:
     rows = [("DOMAIN", "STATE", "CONFIG", "STATUS", "DETAIL")]
-    rows += [(o.ref.name, o.ref.state, o.plan.config.value, o.status.value, o.plan.detail) for o in outcomes]
+    rows += [(o.ref.name, o.ref.state, o.plan.config.value, o.status.value, o.detail) for o in outcomes]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join(
         "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r[:4])) + "  " + r[4] for r in rows
@@ -85,6 +85,13 @@ def cmd_undo(ctx: Context, args: argparse.Namespace) -> int:
     # overwrite the restored definition, nor we its repair.
     with host_lock(ctx.cfg.domain_lock_path(ref.uuid)):
         current = ctx.hv.persistent_xml(ref.uuid)
+        if current != change.new_xml and not args.force:
+            print(
+                f"varsctl: domain '{ref.name}' changed after journal #{change.id} (a later repair or an "
+                "admin's edit); undoing would discard that. See 'varsctl journal', or use --force",
+                file=sys.stderr,
+            )
+            return EXIT_ATTENTION
         rec.redefine(ref, current, change.old_xml, f"undo of journal #{change.id}")
     print(f"{ref.name}: restored the definition from before journal #{change.id}")
     return EXIT_OK
@@ -116,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("undo", help="restore the XML a journaled change replaced")
     u.add_argument("change", type=int, metavar="ID")
+    u.add_argument("--force", action="store_true", help="undo even if the domain changed since")
     u.set_defaults(func=cmd_undo)
 
     for register in _command_modules():

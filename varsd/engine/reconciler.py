@@ -19,7 +19,7 @@ from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
 from varsd.config import Config
 from varsd.domain.classify import firmware_image_path
-from varsd.domain.xml import parse_domain
+from varsd.domain.xml import firmware_signature, parse_domain
 from varsd.engine.inspect import FileInspector
 from varsd.engine.lock import host_lock
 from varsd.engine.provision import provision_varstore
@@ -42,10 +42,20 @@ class Outcome:
     ref: DomainRef
     plan: Plan
     done: tuple[str, ...] = ()
+    unrepaired: bool = False  # a firmware repair was planned but not made (dry run, status)
 
     @property
     def status(self) -> Status:
+        """A repair that was planned but not (yet) done is not ok: the domain is wrong now."""
+        if self.unrepaired:
+            return Status.ERROR
         return self.plan.status
+
+    @property
+    def detail(self) -> str:
+        if self.unrepaired:
+            return f"needs repair ('varsctl reconcile' or the daemon will do it): {self.plan.detail}"
+        return self.plan.detail
 
     @property
     def changed(self) -> bool:
@@ -59,8 +69,8 @@ class Outcome:
             "config": self.plan.config.value,
             "code": self.plan.code,
             "varstore": self.plan.varstore,
-            "status": self.plan.status.value,
-            "detail": self.plan.detail,
+            "status": self.status.value,
+            "detail": self.detail,
             "build": self.plan.build.code_sha256 if self.plan.build else None,
             "changes": list(self.done),
         }
@@ -83,6 +93,15 @@ class _Memo:
     stats: tuple
     facts: DomainFacts
     plan: Plan
+
+
+def _changes_firmware(facts: DomainFacts, plan: Plan) -> bool:
+    """Whether the plan repairs firmware (vs. bookkeeping such as recording the binding)."""
+    before = firmware_signature(facts.xml)
+    return any(
+        isinstance(a, CreateVarstore) or (isinstance(a, Redefine) and firmware_signature(a.xml) != before)
+        for a in plan.actions
+    )
 
 
 class StaleDefinition(VarsdError):
@@ -169,7 +188,7 @@ class Reconciler:
                     return Outcome(ref, plan, self._execute(ref, facts, plan) if plan.actions else ())
             facts, plan = self.examine(ref)
             if not apply or not plan.actions:
-                return Outcome(ref, plan)
+                return Outcome(ref, plan, unrepaired=_changes_firmware(facts, plan))
             with host_lock(self.cfg.domain_lock_path(ref.uuid)):
                 if self.hv.persistent_xml(ref.uuid) != facts.xml:
                     # Another actor changed it since we looked: look again, under the lock.
@@ -197,14 +216,17 @@ class Reconciler:
                 done.append(f"{what} varstore {action.path}")
                 log.info("domain '%s': %s varstore %s from %s", ref.name, what, action.path, action.source)
             elif isinstance(action, Redefine):
-                self.redefine(ref, facts.xml, action.xml, action.reason, checked=True)
+                self.redefine(ref, facts.xml, action.xml, action.reason)
                 done.append(f"redefined: {action.reason}")
         return tuple(done)
 
-    def redefine(self, ref: DomainRef, old_xml: str, new_xml: str, reason: str, *, checked: bool = False) -> None:
-        """Journal, check nobody redefined the domain meanwhile (unless the caller just
-        did, under the domain's lock), then define."""
-        if not checked and self.hv.persistent_xml(ref.uuid) != old_xml:
+    def redefine(self, ref: DomainRef, old_xml: str, new_xml: str, reason: str) -> None:
+        """Check nobody redefined the domain meanwhile, journal, then define.
+
+        The domain lock keeps varsd and varsctl apart, but not `virsh edit`: the
+        re-read right before the define is what keeps an admin's edit from being
+        overwritten with a plan made from the XML before it."""
+        if self.hv.persistent_xml(ref.uuid) != old_xml:
             raise StaleDefinition(f"domain '{ref.name}' was redefined meanwhile; will look again")
         change = self.journal.record(
             at=self.clock(), uuid=ref.uuid, name=ref.name, actor=self.actor, reason=reason,
@@ -215,7 +237,11 @@ class Reconciler:
         except VarsdError as exc:
             self.journal.settle(change, f"failed: {exc}")
             raise
-        self.journal.settle(change, "applied")
+        try:
+            stored = self.hv.persistent_xml(ref.uuid)
+        except HypervisorError:
+            stored = None  # the change is made; only the normalised copy is missing
+        self.journal.settle(change, "applied", stored_xml=stored)
         log.info("domain '%s': %s (journal #%d)", ref.name, reason, change)
 
     def reconcile_all(self, refs: Iterable[DomainRef] | None = None, *, apply: bool = True) -> list[Outcome]:

@@ -133,15 +133,19 @@ def _q35(machine: str | None) -> bool:
 def wants_secure_boot(fw: DomainFirmware, image: FileFacts | None, catalog: Catalog) -> bool:
     """Keep the firmware features the domain had: its code decides, its XML only for unknown code.
 
-    A plain build with `secure='yes'` (SMM-protected flash, which libvirt allows) stays
-    a plain build; only when no catalog build has the code's digest does the XML's
-    `secure` attribute tell.
+    The code is known by its digest, or else by its path (the file may have been
+    replaced by an upgrade the catalog has not seen yet). A plain build with
+    `secure='yes'` (SMM-protected flash, which libvirt allows) stays a plain build.
     """
     if image is not None:
         for sha in (image.sha256, image.trailing_sha256):
             builds = catalog.by_code_sha(sha) if sha else []
             if builds:
                 return any(b.secure_boot for b in builds)
+    paths = {firmware_image_path(fw), image.realpath if image is not None else None} - {None}
+    builds = [b for b in catalog.builds if b.code_path in paths]
+    if builds:
+        return any(b.secure_boot for b in builds)
     return bool(fw.loader_secure)
 
 

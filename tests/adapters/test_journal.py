@@ -1,0 +1,198 @@
+"""The SQLite journal of domain XML changes: private file, round trip, order, reopen, errors."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+
+import pytest
+
+from varsd.adapters.journal import Change, Journal
+from varsd.errors import VarsdError
+
+U1 = "11111111-1111-1111-1111-111111111111"
+U2 = "22222222-2222-2222-2222-222222222222"
+
+
+def _record(j: Journal, uuid: str = U1, n: int = 0, **kw: str) -> int:
+    args = dict(
+        at=f"2025-01-01T00:00:{n:02d}Z", uuid=uuid, name=f"vm{n}", actor="varsctl", reason=f"reason {n}",
+        old_xml=f"<domain>old {n}</domain>", new_xml=f"<domain>new {n}</domain>",
+    )
+    args.update(kw)
+    return j.record(**args)
+
+
+@pytest.fixture
+def journal(tmp_path):
+    j = Journal(str(tmp_path / "state" / "state.sqlite3"))
+    yield j
+    j.close()
+
+
+def test_file_and_directory_are_private(tmp_path):
+    path = tmp_path / "state" / "state.sqlite3"
+    j = Journal(str(path))
+    try:
+        _record(j)  # WAL mode: the write creates the -wal and -shm files too
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+        for side in ("state.sqlite3-wal", "state.sqlite3-shm"):
+            side_path = path.parent / side
+            assert side_path.exists(), side
+            assert stat.S_IMODE(os.stat(side_path).st_mode) == 0o600, side
+    finally:
+        j.close()
+
+
+def test_record_settle_change_round_trip(journal):
+    cid = _record(journal, U1, 1, old_xml="<domain><name>a</name></domain>", new_xml="<domain>b & 'q'</domain>")
+    got = journal.change(cid)
+    assert got == Change(
+        id=cid, at="2025-01-01T00:00:01Z", uuid=U1, name="vm1", actor="varsctl", reason="reason 1",
+        old_xml="<domain><name>a</name></domain>", new_xml="<domain>b & 'q'</domain>", outcome="pending",
+    )
+    journal.settle(cid, "applied")
+    assert journal.change(cid).outcome == "applied"
+    journal.settle(cid, "failed: libvirt said no")
+    assert journal.change(cid).outcome == "failed: libvirt said no"
+    assert journal.changes() == [journal.change(cid)]
+
+
+def test_unknown_change_is_none(journal):
+    assert journal.change(12345) is None
+    assert journal.changes() == []
+    assert journal.changes(U1) == []
+
+
+def test_ids_increase_and_changes_lists_newest_first(journal):
+    ids = [_record(journal, U1 if n % 2 else U2, n) for n in range(5)]
+    assert ids == sorted(ids) and len(set(ids)) == 5
+    assert [c.id for c in journal.changes()] == ids[::-1]
+    assert [c.reason for c in journal.changes()] == [f"reason {n}" for n in range(4, -1, -1)]
+    assert [c.id for c in journal.changes(limit=2)] == ids[:-3:-1]
+
+
+def test_per_uuid_filter(journal):
+    ids = {n: _record(journal, U1 if n % 2 else U2, n) for n in range(6)}
+    assert [c.id for c in journal.changes(U1)] == [ids[5], ids[3], ids[1]]
+    assert [c.id for c in journal.changes(U2)] == [ids[4], ids[2], ids[0]]
+    assert {c.uuid for c in journal.changes(U1)} == {U1}
+    assert [c.id for c in journal.changes(U2, limit=1)] == [ids[4]]
+    assert journal.changes("33333333-3333-3333-3333-333333333333") == []
+
+
+def test_persists_across_reopen(tmp_path):
+    path = str(tmp_path / "state.sqlite3")
+    j = Journal(path)
+    a = _record(j, U1, 1)
+    b = _record(j, U2, 2)
+    j.settle(a, "applied")
+    j.close()
+    j2 = Journal(path)
+    try:
+        assert [(c.id, c.outcome) for c in j2.changes()] == [(b, "pending"), (a, "applied")]
+        assert j2.change(a).old_xml == "<domain>old 1</domain>"
+        c = _record(j2, U1, 3)
+        assert c > b  # AUTOINCREMENT never reuses ids
+    finally:
+        j2.close()
+
+
+def test_two_handles_see_each_others_writes(tmp_path):
+    path = str(tmp_path / "state.sqlite3")
+    daemon, cli = Journal(path), Journal(path)
+    try:
+        cid = _record(cli, U1, 1)
+        assert daemon.change(cid).name == "vm1"
+        daemon.settle(cid, "applied")
+        assert cli.change(cid).outcome == "applied"
+    finally:
+        daemon.close()
+        cli.close()
+
+
+def test_unwritable_state_dir_names_the_path(mount_tmpfs):
+    ro = mount_tmpfs("size=64k,ro")
+    path = os.path.join(ro, "state.sqlite3")
+    with pytest.raises(VarsdError) as info:
+        Journal(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: cannot open the varsd journal")
+    assert "Read-only file system" in msg
+    assert not os.path.exists(path)
+
+
+def test_uncreatable_state_dir_names_the_path(mount_tmpfs):
+    ro = mount_tmpfs("size=64k,ro")
+    path = os.path.join(ro, "varsd", "state.sqlite3")
+    with pytest.raises(VarsdError, match=f"^{path}: cannot open the varsd journal"):
+        Journal(path)
+
+
+def test_state_dir_that_is_a_file(tmp_path):
+    (tmp_path / "state").write_text("not a directory")
+    path = str(tmp_path / "state" / "state.sqlite3")
+    with pytest.raises(VarsdError, match=f"^{path}: cannot open the varsd journal"):
+        Journal(path)
+
+
+def test_symlinked_journal_is_refused(tmp_path):
+    target = tmp_path / "elsewhere.sqlite3"
+    link = tmp_path / "state.sqlite3"
+    link.symlink_to(target)
+    with pytest.raises(VarsdError, match=f"^{link}: cannot open the varsd journal"):
+        Journal(str(link))
+    assert not target.exists()
+
+
+def test_a_file_that_is_not_a_database(tmp_path):
+    path = tmp_path / "state.sqlite3"
+    path.write_bytes(b"this is not SQLite" * 100)
+    with pytest.raises(VarsdError, match=f"^{path}: cannot open the varsd journal"):
+        Journal(str(path))
+
+
+def test_full_disk_is_a_varsd_error_naming_the_path(mount_tmpfs):
+    """A failed write must surface as a VarsdError (callers handle those), never a raw sqlite3 error."""
+    small = mount_tmpfs("size=256k")
+    path = os.path.join(small, "state.sqlite3")
+    j = Journal(path)
+    try:
+        first = _record(j, U1, 1)
+        with pytest.raises(VarsdError, match=f"^{path}: "):
+            _record(j, U1, 2, old_xml="<domain>" + "x" * 1024 * 1024 + "</domain>")
+        with pytest.raises(VarsdError, match=f"^{path}: "):
+            j.settle(first, "applied: " + "y" * 1024 * 1024)
+        # what was written before is still there and readable
+        assert [c.id for c in j.changes()] == [first]
+        assert j.change(first).outcome == "pending"
+    finally:
+        j.close()
+
+
+def test_one_journal_shared_by_threads(journal):
+    """The daemon's workers share one Journal: concurrent writes all land, each with its own id."""
+    ids: list[int] = []
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            for n in range(20):
+                cid = _record(journal, U1 if k % 2 else U2, n, name=f"t{k}")
+                journal.settle(cid, "applied")
+                ids.append(cid)
+                journal.changes(U1, limit=5)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert len(ids) == len(set(ids)) == 160
+    assert sorted(c.id for c in journal.changes(limit=1000)) == sorted(ids)
+    assert {c.outcome for c in journal.changes(limit=1000)} == {"applied"}

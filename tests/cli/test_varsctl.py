@@ -1,0 +1,407 @@
+"""varsctl end to end through `main([...])` on libvirt's test driver.
+
+Most tests use a custom test-driver node file (`test:///<abs path>`): every connection
+re-reads it, so each `main()` call sees the same fresh host. Undo needs a definition
+that outlives one `main()` call, so it runs on `test:///default` while the test keeps
+a connection open (the default driver's state lives as long as one connection does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid as uuidlib
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+
+import libvirt
+import pytest
+
+from varsd.adapters.journal import Journal
+from varsd.cli import varsctl
+from varsd.cli.varsctl import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, main
+
+CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+VARS_4M = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+SB_CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
+UNIFIED = "/usr/share/ovmf/OVMF.fd"
+
+U_ROM = "0a000000-0000-4000-8000-000000000001"
+U_BIOS = "0a000000-0000-4000-8000-000000000002"
+U_SEABIOS = "0a000000-0000-4000-8000-000000000003"
+U_SEV = "0a000000-0000-4000-8000-000000000004"
+U_SB = "0a000000-0000-4000-8000-000000000005"
+U_SPLIT = "0a000000-0000-4000-8000-000000000006"
+
+SHUTOFF = "<test:runstate>5</test:runstate>"  # VIR_DOMAIN_SHUTOFF; default is running
+
+
+def _dom(name: str, uuid: str, machine: str, os_inner: str, extra: str = "", runstate: str = SHUTOFF) -> str:
+    return f"""
+  <domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>
+    <name>{name}</name>
+    <uuid>{uuid}</uuid>
+    <memory unit='KiB'>262144</memory>
+    <os>
+      <type arch='x86_64' machine='{machine}'>hvm</type>
+      {os_inner}
+    </os>
+    {extra}
+    <devices/>
+    {runstate}
+  </domain>"""
+
+
+@pytest.fixture
+def host(tmp_path) -> dict[str, str]:
+    """A node file, a config file and the directories it names."""
+    nvram = tmp_path / "nvram"
+    state = tmp_path / "state"
+    nvram.mkdir()
+    split_vars = nvram / "split_VARS.fd"
+    shutil.copyfile(VARS_4M, split_vars)
+    os.chmod(split_vars, 0o600)
+    domains = [
+        _dom("romguest", U_ROM, "pc-q35-7.2", f"<loader type='rom'>{UNIFIED}</loader>"),
+        # a loader without a type is what libvirt passes as -bios too. (-bios smuggled
+        # through <qemu:commandline> cannot be tested here: the test driver drops that
+        # namespace when it parses the domain.)
+        _dom("biosguest", U_BIOS, "pc-i440fx-7.2", f"<loader>{UNIFIED}</loader>"),
+        _dom("seabiosguest", U_SEABIOS, "pc-i440fx-7.2", "", runstate=""),
+        _dom(
+            "sevguest", U_SEV, "pc-q35-7.2", f"<loader type='pflash'>{UNIFIED}</loader>",
+            "<launchSecurity type='sev'><cbitpos>47</cbitpos><reducedPhysBits>1</reducedPhysBits>"
+            "<policy>0x0003</policy></launchSecurity>",
+            runstate="",
+        ),
+        _dom("sbguest", U_SB, "pc-i440fx-7.2", f"<loader type='pflash'>{SB_CODE_4M}</loader>"),
+        _dom(
+            "splitguest", U_SPLIT, "pc-q35-7.2",
+            f"<loader readonly='yes' type='pflash'>{CODE_4M}</loader>"
+            f"<nvram template='{VARS_4M}'>{split_vars}</nvram>",
+        ),
+    ]
+    node = tmp_path / "node.xml"
+    node.write_text(
+        "<node>\n  <cpu><mhz>2000</mhz><model>x86_64</model><active>2</active><total>2</total></cpu>\n"
+        "  <memory>4194304</memory>" + "".join(domains) + "\n</node>\n"
+    )
+    config = tmp_path / "varsd.toml"
+    config.write_text(
+        f'state_dir = "{state}"\nnvram_dir = "{nvram}"\nfirmware_dirs = ["/usr/share/qemu/firmware"]\n'
+        'qemu_user = "root"\nqemu_group = "root"\n'
+    )
+    return {"uri": f"test://{node}", "config": str(config), "nvram": str(nvram), "state": str(state),
+            "split_vars": str(split_vars)}
+
+
+def run(capsys, host: dict[str, str], *args: str, uri: str | None = None) -> tuple[int, str, str]:
+    rc = main(["--config", host["config"], "--connect", uri or host["uri"], *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _status_json(capsys, host, *names: str) -> tuple[int, dict[str, dict]]:
+    rc, out, _ = run(capsys, host, "status", "--json", *names)
+    doc = json.loads(out)
+    assert set(doc) == {"domains"} and isinstance(doc["domains"], list)
+    return rc, {d["name"]: d for d in doc["domains"]}
+
+
+def test_the_test_driver_keeps_launch_security(host):
+    """The confidential case is only meaningful if the driver kept <launchSecurity>."""
+    conn = libvirt.open(host["uri"])
+    try:
+        xml = conn.lookupByName("sevguest").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    finally:
+        conn.close()
+    root = ET.fromstring(xml)
+    assert root.find("launchSecurity").get("type") == "sev"
+    assert root.find("os/loader").text == UNIFIED
+
+
+def test_status_json(capsys, host):
+    rc, doms = _status_json(capsys, host)
+    assert rc == EXIT_ATTENTION  # sbguest is in error
+    assert sorted(doms) == sorted(
+        ["romguest", "biosguest", "seabiosguest", "sevguest", "sbguest", "splitguest"]
+    )
+    keys = {"name", "uuid", "state", "config", "code", "varstore", "status", "detail"}
+    for d in doms.values():
+        assert keys <= set(d), d
+        assert isinstance(d["detail"], str) and d["detail"]
+        assert d["changes"] == []
+
+    rom = doms["romguest"]
+    # not repaired yet (status changes nothing): wrong now, so not "ok"
+    assert (rom["uuid"], rom["state"], rom["config"], rom["status"]) == (U_ROM, "shut off", "bios-rom", "error")
+    assert rom["detail"].startswith("needs repair")
+    assert rom["code"] == CODE_4M
+    assert rom["varstore"] == os.path.join(host["nvram"], "romguest_VARS.fd")
+
+    assert (doms["biosguest"]["config"], doms["biosguest"]["status"]) == ("bios-rom", "error")
+
+    sea = doms["seabiosguest"]
+    assert (sea["uuid"], sea["state"], sea["config"], sea["status"]) == (U_SEABIOS, "running", "none", "unmanaged")
+    assert sea["code"] is None and sea["varstore"] is None
+
+    sev = doms["sevguest"]
+    assert (sev["config"], sev["status"], sev["code"]) == ("confidential", "unmanaged", UNIFIED)
+    assert "sev" in sev["detail"] and "never split" in sev["detail"]
+
+    sb = doms["sbguest"]
+    assert (sb["config"], sb["status"]) == ("code-only", "error")
+    assert "Secure Boot" in sb["detail"] and "pc-i440fx-7.2" in sb["detail"]
+
+    split = doms["splitguest"]
+    assert (split["config"], split["status"]) == ("split", "ok")
+    assert (split["code"], split["varstore"]) == (CODE_4M, host["split_vars"])
+
+    # status never changes anything
+    assert os.listdir(host["nvram"]) == ["split_VARS.fd"]
+
+
+def test_status_table(capsys, host):
+    rc, out, err = run(capsys, host, "status")
+    assert rc == EXIT_ATTENTION and err == ""
+    lines = out.splitlines()
+    assert lines[0].split() == ["DOMAIN", "STATE", "CONFIG", "STATUS", "DETAIL"]
+    assert len(lines) == 7
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(rows) == {"romguest", "biosguest", "seabiosguest", "sevguest", "sbguest", "splitguest"}
+    # columns are aligned: every row's STATUS starts where the header's does
+    col = lines[0].index("STATUS")
+    for name, status in [("sbguest", "error"), ("seabiosguest", "unmanaged"), ("splitguest", "ok")]:
+        assert rows[name][col:].startswith(status + " "), rows[name]
+    assert "shut off" in rows["romguest"] and "running" in rows["seabiosguest"]
+    assert "confidential" in rows["sevguest"]
+
+
+@pytest.mark.parametrize(
+    "names, expected",
+    [
+        (["seabiosguest", "sevguest", "splitguest"], EXIT_OK),
+        (["romguest", "biosguest"], EXIT_ATTENTION),  # not repaired yet
+        (["sbguest"], EXIT_ATTENTION),
+        (["seabiosguest", "sbguest"], EXIT_ATTENTION),
+        ([U_SEABIOS], EXIT_OK),  # by UUID
+    ],
+)
+def test_status_exit_codes(capsys, host, names, expected):
+    rc, doms = _status_json(capsys, host, *names)
+    assert rc == expected
+    assert len(doms) == len(names)
+
+
+def test_unknown_domain_is_exit_2(capsys, host):
+    rc, out, err = run(capsys, host, "status", "no-such-guest")
+    assert rc == EXIT_USAGE and out == ""
+    assert err.startswith("varsctl: ") and "no-such-guest" in err
+
+
+def test_missing_config_file_is_exit_2(capsys, host, tmp_path):
+    rc = main(["--config", str(tmp_path / "missing.toml"), "--connect", host["uri"], "status"])
+    out, err = capsys.readouterr()
+    assert rc == EXIT_USAGE and out == ""
+    assert err == f"varsctl: {tmp_path / 'missing.toml'}: config file not found\n"
+
+
+def test_bad_config_file_is_exit_2(capsys, host, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("nvram_dir = 'relative/nvram'\n")
+    rc = main(["--config", str(bad), "--connect", host["uri"], "status"])
+    out, err = capsys.readouterr()
+    assert rc == EXIT_USAGE and out == ""
+    assert err.startswith(f"varsctl: {bad}: ") and "'nvram_dir' must be an absolute path" in err
+
+
+def test_unknown_qemu_user_is_a_configuration_error_exit_2(capsys, host, tmp_path):
+    cfg = tmp_path / "owner.toml"
+    cfg.write_text(f'state_dir = "{host["state"]}"\nnvram_dir = "{host["nvram"]}"\nqemu_user = "no-such-user-varsd"\n')
+    rc = main(["--config", str(cfg), "--connect", host["uri"], "status"])
+    out, err = capsys.readouterr()
+    assert rc == EXIT_USAGE and out == ""
+    assert "qemu user 'no-such-user-varsd' does not exist" in err
+
+
+def test_unreachable_uri_is_exit_2(capsys, host):
+    uri = "qemu+unix:///system?socket=/nonexistent"
+    rc, out, err = run(capsys, host, "status", uri=uri)
+    assert rc == EXIT_USAGE and out == ""
+    assert err.startswith(f"varsctl: cannot connect to {uri}: ")
+
+
+def test_usage_error_is_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == EXIT_USAGE
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == EXIT_USAGE
+    capsys.readouterr()
+
+
+def test_reconcile_dry_run_changes_nothing(capsys, host):
+    rc, out, err = run(capsys, host, "reconcile", "--dry-run", "romguest", "seabiosguest")
+    assert rc == EXIT_ATTENTION  # romguest is still wrong after a dry run
+    target = os.path.join(host["nvram"], "romguest_VARS.fd")
+    assert f"romguest: would CreateVarstore: {target}" in out
+    assert "romguest: would Redefine: bios-rom -> split (" in out
+    assert "seabiosguest: would" not in out
+    assert "DOMAIN" in out  # followed by the table
+    assert os.listdir(host["nvram"]) == ["split_VARS.fd"]
+    assert _journal_empty(host)
+    rc, out, _ = run(capsys, host, "journal")
+    assert rc == EXIT_OK and out == ""
+
+
+def _journal_empty(host) -> bool:
+    j = Journal(os.path.join(host["state"], "state.sqlite3"))
+    try:
+        return j.changes() == []
+    finally:
+        j.close()
+
+
+def test_reconcile_dry_run_json(capsys, host):
+    rc, out, _ = run(capsys, host, "reconcile", "--dry-run", "--json", "romguest")
+    assert rc == EXIT_ATTENTION
+    (d,) = json.loads(out)["domains"]
+    assert d["name"] == "romguest" and d["changes"] == []
+    assert os.listdir(host["nvram"]) == ["split_VARS.fd"]
+
+
+def test_reconcile_on_node_file_repairs_and_journals(capsys, host):
+    rc, out, _ = run(capsys, host, "reconcile", "romguest")
+    assert rc == EXIT_OK
+    target = os.path.join(host["nvram"], "romguest_VARS.fd")
+    assert f"romguest: created varstore {target}" in out
+    assert "romguest: redefined: bios-rom -> split (" in out
+    assert os.path.exists(target)
+    rc, out, _ = run(capsys, host, "journal", "--json")
+    (entry,) = json.loads(out)
+    assert (entry["uuid"], entry["name"], entry["actor"], entry["outcome"]) == (U_ROM, "romguest", "varsctl", "applied")
+    assert f"<loader type='rom'>{UNIFIED}</loader>" in entry["old_xml"]
+    new = ET.fromstring(entry["new_xml"])
+    assert new.find("os/loader").text == CODE_4M
+    assert new.find("os/nvram").text == os.path.join(host["nvram"], "romguest_VARS.fd")
+    assert set(entry) == {"id", "at", "uuid", "name", "actor", "reason", "old_xml", "new_xml", "outcome"}
+
+
+def test_reconcile_exit_1_when_something_needs_attention(capsys, host):
+    rc, out, _ = run(capsys, host, "reconcile", "sbguest", "seabiosguest")
+    assert rc == EXIT_ATTENTION
+    assert "sbguest" in out and "error" in out
+
+
+def test_undo_of_unknown_change_is_exit_2(capsys, host):
+    rc, out, err = run(capsys, host, "undo", "4242")
+    assert rc == EXIT_USAGE and out == ""
+    assert err == "varsctl: no journal entry #4242\n"
+
+
+# -- journal and undo on test:///default -----------------------------------------------
+
+DEFAULT = "test:///default"
+
+
+@pytest.fixture
+def default_conn() -> Iterator[libvirt.virConnect]:
+    """Keeps test:///default's state alive across main() calls; undefines what tests made."""
+    conn = libvirt.open(DEFAULT)
+    made: list[str] = []
+    conn.made = made  # type: ignore[attr-defined]
+    yield conn
+    for name in made:
+        try:
+            conn.lookupByName(name).undefine()
+        except libvirt.libvirtError:
+            pass
+    conn.close()
+
+
+def _define_rom(conn: libvirt.virConnect) -> tuple[str, str]:
+    name = f"cli-{uuidlib.uuid4().hex[:8]}-rom"
+    conn.defineXML(
+        f"<domain type='test'><name>{name}</name><uuid>{uuidlib.uuid4()}</uuid>"
+        "<memory unit='KiB'>262144</memory><os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type>"
+        f"<loader type='rom'>{UNIFIED}</loader></os><devices/></domain>"
+    )
+    conn.made.append(name)
+    dom = conn.lookupByName(name)
+    return name, dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+
+
+def test_journal_and_undo(capsys, host, default_conn):
+    name, before = _define_rom(default_conn)
+    rc, out, _ = run(capsys, host, "reconcile", name, uri=DEFAULT)
+    assert rc == EXIT_OK and f"{name}: redefined: bios-rom -> split" in out
+    repaired = default_conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    assert ET.fromstring(repaired).find("os/loader").text == CODE_4M
+
+    rc, out, _ = run(capsys, host, "journal", name, uri=DEFAULT)
+    assert rc == EXIT_OK
+    (line,) = out.splitlines()
+    change_id = int(line.split()[0].lstrip("#"))
+    assert f"  {name}  varsctl  applied  bios-rom -> split" in line
+
+    rc, out, err = run(capsys, host, "undo", str(change_id), uri=DEFAULT)
+    assert (rc, err) == (EXIT_OK, "")
+    assert out == f"{name}: restored the definition from before journal #{change_id}\n"
+    restored = default_conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+    assert restored == before
+
+    # the undo is itself journaled, newest first
+    rc, out, _ = run(capsys, host, "journal", "--json", name, uri=DEFAULT)
+    undo, original = json.loads(out)
+    assert original["id"] == change_id
+    assert undo["id"] > change_id and undo["reason"] == f"undo of journal #{change_id}"
+    assert undo["outcome"] == "applied" and undo["new_xml"] == original["old_xml"]
+    assert undo["old_xml"] == repaired
+
+    # --limit
+    rc, out, _ = run(capsys, host, "journal", "--limit", "1", uri=DEFAULT)
+    assert rc == EXIT_OK and len(out.splitlines()) == 1 and out.startswith(f"#{undo['id']} ")
+
+
+def test_undo_takes_the_domains_lock(capsys, host, default_conn, monkeypatch):
+    """undo writes a definition like reconcile does, so it must not race a daemon acting on it."""
+    name, _ = _define_rom(default_conn)
+    assert run(capsys, host, "reconcile", name, uri=DEFAULT)[0] == EXIT_OK
+    change_id = json.loads(run(capsys, host, "journal", "--json", name, uri=DEFAULT)[1])[0]["id"]
+    uuid = default_conn.lookupByName(name).UUIDString()
+
+    taken: list[str] = []
+    real = varsctl.host_lock
+
+    def spy(path, *a, **kw):
+        taken.append(path)
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(varsctl, "host_lock", spy)
+    rc, _, _ = run(capsys, host, "undo", str(change_id), uri=DEFAULT)
+    assert rc == EXIT_OK
+    assert os.path.join(host["state"], "locks", f"{uuid}.lock") in taken
+
+
+def test_undo_refuses_when_the_domain_changed_since(capsys, host, default_conn):
+    """An admin's edit after varsd's change must not be discarded silently by an undo."""
+    name, before = _define_rom(default_conn)
+    assert run(capsys, host, "reconcile", name, uri=DEFAULT)[0] == EXIT_OK
+    change_id = json.loads(run(capsys, host, "journal", "--json", name, uri=DEFAULT)[1])[0]["id"]
+    dom = default_conn.lookupByName(name)
+    edited = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).replace(
+        "</name>", "</name>\n  <description>admin edit</description>", 1
+    )
+    default_conn.defineXML(edited)
+    edited_now = default_conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+
+    rc, _, err = run(capsys, host, "undo", str(change_id), uri=DEFAULT)
+    assert rc == EXIT_ATTENTION and "changed after journal" in err and "--force" in err
+    assert default_conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == edited_now
+
+    rc, _, _ = run(capsys, host, "undo", "--force", str(change_id), uri=DEFAULT)
+    assert rc == EXIT_OK
+    restored = default_conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+    assert restored == before

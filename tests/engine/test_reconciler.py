@@ -1,0 +1,323 @@
+"""Reconciler on libvirt's in-process `test:///default` driver with the real Debian catalog.
+
+The test driver's state is shared by every connection of this process while one stays
+open, so each test defines uniquely named domains and undefines them afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import stat
+import uuid as uuidlib
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+
+import libvirt
+import pytest
+
+from varsd.adapters.journal import Journal
+from varsd.adapters.libvirt_api import DomainRef, Hypervisor
+from varsd.config import Config
+from varsd.engine import reconciler as reconciler_mod
+from varsd.engine.reconciler import Reconciler
+from varsd.errors import HypervisorError
+from varsd.firmware.catalog import load_catalog
+from varsd.model.domain import FirmwareConfig, Status
+from varsd.model.firmware import Catalog
+
+URI = "test:///default"
+CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+VARS_4M = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+NOW = "2025-06-01T12:00:00Z"
+
+
+def domain_xml(name: str, os_inner: str, *, machine: str = "pc-q35-7.2", memory_kib: int = 262144) -> str:
+    return f"""<domain type='test'>
+  <name>{name}</name>
+  <uuid>{uuidlib.uuid4()}</uuid>
+  <memory unit='KiB'>{memory_kib}</memory>
+  <os>
+    <type arch='x86_64' machine='{machine}'>hvm</type>
+    {os_inner}
+  </os>
+  <devices/>
+</domain>"""
+
+
+ROM = "<loader type='rom'>/usr/share/ovmf/OVMF.fd</loader>"
+
+
+@pytest.fixture(scope="module")
+def catalog() -> Catalog:
+    cat = load_catalog(["/usr/share/qemu/firmware"])
+    assert len(cat.builds) == 3 and cat.problems == ()
+    return cat
+
+
+@pytest.fixture
+def conn() -> Iterator[libvirt.virConnect]:
+    """A second, independent connection: "someone else" (virsh, an admin)."""
+    c = libvirt.open(URI)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def hv(conn) -> Iterator[Hypervisor]:
+    with Hypervisor(URI) as h:
+        yield h
+
+
+@pytest.fixture
+def cfg(tmp_path) -> Config:
+    c = Config(
+        uri=URI,
+        nvram_dir=str(tmp_path / "nvram"),
+        state_dir=str(tmp_path / "state"),
+        firmware_dirs=("/usr/share/qemu/firmware",),
+    )
+    os.makedirs(c.nvram_dir)
+    return c
+
+
+@pytest.fixture
+def journal(cfg) -> Iterator[Journal]:
+    j = Journal(cfg.journal_path)
+    yield j
+    j.close()
+
+
+@pytest.fixture
+def rec(cfg, hv, catalog, journal) -> Reconciler:
+    return Reconciler(cfg, hv, catalog, journal, (os.getuid(), os.getgid()), actor="test", clock=lambda: NOW)
+
+
+@pytest.fixture
+def define(hv) -> Iterator:
+    """define(label, os_inner, **kw) -> DomainRef of a fresh uniquely named domain; undefined afterwards."""
+    made: list[str] = []
+
+    def make(label: str, os_inner: str, **kw) -> DomainRef:
+        ref = hv.define(domain_xml(f"rec-{uuidlib.uuid4().hex[:8]}-{label}", os_inner, **kw))
+        made.append(ref.uuid)
+        return ref
+
+    yield make
+    for u in made:
+        try:
+            hv.undefine(u, remove_nvram=False)
+        except Exception:
+            pass
+
+
+def _sha(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _os(xml: str) -> tuple[tuple[str | None, dict], tuple[str | None, dict] | None]:
+    root = ET.fromstring(xml)
+    loader = root.find("os/loader")
+    nvram = root.find("os/nvram")
+    assert loader is not None
+    return (loader.text, dict(loader.attrib)), (None if nvram is None else (nvram.text, dict(nvram.attrib)))
+
+
+def test_bios_rom_domain_gets_a_varstore_and_a_journaled_redefinition(rec, define, hv, cfg, journal):
+    ref = define("rom", ROM)
+    before = hv.persistent_xml(ref.uuid)
+    out = rec.reconcile(ref)
+
+    target = os.path.join(cfg.nvram_dir, f"{ref.name}_VARS.fd")
+    assert out.plan.config is FirmwareConfig.BIOS_ROM
+    assert out.status is Status.OK
+    assert out.changed
+    assert out.done[0] == f"created varstore {target}"
+    assert out.done[1].startswith("redefined: bios-rom -> split (")
+    assert (out.plan.code, out.plan.varstore) == (CODE_4M, target)
+
+    # the varstore: a private copy of the matching template, 0600, owned as asked
+    st = os.stat(target)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
+    assert _sha(target) == _sha(VARS_4M)
+
+    # the definition: central code read-only in pflash + the private varstore
+    after = hv.persistent_xml(ref.uuid)
+    (code, code_attrs), nvram = _os(after)
+    assert code == CODE_4M
+    assert code_attrs["type"] == "pflash" and code_attrs["readonly"] == "yes"
+    assert nvram is not None and nvram[0] == target and nvram[1].get("template") == VARS_4M
+
+    # journaled with the previous XML before libvirt was asked
+    (change,) = journal.changes(ref.uuid)
+    assert (change.uuid, change.name, change.actor, change.at) == (ref.uuid, ref.name, "test", NOW)
+    assert change.outcome == "applied"
+    assert change.old_xml == before
+    assert _os(change.new_xml) == _os(after)
+    assert change.reason == out.done[1].removeprefix("redefined: ")
+    assert out.as_dict()["changes"] == list(out.done)
+
+
+def test_second_reconcile_does_nothing(rec, define, hv, cfg, journal):
+    ref = define("rom", ROM)
+    assert rec.reconcile(ref).changed
+    xml = hv.persistent_xml(ref.uuid)
+    target = os.path.join(cfg.nvram_dir, f"{ref.name}_VARS.fd")
+    mtime = os.stat(target).st_mtime_ns
+
+    again = rec.reconcile(hv.lookup(ref.uuid))
+    assert again.done == () and again.plan.actions == ()
+    assert again.plan.config is FirmwareConfig.SPLIT and again.status is Status.OK
+    assert hv.persistent_xml(ref.uuid) == xml
+    assert os.stat(target).st_mtime_ns == mtime
+    assert len(journal.changes(ref.uuid)) == 1
+
+    # a fresh Reconciler (no memo, new inspector) agrees
+    fresh = Reconciler(rec.cfg, rec.hv, rec.catalog, journal, rec.owner, clock=lambda: NOW)
+    assert fresh.reconcile(hv.lookup(ref.uuid)).done == ()
+    assert len(journal.changes(ref.uuid)) == 1
+
+
+def test_dry_run_changes_nothing(rec, define, hv, cfg, journal):
+    ref = define("rom", ROM)
+    before = hv.persistent_xml(ref.uuid)
+    out = rec.reconcile(ref, apply=False)
+    assert out.done == () and not out.changed
+    assert out.plan.config is FirmwareConfig.BIOS_ROM
+    assert [type(a).__name__ for a in out.plan.actions] == ["CreateVarstore", "Redefine"]
+    assert hv.persistent_xml(ref.uuid) == before
+    assert os.listdir(cfg.nvram_dir) == []
+    assert journal.changes() == []
+
+
+def test_seabios_domain_untouched(rec, define, hv, cfg, journal):
+    ref = define("seabios", "", machine="pc-i440fx-7.2")
+    before = hv.persistent_xml(ref.uuid)
+    out = rec.reconcile(ref)
+    assert out.plan.config is FirmwareConfig.NONE and out.status is Status.UNMANAGED
+    assert out.done == () and out.plan.actions == ()
+    assert hv.persistent_xml(ref.uuid) == before
+    assert os.listdir(cfg.nvram_dir) == [] and journal.changes() == []
+
+
+def test_builtin_test_domain_is_unmanaged(rec, hv):
+    out = rec.reconcile(hv.lookup("test"))
+    assert out.status is Status.UNMANAGED and out.done == ()
+
+
+def test_excluded_domain_untouched(cfg, hv, catalog, journal, define):
+    ref = define("rom", ROM)
+    excluded = dataclasses.replace(cfg, exclude=(ref.name,))
+    rec = Reconciler(excluded, hv, catalog, journal, (os.getuid(), os.getgid()), clock=lambda: NOW)
+    before = hv.persistent_xml(ref.uuid)
+    out = rec.reconcile(ref)
+    assert out.status is Status.UNMANAGED and "excluded" in out.plan.detail
+    assert hv.persistent_xml(ref.uuid) == before and journal.changes() == []
+
+
+def _foreign_redefine(conn: libvirt.virConnect, uuid: str) -> str:
+    """What `virsh edit` does: a new persistent definition (here: more memory)."""
+    dom = conn.lookupByUUIDString(uuid)
+    root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    mem = root.find("memory")
+    mem.text = str(int(mem.text) + 1024)
+    root.find("currentMemory").text = mem.text
+    conn.defineXML(ET.tostring(root, encoding="unicode"))
+    return mem.text
+
+
+def test_redefined_by_someone_else_between_read_and_write(rec, define, hv, conn, journal, monkeypatch):
+    """Every time varsd reads the domain, an admin redefines it right after: varsd must never
+    write over that definition. The result is an `error` outcome, nothing applied."""
+    ref = define("rom", ROM)
+    real_examine = Reconciler.examine
+    foreign: list[str] = []
+
+    def examine_then_someone_redefines(self, r):
+        result = real_examine(self, r)
+        foreign.append(_foreign_redefine(conn, r.uuid))
+        return result
+
+    monkeypatch.setattr(Reconciler, "examine", examine_then_someone_redefines)
+    out = rec.reconcile(ref)
+
+    assert out.status is Status.ERROR
+    assert "redefined meanwhile" in out.plan.detail
+    assert out.done == ()
+    now = hv.persistent_xml(ref.uuid)
+    root = ET.fromstring(now)
+    assert root.findtext("memory") == foreign[-1]  # the admin's definition stands
+    assert root.find("os/loader").get("type") == "rom"
+    assert all(c.outcome != "applied" for c in journal.changes(ref.uuid))
+
+
+def test_redefined_by_someone_else_while_provisioning(rec, define, hv, conn, cfg, journal, monkeypatch):
+    """The window between the last look and defineXML includes writing the varstore."""
+    ref = define("rom", ROM)
+    real_provision = reconciler_mod.provision_varstore
+    foreign: list[str] = []
+
+    def provision_while_admin_edits(*a, **kw):
+        result = real_provision(*a, **kw)
+        foreign.append(_foreign_redefine(conn, ref.uuid))
+        return result
+
+    monkeypatch.setattr(reconciler_mod, "provision_varstore", provision_while_admin_edits)
+    out = rec.reconcile(ref)
+
+    assert out.status is Status.ERROR and "redefined meanwhile" in out.plan.detail
+    root = ET.fromstring(hv.persistent_xml(ref.uuid))
+    assert root.findtext("memory") == foreign[-1]
+    assert root.find("os/loader").get("type") == "rom"
+    assert all(c.outcome != "applied" for c in journal.changes(ref.uuid))
+
+    # the next pass (nobody interfering now) repairs it, keeping the admin's change
+    monkeypatch.setattr(reconciler_mod, "provision_varstore", real_provision)
+    again = rec.reconcile(hv.lookup(ref.uuid))
+    assert again.status is Status.OK and any(d.startswith("redefined") for d in again.done)
+    root = ET.fromstring(hv.persistent_xml(ref.uuid))
+    assert root.findtext("memory") == foreign[-1]
+    assert root.find("os/loader").get("type") == "pflash"
+
+
+def test_stale_undo_style_redefine_raises(rec, define, hv, conn, journal):
+    """redefine() with an old XML that is no longer current refuses and journals nothing."""
+    ref = define("rom", ROM)
+    old = hv.persistent_xml(ref.uuid)
+    _foreign_redefine(conn, ref.uuid)
+    with pytest.raises(reconciler_mod.StaleDefinition, match=f"domain '{ref.name}' was redefined meanwhile"):
+        rec.redefine(ref, old, old.replace("262144", "131072"), "test")
+    assert journal.changes(ref.uuid) == []
+
+
+def test_failed_define_is_journaled_as_failed(rec, define, hv, journal):
+    ref = define("rom", ROM)
+    old = hv.persistent_xml(ref.uuid)
+    broken = old.replace("<memory unit='KiB'>", "<memory unit='parsecs'>")
+    assert broken != old
+    with pytest.raises(HypervisorError, match=f"domain '{ref.name}': cannot define"):
+        rec.redefine(ref, old, broken, "deliberately invalid")
+    (change,) = journal.changes(ref.uuid)
+    assert change.outcome.startswith("failed: ")
+    assert hv.persistent_xml(ref.uuid) == old
+
+
+def test_reconcile_all_goes_on_after_a_domain_error(rec, define, hv, journal, monkeypatch):
+    """A failure in one domain is that domain's error outcome; the pass continues."""
+    bad = define("rom-bad", ROM)
+    good = define("rom-good", ROM)
+    real_define = Hypervisor.define
+
+    def refuse_bad(self, xml):
+        if bad.name in xml:
+            raise HypervisorError(f"domain '{bad.name}': cannot define: refused", retryable=False)
+        return real_define(self, xml)
+
+    monkeypatch.setattr(Hypervisor, "define", refuse_bad)
+    outs = {o.ref.name: o for o in rec.reconcile_all([bad, good])}
+    assert outs[bad.name].status is Status.ERROR and "refused" in outs[bad.name].plan.detail
+    assert outs[good.name].status is Status.OK and outs[good.name].changed
+    assert journal.changes(bad.uuid)[0].outcome.startswith("failed: ")
+    assert journal.changes(good.uuid)[0].outcome == "applied"
