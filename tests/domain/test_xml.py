@@ -192,6 +192,7 @@ OTHER_APPS = """\
     <varsd:firmware xmlns:varsd="https://varsd.org/xmlns/firmware/1" future="1">
       <varsd:build code="/old.fd" sha256="01d"/>
       <varsd:policy upgrade="manual"/>
+      <varsd:window days="sat,sun"/>
     </varsd:firmware>
   </metadata>
 """
@@ -205,6 +206,7 @@ def test_set_metadata_keeps_other_apps_and_what_a_newer_varsd_wrote() -> None:
     assert outside_firmware(new) == outside_firmware(xml)
     ours = etree.fromstring(new.encode()).find(f"metadata/{{{VARSD_NS}}}firmware")
     assert ours.get("future") == "1" and ours.find(f"{{{VARSD_NS}}}policy").get("upgrade") == "manual"
+    assert ours.find(f"{{{VARSD_NS}}}window") is not None
     assert "libosinfo:os id=\"http://debian.org/debian/12\"" in new
 
 

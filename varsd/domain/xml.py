@@ -240,7 +240,6 @@ def _order_attributes(el: etree._Element, order: tuple[str, ...]) -> None:
         el.set(name, value)
 
 
-
 def _ws(el: etree._Element, extra: int = 0) -> str | None:
     """Whitespace libvirt puts before an element at `el`'s depth (+extra); None in compact XML."""
     root = el.getroottree().getroot()
@@ -334,7 +333,7 @@ def _set_metadata(root: etree._Element, md: VarsdMetadata) -> None:
         for name, value in old.attrib.items():
             if name != "manage":
                 new.set(name, value)
-        for child in old:
+        for child in list(old):  # appending moves the child out of `old`
             if not (isinstance(child.tag, str) and etree.QName(child).localname in _KNOWN_METADATA_CHILDREN
                     and etree.QName(child).namespace == VARSD_NS):
                 new.append(child)

@@ -13,9 +13,9 @@ Rules, in order (early returns):
   varstore on a block device or network storage: left alone, reported `unmanaged`;
 - pinned (varsd metadata `<pin sha256>`): the loader is left where the pin put it,
   reported `pinned`; a loader that no longer has the pinned digest is an `error`;
-- Secure Boot or not is what the domain's *code* is (its digest in the catalog); the
-  XML's `secure='yes'` decides only when the code is unknown. Swapping one for the
-  other changes what the guest trusts, so no rule ever does;
+- Secure Boot or not is what the domain's *code* is (its digest, else its path, in the
+  catalog); the XML's `secure='yes'` decides only when the code is unknown. Swapping
+  one for the other changes what the guest trusts, so no rule ever does;
 - bios-rom and code-only: nothing persistent to keep; a new varstore from the template
   of the build that matches what the domain booted (a Secure Boot guest gets an
   *unenrolled* template, as it never had keys), and the XML rewritten. A varstore the
