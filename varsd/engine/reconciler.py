@@ -188,7 +188,7 @@ class Reconciler:
                     return Outcome(ref, plan, self._execute(ref, facts, plan) if plan.actions else ())
             facts, plan = self.examine(ref)
             if not apply or not plan.actions:
-                return Outcome(ref, plan, unrepaired=_changes_firmware(facts, plan))
+                return Outcome(ref, plan, unrepaired=bool(plan.actions) and _changes_firmware(facts, plan))
             with host_lock(self.cfg.domain_lock_path(ref.uuid)):
                 if self.hv.persistent_xml(ref.uuid) != facts.xml:
                     # Another actor changed it since we looked: look again, under the lock.
