@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid as uuidlib
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 
 import libvirt
 import pytest
@@ -22,84 +19,15 @@ from varsd.adapters.journal import Journal
 from varsd.cli import varsctl
 from varsd.cli.varsctl import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, main
 
-CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.fd"
-VARS_4M = "/usr/share/OVMF/OVMF_VARS_4M.fd"
-SB_CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
-UNIFIED = "/usr/share/ovmf/OVMF.fd"
-
-U_ROM = "0a000000-0000-4000-8000-000000000001"
-U_BIOS = "0a000000-0000-4000-8000-000000000002"
-U_SEABIOS = "0a000000-0000-4000-8000-000000000003"
-U_SEV = "0a000000-0000-4000-8000-000000000004"
-U_SB = "0a000000-0000-4000-8000-000000000005"
-U_SPLIT = "0a000000-0000-4000-8000-000000000006"
-
-SHUTOFF = "<test:runstate>5</test:runstate>"  # VIR_DOMAIN_SHUTOFF; default is running
-
-
-def _dom(name: str, uuid: str, machine: str, os_inner: str, extra: str = "", runstate: str = SHUTOFF) -> str:
-    return f"""
-  <domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>
-    <name>{name}</name>
-    <uuid>{uuid}</uuid>
-    <memory unit='KiB'>262144</memory>
-    <os>
-      <type arch='x86_64' machine='{machine}'>hvm</type>
-      {os_inner}
-    </os>
-    {extra}
-    <devices/>
-    {runstate}
-  </domain>"""
-
-
-@pytest.fixture
-def host(tmp_path) -> dict[str, str]:
-    """A node file, a config file and the directories it names."""
-    nvram = tmp_path / "nvram"
-    state = tmp_path / "state"
-    nvram.mkdir()
-    split_vars = nvram / "split_VARS.fd"
-    shutil.copyfile(VARS_4M, split_vars)
-    os.chmod(split_vars, 0o600)
-    domains = [
-        _dom("romguest", U_ROM, "pc-q35-7.2", f"<loader type='rom'>{UNIFIED}</loader>"),
-        # a loader without a type is what libvirt passes as -bios too. (-bios smuggled
-        # through <qemu:commandline> cannot be tested here: the test driver drops that
-        # namespace when it parses the domain.)
-        _dom("biosguest", U_BIOS, "pc-i440fx-7.2", f"<loader>{UNIFIED}</loader>"),
-        _dom("seabiosguest", U_SEABIOS, "pc-i440fx-7.2", "", runstate=""),
-        _dom(
-            "sevguest", U_SEV, "pc-q35-7.2", f"<loader type='pflash'>{UNIFIED}</loader>",
-            "<launchSecurity type='sev'><cbitpos>47</cbitpos><reducedPhysBits>1</reducedPhysBits>"
-            "<policy>0x0003</policy></launchSecurity>",
-            runstate="",
-        ),
-        _dom("sbguest", U_SB, "pc-i440fx-7.2", f"<loader type='pflash'>{SB_CODE_4M}</loader>"),
-        _dom(
-            "splitguest", U_SPLIT, "pc-q35-7.2",
-            f"<loader readonly='yes' type='pflash'>{CODE_4M}</loader>"
-            f"<nvram template='{VARS_4M}'>{split_vars}</nvram>",
-        ),
-    ]
-    node = tmp_path / "node.xml"
-    node.write_text(
-        "<node>\n  <cpu><mhz>2000</mhz><model>x86_64</model><active>2</active><total>2</total></cpu>\n"
-        "  <memory>4194304</memory>" + "".join(domains) + "\n</node>\n"
-    )
-    config = tmp_path / "varsd.toml"
-    config.write_text(
-        f'state_dir = "{state}"\nnvram_dir = "{nvram}"\nfirmware_dirs = ["/usr/share/qemu/firmware"]\n'
-        'qemu_user = "root"\nqemu_group = "root"\n'
-    )
-    return {"uri": f"test://{node}", "config": str(config), "nvram": str(nvram), "state": str(state),
-            "split_vars": str(split_vars)}
-
-
-def run(capsys, host: dict[str, str], *args: str, uri: str | None = None) -> tuple[int, str, str]:
-    rc = main(["--config", host["config"], "--connect", uri or host["uri"], *args])
-    out, err = capsys.readouterr()
-    return rc, out, err
+from .common import (
+    CODE_4M,
+    DEFAULT,
+    U_ROM,
+    U_SEABIOS,
+    UNIFIED,
+    run,
+)
+from .common import define_rom as _define_rom
 
 
 def _status_json(capsys, host, *names: str) -> tuple[int, dict[str, dict]]:
@@ -302,36 +230,6 @@ def test_undo_of_unknown_change_is_exit_2(capsys, host):
 
 
 # -- journal and undo on test:///default -----------------------------------------------
-
-DEFAULT = "test:///default"
-
-
-@pytest.fixture
-def default_conn() -> Iterator[libvirt.virConnect]:
-    """Keeps test:///default's state alive across main() calls; undefines what tests made."""
-    conn = libvirt.open(DEFAULT)
-    made: list[str] = []
-    conn.made = made  # type: ignore[attr-defined]
-    yield conn
-    for name in made:
-        try:
-            conn.lookupByName(name).undefine()
-        except libvirt.libvirtError:
-            pass
-    conn.close()
-
-
-def _define_rom(conn: libvirt.virConnect) -> tuple[str, str]:
-    name = f"cli-{uuidlib.uuid4().hex[:8]}-rom"
-    conn.defineXML(
-        f"<domain type='test'><name>{name}</name><uuid>{uuidlib.uuid4()}</uuid>"
-        "<memory unit='KiB'>262144</memory><os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type>"
-        f"<loader type='rom'>{UNIFIED}</loader></os><devices/></domain>"
-    )
-    conn.made.append(name)
-    dom = conn.lookupByName(name)
-    return name, dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
-
 
 def test_journal_and_undo(capsys, host, default_conn):
     name, before = _define_rom(default_conn)

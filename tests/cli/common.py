@@ -1,0 +1,59 @@
+"""Shared by the varsctl tests: test-driver host layouts and a way to call main()."""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+
+import libvirt
+
+from varsd.cli.varsctl import main
+
+CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+VARS_4M = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+SB_CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
+UNIFIED = "/usr/share/ovmf/OVMF.fd"
+
+U_ROM = "0a000000-0000-4000-8000-000000000001"
+U_BIOS = "0a000000-0000-4000-8000-000000000002"
+U_SEABIOS = "0a000000-0000-4000-8000-000000000003"
+U_SEV = "0a000000-0000-4000-8000-000000000004"
+U_SB = "0a000000-0000-4000-8000-000000000005"
+U_SPLIT = "0a000000-0000-4000-8000-000000000006"
+
+SHUTOFF = "<test:runstate>5</test:runstate>"  # VIR_DOMAIN_SHUTOFF; default is running
+
+
+def _dom(name: str, uuid: str, machine: str, os_inner: str, extra: str = "", runstate: str = SHUTOFF) -> str:
+    return f"""
+  <domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>
+    <name>{name}</name>
+    <uuid>{uuid}</uuid>
+    <memory unit='KiB'>262144</memory>
+    <os>
+      <type arch='x86_64' machine='{machine}'>hvm</type>
+      {os_inner}
+    </os>
+    {extra}
+    <devices/>
+    {runstate}
+  </domain>"""
+
+DEFAULT = "test:///default"
+
+
+def run(capsys, host: dict[str, str], *args: str, uri: str | None = None) -> tuple[int, str, str]:
+    rc = main(["--config", host["config"], "--connect", uri or host["uri"], *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def define_rom(conn: libvirt.virConnect) -> tuple[str, str]:
+    name = f"cli-{uuidlib.uuid4().hex[:8]}-rom"
+    conn.defineXML(
+        f"<domain type='test'><name>{name}</name><uuid>{uuidlib.uuid4()}</uuid>"
+        "<memory unit='KiB'>262144</memory><os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type>"
+        f"<loader type='rom'>{UNIFIED}</loader></os><devices/></domain>"
+    )
+    conn.made.append(name)
+    dom = conn.lookupByName(name)
+    return name, dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
