@@ -125,7 +125,8 @@ class Service:
         self.notify("STATUS=connecting to " + self.cfg.uri)
         wd = watchdog_interval()
         delays = self.backoff.delays()
-        last_wd = 0.0
+        last_wd = last_status = 0.0
+        last_handled = 0
         try:
             while not self._stop.is_set():
                 if wd and time.monotonic() - last_wd >= wd:
@@ -144,6 +145,10 @@ class Service:
                     self.ready.set()
                     self.notify("READY=1", f"STATUS=watching {self.cfg.uri}")
                     log.info("first full reconcile done; watching %s", self.cfg.uri)
+                if time.monotonic() - last_status >= 10 and self.handled != last_handled:
+                    last_status, last_handled = time.monotonic(), self.handled
+                    self.notify(f"STATUS=watching {self.cfg.uri}: {self.handled} domain checks, "
+                                f"{self.queue.pending()} queued")
                 self._stop.wait(min(wd or 0.2, 0.2))
         finally:
             self._shutdown()
@@ -251,7 +256,8 @@ class Service:
                 uuid = key[len(BOOT_PREFIX) :]
                 boot = record_boot(hv, uuid, self.clock())
                 if boot:
-                    log.info("domain %s booted code %s sha256 %s", uuid, boot.code_path, boot.sha256[:12])
+                    name = hv.lookup(uuid).name
+                    log.info("domain '%s' booted code %s (sha256 %s)", name, boot.code_path, boot.sha256[:12])
                 return
             try:
                 ref = hv.lookup(key)

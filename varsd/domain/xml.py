@@ -32,6 +32,9 @@ VARSD_NS = "https://varsd.org/xmlns/firmware/1"
 VARSD_PREFIX = "varsd"
 VARSD_KEY = "firmware"  # local name of our element in <metadata>
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+# varsd's *live* record of what a running QEMU process booted (varsd.engine.boots writes it).
+BOOT_NS = "https://varsd.org/xmlns/boot/1"
+BOOT_KEY = "boot"
 
 _PARSER = etree.XMLParser(remove_blank_text=False, resolve_entities=False, no_network=True)
 
@@ -121,6 +124,9 @@ def parse_metadata(el: etree._Element | None) -> VarsdMetadata:
         varstore_source=attr("varstore", "source"),
         provisioned_at=attr("varstore", "created"),
         pinned_sha256=attr("pin", "sha256"),
+        pin_by=attr("pin", "by"),
+        pin_reason=attr("pin", "reason"),
+        pinned_at=attr("pin", "at"),
         booted_sha256=attr("booted", "sha256"),
     )
 
@@ -154,6 +160,7 @@ def parse_domain(xml: str) -> DomainFirmware:
     smm = root.find("features/smm")
     ls = root.find("launchSecurity")
     md = root.find(f"metadata/{{{VARSD_NS}}}{VARSD_KEY}")
+    boot = root.find(f"metadata/{{{BOOT_NS}}}{BOOT_KEY}")
     return DomainFirmware(
         name=name,
         uuid=_text(root.find("uuid")) or "",
@@ -172,6 +179,7 @@ def parse_domain(xml: str) -> DomainFirmware:
         launch_security=(ls.get("type") or "unknown") if ls is not None else None,
         cmdline_bios=_cmdline_bios(root),
         metadata=parse_metadata(md),
+        booted_sha256=(boot.get("sha256") or None) if boot is not None else None,
     )
 
 
@@ -308,7 +316,8 @@ def metadata_element(md: VarsdMetadata) -> etree._Element:
         source=md.varstore_source,
         created=md.provisioned_at,
     )
-    child("pin", sha256=md.pinned_sha256)
+    if md.pinned_sha256:
+        child("pin", sha256=md.pinned_sha256, by=md.pin_by, reason=md.pin_reason, at=md.pinned_at)
     child("booted", sha256=md.booted_sha256)
     return el
 
@@ -443,13 +452,20 @@ def set_metadata(xml: str, md: VarsdMetadata) -> str:
     return _serialize(root)
 
 
-def replace_loader_code(xml: str, code_path: str) -> str:
-    """Point the loader at another code image (pinning to an archived build)."""
+def replace_loader_code(xml: str, code_path: str, md: VarsdMetadata | None = None) -> str:
+    """Point the loader at another code image of the same build family (pinning to an
+    archived build, or back to the central path); with `md`, varsd's metadata too.
+
+    Nothing else changes: the varstore, its template and the Secure Boot/SMM attributes
+    stay as they are, because the build the domain is held on is the one they were made for.
+    """
     root = _root(xml)
     loader = root.find("os/loader")
     if loader is None:
         raise DomainXMLError(f"domain '{_text(root.find('name'))}': has no <loader> to repoint")
     loader.text = code_path
+    if md is not None:
+        _set_metadata(root, md)
     return _serialize(root)
 
 

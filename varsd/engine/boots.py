@@ -17,10 +17,9 @@ from lxml import etree
 
 from varsd.adapters.fsio import sha256_file
 from varsd.adapters.libvirt_api import Hypervisor
-from varsd.domain.xml import parse_domain
+from varsd.domain.xml import BOOT_KEY, BOOT_NS, parse_domain
 
-BOOT_NS = "https://varsd.org/xmlns/boot/1"
-BOOT_KEY = "boot"
+__all__ = ["BOOT_KEY", "BOOT_NS", "BootRecord", "booted", "observe_boot", "record_boot"]
 
 
 @dataclass(frozen=True)

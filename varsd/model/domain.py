@@ -6,7 +6,7 @@ These are plain data: `varsd.domain.xml` builds them from domain XML, the engine
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from varsd.model.firmware import VarstoreLayout
@@ -23,6 +23,21 @@ class FirmwareConfig(StrEnum):
     AUTOSELECT = "autoselect"  # <os firmware='efi'> left to libvirt
     STATELESS = "stateless"  # <loader stateless='yes'>
     CONFIDENTIAL = "confidential"  # SEV/SEV-ES/SNP/TDX: firmware must not be split
+
+
+class PinKind(StrEnum):
+    """Who holds a domain on a build, so each release undoes only its own hold.
+
+    `admin` is `varsctl pin` (only `varsctl unpin` lifts it); `policy` is
+    `upgrade_policy = "manual"` holding a new build back (lifted by `varsctl upgrade
+    approve`, or by the policy going back to auto); `incompatible` is varsd keeping a
+    domain on its archived build because the central one no longer fits its varstore
+    (lifted by `varsctl migrate`, or when a fitting central build returns).
+    """
+
+    ADMIN = "admin"
+    POLICY = "policy"
+    INCOMPATIBLE = "incompatible"
 
 
 class Status(StrEnum):
@@ -47,8 +62,25 @@ class VarsdMetadata:
     template_sha256: str | None = None
     varstore_source: str | None = None  # "template" or "unified:<path>"
     provisioned_at: str | None = None  # ISO 8601 UTC
-    pinned_sha256: str | None = None
+    pinned_sha256: str | None = None  # build the domain is held on (see PinKind)
+    pin_by: str | None = None  # a PinKind value; None on a pin means admin (older varsd)
+    pin_reason: str | None = None
+    pinned_at: str | None = None
     booted_sha256: str | None = None  # live metadata: what this QEMU process runs
+
+    @property
+    def pin_kind(self) -> PinKind | None:
+        """Who pinned; an unknown or missing `by` counts as admin, whom varsd never overrules."""
+        if not self.pinned_sha256:
+            return None
+        try:
+            return PinKind(self.pin_by) if self.pin_by else PinKind.ADMIN
+        except ValueError:
+            return PinKind.ADMIN
+
+    def without_pin(self) -> VarsdMetadata:
+        """The same record with no hold (what unpin, approve and migrate write)."""
+        return replace(self, pinned_sha256=None, pin_by=None, pin_reason=None, pinned_at=None)
 
 
 @dataclass(frozen=True)
@@ -72,6 +104,9 @@ class DomainFirmware:
     launch_security: str | None = None  # 'sev', 'sev-snp', 'tdx', ... when present
     cmdline_bios: str | None = None  # path passed as -bios through <qemu:commandline>
     metadata: VarsdMetadata = field(default_factory=VarsdMetadata)
+    # From the live XML's boot record (varsd.engine.boots): the digest of the code file
+    # this QEMU process opened at start, which a package upgrade does not change.
+    booted_sha256: str | None = None
 
 
 @dataclass(frozen=True)
