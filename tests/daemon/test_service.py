@@ -119,3 +119,44 @@ def test_domains_without_uefi_are_left_alone(conn, service_factory) -> None:
     time.sleep(0.5)
     assert not _repaired(conn, name)
     assert conn.lookupByName("test").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == before
+
+
+def test_reload_applies_a_changed_config_without_restart(conn, tmp_path) -> None:
+    """SIGHUP's path: the config is re-read the way main() read it, then everything is re-queued."""
+    import grp
+    import pwd
+    import threading
+
+    from varsd.config import load_config
+    from varsd.daemon.service import Backoff, Service
+
+    cfg_file = tmp_path / "varsd.toml"
+    base = (
+        f'uri = "test:///default"\nnvram_dir = "{tmp_path / "nvram"}"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'qemu_user = "{pwd.getpwuid(os.getuid()).pw_name}"\nqemu_group = "{grp.getgrgid(os.getgid()).gr_name}"\n'
+        "reconcile_interval = 3600\n"
+    )
+    cfg_file.write_text(base)
+    os.makedirs(tmp_path / "nvram")
+    svc = Service(load_config(str(cfg_file)), reload_config=lambda: load_config(str(cfg_file)),
+                  backoff=Backoff(0.05, 2.0, 0.2), notify=lambda *a: True)
+    t = threading.Thread(target=svc.run, daemon=True)
+    t.start()
+    try:
+        assert svc.ready.wait(15)
+        cfg_file.write_text(base + 'exclude = ["evt-reload-*"]\n')
+        svc.request_reload()
+        wait_until(lambda: svc.cfg.exclude == ("evt-reload-*",), what="config reloaded")
+        name = "evt-reload-excluded"
+        conn.created.append(name)
+        conn.defineXML(bios_xml(name))
+        time.sleep(0.5)
+        wait_until(svc.queue.idle, what="queue idle")
+        assert not _repaired(conn, name), "an excluded domain was repaired after the reload"
+        other = "evt-after-reload"
+        conn.created.append(other)
+        conn.defineXML(bios_xml(other))
+        wait_until(lambda: _repaired(conn, other), what="the service still repairs after a reload")
+    finally:
+        svc.request_stop()
+        t.join(15)

@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     try:
         cfg = load_config(args.config, args.connect)
-        service = Service(cfg, config_path=args.config)
+        service = Service(cfg, reload_config=lambda: load_config(args.config, args.connect))
     except VarsdError as exc:
         print(f"varsd: {exc}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.adapters.libvirt_events import LifecycleEvent, Subscription, start_event_loop
-from varsd.config import Config, load_config, qemu_owner
+from varsd.config import Config, qemu_owner
 from varsd.daemon.notify import sd_notify, watchdog_interval
 from varsd.daemon.workqueue import WorkQueue
 from varsd.engine.boots import booted, record_boot
@@ -67,13 +67,13 @@ class Service:
         self,
         cfg: Config,
         *,
-        config_path: str | None = None,
+        reload_config: Callable[[], Config] | None = None,
         backoff: Backoff = Backoff(),
         clock: Callable[[], str] = utc_now,
         notify: Callable[..., bool] = sd_notify,
     ) -> None:
         self.cfg = cfg
-        self.config_path = config_path
+        self.reload_config = reload_config  # how main() loaded it (file + --connect), for SIGHUP
         self.backoff = backoff
         self.clock = clock
         self.notify = notify
@@ -215,8 +215,13 @@ class Service:
             self.queue.put(ref.uuid)
 
     def _do_reload(self) -> None:
+        if self.reload_config is None:
+            log.info("reload: configuration was not loaded from a file; reloading the firmware catalog only")
+            self.catalog = self._load_catalog()
+            self._disconnected.set()
+            return
         try:
-            cfg = load_config(self.config_path, self.cfg.uri if self.config_path is None else None)
+            cfg = self.reload_config()
         except VarsdError as exc:
             log.error("reload: %s; keeping the old configuration", exc)
             return
