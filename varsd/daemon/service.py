@@ -215,23 +215,30 @@ class Service:
             self.queue.put(ref.uuid)
 
     def _do_reload(self) -> None:
+        """Re-read config and catalog; they apply to the very next domain handled."""
         if self.reload_config is None:
-            log.info("reload: configuration was not loaded from a file; reloading the firmware catalog only")
-            self.catalog = self._load_catalog()
-            self._disconnected.set()
-            return
-        try:
-            cfg = self.reload_config()
-        except VarsdError as exc:
-            log.error("reload: %s; keeping the old configuration", exc)
-            return
-        self.cfg = cfg
-        self.catalog = self._load_catalog()
+            cfg = self.cfg
+        else:
+            try:
+                cfg = self.reload_config()
+            except VarsdError as exc:
+                log.error("reload: %s; keeping the old configuration", exc)
+                return
+        reconnect = cfg.uri != self.cfg.uri
+        catalog = self._load_catalog(cfg)
+        with self._lock:
+            self.cfg, self.catalog = cfg, catalog
+            if self.reconciler is not None:
+                self.reconciler.cfg, self.reconciler.catalog = cfg, catalog
         log.info("configuration and firmware catalog reloaded")
-        self._disconnected.set()  # reconnect with the new settings and queue everything
+        if reconnect:
+            self._disconnected.set()  # the new URI: reconnect, which queues everything
+        else:
+            self.queue_full_pass()
 
-    def _load_catalog(self):
-        catalog = load_catalog(self.cfg.firmware_dirs, self.cfg.extra_firmware)
+    def _load_catalog(self, cfg: Config | None = None):
+        cfg = cfg or self.cfg
+        catalog = load_catalog(cfg.firmware_dirs, cfg.extra_firmware)
         for p in catalog.problems:
             log.warning("firmware catalog: %s: %s", p.source, p.message)
         return catalog
