@@ -93,6 +93,11 @@ class Config:
     def archive_dir(self) -> str:
         return os.path.join(self.state_dir, "archive")
 
+    @property
+    def firmware_lock_path(self) -> str:
+        """Serialises archive and firmware-history writes between varsd and varsctl."""
+        return os.path.join(self.state_dir, "locks", "firmware.lock")
+
 
 _TOP_KEYS = {f.name for f in fields(Config)} - {"source"}
 _EXTRA_KEYS = {f.name for f in fields(ExtraFirmware)}

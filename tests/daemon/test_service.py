@@ -160,3 +160,46 @@ def test_reload_applies_a_changed_config_without_restart(conn, tmp_path) -> None
     finally:
         svc.request_stop()
         t.join(15)
+
+
+def test_firmware_change_is_noticed_archived_and_applied(conn, service_factory, tmp_path) -> None:
+    """No package hook: the daemon's own check sees the rename, archives, rebinds."""
+    import json
+
+    from varsd.domain.xml import parse_domain
+    from varsd.firmware.archive import Archive
+
+    fw, desc = tmp_path / "fw", tmp_path / "descriptors"
+    fw.mkdir()
+    desc.mkdir()
+
+    def install(code: bytes) -> str:
+        for data, name in ((code, "CODE.fd"), (open("/usr/share/OVMF/OVMF_VARS_4M.fd", "rb").read(), "VARS.fd")):
+            (fw / f"{name}.new").write_bytes(data)
+            os.rename(fw / f"{name}.new", fw / name)
+        (desc / "60-test.json").write_text(json.dumps({
+            "interface-types": ["uefi"], "targets": [{"architecture": "x86_64", "machines": ["pc-q35-*"]}],
+            "mapping": {"device": "flash", "executable": {"filename": str(fw / "CODE.fd"), "format": "raw"},
+                        "nvram-template": {"filename": str(fw / "VARS.fd"), "format": "raw"}},
+            "features": []}))
+        return hashlib.sha256(code).hexdigest()
+
+    old = install(b"\x90" * 4096 + b"old build")
+    svc = service_factory(firmware_dirs=(str(desc),))
+    archive = Archive(svc.cfg.archive_dir)
+    assert archive.index().verified == {old}, "the catalog's build was not archived at start-up"
+    name = "evt-fw-upgrade"
+    conn.created.append(name)
+    conn.defineXML(bios_xml(name))
+    wait_until(lambda: _repaired(conn, name), what="repair onto the tree's build")
+
+    def bound() -> str | None:
+        xml = conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        return parse_domain(xml).metadata.build_code_sha256
+
+    assert bound() == old
+    assert svc.check_firmware() is False  # nothing changed: no reload, no pass
+    new = install(b"\x90" * 4096 + b"new build")
+    assert svc.check_firmware() is True
+    wait_until(lambda: bound() == new, what="rebinding to the new build")
+    assert archive.index().verified == {old, new}

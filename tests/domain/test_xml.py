@@ -338,3 +338,36 @@ def test_replace_loader_code_and_signature() -> None:
     assert firmware_signature(new) == ("/archive/c0de.fd", "pflash", True, None, "/n/v.fd", False)
     with pytest.raises(DomainXMLError):
         replace_loader_code(_domain(), "/x.fd")
+
+
+def test_pin_attributes_round_trip_and_without_pin() -> None:
+    from dataclasses import replace
+
+    from varsd.model.domain import PinKind
+
+    md = replace(FULL_METADATA, pin_by="incompatible", pin_reason="layout changed; run 'varsctl migrate x'",
+                 pinned_at="2025-06-01T12:00:00Z")
+    back = parse_domain(set_metadata(_domain(), md)).metadata
+    assert back == md and back.pin_kind is PinKind.INCOMPATIBLE
+    assert back.without_pin().pinned_sha256 is None and back.without_pin().pin_by is None
+    assert replace(md, pin_by=None).pin_kind is PinKind.ADMIN  # a pin an older varsd wrote
+    assert replace(md, pin_by="someone-new").pin_kind is PinKind.ADMIN  # unknown: never overruled
+    assert VarsdMetadata().pin_kind is None
+
+
+def test_boot_record_in_live_xml_is_read() -> None:
+    boot = '<boot xmlns="https://varsd.org/xmlns/boot/1" code="/c.fd" sha256="b007" at="t" source="qemu-fd"/>'
+    live = _domain(rest=f"  <metadata>{boot}</metadata>\n")
+    assert parse_domain(live).booted_sha256 == "b007"
+    assert parse_domain(_domain()).booted_sha256 is None
+
+
+def test_replace_loader_code_with_metadata_changes_nothing_else() -> None:
+    xml = _domain("<loader readonly='yes' secure='yes' type='pflash'>/old.fd</loader>"
+                  "<nvram template='/t.fd'>/n/v.fd</nvram>", features="  <features><smm state='on'/></features>\n")
+    md = VarsdMetadata(build_code_path="/old.fd", build_code_sha256="a", pinned_sha256="a", pin_by="admin")
+    new = replace_loader_code(xml, "/archive/a.fd", md)
+    fw = parse_domain(new)
+    assert (fw.loader_path, fw.metadata) == ("/archive/a.fd", md)
+    assert (fw.loader_secure, fw.smm, fw.nvram_path, fw.nvram_template) == (True, True, "/n/v.fd", "/t.fd")
+    assert outside_firmware(new) == outside_firmware(xml)

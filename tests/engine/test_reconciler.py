@@ -321,3 +321,51 @@ def test_reconcile_all_goes_on_after_a_domain_error(rec, define, hv, journal, mo
     assert outs[good.name].status is Status.OK and outs[good.name].changed
     assert journal.changes(bad.uuid)[0].outcome.startswith("failed: ")
     assert journal.changes(good.uuid)[0].outcome == "applied"
+
+
+# -- the firmware archive -------------------------------------------------------------
+
+
+def test_binding_a_domain_archives_its_build_and_records_it(rec, define, cfg, journal):
+    from varsd.firmware.archive import Archive
+
+    ref = define("rom", ROM)
+    out = rec.reconcile(ref)
+    sha = out.plan.build.code_sha256
+    assert Archive(cfg.archive_dir).index().verified == {sha}
+    assert journal.firmware_state() == {CODE_4M: sha}
+    assert journal.archived_builds()[sha].layout == out.plan.build.layout
+    assert [e.event for e in journal.firmware_history()] == ["appeared"]
+    rec.reconcile(ref)  # nothing more to store or record
+    assert len(journal.firmware_history()) == 1
+
+
+def test_memoised_plans_survive_a_re_listed_unchanged_archive(rec, define, monkeypatch):
+    ref = define("rom", ROM)
+    rec.reconcile(ref)
+    rec.reconcile(ref)  # compliant now: memoised
+    first = rec.upgrade_context()
+    monkeypatch.setattr(reconciler_mod, "ARCHIVE_RECHECK", 0.0)
+    assert rec.upgrade_context() is first  # same content: the same object, so memo identity holds
+    calls = []
+    original = reconciler_mod.plan_repair
+    monkeypatch.setattr(reconciler_mod, "plan_repair", lambda *a, **k: calls.append(1) or original(*a, **k))
+    rec.examine(ref)
+    assert calls == []
+
+
+def test_a_corrupt_archived_image_is_never_written_into_a_definition(rec, define, cfg):
+    from varsd.errors import VarsdError
+    from varsd.firmware.archive import Archive
+
+    ref = define("rom", ROM)
+    rec.reconcile(ref)
+    archive = Archive(cfg.archive_dir)
+    (sha,) = archive.index().verified
+    path = archive.path_for(sha)
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.write(b"rot")
+    xml = rec.hv.persistent_xml(ref.uuid).replace(CODE_4M, path)
+    with pytest.raises(VarsdError, match="corrupt"):
+        rec.verify_archived_loader(ref, xml)

@@ -440,10 +440,25 @@ def test_excluded_domain_is_unmanaged(catalogs, hostfs) -> None:
 
 
 def test_pin_on_another_build_is_an_error(catalogs, hostfs) -> None:
+    """Neither the loader file, the central path nor the archive holds the pinned build."""
+    case = _case("pinned")
+    plain = catalogs["4m"].by_code_path(CODE_4M).code_sha256
+    secboot = catalogs["4m"].by_code_path(CODE_4M_SECBOOT).code_sha256
+    for path, recipe in case.files.items():
+        hostfs.put(path, recipe)
+    xml = (CASES_DIR / case.name / "input.xml").read_text().replace(f'<varsd:pin sha256="{plain}"/>',
+                                                                    f'<varsd:pin sha256="{secboot}"/>')
+    plan = plan_repair(_facts(hostfs, xml, live=None), catalogs["4m"], NV, NOW)
+    assert (plan.status, plan.actions) == (Status.ERROR, ()), plan.detail
+
+
+def test_pinned_loader_that_lost_its_build_goes_back_to_the_central_copy(catalogs, hostfs) -> None:
+    """The loader file no longer is the pinned build, but the central path is: repointed there."""
     case = _case("pinned")
     files = dict(case.files) | {"/var/lib/varsd/archive/b157d97b1f69.fd": copy_of(CODE_4M_SECBOOT)}
     plan = _run(replace(case, files=files), catalogs, hostfs).plan
-    assert (plan.status, plan.actions) == (Status.ERROR, ())
+    assert plan.status is Status.PINNED and [type(a) for a in plan.actions] == [Redefine]
+    assert parse_domain(plan.actions[0].xml).loader_path == CODE_4M
 
 
 def test_unsafe_domain_names_use_the_uuid(catalogs, hostfs) -> None:

@@ -228,3 +228,69 @@ def _cleanup(dfd: int, fd: int, tmp: str | None, final: str | None, ident: tuple
                 os.unlink(final, dir_fd=dfd)
         except OSError:
             pass
+
+
+class ReplaceError(VarsdError):
+    """An atomic replace failed; the old file is still in place, whole."""
+
+
+def replace_atomic(path: str, data: bytes, *, expect: bytes | None = None) -> None:
+    """Atomically replace the regular file `path` with `data`, keeping its owner and mode.
+
+    Readers see the old file or the new one, never a mix, and a crash leaves one of the
+    two under the name: the bytes go to a temp file in the same directory, fsynced,
+    renamed over the name, and the directory is fsynced. The final component is never
+    followed (a symlink there is refused), and with `expect` the current content must
+    be exactly that (nobody wrote the file since it was read). Raises ReplaceError.
+
+    Only for explicit admin operations that back the file up first (varsctl migrate):
+    varsd never rewrites a varstore on its own.
+    """
+    parent, name = os.path.split(path)
+    try:
+        dfd = os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ReplaceError(f"cannot replace {path}: {parent}: {describe_oserror(exc)}") from None
+    tmp = _temp_name(name)
+    fd = -1
+    tmp_created = False
+    try:
+        try:
+            old_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dfd)
+        except OSError as exc:
+            raise ReplaceError(f"cannot replace {path}: {describe_oserror(exc)}") from None
+        try:
+            st = os.fstat(old_fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ReplaceError(f"cannot replace {path}: not a regular file")
+            if expect is not None:
+                current = b"".join(iter(lambda: os.read(old_fd, 1 << 20), b""))
+                if current != expect:
+                    raise ReplaceError(f"{path} changed while varsd was migrating it (is the domain running?)")
+        finally:
+            os.close(old_fd)
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        tmp_created = True
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fchown(fd, st.st_uid, st.st_gid)
+        os.fchmod(fd, stat.S_IMODE(st.st_mode))
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        tmp_created = False
+        os.fsync(dfd)
+    except OSError as exc:
+        reason = "too small" if exc.errno == errno.EFBIG else describe_oserror(exc)
+        raise ReplaceError(f"cannot replace {path}: {reason}") from None
+    finally:
+        if fd != -1:
+            os.close(fd)
+        if tmp_created:
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except OSError:
+                pass
+        os.close(dfd)

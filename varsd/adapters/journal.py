@@ -3,6 +3,12 @@
 Every redefinition is written here *before* libvirt is asked, with the previous XML,
 so any change varsd made can be undone (`varsctl undo ID`) even if varsd crashed
 half-way. The file is created mode 0600: domain XML may hold secrets' references.
+
+Two more tables serve firmware upgrades: `firmware_history` (each code image path
+varsd watches: when it appeared, changed to another digest, or was removed), and
+`archived_builds` (what varsd knows about each archived image: the varstore layout
+and features of the build it came from, and when a domain or the catalog last used
+it, for retention).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from varsd.errors import VarsdError
+from varsd.model.firmware import VarstoreLayout
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS xml_changes (
@@ -36,7 +43,18 @@ CREATE TABLE IF NOT EXISTS firmware_history (
     sha256 TEXT NOT NULL,
     event TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS archived_builds (
+    sha256 TEXT PRIMARY KEY,
+    code_path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    first_seen TEXT NOT NULL,
+    last_used TEXT NOT NULL,
+    layout TEXT,
+    features TEXT
+);
 """
+
+FIRMWARE_EVENTS = ("appeared", "changed", "removed")
 
 
 @dataclass(frozen=True)
@@ -50,6 +68,42 @@ class Change:
     old_xml: str
     new_xml: str
     outcome: str
+
+
+@dataclass(frozen=True)
+class FirmwareEvent:
+    """One change of a watched code image path (`event` is one of FIRMWARE_EVENTS)."""
+
+    id: int
+    at: str
+    code_path: str
+    sha256: str
+    event: str
+
+
+@dataclass(frozen=True)
+class ArchivedBuild:
+    """What is known about an archived image beyond its bytes."""
+
+    sha256: str
+    code_path: str  # where it was first seen
+    size: int
+    first_seen: str
+    last_used: str
+    layout: VarstoreLayout | None = None  # of the build's template, when a catalog build listed it
+    features: frozenset[str] = frozenset()
+
+
+def _layout_text(layout: VarstoreLayout | None) -> str | None:
+    return None if layout is None else f"{layout.size}:{layout.start}:{layout.end}"
+
+
+def _layout_of(text: str | None) -> VarstoreLayout | None:
+    try:
+        size, start, end = (int(x) for x in (text or "").split(":"))
+    except ValueError:
+        return None
+    return VarstoreLayout(size, start, end)
 
 
 class Journal:
@@ -124,3 +178,74 @@ class Journal:
                 (change_id,),
             ).fetchone()
         return Change(*row) if row else None
+
+    # -- firmware history ------------------------------------------------------------
+
+    def firmware_state(self) -> dict[str, str]:
+        """Each watched code path's current digest (its latest event, unless `removed`)."""
+        q = ("SELECT code_path, sha256, event FROM firmware_history WHERE id IN "
+             "(SELECT MAX(id) FROM firmware_history GROUP BY code_path)")
+        with self._sql("read"):
+            rows = self._db.execute(q).fetchall()
+        return {path: sha for path, sha, event in rows if event != "removed"}
+
+    def record_firmware(self, at: str, events: list[tuple[str, str, str]]) -> None:
+        """Record (code_path, sha256, event) changes in one transaction."""
+        bad = [e for _, _, e in events if e not in FIRMWARE_EVENTS]
+        if bad:
+            raise ValueError(f"unknown firmware event(s) {bad}")
+        with self._sql("write to"):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO firmware_history (at, code_path, sha256, event) VALUES (?,?,?,?)",
+                    [(at, path, sha, event) for path, sha, event in events],
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def firmware_history(self, limit: int = 100) -> list[FirmwareEvent]:
+        with self._sql("read"):
+            rows = self._db.execute(
+                "SELECT id, at, code_path, sha256, event FROM firmware_history ORDER BY id DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [FirmwareEvent(*row) for row in rows]
+
+    # -- archived builds -------------------------------------------------------------
+
+    def note_archived(
+        self, *, sha256: str, code_path: str, size: int, at: str,
+        layout: VarstoreLayout | None = None, features: frozenset[str] = frozenset(),
+    ) -> None:
+        """Remember an archived image; layout and features are filled in once known."""
+        with self._sql("write to"):
+            self._db.execute(
+                "INSERT INTO archived_builds (sha256, code_path, size, first_seen, last_used, layout, features) "
+                "VALUES (?,?,?,?,?,?,?) ON CONFLICT(sha256) DO UPDATE SET "
+                "layout=COALESCE(archived_builds.layout, excluded.layout), "
+                "features=COALESCE(archived_builds.features, excluded.features)",
+                (sha256, code_path, size, at, at, _layout_text(layout),
+                 " ".join(sorted(features)) if layout is not None else None),
+            )
+
+    def touch_archived(self, shas: set[str] | frozenset[str], at: str) -> None:
+        """Mark these digests used now (retention counts from the last use)."""
+        with self._sql("write to"):
+            self._db.executemany("UPDATE archived_builds SET last_used=? WHERE sha256=?", [(at, s) for s in shas])
+
+    def archived_builds(self) -> dict[str, ArchivedBuild]:
+        with self._sql("read"):
+            rows = self._db.execute(
+                "SELECT sha256, code_path, size, first_seen, last_used, layout, features FROM archived_builds"
+            ).fetchall()
+        return {
+            sha: ArchivedBuild(sha, path, size, first, last, _layout_of(layout),
+                               frozenset((features or "").split()))
+            for sha, path, size, first, last, layout, features in rows
+        }
+
+    def forget_archived(self, shas: list[str]) -> None:
+        with self._sql("write to"):
+            self._db.executemany("DELETE FROM archived_builds WHERE sha256=?", [(s,) for s in shas])

@@ -1,9 +1,351 @@
-"""varsctl subcommands (placeholder until implemented)."""
+"""varsctl firmware sync|list|history, pin, unpin, upgrade approve: firmware upgrades.
+
+Thin: the decisions are the planner's (`varsd.planning.upgrade`), the work the
+engine's (`varsd.engine.firmware_sync`, the reconciler). pin, unpin and approve write
+the metadata change and let the planner place the loader, so each makes exactly one
+journaled redefinition that the daemon then finds nothing to change in.
+
+`varsctl firmware sync` is what package hooks run (`varsctl firmware sync || true`).
+Exit codes: 0 done, 1 something needs attention (a domain in `error` or
+`needs-migration`, a descriptor or archive problem), 2 could not run (configuration,
+state directory, libvirt unreachable: firmware is still archived and recorded when
+only libvirt is missing). It never prints a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import re
+import sys
+
+from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, Context
+from varsd.config import qemu_owner
+from varsd.domain.xml import parse_domain, replace_loader_code, set_metadata
+from varsd.engine import firmware_sync
+from varsd.engine.lock import host_lock
+from varsd.engine.reconciler import Outcome, Reconciler
+from varsd.errors import VarsdError
+from varsd.firmware.archive import Archive
+from varsd.model.domain import FirmwareConfig, PinKind, Status
+from varsd.planning.repair import DomainFacts, Plan, Redefine
+from varsd.planning.upgrade import admin_pin, central_at, short, tracks_central
+
+log = logging.getLogger("varsd.cli")
+_HEX = re.compile(r"^[0-9a-f]+$")
+MIN_PREFIX = 6
+
+
+# -- firmware sync / list / history -----------------------------------------------------
+
+
+def _print_sync(report: firmware_sync.SyncReport) -> None:
+    from varsd.cli.varsctl import _table
+
+    if report.refresh is not None:
+        for change in report.refresh.changes:
+            print(f"firmware: {change.describe()}")
+    for item in (report.refresh.archived if report.refresh else ()) + report.archived:
+        sha, _, path = item.partition(" ")
+        print(f"firmware: archived build {sha[:12]} from {path}")
+    for sha in report.pruned:
+        print(f"firmware: pruned archived build {sha[:12]}")
+    for problem in report.all_problems:
+        print(f"firmware: problem: {problem}")
+    if report.outcomes:
+        for o in report.outcomes:
+            for d in o.done:
+                print(f"{o.ref.name}: {d}")
+        print(_table(list(report.outcomes)))
+
+
+def cmd_sync(ctx: Context, args: argparse.Namespace) -> int:
+    try:
+        journal = ctx.journal
+        report = firmware_sync.sync(
+            ctx.cfg, journal, connect=lambda: ctx.hv, owner=lambda: qemu_owner(ctx.cfg), domains=args.domains
+        )
+    except VarsdError as exc:
+        report = firmware_sync.SyncReport(error=str(exc))
+    except Exception as exc:  # a package hook must get a line and an exit code, never a traceback
+        log.debug("firmware sync failed", exc_info=True)
+        report = firmware_sync.SyncReport(error=f"unexpected error: {exc!r}")
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        _print_sync(report)
+    if report.error:
+        print(f"varsctl firmware sync: {report.error}", file=sys.stderr)
+    return report.exit_code
+
+
+def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
+    catalog = firmware_sync.load_fresh_catalog(ctx.cfg)
+    archive = Archive(ctx.cfg.archive_dir, state_dir=ctx.cfg.state_dir)
+    known = ctx.journal.archived_builds()
+    entries = archive.entries()
+    builds = [{"sha256": b.code_sha256, "code": b.code_path, "origin": b.origin,
+               "layout": b.layout.describe() if b.layout else None, "features": sorted(b.features)}
+              for b in catalog.builds]
+    archived = [{"sha256": e.sha256, "path": e.path, "size": e.size, "ok": e.ok, "problem": e.problem,
+                 "from": known[e.sha256].code_path if e.sha256 in known else None,
+                 "last_used": known[e.sha256].last_used if e.sha256 in known else None} for e in entries]
+    if args.json:
+        print(json.dumps({"catalog": builds, "archive": archived,
+                          "problems": [p.message for p in catalog.problems]}, indent=2))
+        return EXIT_OK
+    print("CATALOG (first match first)")
+    for b in builds:
+        print(f"  {b['sha256'][:12]}  {b['code']}  ({b['origin']})")
+    print(f"ARCHIVE ({archive.directory})")
+    for a in archived:
+        state = "ok" if a["ok"] else f"CORRUPT: {a['problem']}"
+        print(f"  {a['sha256'][:12]}  {a['size']:>8}  from {a['from'] or '?'}  last used {a['last_used'] or '?'}  "
+              f"{state}")
+    for p in catalog.problems:
+        print(f"problem: {p.message}")
+    return EXIT_OK if all(a["ok"] for a in archived) else EXIT_ATTENTION
+
+
+def cmd_history(ctx: Context, args: argparse.Namespace) -> int:
+    events = ctx.journal.firmware_history(limit=args.limit)
+    if args.json:
+        print(json.dumps([e.__dict__ for e in events], indent=2))
+        return EXIT_OK
+    for e in events:
+        print(f"#{e.id}  {e.at}  {e.event:<8}  {e.sha256[:12]}  {e.code_path}")
+    return EXIT_OK
+
+
+# -- pin / unpin / approve ----------------------------------------------------------------
+
+
+class Refused(VarsdError):
+    """The command cannot do this to this domain (exit 1, with the reason)."""
+
+
+def _final_xml(plan: Plan, xml: str) -> str:
+    """What to write: the planner's own redefinition of `xml` if it wants one, else `xml`."""
+    for action in plan.actions:
+        if isinstance(action, Redefine):
+            return action.xml
+    return xml
+
+
+def _write(rec: Reconciler, ref, old_xml: str, new_xml: str, reason: str) -> None:
+    rec.verify_archived_loader(ref, new_xml)
+    rec.redefine(ref, old_xml, new_xml, reason)
+
+
+def _when(facts: DomainFacts) -> str:
+    return "; the running guest keeps its build until its next cold boot" if facts.running else ""
+
+
+def _managed(ref, facts: DomainFacts, plan: Plan) -> None:
+    if plan.status is Status.UNMANAGED or plan.config is not FirmwareConfig.SPLIT:
+        raise Refused(f"domain '{ref.name}' is not a managed split domain ({plan.config.value}, "
+                      f"{plan.status.value}: {plan.detail})")
+    if not facts.firmware.metadata.build_code_sha256:
+        raise Refused(f"domain '{ref.name}' is not bound to a build yet; run 'varsctl reconcile {ref.name}' first")
+
+
+def _resolve_build(rec: Reconciler, facts: DomainFacts, spec: str) -> str:
+    """A full digest from a digest or a prefix of at least MIN_PREFIX hex digits."""
+    spec = spec.lower()
+    if not _HEX.match(spec) or len(spec) < MIN_PREFIX:
+        raise Refused(f"--build {spec!r}: give a code sha256 or a prefix of at least {MIN_PREFIX} hex digits")
+    md = facts.firmware.metadata
+    known = {b.code_sha256 for b in rec.catalog.builds} | set(rec.upgrade_context().archive.verified)
+    known |= {s for s in (md.build_code_sha256, md.pinned_sha256) if s}
+    if facts.live is not None and facts.live.booted_sha256:
+        known.add(facts.live.booted_sha256)
+    matches = sorted(s for s in known if s.startswith(spec))
+    if not matches:
+        raise Refused(f"no catalog or archived build has digest {spec}; see 'varsctl firmware list'")
+    if len(matches) > 1:
+        raise Refused(f"--build {spec} is ambiguous: {', '.join(m[:16] for m in matches)}")
+    return matches[0]
+
+
+def _check_fit(rec: Reconciler, ctx: Context, facts: DomainFacts, sha: str, force: bool) -> None:
+    """A build the domain never ran must be known to fit its varstore (layout and Secure Boot)."""
+    fw = facts.firmware
+    md = fw.metadata
+    ran = {s for s in (md.build_code_sha256, md.pinned_sha256, fw.booted_sha256) if s}
+    if facts.live is not None and facts.live.booted_sha256:
+        ran.add(facts.live.booted_sha256)
+    if sha in ran or force:
+        return
+    layout = facts.nvram.varstore_layout if facts.nvram is not None else None
+    known = [b.layout for b in rec.catalog.by_code_sha(sha)]
+    archived = ctx.journal.archived_builds().get(sha)
+    if archived is not None and archived.layout is not None:
+        known.append(archived.layout)
+    if not known:
+        raise Refused(f"the varstore layout build {sha[:12]} expects is not known, so its fit with "
+                      f"{fw.nvram_path} cannot be checked; use --force if you know it fits")
+    if layout not in known:
+        raise Refused(f"build {sha[:12]} expects a varstore of {known[0].describe() if known[0] else '?'}, "
+                      f"{fw.nvram_path} has {layout.describe() if layout else 'no readable layout'}; "
+                      f"it would not boot this domain correctly ('varsctl migrate' moves the variables)")
+
+
+def cmd_pin(ctx: Context, args: argparse.Namespace) -> int:
+    rec = ctx.reconciler()
+    ref = ctx.hv.lookup(args.domain)
+    with host_lock(ctx.cfg.domain_lock_path(ref.uuid)):
+        xml = ctx.hv.persistent_xml(ref.uuid)
+        facts, plan = rec.plan_xml(ref, xml)
+        _managed(ref, facts, plan)
+        md = facts.firmware.metadata
+        running = facts.live.booted_sha256 if facts.live is not None else None
+        if args.build:
+            sha = _resolve_build(rec, facts, args.build)
+            _check_fit(rec, ctx, facts, sha, args.force)
+        else:
+            sha = running or md.pinned_sha256 or md.build_code_sha256 or ""
+        # A catalog build is archived now, so the pin survives its upgrade.
+        for build in rec.catalog.by_code_sha(sha)[:1]:
+            rec.archive_build(build)
+        pinned = set_metadata(xml, admin_pin(md, sha, args.reason, rec.clock(), ref.name))
+        new_facts, new_plan = rec.plan_xml(ref, pinned)
+        if new_plan.status is not Status.PINNED:
+            raise Refused(f"cannot pin domain '{ref.name}' to build {sha[:12]}: {new_plan.detail}")
+        final = _final_xml(new_plan, pinned)
+        _write(rec, ref, xml, final, f"pinned to build {sha[:12]} by the admin")
+    print(f"{ref.name}: pinned to build {sha[:12]} ({new_plan.code}){_when(facts)}")
+    return EXIT_OK
+
+
+def cmd_unpin(ctx: Context, args: argparse.Namespace) -> int:
+    rec = ctx.reconciler()
+    ref = ctx.hv.lookup(args.domain)
+    with host_lock(ctx.cfg.domain_lock_path(ref.uuid)):
+        xml = ctx.hv.persistent_xml(ref.uuid)
+        md = parse_domain(xml).metadata
+        kind = md.pin_kind
+        if kind is None:
+            print(f"{ref.name}: not pinned")
+            return EXIT_OK
+        if kind is PinKind.POLICY:
+            raise Refused(f"domain '{ref.name}' is held back by upgrade_policy = \"manual\", not by an admin pin; "
+                          f"'varsctl upgrade approve {ref.name}' lets the new build through")
+        if kind is PinKind.INCOMPATIBLE:
+            raise Refused(f"domain '{ref.name}' is held on build {short(md.pinned_sha256)} because the central build "
+                          f"does not fit its varstore; 'varsctl migrate {ref.name}' resolves that")
+        released = md.without_pin()
+        unpinned = (replace_loader_code(xml, md.build_code_path, released) if md.build_code_path
+                    else set_metadata(xml, released))
+        facts, plan = rec.plan_xml(ref, unpinned)
+        _write(rec, ref, xml, _final_xml(plan, unpinned), f"unpinned from build {short(md.pinned_sha256)} by the admin")
+    print(f"{ref.name}: unpinned; now {plan.status.value}: {plan.detail}")
+    return EXIT_ATTENTION if plan.status in (Status.ERROR, Status.NEEDS_MIGRATION) else EXIT_OK
+
+
+def _approve_one(rec: Reconciler, ctx: Context, ref, named: bool) -> Outcome | None:
+    """Let a held-back build through to one domain; None when there is nothing to approve."""
+    with host_lock(ctx.cfg.domain_lock_path(ref.uuid)):
+        xml = ctx.hv.persistent_xml(ref.uuid)
+        facts, _ = rec.plan_xml(ref, xml)
+        fw = facts.firmware
+        md = fw.metadata
+        kind = md.pin_kind
+        if kind is PinKind.ADMIN or kind is PinKind.INCOMPATIBLE:
+            if named:
+                why = (f"pinned by an admin to build {short(md.pinned_sha256)}; 'varsctl unpin {ref.name}' first"
+                       if kind is PinKind.ADMIN else
+                       f"the central build does not fit its varstore; 'varsctl migrate {ref.name}' resolves that")
+                print(f"{ref.name}: not approved: {why}")
+            return None
+        if kind is PinKind.POLICY and md.build_code_path:
+            candidate = replace_loader_code(xml, md.build_code_path, md.without_pin())
+        else:
+            central = central_at(rec.catalog, md.build_code_path)
+            if not (tracks_central(fw, facts.image) and central is not None
+                    and central.code_sha256 != md.build_code_sha256):
+                if named:
+                    print(f"{ref.name}: nothing held back")
+                return None
+            candidate = xml
+        _, plan = rec.plan_xml(ref, candidate, policy="auto")
+        final = _final_xml(plan, candidate)
+        if final == xml:
+            if named:
+                print(f"{ref.name}: nothing held back")
+            return None
+        _write(rec, ref, xml, final, "firmware upgrade approved by the admin")
+    outcome = rec.reconcile(ref, apply=False)
+    print(f"{ref.name}: approved; now {outcome.status.value}: {outcome.detail}")
+    return outcome
+
+
+def cmd_approve(ctx: Context, args: argparse.Namespace) -> int:
+    if bool(args.domains) == bool(args.all):
+        print("varsctl upgrade approve: name domains or give --all (not both)", file=sys.stderr)
+        return EXIT_USAGE
+    rec = ctx.reconciler()
+    refs = ctx.refs(args.domains)
+    outcomes = []
+    failed = False
+    for ref in refs:
+        try:
+            outcome = _approve_one(rec, ctx, ref, named=bool(args.domains))
+        except VarsdError as exc:
+            print(f"{ref.name}: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        if outcome is not None:
+            outcomes.append(outcome)
+    if args.all and not outcomes and not failed:
+        print("upgrade approve --all: no domain has a held-back build")
+    attention = failed or any(o.status in (Status.ERROR, Status.NEEDS_MIGRATION) for o in outcomes)
+    return EXIT_ATTENTION if attention else EXIT_OK
+
+
+def _refusing(func):
+    """Refused is the command saying no: the reason on stderr, exit 1."""
+
+    def run(ctx: Context, args: argparse.Namespace) -> int:
+        try:
+            return func(ctx, args)
+        except Refused as exc:
+            print(f"varsctl: {exc}", file=sys.stderr)
+            return EXIT_ATTENTION
+
+    return run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to varsctl's parser."""
+    fw = sub.add_parser("firmware", help="firmware builds: sync after package changes, list, history")
+    fsub = fw.add_subparsers(dest="firmware_command", required=True)
+    s = fsub.add_parser("sync", help="notice firmware package changes, archive builds, plan every domain "
+                        "(for package hooks; exit 0 done, 1 attention, 2 could not run)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("domains", nargs="*", metavar="DOMAIN", help="only these domains (default: all)")
+    s.set_defaults(func=cmd_sync)
+    ls = fsub.add_parser("list", help="catalog builds and archived builds (digests for 'pin --build')")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_list)
+    h = fsub.add_parser("history", help="when each watched code image appeared, changed or was removed")
+    h.add_argument("--limit", type=int, default=50)
+    h.add_argument("--json", action="store_true")
+    h.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("pin", help="hold a domain on a build (default: the one it runs / is bound to)")
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("--build", metavar="SHA", help="code sha256 (or a prefix) of a catalog or archived build")
+    p.add_argument("--reason", help="why (kept in the domain's metadata)")
+    p.add_argument("--force", action="store_true", help="pin to a build whose varstore layout is not known")
+    p.set_defaults(func=_refusing(cmd_pin))
+    u = sub.add_parser("unpin", help="release an admin's pin (the domain follows the central build again)")
+    u.add_argument("domain", metavar="DOMAIN")
+    u.set_defaults(func=_refusing(cmd_unpin))
+
+    up = sub.add_parser("upgrade", help="firmware upgrades held back by upgrade_policy = \"manual\"")
+    upsub = up.add_subparsers(dest="upgrade_command", required=True)
+    a = upsub.add_parser("approve", help="let the new central build through (applies at the next cold boot)")
+    a.add_argument("domains", nargs="*", metavar="DOMAIN")
+    a.add_argument("--all", action="store_true", help="every domain with a held-back build")
+    a.set_defaults(func=_refusing(cmd_approve))

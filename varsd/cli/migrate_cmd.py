@@ -23,12 +23,13 @@ from varsd.engine.migration import (
 from varsd.errors import HypervisorError, VarsdError
 
 
-def _done_line(result: MigrationResult) -> str:
+def _done_text(result: MigrationResult) -> str:
     plan = result.plan
-    where = plan.varstore if plan.in_place else f"new varstore {plan.varstore} (the unified image {plan.source} is " \
-        "unchanged; remove it when no longer needed)"
+    where = plan.varstore if plan.in_place else (
+        f"new varstore {plan.varstore} (the unified image {plan.source} is unchanged; remove it when no longer "
+        "needed)")
     return (
-        f"{plan.name}: migrated {result.variables} variable(s) into {where} "
+        f"migrated {result.variables} variable(s) into {where} "
         f"({plan.source_layout.size} -> {plan.target_layout.size} bytes, template {plan.template}); "
         f"now boots {plan.target.label} ({plan.target.origin}); backup: {result.backup}"
     )
@@ -47,7 +48,7 @@ def _one(migrator: Migrator, ctx: Context, args: argparse.Namespace) -> int:
     except (MigrationRefused, MigrationFailed) as exc:
         print(f"varsctl: {exc}", file=sys.stderr)
         return EXIT_ATTENTION
-    print(_done_line(result))
+    print(f"{ref.name}: {_done_text(result)}")
     return EXIT_OK
 
 
@@ -67,11 +68,12 @@ def _all(migrator: Migrator, ctx: Context, args: argparse.Namespace) -> int:
             skipped += 1
             print(f"{head}: skipped: {cand.skip}")
             continue
-        print(f"{head}: migrating ({cand.detail})", flush=True)
         try:
             if args.dry_run:
                 print(f"{head}: would migrate: {migrator.plan(cand.ref).describe()}")
+                migrated += 1
                 continue
+            print(f"{head}: migrating ({cand.detail})", flush=True)
             result = migrator.migrate(cand.ref)
         except NothingToMigrate as exc:
             print(f"{head}: {exc}")
@@ -87,11 +89,9 @@ def _all(migrator: Migrator, ctx: Context, args: argparse.Namespace) -> int:
             print(f"{head}: FAILED: {exc}")
             continue
         migrated += 1
-        print(f"{head}: {_done_line(result).split(': ', 1)[1]}", flush=True)
-    if args.dry_run:
-        print(f"migrate --all: dry run: {total - skipped} would be migrated, {skipped} skipped (running)")
-    else:
-        print(f"migrate --all: {migrated} migrated, {failed} failed, {skipped} skipped (running)")
+        print(f"{head}: {_done_text(result)}", flush=True)
+    verb = "would be migrated (dry run)" if args.dry_run else "migrated"
+    print(f"migrate --all: {migrated} {verb}, {failed} failed, {skipped} skipped (running)")
     return EXIT_ATTENTION if failed or skipped or errors else EXIT_OK
 
 

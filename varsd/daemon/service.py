@@ -12,6 +12,13 @@ Theory of operation:
   libvirtd is away, and never spins.
 - SIGTERM/SIGINT: the worker finishes the domain in hand, then the process exits.
   SIGHUP: reload the config and the firmware catalog, then queue a full pass.
+- Firmware upgrades (varsd.engine.firmware_sync): at start-up every code image the
+  catalog lists is archived and recorded, before a package upgrade can replace it.
+  Every FIRMWARE_CHECK_INTERVAL seconds a stat() of the descriptor directories and
+  the watched code images tells whether the package manager changed anything; if so
+  the catalog is reloaded, new images archived, the change recorded and a full pass
+  queued (so a host without package hooks converges too). Once a day the archive is
+  pruned of builds nobody has used for `archive_retention_days`.
 """
 
 from __future__ import annotations
@@ -31,10 +38,12 @@ from varsd.adapters.libvirt_events import LifecycleEvent, Subscription, start_ev
 from varsd.config import Config, qemu_owner
 from varsd.daemon.notify import sd_notify, watchdog_interval
 from varsd.daemon.workqueue import WorkQueue
+from varsd.engine import firmware_sync
 from varsd.engine.boots import booted, record_boot
 from varsd.engine.inspect import FileInspector
 from varsd.engine.reconciler import Reconciler, utc_now
 from varsd.errors import HypervisorError, VarsdError
+from varsd.firmware.archive import Archive
 from varsd.firmware.catalog import load_catalog
 from varsd.model.domain import Status
 
@@ -45,6 +54,8 @@ BOOT_PREFIX = "boot:"
 # waits far more than it computes); the
 # queue never hands the same domain to both, and acting takes the domain's lock.
 WORKERS = 4
+FIRMWARE_CHECK_INTERVAL = 30  # seconds between stat() checks of the firmware files
+ARCHIVE_PRUNE_INTERVAL = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -81,7 +92,10 @@ class Service:
         self.inspector = FileInspector()
         self.journal = Journal(cfg.journal_path)
         self.owner = qemu_owner(cfg)
+        self.archive = Archive(cfg.archive_dir, state_dir=cfg.state_dir)
         self.catalog = self._load_catalog()
+        self._firmware_watch: tuple | None = None  # last watch_signature seen
+        self._firmware_lock = threading.Lock()  # one firmware check at a time
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._disconnected = threading.Event()
@@ -119,6 +133,15 @@ class Service:
             w.start()
         self._scheduler.add_job(
             self.queue_full_pass, "interval", seconds=self.cfg.reconcile_interval, id="full-pass",
+            max_instances=1, coalesce=True,
+        )
+        self.check_firmware(force=True)  # archive what is there before anything can replace it
+        self._scheduler.add_job(
+            self.check_firmware, "interval", seconds=FIRMWARE_CHECK_INTERVAL, id="firmware-check",
+            max_instances=1, coalesce=True,
+        )
+        self._scheduler.add_job(
+            self.prune_archive, "interval", seconds=ARCHIVE_PRUNE_INTERVAL, id="archive-prune",
             max_instances=1, coalesce=True,
         )
         self._scheduler.start()
@@ -174,7 +197,7 @@ class Service:
             self._subscription = subscription
             self.reconciler = Reconciler(
                 self.cfg, hv, self.catalog, self.journal, self.owner, actor="varsd", clock=self.clock,
-                inspector=self.inspector,
+                inspector=self.inspector, archive=self.archive,
             )
         log.info("connected to %s: %d domains, full reconcile queued", self.cfg.uri, len(refs))
         if not self.ready.is_set():
@@ -228,13 +251,77 @@ class Service:
         catalog = self._load_catalog(cfg)
         with self._lock:
             self.cfg, self.catalog = cfg, catalog
+            if cfg.archive_dir != self.archive.directory:
+                self.archive = Archive(cfg.archive_dir, state_dir=cfg.state_dir)
             if self.reconciler is not None:
                 self.reconciler.cfg, self.reconciler.catalog = cfg, catalog
+                self.reconciler.archive = self.archive
         log.info("configuration and firmware catalog reloaded")
+        self._refresh_firmware(catalog)
         if reconnect:
             self._disconnected.set()  # the new URI: reconnect, which queues everything
         else:
             self.queue_full_pass()
+
+    # -- firmware upgrades -----------------------------------------------------------
+
+    def check_firmware(self, *, force: bool = False) -> bool:
+        """The cheap change signal (module doc); True when firmware changed and was handled.
+
+        The signature is taken *before* the catalog is read: a file that changes while
+        it is being read changes the next signature too, so the next check reads again.
+        """
+        with self._firmware_lock:
+            try:
+                watched = self.journal.firmware_state().keys()
+            except VarsdError as exc:
+                log.error("firmware check: %s", exc)
+                watched = set()
+            signature = firmware_sync.watch_signature(self.cfg, self.catalog, watched)
+            if not force and signature == self._firmware_watch:
+                return False
+            first = self._firmware_watch is None
+            self._firmware_watch = signature
+            if not first:
+                log.info("firmware files changed; reloading the firmware catalog")
+            catalog = self._load_catalog()
+            with self._lock:
+                self.catalog = catalog
+                if self.reconciler is not None:
+                    self.reconciler.catalog = catalog
+            self._refresh_firmware(catalog)
+        if not first:
+            self.queue_full_pass()
+        return True
+
+    def _refresh_firmware(self, catalog) -> None:
+        try:
+            found = firmware_sync.refresh(self.cfg, self.journal, self.archive, catalog=catalog,
+                                          inspector=self.inspector, clock=self.clock)
+        except VarsdError as exc:
+            log.error("firmware archive: %s", exc)
+            return
+        for item in found.archived:
+            sha, _, path = item.partition(" ")
+            log.info("firmware archive: stored build %s from %s", sha[:12], path)
+        for change in found.changes:
+            self.notify(f"STATUS=firmware {change.describe()}")
+
+    def prune_archive(self) -> list[str]:
+        """Drop archived builds nobody is bound to, pinned to or running, after retention."""
+        with self._lock:
+            hv, rec = self.hv, self.reconciler
+        if hv is None or rec is None:
+            return []
+        try:
+            pruned = firmware_sync.prune_daemon(rec, self.journal, hv.list_domains(), clock=self.clock)
+        except VarsdError as exc:
+            log.warning("firmware archive: not pruned: %s", exc)
+            return []
+        for sha in pruned:
+            log.info("firmware archive: pruned build %s (unused for %d days)", sha[:12],
+                     self.cfg.archive_retention_days)
+        return pruned
 
     def _load_catalog(self, cfg: Config | None = None):
         cfg = cfg or self.cfg

@@ -11,8 +11,10 @@ stops the pass.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from varsd.adapters.journal import Journal
@@ -24,9 +26,11 @@ from varsd.engine.inspect import FileInspector
 from varsd.engine.lock import host_lock
 from varsd.engine.provision import provision_varstore
 from varsd.errors import HypervisorError, VarsdError
+from varsd.firmware.archive import Archive, ArchiveError, ArchiveIndex, is_archive_path, sha_of_archive_path
 from varsd.model.domain import FirmwareConfig, Status
-from varsd.model.firmware import Catalog
+from varsd.model.firmware import Build, Catalog
 from varsd.planning.repair import CreateVarstore, DomainFacts, Plan, Redefine, plan_repair
+from varsd.planning.upgrade import UpgradeContext
 
 log = logging.getLogger("varsd.reconcile")
 
@@ -72,6 +76,7 @@ class Outcome:
             "status": self.status.value,
             "detail": self.detail,
             "build": self.plan.build.code_sha256 if self.plan.build else None,
+            "code_sha256": self.plan.next_boot_sha256,
             "changes": list(self.done),
         }
 
@@ -87,6 +92,7 @@ class _Memo:
     xml: str
     live_xml: str | None
     catalog: Catalog
+    upgrades: UpgradeContext
     excluded: bool
     persistent: bool
     paths: tuple[str, ...]
@@ -108,6 +114,10 @@ class StaleDefinition(VarsdError):
     """The domain was redefined by someone else between our read and our write."""
 
 
+ARCHIVE_RECHECK = 1.0  # seconds an archive snapshot serves the planner before it is re-listed
+ARCHIVE_RETRY = 60.0  # seconds before archiving a build that failed (e.g. changed under us) is tried again
+
+
 class Reconciler:
     def __init__(
         self,
@@ -120,6 +130,7 @@ class Reconciler:
         actor: str = "varsctl",
         clock: Callable[[], str] = utc_now,
         inspector: FileInspector | None = None,
+        archive: Archive | None = None,
     ) -> None:
         self.cfg = cfg
         self.hv = hv
@@ -129,7 +140,81 @@ class Reconciler:
         self.actor = actor
         self.clock = clock
         self.inspector = inspector or FileInspector()
+        self.archive = archive if archive is not None else Archive(cfg.archive_dir, state_dir=cfg.state_dir)
         self._memo: dict[str, _Memo] = {}
+        self._upgrades: tuple[float, UpgradeContext] | None = None
+        self._archive_lock = threading.Lock()
+        self._archive_tried: dict[str, float] = {}  # sha -> monotonic time of a failed attempt
+
+    # -- upgrade context -----------------------------------------------------------
+
+    def upgrade_context(self, *, policy: str | None = None) -> UpgradeContext:
+        """Policy and a verified archive snapshot for the planner, re-listed at most every
+        ARCHIVE_RECHECK seconds (a full pass must not re-list the archive per domain)."""
+        with self._archive_lock:
+            cached = self._upgrades
+            if cached is None or time.monotonic() - cached[0] > ARCHIVE_RECHECK \
+                    or cached[1].policy != self.cfg.upgrade_policy:
+                try:
+                    index = self.archive.index()
+                except ArchiveError as exc:
+                    log.error("%s", exc)
+                    index = ArchiveIndex(self.archive.directory)
+                try:
+                    features = {sha: b.features for sha, b in self.journal.archived_builds().items()
+                                if b.layout is not None}
+                except VarsdError as exc:
+                    log.error("%s", exc)
+                    features = {}
+                fresh = UpgradeContext(policy=self.cfg.upgrade_policy, archive=index, features=features)
+                if cached is not None and cached[1] == fresh:
+                    fresh = cached[1]  # the same object: memoised plans stay valid (they compare identity)
+                cached = (time.monotonic(), fresh)
+                self._upgrades = cached
+        ctx = cached[1]
+        return ctx if policy is None or policy == ctx.policy else replace(ctx, policy=policy)
+
+    def _invalidate_archive(self) -> None:
+        with self._archive_lock:
+            self._upgrades = None
+
+    def archive_build(self, build: Build | None) -> None:
+        """Keep a copy of the build a domain is bound to, before an upgrade can replace it.
+
+        Best effort: a failure is logged and retried later, never a domain error (the
+        file may have been replaced since the catalog was read; the next catalog
+        reload archives what is there now).
+        """
+        if build is None:
+            return
+        sha = build.code_sha256
+        if sha in self.upgrade_context().archive.verified:
+            return
+        with self._archive_lock:
+            tried = self._archive_tried.get(sha)
+            if tried is not None and time.monotonic() - tried < ARCHIVE_RETRY:
+                return
+            self._archive_tried[sha] = time.monotonic()
+        try:
+            with host_lock(self.cfg.firmware_lock_path):
+                stored = self.archive.store_file(build.code_path, expect_sha256=sha)
+                at = self.clock()
+                self.journal.note_archived(sha256=sha, code_path=build.code_path, size=stored.entry.size,
+                                           at=at, layout=build.layout, features=build.features)
+                # The first sight of a build is history too, so a later sync reports a change
+                # of it as `changed`, not as `appeared`.
+                known = self.journal.firmware_state().get(build.code_path)
+                if known != sha:
+                    event = "appeared" if known is None else "changed"
+                    self.journal.record_firmware(at, [(build.code_path, sha, event)])
+        except VarsdError as exc:
+            log.warning("firmware archive: %s", exc)
+            return
+        with self._archive_lock:
+            self._archive_tried.pop(sha, None)
+        if stored.created:
+            log.info("firmware archive: stored build %s from %s", sha[:12], build.code_path)
+        self._invalidate_archive()
 
     # -- reading -----------------------------------------------------------------
 
@@ -140,35 +225,51 @@ class Reconciler:
         xml = self.hv.persistent_xml(ref.uuid)
         live_xml = self.hv.live_xml(ref.uuid) if ref.active else None
         excluded = self.cfg.is_excluded(ref.name, ref.uuid)
+        upgrades = self.upgrade_context()
         memo = self._memo.get(ref.uuid)
         if (
             memo is not None
             and memo.xml == xml
             and memo.live_xml == live_xml
             and memo.catalog is self.catalog
+            and memo.upgrades is upgrades
             and memo.excluded == excluded
             and memo.persistent == ref.persistent
             and memo.stats == tuple(self.inspector.stat_key(p) for p in memo.paths)
         ):
             return memo.facts, memo.plan
+        facts = self.facts(xml, live_xml, excluded=excluded, persistent=ref.persistent)
+        plan = plan_repair(facts, self.catalog, self.cfg.nvram_dir, self.clock(), upgrades)
+        if plan.actions:
+            self._memo.pop(ref.uuid, None)
+        else:
+            fw = facts.firmware
+            paths = tuple(p for p in (firmware_image_path(fw), fw.nvram_path) if p)
+            self._memo[ref.uuid] = _Memo(
+                xml, live_xml, self.catalog, upgrades, excluded, ref.persistent, paths,
+                tuple(self.inspector.stat_key(p) for p in paths), facts, plan,
+            )
+        return facts, plan
+
+    def facts(self, xml: str, live_xml: str | None, *, excluded: bool = False, persistent: bool = True) -> DomainFacts:
+        """What the planner looks at for this XML: parsed, plus the files it names."""
         fw = parse_domain(xml)
         live = parse_domain(live_xml) if live_xml else None
         image_path = firmware_image_path(fw)
         image = self.inspector.inspect(image_path, digest=True) if image_path else None
         nvram = self.inspector.inspect(fw.nvram_path, digest=False) if fw.nvram_path else None
-        facts = DomainFacts(
-            xml=xml, firmware=fw, live=live, image=image, nvram=nvram, excluded=excluded, persistent=ref.persistent
+        return DomainFacts(
+            xml=xml, firmware=fw, live=live, image=image, nvram=nvram, excluded=excluded, persistent=persistent
         )
-        plan = plan_repair(facts, self.catalog, self.cfg.nvram_dir, self.clock())
-        if plan.actions:
-            self._memo.pop(ref.uuid, None)
-        else:
-            paths = tuple(p for p in (image_path, fw.nvram_path) if p)
-            self._memo[ref.uuid] = _Memo(
-                xml, live_xml, self.catalog, excluded, ref.persistent, paths,
-                tuple(self.inspector.stat_key(p) for p in paths), facts, plan,
-            )
-        return facts, plan
+
+    def plan_xml(self, ref: DomainRef, xml: str, *, policy: str | None = None) -> tuple[DomainFacts, Plan]:
+        """Plan for a definition the domain does not have yet (what varsctl pin, unpin and
+        approve are about to write), so their one redefinition is already what the planner
+        wants and the daemon has nothing left to change. Never memoised."""
+        live_xml = self.hv.live_xml(ref.uuid) if ref.active else None
+        facts = self.facts(xml, live_xml, excluded=self.cfg.is_excluded(ref.name, ref.uuid), persistent=ref.persistent)
+        return facts, plan_repair(facts, self.catalog, self.cfg.nvram_dir, self.clock(),
+                                  self.upgrade_context(policy=policy))
 
     # -- acting ------------------------------------------------------------------
 
@@ -180,22 +281,10 @@ class Reconciler:
         on what it read before the other changed it.
         """
         try:
-            if apply and ref.uuid not in self._memo:
-                # Not known compliant (a new domain, most likely to need work): look
-                # once, under the lock, instead of looking twice.
-                with host_lock(self.cfg.domain_lock_path(ref.uuid)):
-                    facts, plan = self.examine(ref)
-                    return Outcome(ref, plan, self._execute(ref, facts, plan) if plan.actions else ())
-            facts, plan = self.examine(ref)
-            if not apply or not plan.actions:
-                return Outcome(ref, plan, unrepaired=bool(plan.actions) and _changes_firmware(facts, plan))
-            with host_lock(self.cfg.domain_lock_path(ref.uuid)):
-                if self.hv.persistent_xml(ref.uuid) != facts.xml:
-                    # Another actor changed it since we looked: look again, under the lock.
-                    facts, plan = self.examine(ref)
-                if not plan.actions:
-                    return Outcome(ref, plan)
-                return Outcome(ref, plan, self._execute(ref, facts, plan))
+            outcome = self._reconcile(ref, apply)
+            if apply:
+                self.archive_build(outcome.plan.build)
+            return outcome
         except HypervisorError as exc:
             if exc.retryable:
                 raise
@@ -204,6 +293,36 @@ class Reconciler:
         except VarsdError as exc:
             log.error("domain '%s': %s", ref.name, exc)
             return _error(ref, str(exc))
+
+    def _reconcile(self, ref: DomainRef, apply: bool) -> Outcome:
+        if apply and ref.uuid not in self._memo:
+            # Not known compliant (a new domain, most likely to need work): look
+            # once, under the lock, instead of looking twice.
+            with host_lock(self.cfg.domain_lock_path(ref.uuid)):
+                facts, plan = self.examine(ref)
+                return Outcome(ref, plan, self._execute(ref, facts, plan) if plan.actions else ())
+        facts, plan = self.examine(ref)
+        if not apply or not plan.actions:
+            return Outcome(ref, plan, unrepaired=bool(plan.actions) and _changes_firmware(facts, plan))
+        with host_lock(self.cfg.domain_lock_path(ref.uuid)):
+            if self.hv.persistent_xml(ref.uuid) != facts.xml:
+                # Another actor changed it since we looked: look again, under the lock.
+                facts, plan = self.examine(ref)
+            if not plan.actions:
+                return Outcome(ref, plan)
+            return Outcome(ref, plan, self._execute(ref, facts, plan))
+
+    def verify_archived_loader(self, ref: DomainRef, xml: str) -> None:
+        """Verify-before-use: a definition about to boot an archived image gets it only if
+        the file's content still has the digest its name promises (ArchiveError if not)."""
+        loader = parse_domain(xml).loader_path
+        if not is_archive_path(self.archive.directory, loader):
+            return
+        sha = sha_of_archive_path(loader or "")
+        entry = self.archive.verify(sha or "")
+        if not entry.ok:
+            self._invalidate_archive()
+            raise ArchiveError(f"domain '{ref.name}': not pointed at {loader}: {entry.problem}")
 
     def _execute(self, ref: DomainRef, facts: DomainFacts, plan: Plan) -> tuple[str, ...]:
         done: list[str] = []
@@ -216,6 +335,7 @@ class Reconciler:
                 done.append(f"{what} varstore {action.path}")
                 log.info("domain '%s': %s varstore %s from %s", ref.name, what, action.path, action.source)
             elif isinstance(action, Redefine):
+                self.verify_archived_loader(ref, action.xml)
                 self.redefine(ref, facts.xml, action.xml, action.reason)
                 done.append(f"redefined: {action.reason}")
         return tuple(done)

@@ -11,8 +11,11 @@ the result of a plan's actions yields no actions.
 Rules, in order (early returns):
 - opted out, excluded, transient, SeaBIOS, confidential, stateless, autoselect, or a
   varstore on a block device or network storage: left alone, reported `unmanaged`;
-- pinned (varsd metadata `<pin sha256>`): the loader is left where the pin put it,
-  reported `pinned`; a loader that no longer has the pinned digest is an `error`;
+- pinned (varsd metadata `<pin sha256 by>`): held on that build (`varsd.planning.upgrade`
+  decides whether the hold stays; an admin's always does). The loader is the pinned
+  build's file: kept when it is, else the central path or the verified archived copy;
+  reported `pinned` (`needs-migration` for an `incompatible` hold); no usable copy:
+  `error`, untouched;
 - Secure Boot or not is what the domain's *code* is (its digest, else its path, in the
   catalog); the XML's `secure='yes'` decides only when the code is unknown. Swapping
   one for the other changes what the guest trusts, so no rule ever does;
@@ -25,6 +28,8 @@ Rules, in order (early returns):
   byte and paired with a build of the same layout, so no variable is lost; no such
   build -> `needs-migration`, unchanged. A running guest may still write its image, so
   the split waits until it is shut off;
+- split, bound to a build and booting the bound path, whose file changed or went away:
+  `varsd.planning.upgrade` rules (rebind, hold on the archived build, or wait);
 - split: compliant when the loader is a catalog build's code (by path, or a symlink to
   it) and the varstore has that build's layout; a stale private code copy or an
   unknown/missing code path is repointed to the central code of a build whose layout
@@ -35,8 +40,10 @@ Rules, in order (early returns):
   this waits, as the guest may still write the shared file;
 - a Secure Boot build needs SMM, which needs a q35 machine: otherwise `error`, and the
   XML is not touched.
-A running domain whose persistent firmware differs from what it booted is reported
-`pending-cold-boot`: changes apply at its next cold boot.
+A running domain whose persistent firmware differs from what it booted (the code
+path, the varstore, or the digest of the code its QEMU process opened, from the boot
+record in its live XML) is reported `pending-cold-boot`: changes apply at its next
+cold boot.
 """
 
 from __future__ import annotations
@@ -46,10 +53,12 @@ import re
 from dataclasses import dataclass, replace
 
 from varsd.domain.classify import classify, firmware_image_path
-from varsd.domain.xml import FirmwareEdit, apply_edit, nvram_storage, parse_domain, set_metadata
+from varsd.domain.xml import FirmwareEdit, apply_edit, nvram_storage, parse_domain, replace_loader_code, set_metadata
 from varsd.firmware.selection import explain_no_build, select_build
 from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig, Status, VarsdMetadata
 from varsd.model.firmware import Build, Catalog, MappingMode, VarstoreLayout
+from varsd.planning import upgrade
+from varsd.planning.upgrade import Hold, Track, UpgradeContext, Wait
 
 
 @dataclass(frozen=True)
@@ -99,7 +108,15 @@ class Plan:
     build: Build | None = None
     code: str | None = None  # firmware image the next cold boot maps
     varstore: str | None = None
+    code_sha256: str | None = None  # its digest, when known (else the build's)
 
+    @property
+    def next_boot_sha256(self) -> str | None:
+        """Digest of the code the next cold boot maps, when the plan knows it."""
+        return self.code_sha256 or (self.build.code_sha256 if self.build is not None else None)
+
+
+DEFAULT_UPGRADES = UpgradeContext()
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_+.-]+$")
 
@@ -175,17 +192,32 @@ def _provenance(md: VarsdMetadata, build: Build, source: str, now: str) -> Varsd
 
 
 def _finish(facts: DomainFacts, plan: Plan) -> Plan:
-    """Turn an applied-or-clean plan into `pending-cold-boot` when a running guest differs."""
+    """Turn an applied-or-clean plan into `pending-cold-boot` when a running guest differs.
+
+    A package upgrade replaces the code file by rename while QEMU keeps the old one open,
+    and a guest reboot keeps the same QEMU process: the boot record's digest, not the
+    path, says what the guest runs.
+    """
     live = facts.live
     if live is None or plan.status is not Status.OK:
         return plan
+    booted, next_sha = live.booted_sha256, plan.next_boot_sha256
+    if booted and next_sha and booted != next_sha:
+        return replace(plan, status=Status.PENDING_COLD_BOOT, detail=(
+            f"{plan.detail}; running build {upgrade.short(booted)}, build {upgrade.short(next_sha)} "
+            "applies at next cold boot"))
     if (live.loader_path, live.nvram_path) != (plan.code, plan.varstore):
         return replace(plan, status=Status.PENDING_COLD_BOOT, detail=plan.detail + "; applies at next cold boot")
     return plan
 
 
-def plan_repair(facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str) -> Plan:
-    """The plan for one domain (module rules); never raises for a domain's configuration."""
+def plan_repair(
+    facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str, upgrades: UpgradeContext = DEFAULT_UPGRADES
+) -> Plan:
+    """The plan for one domain (module rules); never raises for a domain's configuration.
+
+    `upgrades` carries the upgrade policy and the verified archive (default: auto, empty).
+    """
     fw = facts.firmware
     image = facts.image
     config = classify(fw, image, catalog)
@@ -211,7 +243,7 @@ def plan_repair(facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str) 
     if storage not in (None, "file"):
         return _unmanaged(config, f"varstore on {storage} storage (<nvram type='{storage}'>): not a local file", fw)
     if fw.metadata.pinned_sha256:
-        return _plan_pinned(facts, config)
+        return _plan_pinned(facts, config, catalog, upgrades, now)
     if not fw.arch or not fw.machine:
         return Plan(config, Status.ERROR, "domain XML has no <os><type arch machine>", code=fw.loader_path)
     secure = wants_secure_boot(fw, image, catalog)
@@ -223,18 +255,49 @@ def plan_repair(facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str) 
         return _finish(facts, _plan_new_varstore(facts, config, catalog, nvram_dir, now, secure))
     if config is FirmwareConfig.UNIFIED:
         return _finish(facts, _plan_unified(facts, catalog, nvram_dir, now, secure))
-    return _finish(facts, _plan_split(facts, catalog, nvram_dir, now, secure))
+    return _finish(facts, _plan_split(facts, catalog, nvram_dir, now, secure, upgrades))
 
 
-def _plan_pinned(facts: DomainFacts, config: FirmwareConfig) -> Plan:
+def _plan_pinned(facts: DomainFacts, config: FirmwareConfig, catalog: Catalog, ctx: UpgradeContext,
+                 now: str) -> Plan:
+    fw = facts.firmware
+    layout = facts.nvram.varstore_layout if facts.nvram is not None and facts.nvram.exists else None
+    decision = upgrade.decide_pinned(fw, catalog, layout, upgrade.had_secure_boot(fw, catalog, ctx), ctx.policy)
+    if isinstance(decision, Track):
+        build = decision.build
+        md = upgrade.released_metadata(fw.metadata, build)
+        xml = replace_loader_code(facts.xml, build.code_path, md)
+        return _finish(facts, Plan(config, Status.OK, decision.note, actions=(Redefine(xml, decision.note),),
+                                   build=build, code=build.code_path, varstore=fw.nvram_path))
+    return _plan_hold(facts, config, decision, catalog, ctx, now)
+
+
+def _plan_hold(facts: DomainFacts, config: FirmwareConfig, hold: Hold, catalog: Catalog, ctx: UpgradeContext,
+               now: str) -> Plan:
+    """Keep the domain on a build it booted with this varstore: only the loader path and the
+    pin change, so the varstore, its template and the Secure Boot/SMM attributes stay."""
     fw, image = facts.firmware, facts.image
-    pin = fw.metadata.pinned_sha256 or ""
-    if image is not None and image.sha256 == pin:
-        return Plan(config, Status.PINNED, f"pinned to build {pin[:12]} ({fw.loader_path})",
-                    code=firmware_image_path(fw), varstore=fw.nvram_path)
-    return Plan(config, Status.ERROR, f"pinned to build {pin[:12]}, but {firmware_image_path(fw)} is "
-                f"{'missing' if image is None or not image.exists else 'another build'}; left untouched, "
-                "re-pin or unpin with varsctl", code=firmware_image_path(fw), varstore=fw.nvram_path)
+    status = upgrade.hold_status(hold.kind)
+    place = upgrade.place_hold(hold.candidates, image, fw, catalog, ctx.archive)
+    if isinstance(place, str):
+        if fw.metadata.pinned_sha256:
+            return Plan(config, Status.ERROR, f"held on build {upgrade.short(fw.metadata.pinned_sha256)} "
+                        f"({hold.reason}), but {firmware_image_path(fw)} is not that build and {place}; left "
+                        "untouched: re-pin or unpin with varsctl", code=firmware_image_path(fw), varstore=fw.nvram_path)
+        return Plan(config, Status.NEEDS_MIGRATION if status is Status.NEEDS_MIGRATION else Status.ERROR,
+                    f"{hold.reason}; but it cannot be held on its build: {place}; left unchanged",
+                    code=fw.loader_path, varstore=fw.nvram_path)
+    md = upgrade.held_metadata(fw.metadata, hold, place.sha256, now, fw.name)
+    detail = f"{hold.reason} (held on build {upgrade.short(place.sha256)}: {place.code_path})"
+    live = facts.live
+    if live is not None and live.booted_sha256 and live.booted_sha256 != place.sha256:
+        detail += f"; running build {upgrade.short(live.booted_sha256)} until its next cold boot"
+    actions: tuple[Action, ...] = ()
+    if place.code_path != fw.loader_path or md != fw.metadata:
+        what = f"held on build {upgrade.short(place.sha256)} ({hold.kind.value})"
+        actions = (Redefine(replace_loader_code(facts.xml, place.code_path, md), what),)
+    return Plan(config, status, detail, actions=actions, code=place.code_path, varstore=fw.nvram_path,
+                code_sha256=place.sha256)
 
 
 def _template_layouts(catalog: Catalog, template: str) -> set[VarstoreLayout | None]:
@@ -399,7 +462,9 @@ def _central(catalog: Catalog, fw: DomainFirmware, image: FileFacts | None) -> B
     return None
 
 
-def _plan_split(facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str, secure: bool) -> Plan:
+def _plan_split(
+    facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str, secure: bool, ctx: UpgradeContext
+) -> Plan:
     fw, image, nvram = facts.firmware, facts.image, facts.nvram
     config = FirmwareConfig.SPLIT
     assert fw.loader_path
@@ -413,6 +478,20 @@ def _plan_split(facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str, 
         return Plan(config, Status.ERROR, f"varstore {nvram.path} is not an edk2 varstore"
                     f"{': ' + nvram.error if nvram.error else ''}; left untouched",
                     code=fw.loader_path, varstore=nvram.path)
+
+    note = None
+    if upgrade.tracks_central(fw, image):
+        # What the domain had decides, never its replacement (wants_secure_boot would ask the new file).
+        secure = upgrade.had_secure_boot(fw, catalog, ctx)
+        booted = facts.live.booted_sha256 if facts.live is not None else None
+        decision = upgrade.decide_tracking(fw, image, catalog, layout, secure, ctx.policy, booted)
+        if isinstance(decision, Wait):
+            return Plan(config, decision.status, decision.detail, code=fw.loader_path, varstore=nvram.path,
+                        code_sha256=image.sha256 if image is not None else None)
+        if isinstance(decision, Hold):
+            return _plan_hold(facts, config, decision, catalog, ctx, now)
+        if isinstance(decision, Track):
+            central, note = decision.build, decision.note
 
     if central is not None and central.layout == layout and central.secure_boot == secure:
         build = central
@@ -454,7 +533,7 @@ def _plan_split(facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str, 
         new_xml = _rewrite(facts, catalog, build, nvram.path, md)
         code = build.code_path
     elif md != fw.metadata:
-        new_xml, reason = set_metadata(facts.xml, md), f"bound to build {build.label}"
+        new_xml, reason = set_metadata(facts.xml, md), note or f"bound to build {build.label}"
         code = fw.loader_path
     else:
         return Plan(config, Status.OK, f"central code {build.code_path}, private varstore", build=build,

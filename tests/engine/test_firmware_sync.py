@@ -1,0 +1,282 @@
+"""Firmware sync on libvirt's in-process `test:///default` driver with a temp firmware tree.
+
+The tree is a descriptor plus `CODE.fd` (bytes of our own: only digests matter here)
+and `VARS.fd` (Debian's real 2 MiB template, so layouts are read for real). It is
+changed the way dpkg changes files: written aside and renamed over, or removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid as uuidlib
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from varsd.adapters.journal import Journal
+from varsd.adapters.libvirt_api import Hypervisor
+from varsd.config import Config
+from varsd.domain.xml import parse_domain
+from varsd.engine import firmware_sync
+from varsd.engine.boots import booted
+from varsd.errors import HypervisorError
+from varsd.firmware.archive import Archive
+from varsd.firmware.catalog import load_catalog
+
+URI = "test:///default"
+VARS_2M = "/usr/share/OVMF/OVMF_VARS.fd"
+VARS_4M = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+CODE_A = b"\x90" * 8192 + b"build A"
+CODE_B = b"\x90" * 8192 + b"build B"
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Tree:
+    def __init__(self, root: Path) -> None:
+        self.fw = root / "fw"
+        self.desc_dir = root / "descriptors"
+        self.fw.mkdir()
+        self.desc_dir.mkdir()
+
+    @property
+    def code(self) -> str:
+        return str(self.fw / "CODE.fd")
+
+    @property
+    def vars(self) -> str:
+        return str(self.fw / "VARS.fd")
+
+    @property
+    def descriptor(self) -> Path:
+        return self.desc_dir / "60-test.json"
+
+    def descriptor_text(self) -> str:
+        return json.dumps({
+            "description": "test build", "interface-types": ["uefi"],
+            "mapping": {"device": "flash", "mode": "split", "executable": {"filename": self.code, "format": "raw"},
+                        "nvram-template": {"filename": self.vars, "format": "raw"}},
+            "targets": [{"architecture": "x86_64", "machines": ["pc-q35-*"]}], "features": [], "tags": [],
+        })
+
+    def install(self, code: bytes, template: str = VARS_2M) -> None:
+        for data, dst in ((code, self.code), (Path(template).read_bytes(), self.vars)):
+            Path(dst + ".dpkg-new").write_bytes(data)
+            os.rename(dst + ".dpkg-new", dst)
+        self.descriptor.write_text(self.descriptor_text())
+
+
+@pytest.fixture
+def tree(tmp_path) -> Tree:
+    t = Tree(tmp_path)
+    t.install(CODE_A)
+    return t
+
+
+@pytest.fixture
+def cfg(tmp_path, tree) -> Config:
+    c = Config(uri=URI, nvram_dir=str(tmp_path / "nvram"), state_dir=str(tmp_path / "state"),
+               firmware_dirs=(str(tree.desc_dir),), qemu_user="root", qemu_group="root")
+    os.makedirs(c.nvram_dir)
+    return c
+
+
+@pytest.fixture
+def journal(cfg) -> Iterator[Journal]:
+    j = Journal(cfg.journal_path)
+    yield j
+    j.close()
+
+
+@pytest.fixture
+def hv() -> Iterator[Hypervisor]:
+    with Hypervisor(URI) as h:
+        yield h
+
+
+@pytest.fixture
+def domain(hv, cfg, tree) -> Iterator[str]:
+    """A shut-off split domain on the tree's code with a varstore of the tree's layout."""
+    name = f"sync-{uuidlib.uuid4().hex[:8]}"
+    varstore = os.path.join(cfg.nvram_dir, f"{name}_VARS.fd")
+    shutil.copyfile(VARS_2M, varstore)
+    ref = hv.define(f"""<domain type='test'><name>{name}</name><uuid>{uuidlib.uuid4()}</uuid>
+  <memory unit='KiB'>262144</memory>
+  <os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type>
+    <loader readonly='yes' type='pflash'>{tree.code}</loader><nvram template='{tree.vars}'>{varstore}</nvram></os>
+  <devices/></domain>""")
+    yield ref.uuid
+    try:
+        if hv.lookup(ref.uuid).active:
+            hv.destroy(ref.uuid)
+        hv.undefine(ref.uuid, remove_nvram=False)
+    except HypervisorError:
+        pass
+
+
+def run_sync(cfg, journal, hv, *names: str, **kw) -> firmware_sync.SyncReport:
+    return firmware_sync.sync(cfg, journal, connect=lambda: hv, owner=lambda: (0, 0), domains=names, **kw)
+
+
+def events(report: firmware_sync.SyncReport) -> set[tuple[str, str]]:
+    return {(c.code_path, c.event) for c in report.refresh.changes}
+
+
+def test_refresh_records_changes_and_archives_without_libvirt(cfg, journal, tree) -> None:
+    archive = Archive(cfg.archive_dir, state_dir=cfg.state_dir)
+    first = firmware_sync.refresh(cfg, journal, archive)
+    assert {(c.code_path, c.event, c.sha256) for c in first.changes} == {(tree.code, "appeared", sha(CODE_A))}
+    assert archive.index().verified == {sha(CODE_A)} and first.problems == ()
+
+    assert firmware_sync.refresh(cfg, journal, archive).changes == ()  # idempotent
+
+    tree.install(CODE_B)
+    changed = firmware_sync.refresh(cfg, journal, archive)
+    assert [(c.event, c.previous, c.sha256) for c in changed.changes] == [("changed", sha(CODE_A), sha(CODE_B))]
+    assert archive.index().verified == {sha(CODE_A), sha(CODE_B)}  # the old build stays archived
+
+    for path in (tree.code, tree.vars, str(tree.descriptor)):
+        os.unlink(path)
+    removed = firmware_sync.refresh(cfg, journal, archive)
+    assert [(c.code_path, c.event) for c in removed.changes] == [(tree.code, "removed")]
+    assert firmware_sync.refresh(cfg, journal, archive).changes == ()
+    assert [e.event for e in journal.firmware_history()] == ["removed", "changed", "appeared"]
+
+
+def test_sync_rebinds_a_fitting_upgrade_once(cfg, journal, hv, tree, domain) -> None:
+    first = run_sync(cfg, journal, hv, domain)
+    (o,) = first.outcomes
+    assert (first.exit_code, o.status.value, o.plan.build.code_sha256) == (0, "ok", sha(CODE_A))
+    assert o.done, "the domain was bound"
+
+    tree.install(CODE_B)
+    upgraded = run_sync(cfg, journal, hv, domain)
+    (o,) = upgraded.outcomes
+    assert (tree.code, "changed") in events(upgraded)
+    assert (upgraded.exit_code, o.status.value) == (0, "ok") and o.done
+    md = parse_domain(hv.persistent_xml(domain)).metadata
+    assert (md.build_code_sha256, md.pinned_sha256) == (sha(CODE_B), None)
+
+    again = run_sync(cfg, journal, hv, domain)  # idempotent
+    assert again.refresh.changes == () and again.archived == () and not again.outcomes[0].done
+    assert again.exit_code == 0
+
+
+def test_half_written_descriptor_is_reported_and_moves_no_domain(cfg, journal, hv, tree, domain) -> None:
+    run_sync(cfg, journal, hv, domain)
+    before = hv.persistent_xml(domain)
+
+    tree.descriptor.write_text(tree.descriptor_text()[:40])  # dpkg or an editor caught mid-write
+    report = run_sync(cfg, journal, hv, domain)
+    assert report.exit_code == 1
+    assert any("60-test.json" in p and "not valid JSON" in p for p in report.all_problems), report.all_problems
+    assert report.refresh.changes == ()  # its code file is still watched: not "removed"
+    (o,) = report.outcomes
+    assert o.status.value == "ok" and not o.done and "no firmware descriptor lists it" in o.detail
+    assert hv.persistent_xml(domain) == before
+
+    # Worse: the code changed too while its descriptor is unreadable. Nothing can be checked: nothing moves.
+    tree.install(CODE_B)
+    tree.descriptor.write_text("{")
+    report = run_sync(cfg, journal, hv, domain)
+    (o,) = report.outcomes
+    assert (report.exit_code, o.status.value, o.done) == (1, "error", ())
+    assert "which no firmware descriptor describes yet" in o.detail
+    assert hv.persistent_xml(domain) == before
+
+    tree.descriptor.write_text(tree.descriptor_text())  # the package finished installing
+    report = run_sync(cfg, journal, hv, domain)
+    assert report.exit_code == 0 and report.outcomes[0].done
+    assert parse_domain(hv.persistent_xml(domain)).metadata.build_code_sha256 == sha(CODE_B)
+
+
+def test_layout_change_holds_the_domain_on_its_archived_build(cfg, journal, hv, tree, domain) -> None:
+    run_sync(cfg, journal, hv, domain)
+    tree.install(CODE_B, template=VARS_4M)
+    report = run_sync(cfg, journal, hv, domain)
+    (o,) = report.outcomes
+    assert (report.exit_code, o.status.value) == (1, "needs-migration")
+    fw = parse_domain(hv.persistent_xml(domain))
+    assert fw.loader_path == Archive(cfg.archive_dir).path_for(sha(CODE_A))
+    assert (fw.metadata.pinned_sha256, fw.metadata.pin_by) == (sha(CODE_A), "incompatible")
+    again = run_sync(cfg, journal, hv, domain)
+    assert not again.outcomes[0].done and again.outcomes[0].status.value == "needs-migration"
+
+
+def test_a_corrupt_archived_copy_is_never_used(cfg, journal, hv, tree, domain) -> None:
+    run_sync(cfg, journal, hv, domain)
+    archived = Path(Archive(cfg.archive_dir).path_for(sha(CODE_A)))
+    os.chmod(archived, 0o644)
+    archived.write_bytes(b"not the build")
+    for path in (tree.code, tree.vars, str(tree.descriptor)):
+        os.unlink(path)
+    before = hv.persistent_xml(domain)
+    report = run_sync(cfg, journal, hv, domain)
+    (o,) = report.outcomes
+    assert (o.status.value, o.done) == ("needs-migration", ())
+    assert "corrupt" in o.detail and "not used" in o.detail
+    assert hv.persistent_xml(domain) == before
+
+
+def test_sync_without_libvirt_still_archives_and_records(cfg, journal, tree) -> None:
+    def down() -> Hypervisor:
+        raise HypervisorError("cannot connect to qemu:///system: no socket", retryable=True)
+
+    report = firmware_sync.sync(cfg, journal, connect=down, owner=lambda: (0, 0))
+    assert report.exit_code == 2 and "firmware was archived and recorded" in report.error
+    assert Archive(cfg.archive_dir).index().verified == {sha(CODE_A)}
+    assert journal.firmware_state() == {tree.code: sha(CODE_A)}
+
+
+def test_sync_records_the_boot_of_a_running_domain(cfg, journal, hv, tree, domain) -> None:
+    hv.start(domain)
+    assert booted(hv, domain) is None
+    report = run_sync(cfg, journal, hv, domain)
+    assert booted(hv, domain).sha256 == sha(CODE_A)
+    assert report.outcomes[0].status.value in ("ok", "pending-cold-boot")
+
+
+def test_prune_keeps_what_domains_use_and_what_is_recent(cfg, journal, hv, tree, domain) -> None:
+    run_sync(cfg, journal, hv, domain)
+    tree.install(CODE_B)
+    run_sync(cfg, journal, hv, domain)  # rebound to B; A is archived, used by nobody now
+    archive = Archive(cfg.archive_dir)
+    assert archive.index().verified == {sha(CODE_A), sha(CODE_B)}
+
+    # A partial sync (named domains) never prunes: other domains may use anything.
+    later = lambda: "2099-01-01T00:00:00Z"  # noqa: E731
+    assert run_sync(cfg, journal, hv, domain, clock=later).pruned == ()
+
+    refs_all = hv.list_domains()
+    names = [r.name for r in refs_all]
+    assert names  # the test driver always has its own `test` domain
+    report = firmware_sync.sync(replace(cfg, archive_retention_days=1), journal, connect=lambda: hv,
+                                owner=lambda: (0, 0), clock=later)
+    assert report.pruned == (sha(CODE_A),)
+    assert archive.index().verified == {sha(CODE_B)}  # the catalog's and the domain's build stays
+
+
+def test_watch_signature_sees_a_rename_and_a_descriptor_edit(cfg, tree) -> None:
+    catalog = load_catalog(cfg.firmware_dirs)
+    first = firmware_sync.watch_signature(cfg, catalog)
+    assert firmware_sync.watch_signature(cfg, catalog) == first
+    tree.install(CODE_A)  # same bytes, new inode: dpkg's rename
+    second = firmware_sync.watch_signature(cfg, catalog)
+    assert second != first
+    (tree.desc_dir / "70-new.json").write_text("{}")
+    assert firmware_sync.watch_signature(cfg, catalog) != second
+
+
+def test_report_as_json(cfg, journal, hv, tree, domain) -> None:
+    data = run_sync(cfg, journal, hv, domain).as_dict()
+    assert data["exit_code"] == 0 and data["error"] is None
+    assert data["firmware"]["changes"] == [
+        {"path": tree.code, "event": "appeared", "sha256": sha(CODE_A), "previous": None}]
+    assert data["domains"][0]["status"] == "ok" and data["domains"][0]["code_sha256"] == sha(CODE_A)
