@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from varsd.adapters import virtfw
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.domain.xml import parse_domain
 from varsd.engine.boots import record_boot
@@ -266,6 +267,24 @@ def test_unfitting_or_removed_build_keeps_the_domain_on_its_archived_build(
     assert (booted.code, booted.sha256) == (archived, old_code)
     hv.destroy(g.uuid)
     assert host.status(g)["status"] == "needs-migration"
+    if change == "central-removed":
+        return
+
+    # The admin migrates it: every variable moves into the new layout, then the next cold
+    # boot maps the central 4 MiB code with the migrated varstore.
+    held = virtfw.read_variables(varstore)
+    assert any(k.endswith(":BootOrder") for k in held) and any(":Boot0" in k for k in held), sorted(held)
+    out = host.varsctl("migrate", g.name)
+    assert out.returncode == 0, out.stdout + out.stderr
+    migrated = virtfw.read_variables(varstore)
+    assert {k: migrated.get(k) for k in held} == held, "a variable was lost or changed by the migration"
+    assert virtfw.read_layout(varstore) == virtfw.read_layout(host.vars)  # now the 4 MiB layout
+    fw = parse_domain(hv.persistent_xml(g.uuid))
+    assert (fw.loader_path, fw.metadata.pinned_sha256) == (host.code, None)
+    after = _cold_boot(hv, g, varstore)
+    assert (after.code, after.sha256) == (host.code, new_code)
+    hv.destroy(g.uuid)
+    assert host.status(g)["status"] == "ok"
 
 
 def test_running_domain_keeps_its_build_until_a_cold_boot(hv: Hypervisor, guest_factory, host: Host) -> None:
