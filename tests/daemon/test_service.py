@@ -99,15 +99,27 @@ def test_start_event_records_the_booted_build_in_live_metadata(conn, service_fac
     assert BOOT_NS not in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
 
 
-def test_undefined_domain_keeps_its_varstore(conn, service_factory) -> None:
+def test_undefined_domain_keeps_its_varstore_and_its_record_is_closed(conn, service_factory) -> None:
     svc = service_factory()
     name = "evt-undefine"
     conn.defineXML(bios_xml(name))
     wait_until(lambda: _repaired(conn, name), what="repair")
+    wait_until(svc.queue.idle, what="queue idle")  # the compliant plan (and its varstore) is known
     varstore = os.path.join(svc.cfg.nvram_dir, f"{name}_VARS.fd")
+    uuid = conn.lookupByName(name).UUIDString()
     conn.lookupByName(name).undefine()
-    wait_until(lambda: svc.queue.idle(), what="queue drained")
-    assert os.path.exists(varstore)
+
+    def record():
+        j = Journal(svc.cfg.journal_path)
+        try:
+            return j.domain_record(uuid)
+        finally:
+            j.close()
+
+    wait_until(lambda: record() and record().closed_at, what="record closed")
+    rec = record()
+    assert (rec.name, rec.varstore) == (name, varstore) and rec.opened_at <= rec.closed_at
+    assert os.path.exists(varstore), "varsd deleted a varstore"
 
 
 def test_domains_without_uefi_are_left_alone(conn, service_factory) -> None:

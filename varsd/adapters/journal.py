@@ -52,9 +52,27 @@ CREATE TABLE IF NOT EXISTS archived_builds (
     layout TEXT,
     features TEXT
 );
+CREATE TABLE IF NOT EXISTS domain_records (
+    uuid TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    opened_at TEXT NOT NULL,
+    closed_at TEXT,
+    varstore TEXT
+);
 """
 
 FIRMWARE_EVENTS = ("appeared", "changed", "removed")
+
+
+@dataclass(frozen=True)
+class DomainRecord:
+    """varsd's host-side record of a domain it changed; closed when it is undefined."""
+
+    uuid: str
+    name: str
+    opened_at: str
+    closed_at: str | None
+    varstore: str | None
 
 
 @dataclass(frozen=True)
@@ -135,13 +153,38 @@ class Journal:
                 raise VarsdError(f"{self.path}: cannot {what} the varsd journal: {exc}") from None
 
     def record(self, *, at: str, uuid: str, name: str, actor: str, reason: str, old_xml: str, new_xml: str) -> int:
-        """Write the intent (old and new XML) before the change is made; returns its id."""
+        """Write the intent (old and new XML) before the change is made; returns its id.
+
+        The first change to a domain also opens its record (see `close_record`)."""
         with self._sql("write to"):
+            self._db.execute(
+                "INSERT INTO domain_records (uuid, name, opened_at) VALUES (?,?,?) "
+                "ON CONFLICT(uuid) DO UPDATE SET name=excluded.name, closed_at=NULL",
+                (uuid, name, at),
+            )
             cur = self._db.execute(
                 "INSERT INTO xml_changes (at, uuid, name, actor, reason, old_xml, new_xml) VALUES (?,?,?,?,?,?,?)",
                 (at, uuid, name, actor, reason, old_xml, new_xml),
             )
         return int(cur.lastrowid)
+
+    def close_record(self, uuid: str, at: str, varstore: str | None = None) -> DomainRecord | None:
+        """The domain was undefined: close varsd's record of it, noting the varstore that
+        stays on disk (varsd never deletes one). None when varsd never changed it."""
+        with self._sql("write to"):
+            self._db.execute(
+                "UPDATE domain_records SET closed_at=?, varstore=COALESCE(?, varstore) "
+                "WHERE uuid=? AND closed_at IS NULL",
+                (at, varstore, uuid),
+            )
+        return self.domain_record(uuid)
+
+    def domain_record(self, uuid: str) -> DomainRecord | None:
+        with self._sql("read"):
+            row = self._db.execute(
+                "SELECT uuid, name, opened_at, closed_at, varstore FROM domain_records WHERE uuid=?", (uuid,)
+            ).fetchone()
+        return DomainRecord(*row) if row else None
 
     def settle(self, change_id: int, outcome: str, *, stored_xml: str | None = None) -> None:
         """Mark how a change ended; `stored_xml` is the definition as libvirt stored it

@@ -111,6 +111,7 @@ class Service:
         self.ready = threading.Event()
         self.handled = 0  # reconciles done, for tests and STATUS
         self.first_pass_pending: set[str] = set()
+        self._names: dict[str, str] = {}
 
     # -- public control ------------------------------------------------------------
 
@@ -220,6 +221,7 @@ class Service:
 
     def _on_event(self, ev: LifecycleEvent) -> None:
         """Runs on libvirt's event thread: queue and return at once."""
+        self._names[ev.uuid] = ev.name  # names the domain in logs even once it is gone
         if ev.kind == "started":
             self.queue.put(BOOT_PREFIX + ev.uuid)
         self.queue.put(ev.uuid)
@@ -364,7 +366,7 @@ class Service:
                 if exc.retryable:
                     raise
                 self.first_pass_pending.discard(key)
-                log.info("domain %s is gone; its varstore (if any) is kept", key)
+                self._close_record(key)
                 return
             outcome = rec.reconcile(ref)
             if ref.active and booted(hv, ref.uuid) is None:
@@ -385,6 +387,22 @@ class Service:
             else:
                 log.error("%s: %s", key, exc)
                 self.first_pass_pending.discard(key)
+
+    def _close_record(self, uuid: str) -> None:
+        """An undefined domain: forget its plan, close its record; its varstore stays."""
+        if self.reconciler is not None:
+            varstore = self.reconciler.forget(uuid)
+        else:
+            varstore = None
+        name = self._names.pop(uuid, uuid)
+        try:
+            rec = self.journal.close_record(uuid, self.clock(), varstore)
+        except VarsdError as exc:
+            log.error("domain '%s': undefined, but its record could not be closed: %s", name, exc)
+            return
+        kept = (rec.varstore if rec else None) or varstore
+        log.info("domain '%s' was undefined; record closed%s", name,
+                 f", varstore {kept} kept" if kept else "")
 
     def _shutdown(self) -> None:
         self.notify("STOPPING=1")

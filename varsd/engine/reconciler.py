@@ -271,6 +271,11 @@ class Reconciler:
         return facts, plan_repair(facts, self.catalog, self.cfg.nvram_dir, self.clock(),
                                   self.upgrade_context(policy=policy))
 
+    def forget(self, uuid: str) -> str | None:
+        """Drop what is remembered of a domain that is gone; returns its last varstore path."""
+        memo = self._memo.pop(uuid, None)
+        return memo.facts.firmware.nvram_path if memo is not None else None
+
     # -- acting ------------------------------------------------------------------
 
     def reconcile(self, ref: DomainRef, *, apply: bool = True) -> Outcome:
