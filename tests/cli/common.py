@@ -41,6 +41,25 @@ def _dom(name: str, uuid: str, machine: str, os_inner: str, extra: str = "", run
 DEFAULT = "test:///default"
 
 
+def write_host(tmp_path, domains: list[str], *, nvram, state) -> tuple[str, str]:
+    """A test-driver node file holding `domains` and a varsd config naming the dirs.
+
+    Returns (uri, config path). Every connection to the URI re-reads the node file, so
+    each main() call sees the same fresh host.
+    """
+    node = tmp_path / "node.xml"
+    node.write_text(
+        "<node>\n  <cpu><mhz>2000</mhz><model>x86_64</model><active>2</active><total>2</total></cpu>\n"
+        "  <memory>4194304</memory>" + "".join(domains) + "\n</node>\n"
+    )
+    config = tmp_path / "varsd.toml"
+    config.write_text(
+        f'state_dir = "{state}"\nnvram_dir = "{nvram}"\nfirmware_dirs = ["/usr/share/qemu/firmware"]\n'
+        'qemu_user = "root"\nqemu_group = "root"\n'
+    )
+    return f"test://{node}", str(config)
+
+
 def run(capsys, host: dict[str, str], *args: str, uri: str | None = None) -> tuple[int, str, str]:
     rc = main(["--config", host["config"], "--connect", uri or host["uri"], *args])
     out, err = capsys.readouterr()

@@ -22,6 +22,7 @@ from .common import (
     UNIFIED,
     VARS_4M,
     _dom,
+    write_host,
 )
 
 
@@ -54,18 +55,8 @@ def host(tmp_path) -> dict[str, str]:
             f"<nvram template='{VARS_4M}'>{split_vars}</nvram>",
         ),
     ]
-    node = tmp_path / "node.xml"
-    node.write_text(
-        "<node>\n  <cpu><mhz>2000</mhz><model>x86_64</model><active>2</active><total>2</total></cpu>\n"
-        "  <memory>4194304</memory>" + "".join(domains) + "\n</node>\n"
-    )
-    config = tmp_path / "varsd.toml"
-    config.write_text(
-        f'state_dir = "{state}"\nnvram_dir = "{nvram}"\nfirmware_dirs = ["/usr/share/qemu/firmware"]\n'
-        'qemu_user = "root"\nqemu_group = "root"\n'
-    )
-    return {"uri": f"test://{node}", "config": str(config), "nvram": str(nvram), "state": str(state),
-            "split_vars": str(split_vars)}
+    uri, config = write_host(tmp_path, domains, nvram=nvram, state=state)
+    return {"uri": uri, "config": config, "nvram": str(nvram), "state": str(state), "split_vars": str(split_vars)}
 
 
 @pytest.fixture

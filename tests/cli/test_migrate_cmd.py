@@ -18,7 +18,7 @@ from varsd.adapters.journal import Journal
 from varsd.cli.varsctl import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, main
 from varsd.domain.xml import parse_domain
 
-from .common import SHUTOFF, _dom
+from .common import SHUTOFF, _dom, write_host
 
 OVMF = "/usr/share/OVMF"
 SB_CODE_2M, VARS_2M_MS = f"{OVMF}/OVMF_CODE.secboot.fd", f"{OVMF}/OVMF_VARS.ms.fd"
@@ -60,19 +60,9 @@ def bed(tmp_path) -> dict:
              _split(CODE_4M, stores["ok"]).replace("<nvram>", f"<nvram template='{VARS_4M}'>")),
         _dom("plain", U_PLAIN, "pc-q35-7.2", _split(CODE_2M, stores["plain"])),
     ]
-    node = tmp_path / "node.xml"
-    node.write_text(
-        "<node>\n  <cpu><mhz>2000</mhz><model>x86_64</model><active>2</active><total>2</total></cpu>\n"
-        "  <memory>4194304</memory>" + "".join(domains) + "\n</node>\n"
-    )
-    config = tmp_path / "varsd.toml"
-    config.write_text(
-        f'state_dir = "{tmp_path / "state"}"\nnvram_dir = "{nvram}"\nfirmware_dirs = ["/usr/share/qemu/firmware"]\n'
-        'qemu_user = "root"\nqemu_group = "root"\n'
-    )
+    uri, config = write_host(tmp_path, domains, nvram=nvram, state=tmp_path / "state")
     before = {name: path.read_bytes() for name, path in stores.items()}
-    return {"uri": f"test://{node}", "config": str(config), "state": tmp_path / "state", "stores": stores,
-            "before": before}
+    return {"uri": uri, "config": config, "state": tmp_path / "state", "stores": stores, "before": before}
 
 
 def run(capsys, bed: dict, *args: str) -> tuple[int, str, str]:
@@ -197,12 +187,8 @@ def test_all_dry_run_shows_the_plan_and_changes_nothing(capsys, bed) -> None:
 def test_all_with_nothing_to_do_is_exit_0(capsys, tmp_path) -> None:
     store = tmp_path / "ok_VARS.fd"
     store.write_bytes(Path(VARS_4M).read_bytes())
-    node = tmp_path / "node.xml"
-    node.write_text("<node>" + _dom("ok", U_OK, "pc-q35-7.2", _split(CODE_4M, store), runstate=SHUTOFF)
-                    + "</node>")
-    config = tmp_path / "varsd.toml"
-    config.write_text(f'state_dir = "{tmp_path}/state"\nnvram_dir = "{tmp_path}"\n'
-                      'firmware_dirs = ["/usr/share/qemu/firmware"]\nqemu_user = "root"\nqemu_group = "root"\n')
-    rc = main(["--config", str(config), "--connect", f"test://{node}", "migrate", "--all"])
+    uri, config = write_host(tmp_path, [_dom("ok", U_OK, "pc-q35-7.2", _split(CODE_4M, store), runstate=SHUTOFF)],
+                             nvram=tmp_path, state=tmp_path / "state")
+    rc = main(["--config", config, "--connect", uri, "migrate", "--all"])
     out, _ = capsys.readouterr()
     assert (rc, out) == (EXIT_OK, "migrate --all: no domain needs migration\n")
