@@ -591,3 +591,25 @@ def test_domain_held_on_its_archived_build_migrates_to_the_central_path_it_track
         None, None, fsio.sha256_file(str(code)))
     assert virtfw.read_variables(str(store)) == virtfw.variables_of_bytes(old, "old")
     assert virtfw.read_layout(str(store)) == LAYOUT_4M
+
+
+def test_a_guest_started_mid_migration_keeps_what_it_wrote(bed: Bed, monkeypatch) -> None:
+    """The write went through, then the guest was started and wrote its varstore before the
+    redefine failed: the restore must not put the older backup over the guest's variables."""
+    old = _guest_store(VARS_2M)
+    store = bed.varstore("race", old)
+    uuid = bed.define("race", _split(CODE_2M, str(store)))
+    guest_wrote = b""
+
+    def define_fails_after_a_start(xml: str):
+        nonlocal guest_wrote
+        bed.hv.start(uuid)  # someone ran `virsh start` meanwhile ...
+        guest_wrote = store.read_bytes()[:-1] + b"\x01"  # ... and OVMF wrote a variable
+        store.write_bytes(guest_wrote)
+        raise migration.VarsdError("define refused")
+
+    monkeypatch.setattr(bed.hv, "define", define_fails_after_a_start)
+    with pytest.raises(MigrationFailed, match="started meanwhile.*left as it is"):
+        bed.migrator().migrate(bed.hv.lookup(uuid), to=PLAIN)
+    assert store.read_bytes() == guest_wrote, "the guest's newer varstore was overwritten by the backup"
+    bed.hv.destroy(uuid)

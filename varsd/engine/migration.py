@@ -625,9 +625,24 @@ class Migrator:
                     f"domain '{name}': migration failed: {exc}; {restored}; varsd did not change the domain's XML"
                 ) from None
             raise
+        if hv.lookup(plan.uuid).active:
+            # Started between our last check and the redefine: that QEMU process runs the
+            # old code with the migrated varstore. Nothing to undo (the store holds every
+            # variable); the admin must cold-boot it onto the new code now.
+            raise MigrationFailed(
+                f"domain '{name}' was started while it was being migrated: its variables are migrated and its "
+                "definition now names the new build, but the running QEMU still has the old code; shut it down "
+                f"and start it again now (backup: {backup})"
+            )
         # Like any binding: keep a copy of the build, before an upgrade can replace it.
         self.rec.archive_build(plan.target)
         return MigrationResult(plan=plan, backup=backup, variables=len(old_vars), done=True)
+
+    def _running(self, uuid: str) -> bool:
+        try:
+            return self.rec.hv.lookup(uuid).active
+        except VarsdError:
+            return True  # cannot tell: act as if it ran, never overwrite what it may have written
 
     def _restore(self, plan: MigrationPlan, old_bytes: bytes, new_bytes: bytes, backup: str) -> str:
         """Undo the write; returns what happened, for the error message."""
@@ -635,12 +650,18 @@ class Migrator:
             _remove_if(plan.varstore, new_bytes)
             return f"the new varstore {plan.varstore} was removed"
         try:
-            if fsio.read_file(plan.varstore, follow_symlinks=False) == old_bytes:
-                return f"the varstore is unchanged (backup: {backup})"
+            current = fsio.read_file(plan.varstore, follow_symlinks=False)
         except fsio.ReadError:
-            pass  # replaced by something unreadable, or gone: put the old one back
+            current = None
+        if current == old_bytes:
+            return f"the varstore is unchanged (backup: {backup})"
+        if current != new_bytes and self._running(plan.uuid):
+            # Not what we wrote, and a guest runs on it: it may hold newer variables than
+            # the backup. Putting the backup over it could lose them: leave it, say so.
+            return (f"the domain was started meanwhile and its varstore {plan.varstore} was left as it is; "
+                    f"the pre-migration copy is {backup}")
         try:
-            replace_file(plan.varstore, old_bytes)
+            replace_file(plan.varstore, old_bytes, expect=current)
             if fsio.read_file(plan.varstore, follow_symlinks=False) != old_bytes:
                 raise MigrationFailed("restored file does not read back equal to the backup")
         except (MigrationFailed, fsio.ReadError) as exc:
