@@ -112,6 +112,7 @@ class Service:
         self.handled = 0  # reconciles done, for tests and STATUS
         self.first_pass_pending: set[str] = set()
         self._names: dict[str, str] = {}
+        self._retries: dict[str, int] = {}
 
     # -- public control ------------------------------------------------------------
 
@@ -350,22 +351,16 @@ class Service:
         with self._lock:
             hv, rec = self.hv, self.reconciler
         if hv is None or rec is None:
-            self.queue.put_later(key, 1.0)  # picked up again by the full pass after reconnect anyway
-            return
+            return  # disconnected: the reconnect lists and queues every domain anyway
         try:
             if key.startswith(BOOT_PREFIX):
-                uuid = key[len(BOOT_PREFIX) :]
-                boot = record_boot(hv, uuid, self.clock())
-                if boot:
-                    name = hv.lookup(uuid).name
-                    log.info("domain '%s' booted code %s (sha256 %s)", name, boot.code_path, boot.sha256[:12])
+                self._record_boot(hv, key[len(BOOT_PREFIX) :])
                 return
             try:
                 ref = hv.lookup(key)
             except HypervisorError as exc:
                 if exc.retryable:
                     raise
-                self.first_pass_pending.discard(key)
                 self._close_record(key)
                 return
             outcome = rec.reconcile(ref)
@@ -374,19 +369,40 @@ class Service:
                 record_boot(hv, ref.uuid, self.clock())
             with self._count_lock:
                 self.handled += 1
-            self.first_pass_pending.discard(key)
-            if outcome.status is Status.ERROR:
-                log.error("domain '%s': %s", ref.name, outcome.plan.detail)
-            elif outcome.status is Status.NEEDS_MIGRATION:
-                log.warning("domain '%s': %s", ref.name, outcome.plan.detail)
-        except HypervisorError as exc:
-            if exc.retryable:
-                log.warning("%s: %s; will retry after reconnect", key, exc)
-                self._disconnected.set()
-                self.queue.put_later(key, 2.0)
+            if outcome.retry:
+                delay = self._retry_delay(key)
+                log.warning("domain '%s': will look again in %.0f s", ref.name, delay)
+                self.queue.put_later(key, delay)
             else:
-                log.error("%s: %s", key, exc)
-                self.first_pass_pending.discard(key)
+                self._retries.pop(key, None)
+            if outcome.status is Status.ERROR:
+                log.error("domain '%s': %s", ref.name, outcome.detail)
+            elif outcome.status is Status.NEEDS_MIGRATION:
+                log.warning("domain '%s': %s", ref.name, outcome.detail)
+        except HypervisorError as exc:
+            if exc.retryable and not hv.is_alive():
+                log.warning("%s: %s; reconnecting", self._names.get(key, key), exc)
+                self._disconnected.set()  # the reconnect re-lists and queues everything
+            elif exc.retryable:
+                self.queue.put_later(key, self._retry_delay(key))
+                log.warning("domain '%s': %s; will look again", self._names.get(key, key), exc)
+            else:
+                log.error("domain '%s': %s", self._names.get(key, key), exc)
+        finally:
+            # Whatever happened, this domain no longer holds READY back.
+            self.first_pass_pending.discard(key)
+
+    def _retry_delay(self, key: str) -> float:
+        """Per-domain backoff for domain-level trouble, from the same Backoff data."""
+        n = self._retries.get(key, 0)
+        self._retries[key] = n + 1
+        return min(self.backoff.cap, self.backoff.first * self.backoff.factor ** n) * 4
+
+    def _record_boot(self, hv: Hypervisor, uuid: str) -> None:
+        boot = record_boot(hv, uuid, self.clock())
+        if boot:
+            name = self._names.get(uuid) or hv.lookup(uuid).name
+            log.info("domain '%s' booted code %s (sha256 %s)", name, boot.code_path, boot.sha256[:12])
 
     def _close_record(self, uuid: str) -> None:
         """An undefined domain: forget its plan, close its record; its varstore stays."""

@@ -47,6 +47,7 @@ class Outcome:
     plan: Plan
     done: tuple[str, ...] = ()
     unrepaired: bool = False  # a firmware repair was planned but not made (dry run, status)
+    retry: bool = False  # a transient libvirt failure on this domain: worth another look later
 
     @property
     def status(self) -> Status:
@@ -81,8 +82,8 @@ class Outcome:
         }
 
 
-def _error(ref: DomainRef, message: str) -> Outcome:
-    return Outcome(ref, Plan(FirmwareConfig.NONE, Status.ERROR, message))
+def _error(ref: DomainRef, message: str, *, retry: bool = False) -> Outcome:
+    return Outcome(ref, Plan(FirmwareConfig.NONE, Status.ERROR, message), retry=retry)
 
 
 @dataclass(frozen=True)
@@ -291,10 +292,12 @@ class Reconciler:
                 self.archive_build(outcome.plan.build)
             return outcome
         except HypervisorError as exc:
-            if exc.retryable:
-                raise
+            if exc.retryable and not self.hv.is_alive():
+                raise  # the connection is gone: the caller reconnects and looks again
+            # A domain-level failure (a hung QEMU's state-change lock, a refused define):
+            # this domain's error, not the host's; `retry` tells the daemon to look again.
             log.error("domain '%s': %s", ref.name, exc)
-            return _error(ref, str(exc))
+            return _error(ref, str(exc), retry=exc.retryable)
         except VarsdError as exc:
             log.error("domain '%s': %s", ref.name, exc)
             return _error(ref, str(exc))
