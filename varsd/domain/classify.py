@@ -1,8 +1,10 @@
 """Which of the firmware configurations a domain uses (pure).
 
 Rules, first match wins:
-1. `<launchSecurity>` present -> confidential (whatever the loader: measured firmware
-   must never be split, QEMU measures only pflash unit 0).
+1. `<launchSecurity>` present, or a confidential-computing object passed through
+   `<qemu:commandline>` (SNP/TDX on libvirt versions without an element for them)
+   -> confidential, whatever the loader: measured firmware must never be split
+   (QEMU measures only pflash unit 0).
 2. `<loader stateless='yes'>` -> stateless.
 3. `-bios PATH` in `<qemu:commandline>`, or a loader of type rom or of no type (libvirt
    passes both as -bios, even with readonly='yes' or an `<nvram>` beside it): bios-rom
@@ -27,14 +29,15 @@ def looks_like_ovmf(facts: FileFacts | None, path: str, catalog: Catalog) -> boo
     """True for images that are edk2 firmware rather than SeaBIOS.
 
     A unified OVMF image starts with a varstore; a bare code image is recognised by
-    its digest matching a catalog build, or failing that by its conventional name.
+    its digest matching a catalog build, or failing that by its conventional *file*
+    name (never a directory's: a SeaBIOS image under /srv/edk2-tests/ stays SeaBIOS).
     """
     if facts is not None:
         if facts.varstore_layout is not None:
             return True
         if facts.sha256 and catalog.by_code_sha(facts.sha256):
             return True
-    lowered = path.lower()
+    lowered = path.rsplit("/", 1)[-1].lower()
     return any(word in lowered for word in ("ovmf", "edk2", "uefi", "aavmf"))
 
 

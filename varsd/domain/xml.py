@@ -67,8 +67,25 @@ def _text(el: etree._Element | None) -> str | None:
     return t or None
 
 
+def _cmdline_args(root: etree._Element) -> list[str]:
+    return [a.get("value", "") for a in root.findall(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")]
+
+
+# What makes a guest confidential when libvirt has no element for it yet (libvirt 9.0
+# knows <launchSecurity type='sev'> only: SNP and TDX guests pass QEMU objects directly).
+_CONFIDENTIAL_ARGS = ("confidential-guest-support", "sev-guest", "sev-snp-guest", "tdx-guest")
+
+
+def _cmdline_confidential(root: etree._Element) -> str | None:
+    for arg in _cmdline_args(root):
+        for word in _CONFIDENTIAL_ARGS:
+            if word in arg:
+                return f"qemu:commandline {word}"
+    return None
+
+
 def _cmdline_bios(root: etree._Element) -> str | None:
-    args = [a.get("value", "") for a in root.findall(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")]
+    args = _cmdline_args(root)
     for i, arg in enumerate(args):
         if arg == "-bios" and i + 1 < len(args):
             return args[i + 1]
@@ -176,7 +193,7 @@ def parse_domain(xml: str) -> DomainFirmware:
         nvram_path=_nvram_path(nvram),
         nvram_template=nvram.get("template") if nvram is not None else None,
         smm=smm is not None and (_yesno(smm.get("state")) is not False),
-        launch_security=(ls.get("type") or "unknown") if ls is not None else None,
+        launch_security=((ls.get("type") or "unknown") if ls is not None else _cmdline_confidential(root)),
         cmdline_bios=_cmdline_bios(root),
         metadata=parse_metadata(md),
         booted_sha256=(boot.get("sha256") or None) if boot is not None else None,

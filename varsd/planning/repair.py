@@ -183,12 +183,17 @@ def _bind(md: VarsdMetadata, build: Build, **extra: str | None) -> VarsdMetadata
     return replace(md, build_code_path=build.code_path, build_code_sha256=build.code_sha256, **extra)
 
 
-def _provenance(md: VarsdMetadata, build: Build, source: str, now: str) -> VarsdMetadata:
-    """Bind to `build` and record where a varstore we create comes from."""
-    return _bind(
-        md, build, template_path=build.template_path, template_sha256=build.template_sha256,
-        varstore_source=source, provisioned_at=now,
-    )
+def _provenance(
+    md: VarsdMetadata, build: Build, source: str, now: str, *, catalog: Catalog | None = None,
+    template: str | None = None,
+) -> VarsdMetadata:
+    """Bind to `build` and record where a varstore we create comes from (`template`, when
+    not the build's own: e.g. the enrolled template the XML asked for)."""
+    path = template or build.template_path
+    sha = build.template_sha256
+    if template and template != build.template_path and catalog is not None:
+        sha = next((b.template_sha256 for b in catalog.builds if b.template_path == template), None)
+    return _bind(md, build, template_path=path, template_sha256=sha, varstore_source=source, provisioned_at=now)
 
 
 def _finish(facts: DomainFacts, plan: Plan) -> Plan:
@@ -243,6 +248,12 @@ def plan_repair(
     if storage not in (None, "file"):
         return _unmanaged(config, f"varstore on {storage} storage (<nvram type='{storage}'>): not a local file", fw)
     if fw.metadata.pinned_sha256:
+        if config is not FirmwareConfig.SPLIT:
+            # A hold is a code path for a split domain; on anything else (a hand edit, an
+            # old XML restored) repointing the loader could abandon the guest's variables.
+            return Plan(config, Status.ERROR, f"holds a pin (build {fw.metadata.pinned_sha256[:12]}) but is "
+                        f"{config.value}, not split; left untouched: remove the pin ('varsctl unpin') or fix "
+                        "the XML by hand", code=firmware_image_path(fw), varstore=fw.nvram_path)
         return _plan_pinned(facts, config, catalog, upgrades, now)
     if not fw.arch or not fw.machine:
         return Plan(config, Status.ERROR, "domain XML has no <os><type arch machine>", code=fw.loader_path)
@@ -589,13 +600,16 @@ def _plan_missing_varstore(
     md = _bind(fw.metadata, build)
     # Outside nvram_dir libvirt creates the file at first start; we do not own that directory.
     if os.path.normpath(os.path.dirname(target)) == os.path.normpath(nvram_dir):
-        md = _provenance(fw.metadata, build, "template", now)
-        actions = (CreateVarstore(target, build.template_path, build.layout),)
+        # The template the XML names when it fits (the Debian wiki's enrolled
+        # OVMF_VARS_4M.ms.fd beside secboot code): the same file libvirt would copy.
+        template = _template_for(catalog, fw, build) or build.template_path
+        md = _provenance(fw.metadata, build, "template", now, catalog=catalog, template=template)
+        actions = (CreateVarstore(target, template, build.layout),)
     new_xml = _rewrite(facts, catalog, build, target, md)
     code = fw.loader_path
     if parse_domain(new_xml) != fw:
         actions += (Redefine(new_xml, f"varstore provisioned ({build.label})"),)
         code = build.code_path
-    detail = f"new varstore from {build.template_path}" if actions else (
+    detail = f"new varstore from {_template_for(catalog, fw, build)}" if actions else (
         f"varstore {target} will be created from {build.template_path} by libvirt at first start")
     return Plan(config, Status.OK, detail, actions=actions, build=build, code=code, varstore=target)

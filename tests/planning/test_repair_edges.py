@@ -1,0 +1,83 @@
+"""Regression tests for edges found in review: each input once made the planner act
+where it must not, or act wrongly."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from varsd.config import ExtraFirmware
+from varsd.domain.xml import parse_domain
+from varsd.engine.inspect import FileInspector
+from varsd.firmware.catalog import load_catalog
+from varsd.model.domain import FirmwareConfig, Status
+from varsd.planning.repair import CreateVarstore, DomainFacts, plan_repair
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+NOW = "2026-11-26T00:00:00Z"
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return load_catalog(["/usr/share/qemu/firmware"], [ExtraFirmware("/usr/share/OVMF/OVMF_CODE.fd",
+                                                                    "/usr/share/OVMF/OVMF_VARS.fd")])
+
+
+def plan(xml: str, catalog, nvram_dir: str):
+    fw = parse_domain(xml)
+    ins = FileInspector()
+    image_path = fw.cmdline_bios or fw.loader_path
+    facts = DomainFacts(
+        xml, fw,
+        image=ins.inspect(image_path, digest=True) if image_path else None,
+        nvram=ins.inspect(fw.nvram_path, digest=False) if fw.nvram_path else None,
+    )
+    return plan_repair(facts, catalog, nvram_dir, NOW)
+
+
+def domain(os_inner: str, *, extra: str = "", machine: str = "pc-q35-7.2", ns: str = "") -> str:
+    return (f"<domain type='kvm'{ns}><name>edge</name><uuid>5e1c0000-0000-4000-8000-000000000001</uuid>"
+            f"<memory unit='KiB'>262144</memory><os><type arch='x86_64' machine='{machine}'>hvm</type>{os_inner}"
+            f"</os><features><acpi/></features><devices/>{extra}</domain>")
+
+
+def test_snp_guest_through_qemu_commandline_is_confidential_and_untouched(catalog, tmp_path) -> None:
+    """libvirt 9.0 has no <launchSecurity type='sev-snp'>: SNP guests pass QEMU objects."""
+    xml = domain("", ns=f" xmlns:qemu='{QEMU_NS}'", extra=(
+        "<qemu:commandline><qemu:arg value='-machine'/><qemu:arg value='confidential-guest-support=sev0'/>"
+        "<qemu:arg value='-object'/><qemu:arg value='sev-snp-guest,id=sev0,cbitpos=51'/>"
+        "<qemu:arg value='-bios'/><qemu:arg value='/usr/share/ovmf/OVMF.fd'/></qemu:commandline>"))
+    p = plan(xml, catalog, str(tmp_path))
+    assert (p.config, p.status, p.actions) == (FirmwareConfig.CONFIDENTIAL, Status.UNMANAGED, ())
+
+
+def test_never_started_secure_domain_gets_the_enrolled_template_its_xml_names(catalog, tmp_path) -> None:
+    """The Debian wiki recipe: secboot code + OVMF_VARS_4M.ms.fd. Copying the unenrolled
+    template instead would boot the guest in setup mode without Microsoft's keys."""
+    xml = domain(
+        "<loader readonly='yes' secure='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.secboot.fd</loader>"
+        f"<nvram template='/usr/share/OVMF/OVMF_VARS_4M.ms.fd'>{tmp_path}/edge_VARS.fd</nvram>",
+        extra="",
+    ).replace("<features><acpi/></features>", "<features><acpi/><smm state='on'/></features>")
+    p = plan(xml, catalog, str(tmp_path))
+    (create,) = [a for a in p.actions if isinstance(a, CreateVarstore)]
+    assert create.source == "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"
+
+
+def test_seabios_image_in_a_directory_named_edk2_stays_seabios(catalog, tmp_path) -> None:
+    image = tmp_path / "edk2-vs-seabios" / "bios-256k.bin"
+    image.parent.mkdir()
+    shutil.copyfile("/usr/share/seabios/bios-256k.bin", image)
+    p = plan(domain(f"<loader type='rom'>{image}</loader>", machine="pc-i440fx-7.2"), catalog, str(tmp_path))
+    assert (p.config, p.status, p.actions) == (FirmwareConfig.NONE, Status.UNMANAGED, ())
+
+
+def test_a_pin_on_a_unified_domain_never_repoints_its_loader(catalog, tmp_path) -> None:
+    image = tmp_path / "unified.fd"
+    shutil.copyfile("/usr/share/ovmf/OVMF.fd", image)
+    xml = domain(f"<loader readonly='no' type='pflash'>{image}</loader>", extra=(
+        "<metadata><varsd:firmware xmlns:varsd='https://varsd.org/xmlns/firmware/1'>"
+        "<varsd:pin sha256='" + "ab" * 32 + "' by='admin'/></varsd:firmware></metadata>"))
+    p = plan(xml, catalog, str(tmp_path))
+    assert (p.config, p.status, p.actions) == (FirmwareConfig.UNIFIED, Status.ERROR, ())
