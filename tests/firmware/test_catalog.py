@@ -272,3 +272,22 @@ def test_reader_failures_never_raise(fw_dirs):
 def test_no_dirs_no_builds():
     cat = load_catalog(["/nonexistent/firmware"])
     assert cat.builds == () and cat.problems == ()
+
+
+def test_qcow2_builds_are_skipped_quietly_not_problems(tmp_path):
+    """Fedora/RHEL ship qcow2 descriptors beside the raw ones: not a problem on such a host."""
+    d = tmp_path / "firmware"
+    d.mkdir()
+    (d / "30-edk2-ovmf-4m-qcow2-x64-sb-enrolled.json").write_text(json.dumps({
+        "description": "qcow2 build", "interface-types": ["uefi"],
+        "mapping": {"device": "flash", "mode": "split",
+                    "executable": {"filename": "/usr/share/edk2/ovmf/OVMF_CODE_4M.secboot.qcow2", "format": "qcow2"},
+                    "nvram-template": {"filename": "/usr/share/edk2/ovmf/OVMF_VARS_4M.secboot.qcow2",
+                                       "format": "qcow2"}},
+        "targets": [{"architecture": "x86_64", "machines": ["pc-q35-*"]}],
+        "features": ["secure-boot", "requires-smm"], "tags": [],
+    }))
+    catalog = load_catalog(["/usr/share/qemu/firmware", str(d)])
+    assert catalog.problems == ()
+    assert [b.origin.rsplit("/", 1)[1] for b in catalog.builds] == [
+        "40-edk2-x86_64-secure-enrolled.json", "50-edk2-x86_64-secure.json", "60-edk2-x86_64.json"]

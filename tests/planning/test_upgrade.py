@@ -234,8 +234,9 @@ PINNED: tuple[Row, ...] = (
     Row("policy-then-layout-change", Host((BUILD_B4,), ON_B, ARCHIVED_A, policy="manual"),
         Status.NEEDS_MIGRATION, True, loader=arch(A), pin=(A, PinKind.INCOMPATIBLE),
         xml=domain_xml(loader=arch(A), pin=A, pin_by="policy")),
-    Row("policy-central-removed", Host((), {CODE: None}, ARCHIVED_A, policy="manual"), Status.PINNED, False,
-        loader=arch(A), pin=(A, PinKind.POLICY), xml=domain_xml(loader=arch(A), pin=A, pin_by="policy")),
+    # the held-back build's file is gone: approving cannot help any more, migrating can
+    Row("policy-central-removed", Host((), {CODE: None}, ARCHIVED_A, policy="manual"), Status.NEEDS_MIGRATION,
+        True, loader=arch(A), pin=(A, PinKind.INCOMPATIBLE), xml=domain_xml(loader=arch(A), pin=A, pin_by="policy")),
     # incompatible: until migrated, or a fitting build is central again
     Row("incompatible-holds", Host((BUILD_B4,), ON_B, ARCHIVED_A), Status.NEEDS_MIGRATION, False, loader=arch(A),
         pin=(A, PinKind.INCOMPATIBLE), xml=domain_xml(loader=arch(A), pin=A, pin_by="incompatible")),

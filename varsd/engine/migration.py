@@ -62,7 +62,7 @@ from varsd.domain.xml import FirmwareEdit, apply_edit, nvram_storage, parse_doma
 from varsd.engine.lock import host_lock
 from varsd.engine.reconciler import Reconciler
 from varsd.errors import VarsdError, VarstoreError
-from varsd.firmware.selection import explain_no_build, select_build, target_matches
+from varsd.firmware.selection import explain_no_build, machine_has_smm, select_build, target_matches
 from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig, PinKind, Status, VarsdMetadata
 from varsd.model.firmware import Build, Catalog, MappingMode, VarstoreLayout
 from varsd.planning.repair import varstore_path, wants_secure_boot
@@ -157,9 +157,6 @@ def enrolled_keys(variables: Mapping[str, EfiVariable]) -> bool:
     return all(key in variables and variables[key].data for key in KEY_VARIABLES)
 
 
-def _q35(machine: str | None) -> bool:
-    return bool(machine) and "q35" in str(machine)
-
 
 def _usable(build: Build) -> bool:
     return build.mode is MappingMode.SPLIT and build.template_path is not None and build.layout is not None
@@ -246,7 +243,7 @@ def _check_target(build: Build, fw: DomainFirmware, wants: _Wants, *, explicit: 
             f"build {build.label} ({build.origin}) is {have}, but the domain {need}; migrating would change "
             "what the guest trusts. Choose a build of the same kind, or change Secure Boot by hand"
         )
-    if build.requires_smm and not _q35(fw.machine):
+    if build.requires_smm and not machine_has_smm(fw.machine):
         return (
             f"build {build.label} ({build.origin}) needs SMM, which machine type '{fw.machine}' cannot "
             "provide (q35 only)"
@@ -262,7 +259,7 @@ def _default_target(facts: MigrationFacts, catalog: Catalog, wants: _Wants) -> B
         for b in catalog.builds:
             if b.code_path == tracked and _check_target(b, fw, wants) is None:
                 return b
-    query = dict(arch=fw.arch, machine=fw.machine, secure_boot=wants.secure, smm_allowed=_q35(fw.machine))
+    query = dict(arch=fw.arch, machine=fw.machine, secure_boot=wants.secure, smm_allowed=machine_has_smm(fw.machine))
     # The target template's own variables are not carried over (only the domain's are),
     # so enrolled-or-not decides the <nvram template> for a later reset, nothing else:
     # prefer the matching kind, but any build of the right Secure Boot kind will do.
@@ -291,7 +288,7 @@ def _named_target(spec: str, facts: MigrationFacts, catalog: Catalog, wants: _Wa
     assert fw.arch and fw.machine
     sub = Catalog(builds=tuple(matches))
     fitting = select_build(sub, arch=fw.arch, machine=fw.machine, secure_boot=wants.secure,
-                           enrolled_keys=wants.keys if wants.secure else None, smm_allowed=_q35(fw.machine))
+                           enrolled_keys=wants.keys if wants.secure else None, smm_allowed=machine_has_smm(fw.machine))
     if fitting is not None and _check_target(fitting, fw, wants, explicit=True) is None:
         return fitting
     for b in matches:

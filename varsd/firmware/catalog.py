@@ -196,6 +196,13 @@ def load_catalog(
                 desc.device,
             )
             continue
+        formats = {desc.executable_format, desc.template_format} - {None}
+        if formats != {"raw"}:
+            # Fedora/RHEL ship qcow2 builds beside the raw ones; varsd manages raw varstores
+            # (what libvirt copies and virt-firmware's raw codec writes). Not a problem.
+            log.info("firmware descriptor %s: skipped, %s images (varsd manages raw ones)", path,
+                     "/".join(sorted(f for f in formats if f)))
+            continue
         try:
             builds.append(_descriptor_build(desc, reader))
         except _Skip as exc:

@@ -142,3 +142,11 @@ def explain_no_build(
         return f"{head}: {tail}"
     reasons = "; ".join(f"{b.origin}: {_mismatch(b, want)}" for b in catalog.builds)
     return f"{head}. Passed over: {reasons}"
+
+
+def machine_has_smm(machine: str | None) -> bool:
+    """Whether the machine type can give a guest SMM, which Secure Boot builds need.
+
+    libvirt allows `<smm state='on'/>` with `secure='yes'` on q35 machine types only.
+    """
+    return bool(machine) and "q35" in str(machine)

@@ -54,7 +54,7 @@ from dataclasses import dataclass, replace
 
 from varsd.domain.classify import classify, firmware_image_path
 from varsd.domain.xml import FirmwareEdit, apply_edit, nvram_storage, parse_domain, replace_loader_code, set_metadata
-from varsd.firmware.selection import explain_no_build, select_build
+from varsd.firmware.selection import explain_no_build, machine_has_smm, select_build
 from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig, Status, VarsdMetadata
 from varsd.model.firmware import Build, Catalog, MappingMode, VarstoreLayout
 from varsd.planning import upgrade
@@ -143,9 +143,6 @@ def _new_varstore_path(nvram_dir: str, fw: DomainFirmware, taken: set[str | None
     return path
 
 
-def _q35(machine: str | None) -> bool:
-    return bool(machine) and (machine == "q35" or "q35" in machine)
-
 
 def wants_secure_boot(fw: DomainFirmware, image: FileFacts | None, catalog: Catalog) -> bool:
     """Keep the firmware features the domain had: its code decides, its XML only for unknown code.
@@ -171,7 +168,7 @@ def _unmanaged(config: FirmwareConfig, why: str, fw: DomainFirmware) -> Plan:
 
 
 def _smm_problem(build: Build, fw: DomainFirmware) -> str | None:
-    if build.requires_smm and not _q35(fw.machine):
+    if build.requires_smm and not machine_has_smm(fw.machine):
         return (
             f"build {build.label} needs SMM for Secure Boot, which machine type "
             f"'{fw.machine}' cannot provide (q35 only); change the machine type or the firmware by hand"
@@ -370,7 +367,7 @@ def _plan_new_varstore(
     facts: DomainFacts, config: FirmwareConfig, catalog: Catalog, nvram_dir: str, now: str, secure: bool
 ) -> Plan:
     fw, nvram = facts.firmware, facts.nvram
-    query = dict(arch=fw.arch, machine=fw.machine, secure_boot=secure)
+    query = dict(arch=fw.arch, machine=fw.machine, secure_boot=secure, smm_allowed=machine_has_smm(fw.machine))
     # A varstore the XML already names (left from before the domain lost its pflash) is kept.
     kept = None
     if nvram is not None and nvram.exists and nvram.varstore_layout and _private_varstore(catalog, nvram_dir, nvram):
@@ -415,7 +412,8 @@ def _plan_unified(facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str
     assert image is not None and image.varstore_layout is not None and fw.loader_path
     layout = image.varstore_layout
     build = _exact_build(catalog, image.trailing_sha256, layout, secure) or select_build(
-        catalog, arch=fw.arch, machine=fw.machine, secure_boot=secure, layout=layout
+        catalog, arch=fw.arch, machine=fw.machine, secure_boot=secure, layout=layout,
+            smm_allowed=machine_has_smm(fw.machine),
     )
     if build is None:
         return Plan(
@@ -509,7 +507,8 @@ def _plan_split(
         reason = None
     else:
         build = _exact_build(catalog, image.sha256 if image else None, layout, secure) or select_build(
-            catalog, arch=fw.arch, machine=fw.machine, secure_boot=secure, layout=layout
+            catalog, arch=fw.arch, machine=fw.machine, secure_boot=secure, layout=layout,
+            smm_allowed=machine_has_smm(fw.machine),
         )
         if central is not None and build is None:
             return Plan(config, Status.NEEDS_MIGRATION,
@@ -584,7 +583,7 @@ def _plan_missing_varstore(
     fw, image = facts.firmware, facts.image
     config = FirmwareConfig.SPLIT
     build = central or _exact_build(catalog, image.sha256 if image else None, None, secure) or select_build(
-        catalog, arch=fw.arch, machine=fw.machine, secure_boot=secure,
+        catalog, arch=fw.arch, machine=fw.machine, secure_boot=secure, smm_allowed=machine_has_smm(fw.machine),
         code_size=image.size if image and image.exists else None,
     )
     if build is None or build.layout is None or build.template_path is None:

@@ -43,7 +43,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from varsd.firmware.archive import ArchiveIndex
-from varsd.firmware.selection import target_matches
+from varsd.firmware.selection import machine_has_smm, target_matches
 from varsd.model.domain import DomainFirmware, FileFacts, PinKind, Status, VarsdMetadata
 from varsd.model.firmware import Build, Catalog, MappingMode, VarstoreLayout
 
@@ -100,9 +100,6 @@ def hold_status(kind: PinKind) -> Status:
     return Status.NEEDS_MIGRATION if kind is PinKind.INCOMPATIBLE else Status.PINNED
 
 
-def _q35(machine: str | None) -> bool:
-    return bool(machine) and (machine == "q35" or "q35" in machine)
-
 
 def misfit(build: Build, fw: DomainFirmware, layout: VarstoreLayout, secure: bool) -> str | None:
     """Why `build` cannot boot this domain with its varstore (None: it fits).
@@ -123,7 +120,7 @@ def misfit(build: Build, fw: DomainFirmware, layout: VarstoreLayout, secure: boo
     if build.secure_boot != secure:
         what = "a Secure Boot build" if build.secure_boot else "not a Secure Boot build"
         return f"build {build.label} is {what}, unlike the domain's firmware"
-    if build.requires_smm and not _q35(fw.machine):
+    if build.requires_smm and not machine_has_smm(fw.machine):
         return f"build {build.label} needs SMM, which machine type '{fw.machine}' cannot provide (q35 only)"
     if fw.arch and fw.machine and not any(target_matches(t, fw.arch, fw.machine) for t in build.targets):
         return f"build {build.label} does not support {fw.arch} machine '{fw.machine}'"
@@ -228,6 +225,11 @@ def decide_pinned(
     if kind is PinKind.ADMIN:
         return keep
     central = central_at(catalog, md.build_code_path)
+    if central is None and kind is PinKind.POLICY and layout is not None:
+        # The held-back build's central file is gone (e.g. Debian 13 dropping the 2 MiB
+        # images): approving can no longer help, only a migration can.
+        return Hold(PinKind.INCOMPATIBLE, f"central code {md.build_code_path} was removed; kept on the archived "
+                    f"build {short(pin)} until migrated: run 'varsctl migrate {fw.name}'", (pin,))
     if central is None or layout is None:
         return keep  # nothing known to release to: stay on the build that works
     why = misfit(central, fw, layout, secure)
