@@ -57,12 +57,15 @@ def _open_code_digest(pid: int, code_path: str) -> str | None:
         fds = os.listdir(fd_dir)
     except OSError:
         return None
+    # QEMU opened the loader path, which may be a symlink (Debian's *.ms.fd): its fd names
+    # the resolved file, with " (deleted)" once a package upgrade renamed a new one over it.
+    names = {code_path, os.path.realpath(code_path)}
     for fd in fds:
         try:
             target = os.readlink(os.path.join(fd_dir, fd))
         except OSError:
             continue
-        if target == code_path or target == f"{code_path} (deleted)" or target == os.path.realpath(code_path):
+        if target.removesuffix(" (deleted)") in names:
             h = hashlib.sha256()
             try:
                 with open(os.path.join(fd_dir, fd), "rb") as f:
@@ -84,9 +87,11 @@ def observe_boot(hv: Hypervisor, uuid: str, at: str) -> BootRecord | None:
     if not code:
         return None
     pid = hv.qemu_pid(uuid)
-    digest = _open_code_digest(pid, code) if pid else None
-    if digest is not None:
-        return BootRecord(code, digest, at, "qemu-fd")
+    if pid:
+        # With QEMU's process at hand, only its open file tells the truth: hashing the
+        # path could record a build installed after it started.
+        digest = _open_code_digest(pid, code)
+        return BootRecord(code, digest, at, "qemu-fd") if digest else None
     try:
         return BootRecord(code, sha256_file(code), at, "path")
     except OSError:
