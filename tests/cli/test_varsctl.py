@@ -303,3 +303,24 @@ def test_undo_refuses_when_the_domain_changed_since(capsys, host, default_conn):
     assert rc == EXIT_OK
     restored = default_conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
     assert restored == before
+
+
+def test_undo_of_a_migration_refuses_to_pair_old_code_with_the_migrated_store(capsys, host, default_conn):
+    """Undoing only the XML half of a migration would put 2 MiB code in front of a 4 MiB
+    varstore: silently lost variables. undo points at the backup instead."""
+    name, _ = _define_rom(default_conn)
+    assert run(capsys, host, "reconcile", name, uri=DEFAULT)[0] == EXIT_OK
+    dom = default_conn.lookupByName(name)
+    current = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+    before_migration = current.replace(CODE_4M, "/usr/share/OVMF/OVMF_CODE.fd")
+    j = Journal(os.path.join(host["state"], "state.sqlite3"))
+    try:
+        cid = j.record(at="2026-11-26T00:00:00Z", uuid=dom.UUIDString(), name=name, actor="varsctl",
+                       reason="migrated varstore (131072 -> 540672 bytes) to x", old_xml=before_migration,
+                       new_xml=current)
+        j.settle(cid, "applied", stored_xml=current)
+    finally:
+        j.close()
+    rc, _, err = run(capsys, host, "undo", str(cid), uri=DEFAULT)
+    assert rc == EXIT_ATTENTION and "migrated the varstore" in err and "backup" in err
+    assert dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE) == current

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, Context
 from varsd.config import load_config
 from varsd.engine.lock import host_lock
+from varsd.engine.migration import MIGRATION_REASON
 from varsd.engine.reconciler import Outcome
 from varsd.errors import ConfigError, HypervisorError, VarsdError
 from varsd.model.domain import Status
@@ -89,6 +90,19 @@ def cmd_undo(ctx: Context, args: argparse.Namespace) -> int:
             print(
                 f"varsctl: domain '{ref.name}' changed after journal #{change.id} (a later repair or an "
                 "admin's edit); undoing would discard that. See 'varsctl journal', or use --force",
+                file=sys.stderr,
+            )
+            return EXIT_ATTENTION
+        _, plan = rec.plan_xml(ref, change.old_xml)
+        migrated = change.reason.startswith(MIGRATION_REASON)
+        if (migrated or plan.status is Status.NEEDS_MIGRATION) and not args.force:
+            # e.g. undoing a migration's XML change while the varstore is already migrated:
+            # old code with a varstore of another layout silently loses every variable change.
+            print(
+                f"varsctl: the definition from before journal #{change.id} does not fit domain '{ref.name}''s "
+                f"varstore as it is now ({'that change migrated the varstore' if migrated else plan.detail}): "
+                "old code with a varstore of another layout loses every variable change. Copy the migration's "
+                "backup back over the varstore first (see 'varsctl migrate' in the README), then use --force",
                 file=sys.stderr,
             )
             return EXIT_ATTENTION

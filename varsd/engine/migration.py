@@ -75,6 +75,7 @@ KEY_VARIABLES = (f"{EFI_GLOBAL}:PK", f"{EFI_GLOBAL}:KEK", f"{EFI_IMAGE_SECURITY_
 MIN_SHA_PREFIX = 6
 """Shortest code digest prefix `--to` accepts: shorter ones match by accident."""
 
+MIGRATION_REASON = "migrated varstore"  # journal reasons start with it; undo recognises them
 BACKUP_DIR = "backups"
 
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
@@ -412,7 +413,7 @@ def plan_migration(
         varstore=varstore,
         in_place=not unified,
         new_xml=new_xml,
-        reason=f"migrated varstore ({source.layout.size} -> {target.layout.size} bytes) to {target.label}",
+        reason=f"{MIGRATION_REASON} ({source.layout.size} -> {target.layout.size} bytes) to {target.label}",
     )
 
 
