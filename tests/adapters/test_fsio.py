@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 import pytest
 
@@ -165,3 +166,17 @@ def test_read_file_size_cap_and_missing_file(tmp_path):
 def test_sha256_helpers_agree():
     data = open(VARS_4M, "rb").read()
     assert fsio.sha256_bytes(data) == fsio.sha256_file(VARS_4M)
+
+
+def test_sweep_removes_only_old_varsd_temp_files(tmp_path):
+    old_tmp = tmp_path / f".vm_VARS.fd{fsio.TEMP_MARKER}0123abcd"
+    fresh_tmp = tmp_path / f".vm2_VARS.fd{fsio.TEMP_MARKER}4567ef01"
+    varstore = tmp_path / "vm_VARS.fd"
+    other = tmp_path / ".vm_VARS.fd.swp"
+    for p in (old_tmp, fresh_tmp, varstore, other):
+        p.write_bytes(b"x")
+    past = time.time() - 3600
+    for p in (old_tmp, varstore, other):
+        os.utime(p, (past, past))
+    assert fsio.sweep_temp_files(str(tmp_path)) == [old_tmp.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh_tmp.name, varstore.name, other.name])

@@ -18,6 +18,7 @@ import hashlib
 import os
 import secrets
 import stat
+import time
 
 from varsd.errors import ProvisionError, VarsdError
 
@@ -294,3 +295,27 @@ def replace_atomic(path: str, data: bytes, *, expect: bytes | None = None) -> No
             except OSError:
                 pass
         os.close(dfd)
+
+
+def sweep_temp_files(directory: str, older_than: float = 600.0) -> list[str]:
+    """Remove varsd's own temp files (`.<name>.varsd-tmp.<random>`) that a killed process
+    left in `directory`; only older ones, as another actor may be writing one right now.
+
+    Never touches anything else: the name pattern is varsd's alone. Returns the names removed.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    now = time.time()
+    for e in entries:
+        if not (e.name.startswith(".") and TEMP_MARKER in e.name):
+            continue
+        try:
+            if e.is_file(follow_symlinks=False) and now - e.stat(follow_symlinks=False).st_mtime > older_than:
+                os.unlink(e.path)
+                removed.append(e.name)
+        except OSError:
+            continue
+    return removed

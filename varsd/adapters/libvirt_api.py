@@ -274,7 +274,12 @@ class Hypervisor:
         what = f"domain '{name}'" if name else "domain XML"
         with _translated(f"{what}: cannot define"):
             dom = self.connection.defineXML(xml)
-            state, _reason = dom.state()  # one round trip: a define is on varsd's hot path
+        try:
+            # After the define succeeded: a failure here must not make the caller journal
+            # an applied change as failed.
+            state, _reason = dom.state()
+        except libvirt.libvirtError:
+            state = libvirt.VIR_DOMAIN_NOSTATE
         uuid = dom.UUIDString()
         self._handles[uuid] = dom
         return DomainRef(

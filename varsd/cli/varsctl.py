@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from varsd.adapters.libvirt_api import NoSuchDomain
 from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, Context
 from varsd.config import load_config
 from varsd.engine.lock import host_lock
@@ -168,9 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = Context(cfg)
     try:
         return args.func(ctx, args)
-    except (ConfigError, HypervisorError) as exc:  # e.g. qemu_owner() finding no qemu user
+    except (ConfigError, NoSuchDomain) as exc:  # e.g. no qemu user; a domain name that does not exist
         print(f"varsctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except HypervisorError as exc:
+        print(f"varsctl: {exc}", file=sys.stderr)
+        # libvirt unreachable is a connection error (2); libvirt refusing an action is 1.
+        return EXIT_USAGE if exc.retryable else EXIT_ATTENTION
     except VarsdError as exc:
         print(f"varsctl: {exc}", file=sys.stderr)
         return EXIT_ATTENTION

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from varsd.adapters import fsio
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.adapters.libvirt_events import LifecycleEvent, Subscription, start_event_loop
@@ -54,6 +55,7 @@ BOOT_PREFIX = "boot:"
 # waits far more than it computes); the
 # queue never hands the same domain to both, and acting takes the domain's lock.
 WORKERS = 4
+STOP_GRACE = 20.0  # seconds the domains in hand get at SIGTERM (systemd TimeoutStopSec=30)
 FIRMWARE_CHECK_INTERVAL = 30  # seconds between stat() checks of the firmware files
 ARCHIVE_PRUNE_INTERVAL = 24 * 3600
 
@@ -130,6 +132,8 @@ class Service:
 
     def run(self) -> int:
         """Serve until stopped; returns the process exit code."""
+        for name in fsio.sweep_temp_files(self.cfg.nvram_dir):
+            log.warning("removed %s/%s, a temp file left by a killed varsd/varsctl", self.cfg.nvram_dir, name)
         start_event_loop()
         for w in self._workers:
             w.start()
@@ -427,8 +431,9 @@ class Service:
             self._scheduler.shutdown(wait=False)
         except Exception:
             pass
+        deadline = time.monotonic() + STOP_GRACE  # all workers together, within TimeoutStopSec
         for w in self._workers:
-            w.join(timeout=30)
+            w.join(timeout=max(0.0, deadline - time.monotonic()))
         self._teardown_connection()
         self.journal.close()
         log.info("stopped")
