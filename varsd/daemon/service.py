@@ -28,7 +28,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -55,6 +55,8 @@ BOOT_PREFIX = "boot:"
 # waits far more than it computes); the
 # queue never hands the same domain to both, and acting takes the domain's lock.
 WORKERS = 4
+# Settings tied to what the process holds open (journal, archive, file ownership).
+RESTART_ONLY = ("state_dir", "qemu_user", "qemu_group")
 STOP_GRACE = 20.0  # seconds the domains in hand get at SIGTERM (systemd TimeoutStopSec=30)
 FIRMWARE_CHECK_INTERVAL = 30  # seconds between stat() checks of the firmware files
 ARCHIVE_PRUNE_INTERVAL = 24 * 3600
@@ -100,6 +102,8 @@ class Service:
         self._firmware_lock = threading.Lock()  # one firmware check at a time
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self._reloading = threading.Lock()
+        self._interval = cfg.reconcile_interval
         self._disconnected = threading.Event()
         self._lock = threading.Lock()  # guards hv / reconciler swaps
         self.hv: Hypervisor | None = None
@@ -138,7 +142,7 @@ class Service:
         for w in self._workers:
             w.start()
         self._scheduler.add_job(
-            self.queue_full_pass, "interval", seconds=self.cfg.reconcile_interval, id="full-pass",
+            self.queue_full_pass, "interval", seconds=self._interval, id="full-pass",
             max_instances=1, coalesce=True,
         )
         self.check_firmware(force=True)  # archive what is there before anything can replace it
@@ -161,9 +165,11 @@ class Service:
                 if wd and time.monotonic() - last_wd >= wd:
                     self.notify("WATCHDOG=1")
                     last_wd = time.monotonic()
-                if self._reload.is_set():
+                if self._reload.is_set() and self._reloading.acquire(blocking=False):
+                    # Off the main thread: a reload may wait for the firmware lock and hash
+                    # images, and this thread must keep pinging the watchdog.
                     self._reload.clear()
-                    self._do_reload()
+                    threading.Thread(target=self._reload_in_background, name="varsd-reload", daemon=True).start()
                 if self.hv is None or self._disconnected.is_set():
                     if self._connect():
                         delays = self.backoff.delays()
@@ -201,10 +207,7 @@ class Service:
         with self._lock:
             self.hv = hv
             self._subscription = subscription
-            self.reconciler = Reconciler(
-                self.cfg, hv, self.catalog, self.journal, self.owner, actor="varsd", clock=self.clock,
-                inspector=self.inspector, archive=self.archive,
-            )
+            self.reconciler = self._new_reconciler(hv, self.cfg, self.catalog)
         log.info("connected to %s: %d domains, full reconcile queued", self.cfg.uri, len(refs))
         if not self.ready.is_set():
             self.first_pass_pending = {r.uuid for r in refs}
@@ -244,8 +247,25 @@ class Service:
         for ref in refs:
             self.queue.put(ref.uuid)
 
+    def _new_reconciler(self, hv: Hypervisor, cfg: Config, catalog) -> Reconciler:
+        return Reconciler(cfg, hv, catalog, self.journal, self.owner, actor="varsd", clock=self.clock,
+                          inspector=self.inspector, archive=self.archive)
+
+    def _reload_in_background(self) -> None:
+        try:
+            self._do_reload()
+        except Exception:  # a reload must never take the daemon down
+            log.exception("reload failed; keeping the old configuration")
+        finally:
+            self._reloading.release()
+
     def _do_reload(self) -> None:
-        """Re-read config and catalog; they apply to the very next domain handled."""
+        """Re-read config and catalog; they apply to the very next domain handled.
+
+        A new Reconciler is swapped in whole, so no domain is planned with half old,
+        half new settings. Keys that name the state varsd holds open (state_dir, the
+        qemu owner) need a restart: they are kept, with a warning.
+        """
         if self.reload_config is None:
             cfg = self.cfg
         else:
@@ -254,15 +274,19 @@ class Service:
             except VarsdError as exc:
                 log.error("reload: %s; keeping the old configuration", exc)
                 return
+        fixed = [k for k in RESTART_ONLY if getattr(cfg, k) != getattr(self.cfg, k)]
+        if fixed:
+            log.warning("reload: %s changed; that takes a restart of varsd (kept the old value)", ", ".join(fixed))
+            cfg = replace(cfg, **{k: getattr(self.cfg, k) for k in fixed})
         reconnect = cfg.uri != self.cfg.uri
         catalog = self._load_catalog(cfg)
         with self._lock:
             self.cfg, self.catalog = cfg, catalog
-            if cfg.archive_dir != self.archive.directory:
-                self.archive = Archive(cfg.archive_dir, state_dir=cfg.state_dir)
-            if self.reconciler is not None:
-                self.reconciler.cfg, self.reconciler.catalog = cfg, catalog
-                self.reconciler.archive = self.archive
+            if self.hv is not None:
+                self.reconciler = self._new_reconciler(self.hv, cfg, catalog)
+        if cfg.reconcile_interval != self._interval:
+            self._interval = cfg.reconcile_interval
+            self._scheduler.reschedule_job("full-pass", trigger="interval", seconds=cfg.reconcile_interval)
         log.info("configuration and firmware catalog reloaded")
         self._refresh_firmware(catalog)
         if reconnect:
