@@ -66,12 +66,21 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path: str) -> str:
-    """Hex sha256 of a file's content."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+    """Hex sha256 of a regular file's content; OSError for anything else.
+
+    Opened non-blocking and checked, so a FIFO or device planted where a firmware image
+    is expected fails at once instead of hanging (or reading /dev/zero forever).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        h = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
             h.update(chunk)
-    return h.hexdigest()
+        return h.hexdigest()
+    finally:
+        os.close(fd)
 
 
 def _open_regular(path: str, follow_symlinks: bool) -> tuple[int, os.stat_result]:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
 from varsd.config import Config, qemu_owner
 from varsd.engine.reconciler import Reconciler
-from varsd.firmware.catalog import load_catalog
+from varsd.firmware.catalog import load_configured
 
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE = 0, 1, 2
 
@@ -35,9 +34,7 @@ class Context:
         return self._journal
 
     def reconciler(self) -> Reconciler:
-        catalog = load_catalog(self.cfg.firmware_dirs, self.cfg.extra_firmware)
-        for problem in catalog.problems:
-            logging.getLogger("varsd.catalog").warning("%s: %s", problem.source, problem.message)
+        catalog = load_configured(self.cfg)
         return Reconciler(self.cfg, self.hv, catalog, self.journal, qemu_owner(self.cfg), actor="varsctl")
 
     def refs(self, names: Sequence[str]) -> list[DomainRef]:

@@ -28,6 +28,7 @@ from varsd.engine.lock import host_lock
 from varsd.engine.reconciler import Outcome, Reconciler
 from varsd.errors import VarsdError
 from varsd.firmware.archive import Archive
+from varsd.firmware.catalog import load_configured
 from varsd.model.domain import FirmwareConfig, PinKind, Status
 from varsd.planning.repair import DomainFacts, Plan, Redefine
 from varsd.planning.upgrade import admin_pin, central_at, short, tracks_central
@@ -81,7 +82,7 @@ def cmd_sync(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
-    catalog = firmware_sync.load_fresh_catalog(ctx.cfg)
+    catalog = load_configured(ctx.cfg)
     archive = Archive(ctx.cfg.archive_dir, state_dir=ctx.cfg.state_dir)
     known = ctx.journal.archived_builds()
     entries = archive.entries()

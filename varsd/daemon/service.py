@@ -45,7 +45,7 @@ from varsd.engine.inspect import FileInspector
 from varsd.engine.reconciler import Reconciler, utc_now
 from varsd.errors import HypervisorError, VarsdError
 from varsd.firmware.archive import Archive
-from varsd.firmware.catalog import load_catalog
+from varsd.firmware.catalog import load_configured
 from varsd.model.domain import Status
 
 log = logging.getLogger("varsd")
@@ -355,11 +355,7 @@ class Service:
         return pruned
 
     def _load_catalog(self, cfg: Config | None = None):
-        cfg = cfg or self.cfg
-        catalog = load_catalog(cfg.firmware_dirs, cfg.extra_firmware)
-        for p in catalog.problems:
-            log.warning("firmware catalog: %s: %s", p.source, p.message)
-        return catalog
+        return load_configured(cfg or self.cfg)
 
     # -- worker --------------------------------------------------------------------
 

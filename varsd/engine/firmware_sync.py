@@ -42,7 +42,7 @@ from varsd.engine.lock import host_lock
 from varsd.engine.reconciler import Outcome, Reconciler, utc_now
 from varsd.errors import HypervisorError, VarsdError
 from varsd.firmware.archive import Archive, ArchiveError, is_archive_path
-from varsd.firmware.catalog import load_catalog
+from varsd.firmware.catalog import load_configured
 from varsd.model.domain import FirmwareConfig, Status
 from varsd.model.firmware import Catalog
 
@@ -117,13 +117,6 @@ class SyncReport:
         }
 
 
-def load_fresh_catalog(cfg: Config) -> Catalog:
-    catalog = load_catalog(cfg.firmware_dirs, cfg.extra_firmware)
-    for p in catalog.problems:
-        log.warning("firmware catalog: %s", p.message)
-    return catalog
-
-
 def _archive_catalog(archive: Archive, journal: Journal, catalog: Catalog, at: str) -> tuple[list[str], list[str]]:
     archived, problems = [], []
     done: set[str] = set()
@@ -187,7 +180,7 @@ def refresh(
     clock: Callable[[], str] = utc_now,
 ) -> Refresh:
     """Archive the catalog's images and record what changed (module doc); no libvirt."""
-    catalog = catalog if catalog is not None else load_fresh_catalog(cfg)
+    catalog = catalog if catalog is not None else load_configured(cfg)
     inspector = inspector or FileInspector()
     problems = [p.message for p in catalog.problems]
     at = clock()
@@ -382,5 +375,5 @@ def prune_daemon(
 
 __all__ = [
     "EXIT_ATTENTION", "EXIT_FAILED", "EXIT_OK", "FirmwareChange", "Refresh", "SyncReport",
-    "load_fresh_catalog", "prune_daemon", "refresh", "sync", "watch_signature",
+    "prune_daemon", "refresh", "sync", "watch_signature",
 ]

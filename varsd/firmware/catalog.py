@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from varsd.adapters import fsio, virtfw
-from varsd.config import ExtraFirmware
+from varsd.config import Config, ExtraFirmware
 from varsd.errors import DescriptorError, VarstoreError
 from varsd.firmware.descriptors import Descriptor, list_descriptor_paths, parse_descriptor
 from varsd.model.firmware import Build, Catalog, CatalogProblem, MappingMode, Target, VarstoreLayout
@@ -220,3 +220,12 @@ def load_catalog(
             log.exception("%s: unexpected error", origin)
             problems.append(CatalogProblem(source=origin, message=f"{origin}: unexpected error: {exc}"))
     return Catalog(builds=tuple(builds), problems=tuple(problems))
+
+
+def load_configured(cfg: Config) -> Catalog:
+    """The catalog `cfg` describes, each unusable descriptor or pair logged as a warning
+    (the admin's first hint that a firmware package or /etc/qemu/firmware is broken)."""
+    catalog = load_catalog(cfg.firmware_dirs, cfg.extra_firmware)
+    for problem in catalog.problems:
+        log.warning("firmware catalog: %s", problem.message)
+    return catalog

@@ -8,7 +8,6 @@ domain's varstore has exactly the layout of the build's template.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -44,10 +43,6 @@ class Target:
     architecture: str
     machines: tuple[str, ...]
 
-    def matches(self, arch: str, machine: str) -> bool:
-        return arch == self.architecture and any(
-            fnmatch.fnmatchcase(machine, glob) for glob in self.machines
-        )
 
 
 @dataclass(frozen=True)
@@ -85,8 +80,6 @@ class Build:
     def enrolled_keys(self) -> bool:
         return "enrolled-keys" in self.features
 
-    def supports(self, arch: str, machine: str) -> bool:
-        return any(t.matches(arch, machine) for t in self.targets)
 
     @property
     def label(self) -> str:
