@@ -7,23 +7,22 @@ import os
 import stat
 
 import pytest
+from ovmf_files import (  # tests/ is on the import path (see ovmf_files)
+    CODE_2M,
+    CODE_4M,
+    LAYOUT_2M,
+    LAYOUT_4M,
+    UNIFIED,
+    VARS_2M,
+    VARS_4M,
+    VARS_4M_MS,
+)
 
 from varsd.adapters import fsio, virtfw
 from varsd.engine import provision
 from varsd.engine.provision import Provisioned, provision_varstore
 from varsd.errors import ProvisionError, VarstoreError
-from varsd.model.firmware import VarstoreLayout
 
-OVMF = "/usr/share/OVMF"
-VARS_2M = f"{OVMF}/OVMF_VARS.fd"
-VARS_4M = f"{OVMF}/OVMF_VARS_4M.fd"
-VARS_4M_MS = f"{OVMF}/OVMF_VARS_4M.ms.fd"
-CODE_2M = f"{OVMF}/OVMF_CODE.fd"
-CODE_4M = f"{OVMF}/OVMF_CODE_4M.fd"
-UNIFIED = "/usr/share/ovmf/OVMF.fd"
-
-LAYOUT_2M = VarstoreLayout(size=131072, start=100, end=57344)
-LAYOUT_4M = VarstoreLayout(size=540672, start=100, end=262144)
 VENDOR = "2d3a1f3e-5b0c-4d6a-9e57-8c0f7a1b2c3d"
 
 

@@ -22,6 +22,10 @@ from pathlib import Path
 
 import pytest
 
+# Re-exported for the planning tests. tests/ is on the import path (see ovmf_files).
+from ovmf_files import CODE_2M, CODE_4M, CODE_4M_SECBOOT, EFI_GLOBAL, VARS_2M, VARS_4M, VARS_4M_MS  # noqa: F401
+from ovmf_files import UNIFIED as UNIFIED_2M  # noqa: F401
+
 from varsd.adapters import virtfw
 from varsd.config import ExtraFirmware
 from varsd.engine.inspect import FileInspector
@@ -35,16 +39,6 @@ NOW = "2025-01-15T10:00:00Z"
 NVRAM_DIR = "/var/lib/libvirt/qemu/nvram"
 
 FW_DIR = "/usr/share/qemu/firmware"
-OVMF = "/usr/share/OVMF"
-CODE_4M = f"{OVMF}/OVMF_CODE_4M.fd"
-CODE_4M_SECBOOT = f"{OVMF}/OVMF_CODE_4M.secboot.fd"
-VARS_4M = f"{OVMF}/OVMF_VARS_4M.fd"
-VARS_4M_MS = f"{OVMF}/OVMF_VARS_4M.ms.fd"
-CODE_2M = f"{OVMF}/OVMF_CODE.fd"
-VARS_2M = f"{OVMF}/OVMF_VARS.fd"
-UNIFIED_2M = "/usr/share/ovmf/OVMF.fd"
-
-EFI_GLOBAL = "8be4df61-93ca-11d2-aa0d-00e098032b8c"
 VENDOR_GUID = "6f2a9c1e-1d3b-4c8e-9a47-2b5d8e0f1c3a"  # a test variable under a vendor GUID
 
 @dataclass(frozen=True)
