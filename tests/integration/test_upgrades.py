@@ -366,7 +366,11 @@ def test_manual_policy_pin_unpin_and_approve_decide_the_next_cold_boot(
     booted = _cold_boot(hv, g, varstore)
     assert (booted.code, booted.sha256) == (host.code, new_code)
 
-    # Pinned while running, to what it runs: it keeps the central path while that is the build.
+    # Pinned while running, to what it runs: held on that build's archived copy at once,
+    # so no later package upgrade of the central path can change its next cold boot.
     assert host.varsctl("pin", g.name).returncode == 0
-    assert _loader(hv, g) == host.code and host.status(g)["status"] == "pinned"
+    assert _loader(hv, g) == str(host.archive / f"{new_code}.fd") and host.status(g)["status"] == "pinned"
+    hv.destroy(g.uuid)
+    booted = _cold_boot(hv, g, varstore)
+    assert (booted.code, booted.sha256) == (str(host.archive / f"{new_code}.fd"), new_code)
     hv.destroy(g.uuid)

@@ -338,14 +338,17 @@ def test_decide_pinned_admin_is_never_released() -> None:
         assert isinstance(got, Hold) and got.kind is PinKind.ADMIN
 
 
-def test_place_hold_prefers_the_file_that_already_is_the_build() -> None:
+def test_place_hold_prefers_the_archived_copy_which_no_upgrade_can_change() -> None:
     fw = parse_domain(domain_xml(loader="/srv/fw/copy-of-A.fd", pin=A, pin_by="admin"))
     index = ArchiveIndex(ARCHIVE, frozenset({A}))
-    here = place_hold((A,), FileFacts("/srv/fw/copy-of-A.fd", True, 1, A), fw, Catalog((BUILD_B,)), index)
+    # the archived copy first, even when the loader file or the central path is the build now
+    here = place_hold((A,), FileFacts("/srv/fw/copy-of-A.fd", True, 1, A), fw, Catalog((BUILD_A,)), index)
+    assert here.code_path == arch(A)
+    # no copy archived yet: the file that already is the build, else the central path
+    unarchived = ArchiveIndex(ARCHIVE)
+    here = place_hold((A,), FileFacts("/srv/fw/copy-of-A.fd", True, 1, A), fw, Catalog((BUILD_B,)), unarchived)
     assert here.code_path == "/srv/fw/copy-of-A.fd"
-    central = place_hold((A,), FileFacts("/srv/fw/copy-of-A.fd", True, 1, X), fw, Catalog((BUILD_A,)), index)
+    central = place_hold((A,), FileFacts("/srv/fw/copy-of-A.fd", True, 1, X), fw, Catalog((BUILD_A,)), unarchived)
     assert central.code_path == CODE
-    archived = place_hold((A,), FileFacts("/srv/fw/copy-of-A.fd", True, 1, X), fw, Catalog((BUILD_B,)), index)
-    assert archived.code_path == arch(A)
     none = place_hold((A,), None, fw, Catalog((BUILD_B,)), ArchiveIndex(ARCHIVE))
     assert isinstance(none, str) and "not in the firmware archive" in none

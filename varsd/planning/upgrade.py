@@ -22,7 +22,7 @@ Rules for a tracking domain (`decide_tracking`), first match wins:
    open, so the caller reports `pending-cold-boot` until the next cold boot.
 
 Holding means: the loader points at the build's verified archived copy
-(`<archive>/<sha256>.fd`), or stays where it is when that file already is the build;
+(`<archive>/<sha256>.fd`; where none exists yet, it stays on a file that is the build);
 the pin (`<varsd:pin sha256 by reason at>`) records who holds it and why, so each
 release undoes only its own kind. The build held on is the one the domain is bound to,
 else the one it runs: both worked with this varstore. With no verified copy, nothing
@@ -273,19 +273,23 @@ def place_hold(
 ) -> HoldPlace | str:
     """The first candidate a loader can point at, or why none can (verify-before-use).
 
-    The current loader file is kept when it already is the build (central path or an
-    archived copy); otherwise the central path when the catalog lists the build there,
-    otherwise its verified archived copy. A corrupt copy is never offered.
+    The verified archived copy first (by digest: no package upgrade can change it); then
+    the current loader file when it already is the build; then the central path when
+    the catalog lists the build there (no copy archived yet). A corrupt copy is never
+    offered.
     """
     problems = []
     for sha in candidates:
+        # The archived copy first: it is addressed by digest, so no package operation
+        # can change what it boots (a hold left on the central path would map a new
+        # build at a cold boot between the package's rename and varsd's next look).
+        if sha in archive.verified:
+            return HoldPlace(sha, archive.path_for(sha))
         if image is not None and image.exists and image.sha256 == sha and fw.loader_path:
             return HoldPlace(sha, fw.loader_path)
         central = central_at(catalog, fw.metadata.build_code_path)
         if central is not None and central.code_sha256 == sha:
             return HoldPlace(sha, central.code_path)
-        if sha in archive.verified:
-            return HoldPlace(sha, archive.path_for(sha))
         if sha in archive.corrupt:
             problems.append(f"{archive.corrupt[sha]} (not used)")
         else:
