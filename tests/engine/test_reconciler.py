@@ -369,3 +369,35 @@ def test_a_corrupt_archived_image_is_never_written_into_a_definition(rec, define
     xml = rec.hv.persistent_xml(ref.uuid).replace(CODE_4M, path)
     with pytest.raises(VarsdError, match="corrupt"):
         rec.verify_archived_loader(ref, xml)
+
+
+@pytest.mark.parametrize("clone_first", [False, True])
+def test_a_clone_sharing_its_originals_varstore_gets_its_own_copy(rec, hv, cfg, clone_first) -> None:
+    """`virsh dumpxml base | sed s/base/clone/ | virsh define` keeps base's <nvram>: two guests
+    writing one varstore corrupt each other's boot entries. The clone gets a private copy
+    (every variable kept), whichever of the two is seen first; the original is untouched."""
+    from varsd.adapters import virtfw
+
+    tag = uuidlib.uuid4().hex[:6]
+    base_name, clone_name = f"rec-{tag}-base", f"rec-{tag}-clone"
+    base_vars = os.path.join(cfg.nvram_dir, f"{base_name}_VARS.fd")
+    with open(base_vars, "wb") as f:
+        f.write(virtfw.with_variable(VARS_4M, "VarsdProof", "5b3c9c5e-1f6a-4b8e-9d2a-7a1f0e6d4c21", b"base", 7))
+    os_inner = f"<loader readonly='yes' type='pflash'>{CODE_4M}</loader><nvram template='{VARS_4M}'>{base_vars}</nvram>"
+    refs = {}
+    for name in ([clone_name, base_name] if clone_first else [base_name, clone_name]):
+        refs[name] = hv.define(domain_xml(name, os_inner))
+    try:
+        before = open(base_vars, "rb").read()
+        ordered = [refs[clone_name], refs[base_name]] if clone_first else [refs[base_name], refs[clone_name]]
+        outcomes = {o.ref.name: o for o in rec.reconcile_all(ordered)}
+        clone_vars = os.path.join(cfg.nvram_dir, f"{clone_name}_VARS.fd")
+        assert outcomes[clone_name].plan.varstore == clone_vars, outcomes[clone_name].plan.detail
+        assert f"domain '{base_name}'" in outcomes[clone_name].plan.detail
+        assert ET.fromstring(hv.persistent_xml(refs[clone_name].uuid)).find("os/nvram").text == clone_vars
+        assert ET.fromstring(hv.persistent_xml(refs[base_name].uuid)).find("os/nvram").text == base_vars
+        assert open(clone_vars, "rb").read() == before and open(base_vars, "rb").read() == before
+        assert all(not o.done for o in rec.reconcile_all(ordered)), "not idempotent"
+    finally:
+        for ref in refs.values():
+            hv.connection.lookupByUUIDString(ref.uuid).undefine()

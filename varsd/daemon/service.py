@@ -388,6 +388,8 @@ class Service:
                 self._close_record(key)
                 return
             outcome = rec.reconcile(ref)
+            for other in rec.take_rechecks():  # e.g. a clone using this domain's own varstore
+                self.queue.put(other)
             if ref.active and booted(hv, ref.uuid) is None:
                 # Running since before varsd watched it: QEMU's open file still tells.
                 record_boot(hv, ref.uuid, self.clock())

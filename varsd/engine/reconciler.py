@@ -29,7 +29,7 @@ from varsd.errors import HypervisorError, VarsdError
 from varsd.firmware.archive import Archive, ArchiveError, ArchiveIndex, is_archive_path, sha_of_archive_path
 from varsd.model.domain import FirmwareConfig, Status
 from varsd.model.firmware import Build, Catalog
-from varsd.planning.repair import CreateVarstore, DomainFacts, Plan, Redefine, plan_repair
+from varsd.planning.repair import CreateVarstore, DomainFacts, Plan, Redefine, plan_repair, varstore_path
 from varsd.planning.upgrade import UpgradeContext
 
 log = logging.getLogger("varsd.reconcile")
@@ -143,6 +143,10 @@ class Reconciler:
         self.inspector = inspector or FileInspector()
         self.archive = archive if archive is not None else Archive(cfg.archive_dir, state_dir=cfg.state_dir)
         self._memo: dict[str, _Memo] = {}
+        self._owners: dict[str, tuple[str, str]] = {}  # varstore path -> (uuid, name) whose own it is
+        self._uses: dict[str, str | None] = {}  # uuid -> varstore path it names
+        self._owners_lock = threading.Lock()
+        self.rechecks: set[str] = set()  # domains to look at again (see _note_varstore)
         self._upgrades: tuple[float, UpgradeContext] | None = None
         self._archive_lock = threading.Lock()
         self._archive_tried: dict[str, float] = {}  # sha -> monotonic time of a failed attempt
@@ -260,8 +264,36 @@ class Reconciler:
         image = self.inspector.inspect(image_path, digest=True) if image_path else None
         nvram = self.inspector.inspect(fw.nvram_path, digest=False) if fw.nvram_path else None
         return DomainFacts(
-            xml=xml, firmware=fw, live=live, image=image, nvram=nvram, excluded=excluded, persistent=persistent
+            xml=xml, firmware=fw, live=live, image=image, nvram=nvram, excluded=excluded, persistent=persistent,
+            nvram_shared_with=self._note_varstore(fw),
         )
+
+    def _note_varstore(self, fw) -> str | None:
+        """Track which domain's own varstore each path is; the name of *another* domain
+        whose own file `fw` names, if any.
+
+        A domain owns the `<name>_VARS.fd` libvirt's naming gives it. When an owner shows
+        up after a domain that uses its file was judged fine, that domain's memo is
+        dropped (and it is listed in `rechecks`), so the order domains are seen in does
+        not matter.
+        """
+        with self._owners_lock:
+            for path, (uuid, _name) in list(self._owners.items()):
+                if uuid == fw.uuid and path != fw.nvram_path:
+                    del self._owners[path]  # its varstore moved
+            path = fw.nvram_path
+            self._uses[fw.uuid] = path
+            if not path:
+                return None
+            if path == varstore_path(self.cfg.nvram_dir, fw.name, fw.uuid):
+                self._owners[path] = (fw.uuid, fw.name)
+                for other, used in self._uses.items():
+                    if used == path and other != fw.uuid:
+                        self._memo.pop(other, None)
+                        self.rechecks.add(other)
+                return None
+            owner = self._owners.get(path)
+            return owner[1] if owner is not None and owner[0] != fw.uuid else None
 
     def plan_xml(self, ref: DomainRef, xml: str, *, policy: str | None = None) -> tuple[DomainFacts, Plan]:
         """Plan for a definition the domain does not have yet (what varsctl pin, unpin and
@@ -274,6 +306,11 @@ class Reconciler:
 
     def forget(self, uuid: str) -> str | None:
         """Drop what is remembered of a domain that is gone; returns its last varstore path."""
+        with self._owners_lock:
+            self._uses.pop(uuid, None)
+            for path, (owner, _name) in list(self._owners.items()):
+                if owner == uuid:
+                    del self._owners[path]
         memo = self._memo.pop(uuid, None)
         return memo.facts.firmware.nvram_path if memo is not None else None
 
@@ -373,6 +410,16 @@ class Reconciler:
         log.info("domain '%s': %s (journal #%d)", ref.name, reason, change)
 
     def reconcile_all(self, refs: Iterable[DomainRef] | None = None, *, apply: bool = True) -> list[Outcome]:
+        """Every domain once, then again those a later domain's facts changed the view of
+        (a varstore found to be another domain's own)."""
         refs = list(self.hv.list_domains() if refs is None else refs)
-        return [self.reconcile(ref, apply=apply) for ref in refs]
+        outcomes = [self.reconcile(ref, apply=apply) for ref in refs]
+        again = self.take_rechecks()
+        pairs = zip(refs, outcomes, strict=True)
+        return [self.reconcile(ref, apply=apply) if ref.uuid in again else o for ref, o in pairs]
+
+    def take_rechecks(self) -> set[str]:
+        with self._owners_lock:
+            again, self.rechecks = self.rechecks, set()
+        return again
 

@@ -72,6 +72,9 @@ class DomainFacts:
     nvram: FileFacts | None = None  # the varstore named by <nvram>
     excluded: bool = False
     persistent: bool = True
+    # Another domain whose own `<name>_VARS.fd` this domain's <nvram> names (a hand-made
+    # clone): two guests writing one varstore corrupt each other's variables.
+    nvram_shared_with: str | None = None
 
     @property
     def running(self) -> bool:
@@ -527,7 +530,7 @@ def _plan_split(
     if problem:
         return Plan(config, Status.ERROR, problem, code=fw.loader_path, varstore=nvram.path)
 
-    if not _private_varstore(catalog, nvram_dir, nvram):
+    if facts.nvram_shared_with or not _private_varstore(catalog, nvram_dir, nvram):
         return _plan_shared_varstore(facts, catalog, nvram_dir, now, build, nvram, layout)
 
     md = _bind(fw.metadata, build)
@@ -560,12 +563,15 @@ def _plan_shared_varstore(
     fw = facts.firmware
     if facts.running:
         return Plan(FirmwareConfig.SPLIT, Status.PENDING_COLD_BOOT,
-                    f"varstore {nvram.path} is not private; it will be copied once the domain is shut off "
+                    f"varstore {nvram.path} is not private"
+                    f"{f' (domain {facts.nvram_shared_with!r} uses it too)' if facts.nvram_shared_with else ''}; "
+                    "it will be copied once the domain is shut off "
                     "(the running guest may still write variables into it)",
                     build=build, code=fw.loader_path, varstore=nvram.path)
     target = _new_varstore_path(nvram_dir, fw, {nvram.path, nvram.realpath})
     md = _provenance(fw.metadata, build, f"copy:{nvram.path}", now)
-    reason = f"shared varstore {nvram.path} copied to private {target} ({build.label})"
+    owner = f" (domain '{facts.nvram_shared_with}''s own)" if facts.nvram_shared_with else ""
+    reason = f"shared varstore {nvram.path}{owner} copied to private {target} ({build.label})"
     return Plan(
         FirmwareConfig.SPLIT, Status.OK, reason,
         actions=(
