@@ -242,6 +242,11 @@ PINNED: tuple[Row, ...] = (
         pin=(A, PinKind.INCOMPATIBLE), xml=domain_xml(loader=arch(A), pin=A, pin_by="incompatible")),
     Row("incompatible-fitting-build-back", Host((BUILD_B,), ON_B, ARCHIVED_A), Status.OK, True, bound=B,
         xml=domain_xml(loader=arch(A), pin=A, pin_by="incompatible")),
+    Row("incompatible-same-build-listed-elsewhere",
+        Host((BUILD_B4, build(A, path="/srv/firmware/OVMF_CODE.fd")),
+             {CODE: B, "/srv/firmware/OVMF_CODE.fd": A}, ARCHIVED_A),
+        Status.OK, True, bound=A, loader="/srv/firmware/OVMF_CODE.fd",
+        xml=domain_xml(loader=arch(A), pin=A, pin_by="incompatible")),
     Row("incompatible-fitting-build-back-manual", Host((BUILD_B,), ON_B, ARCHIVED_A, policy="manual"),
         Status.PINNED, True, loader=arch(A), pin=(A, PinKind.POLICY),
         xml=domain_xml(loader=arch(A), pin=A, pin_by="incompatible")),
@@ -336,6 +341,18 @@ def test_decide_pinned_admin_is_never_released() -> None:
     for policy in ("auto", "manual"):
         got = decide_pinned(fw, Catalog((BUILD_B,)), L2M, False, policy)
         assert isinstance(got, Hold) and got.kind is PinKind.ADMIN
+
+
+def test_an_incompatible_hold_follows_its_build_listed_again_at_another_path() -> None:
+    """The central path is gone (Debian 13), the admin adds the same 2 MiB pair as
+    extra_firmware at another path: the domain follows it there, off the archive."""
+    fw = parse_domain(domain_xml(loader=arch(A), bound=A, pin=A, pin_by="incompatible"))
+    elsewhere = build(A, path="/srv/firmware/OVMF_CODE.fd")
+    got = decide_pinned(fw, Catalog((BUILD_B4, elsewhere)), L2M, False, "auto")
+    assert isinstance(got, Track) and got.build.code_path == "/srv/firmware/OVMF_CODE.fd"
+    # an admin's pin is still never released by this
+    admin = parse_domain(domain_xml(loader=arch(A), bound=A, pin=A, pin_by="admin"))
+    assert isinstance(decide_pinned(admin, Catalog((elsewhere,)), L2M, False, "auto"), Hold)
 
 
 def test_place_hold_prefers_the_archived_copy_which_no_upgrade_can_change() -> None:

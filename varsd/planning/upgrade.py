@@ -224,6 +224,13 @@ def decide_pinned(
     keep = Hold(kind, md.pin_reason or _default_reason(kind, fw.name), (pin,))
     if kind is PinKind.ADMIN:
         return keep
+    if kind is PinKind.INCOMPATIBLE and layout is not None:
+        # The very build it is held on, listed again at another path (e.g. the old pair
+        # added as extra_firmware): follow it there rather than keep the archived copy.
+        for same in catalog.by_code_sha(pin):
+            if same.mode is MappingMode.SPLIT and same.code_path != md.build_code_path \
+                    and misfit(same, fw, layout, secure) is None:
+                return Track(same, f"the held build {short(pin)} is listed again at {same.code_path}; hold released")
     central = central_at(catalog, md.build_code_path)
     if central is None and kind is PinKind.POLICY and layout is not None:
         # The held-back build's central file is gone (e.g. Debian 13 dropping the 2 MiB
