@@ -59,7 +59,7 @@ class Outcome:
     @property
     def detail(self) -> str:
         if self.unrepaired:
-            return f"needs repair ('varsctl reconcile' or the daemon will do it): {self.plan.detail}"
+            return f"needs repair, which 'varsctl reconcile' or the daemon does: {self.plan.detail}"
         return self.plan.detail
 
     @property

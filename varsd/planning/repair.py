@@ -380,7 +380,7 @@ def _plan_new_varstore(
         md = _bind(fw.metadata, kept)
         return Plan(
             config, Status.OK,
-            f"{config.value} repaired: central code {kept.code_path} + its existing varstore {nvram.path}",
+            f"{config.value} -> split: central code {kept.code_path} + its existing varstore {nvram.path}",
             actions=(Redefine(_rewrite(facts, catalog, kept, nvram.path, md),
                               f"{config.value} -> split ({kept.label}), existing varstore kept"),),
             build=kept, code=kept.code_path, varstore=nvram.path,
@@ -399,7 +399,7 @@ def _plan_new_varstore(
     return Plan(
         config,
         Status.OK,
-        f"{config.value} repaired: central code {build.code_path} + new private varstore from {build.template_path}",
+        f"{config.value} -> split: central code {build.code_path} + new private varstore from {build.template_path}",
         actions=(
             CreateVarstore(target, build.template_path, build.layout),
             Redefine(_rewrite(facts, catalog, build, target, md), f"{config.value} -> split ({build.label})"),
