@@ -40,7 +40,7 @@ from varsd.config import Config, qemu_owner
 from varsd.daemon.notify import sd_notify, watchdog_interval
 from varsd.daemon.workqueue import WorkQueue
 from varsd.engine import firmware_sync
-from varsd.engine.boots import booted, record_boot
+from varsd.engine.boots import record_boot
 from varsd.engine.inspect import FileInspector
 from varsd.engine.reconciler import Reconciler, utc_now
 from varsd.errors import HypervisorError, VarsdError
@@ -390,8 +390,9 @@ class Service:
             outcome = rec.reconcile(ref)
             for other in rec.take_rechecks():  # e.g. a clone using this domain's own varstore
                 self.queue.put(other)
-            if ref.active and booted(hv, ref.uuid) is None:
-                # Running since before varsd watched it: QEMU's open file still tells.
+            if outcome.boot_unrecorded:
+                # Running since before varsd watched it (the live XML the reconcile read has
+                # no boot record): QEMU's open file still tells.
                 record_boot(hv, ref.uuid, self.clock())
             with self._count_lock:
                 self.handled += 1

@@ -65,7 +65,7 @@ from varsd.errors import VarsdError, VarstoreError
 from varsd.firmware.selection import explain_no_build, machine_has_smm, select_build, target_matches
 from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig, PinKind, Status, VarsdMetadata
 from varsd.model.firmware import Build, Catalog, MappingMode, VarstoreLayout
-from varsd.planning.repair import varstore_path, wants_secure_boot
+from varsd.planning.repair import is_private_varstore, new_varstore_path, varstore_path, wants_secure_boot
 
 EFI_GLOBAL = "8be4df61-93ca-11d2-aa0d-00e098032b8c"
 EFI_IMAGE_SECURITY_DATABASE = "d719b2cb-3d3a-4596-a3bc-dad00e67656f"
@@ -303,21 +303,6 @@ def _refuse(fw: DomainFirmware, why: str) -> MigrationRefused:
     return MigrationRefused(f"domain '{fw.name}': {why}; nothing was changed")
 
 
-def _private(path: str, catalog: Catalog) -> bool:
-    """False for a catalog image or a file in a firmware package's directory."""
-    shared = {p for b in catalog.builds for p in (b.code_path, b.template_path) if p}
-    if path in shared:
-        return False
-    return os.path.dirname(path) not in {os.path.dirname(p) for p in shared}
-
-
-def _new_varstore(nvram_dir: str, fw: DomainFirmware) -> str:
-    path = varstore_path(nvram_dir, fw.name, fw.uuid)
-    if path == fw.loader_path:
-        path = path.removesuffix("_VARS.fd") + "-varsd_VARS.fd"
-    return path
-
-
 def plan_migration(
     facts: MigrationFacts, catalog: Catalog, *, to: str | None, nvram_dir: str, now: str
 ) -> MigrationPlan:
@@ -363,7 +348,8 @@ def plan_migration(
         raise _refuse(fw, f"{source.path} is not a usable edk2 varstore"
                       f"{': ' + source.error if source.error else ''}")
     unified = config is FirmwareConfig.UNIFIED
-    if not unified and (not _private(source.path, catalog) or source.size != source.layout.size):
+    as_file = FileFacts(path=source.path, exists=True, size=source.size, varstore_layout=source.layout)
+    if not unified and not is_private_varstore(catalog, nvram_dir, as_file):
         raise _refuse(fw, f"varstore {source.path} is not private to the domain (a firmware package's file, "
                       "or more than a varstore); 'varsctl reconcile' gives the domain its own copy first")
 
@@ -378,7 +364,7 @@ def plan_migration(
             f"domain '{fw.name}': already uses {target.label} with a varstore of its layout; nothing to migrate"
         )
 
-    varstore = _new_varstore(nvram_dir, fw) if unified else source.path
+    varstore = new_varstore_path(nvram_dir, fw, {fw.loader_path}) if unified else source.path
     md = replace(
         fw.metadata,
         build_code_path=target.code_path,

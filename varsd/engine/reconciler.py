@@ -48,6 +48,7 @@ class Outcome:
     done: tuple[str, ...] = ()
     unrepaired: bool = False  # a firmware repair was planned but not made (dry run, status)
     retry: bool = False  # a transient libvirt failure on this domain: worth another look later
+    boot_unrecorded: bool = False  # running, and its live XML has no boot record (varsd was not watching)
 
     @property
     def status(self) -> Status:
@@ -80,6 +81,13 @@ class Outcome:
             "code_sha256": self.plan.next_boot_sha256,
             "changes": list(self.done),
         }
+
+
+def _outcome(ref: DomainRef, facts: DomainFacts, plan: Plan, done: tuple[str, ...], *,
+             unrepaired: bool = False) -> Outcome:
+    live = facts.live
+    return Outcome(ref, plan, done, unrepaired=unrepaired,
+                   boot_unrecorded=live is not None and live.booted_sha256 is None)
 
 
 def _error(ref: DomainRef, message: str, *, retry: bool = False) -> Outcome:
@@ -345,17 +353,15 @@ class Reconciler:
             # once, under the lock, instead of looking twice.
             with host_lock(self.cfg.domain_lock_path(ref.uuid)):
                 facts, plan = self.examine(ref)
-                return Outcome(ref, plan, self._execute(ref, facts, plan) if plan.actions else ())
+                return _outcome(ref, facts, plan, self._execute(ref, facts, plan) if plan.actions else ())
         facts, plan = self.examine(ref)
         if not apply or not plan.actions:
-            return Outcome(ref, plan, unrepaired=bool(plan.actions) and _changes_firmware(facts, plan))
+            return _outcome(ref, facts, plan, (), unrepaired=bool(plan.actions) and _changes_firmware(facts, plan))
         with host_lock(self.cfg.domain_lock_path(ref.uuid)):
             if self.hv.persistent_xml(ref.uuid) != facts.xml:
                 # Another actor changed it since we looked: look again, under the lock.
                 facts, plan = self.examine(ref)
-            if not plan.actions:
-                return Outcome(ref, plan)
-            return Outcome(ref, plan, self._execute(ref, facts, plan))
+            return _outcome(ref, facts, plan, self._execute(ref, facts, plan) if plan.actions else ())
 
     def verify_archived_loader(self, ref: DomainRef, xml: str) -> None:
         """Verify-before-use: a definition about to boot an archived image gets it only if

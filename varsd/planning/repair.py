@@ -134,7 +134,7 @@ def varstore_path(nvram_dir: str, name: str, uuid: str) -> str:
     return os.path.join(nvram_dir, f"{stem}_VARS.fd")
 
 
-def _new_varstore_path(nvram_dir: str, fw: DomainFirmware, taken: set[str | None]) -> str:
+def new_varstore_path(nvram_dir: str, fw: DomainFirmware, taken: set[str | None]) -> str:
     """`varstore_path`, or a sibling name when that path is the very file being replaced.
 
     (Guides tell people to keep a private OVMF.fd as `<name>_VARS.fd`; provisioning
@@ -352,7 +352,7 @@ def _rewrite(facts: DomainFacts, catalog: Catalog, build: Build, nvram: str, md:
     )
 
 
-def _private_varstore(catalog: Catalog, nvram_dir: str, nvram: FileFacts) -> bool:
+def is_private_varstore(catalog: Catalog, nvram_dir: str, nvram: FileFacts) -> bool:
     """False for a file other domains or the firmware package own, or that is more than a varstore."""
     paths = {p for p in (nvram.path, nvram.realpath) if p}
     shared = {p for b in catalog.builds for p in (b.code_path, b.template_path) if p}
@@ -373,7 +373,7 @@ def _plan_new_varstore(
     query = dict(arch=fw.arch, machine=fw.machine, secure_boot=secure, smm_allowed=machine_has_smm(fw.machine))
     # A varstore the XML already names (left from before the domain lost its pflash) is kept.
     kept = None
-    if nvram is not None and nvram.exists and nvram.varstore_layout and _private_varstore(catalog, nvram_dir, nvram):
+    if nvram is not None and nvram.exists and nvram.varstore_layout and is_private_varstore(catalog, nvram_dir, nvram):
         kept = select_build(catalog, **query, layout=nvram.varstore_layout)
     if kept is not None and not _smm_problem(kept, fw):
         assert nvram is not None
@@ -394,7 +394,7 @@ def _plan_new_varstore(
         return Plan(config, Status.ERROR, problem, code=firmware_image_path(fw))
     assert build.template_path and build.layout
     taken = {firmware_image_path(fw)} | ({nvram.path} if nvram is not None and nvram.exists else set())
-    target = _new_varstore_path(nvram_dir, fw, taken)
+    target = new_varstore_path(nvram_dir, fw, taken)
     md = _provenance(fw.metadata, build, "template", now)
     return Plan(
         config,
@@ -438,7 +438,7 @@ def _plan_unified(facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str
             build=build,
             code=fw.loader_path,
         )
-    target = _new_varstore_path(nvram_dir, fw, {fw.loader_path, image.realpath})
+    target = new_varstore_path(nvram_dir, fw, {fw.loader_path, image.realpath})
     md = _provenance(fw.metadata, build, f"unified:{fw.loader_path}", now)
     return Plan(
         FirmwareConfig.UNIFIED,
@@ -468,8 +468,8 @@ def _exact_build(catalog: Catalog, sha: str | None, layout: VarstoreLayout | Non
 def _central(catalog: Catalog, fw: DomainFirmware, image: FileFacts | None) -> Build | None:
     """The split build whose code the loader names, directly or through a symlink."""
     for path in (fw.loader_path, image.realpath if image is not None and image.exists else None):
-        build = catalog.by_code_path(path) if path else None
-        if build is not None and build.mode is MappingMode.SPLIT:
+        build = upgrade.central_at(catalog, path)
+        if build is not None:
             return build
     return None
 
@@ -530,7 +530,7 @@ def _plan_split(
     if problem:
         return Plan(config, Status.ERROR, problem, code=fw.loader_path, varstore=nvram.path)
 
-    if facts.nvram_shared_with or not _private_varstore(catalog, nvram_dir, nvram):
+    if facts.nvram_shared_with or not is_private_varstore(catalog, nvram_dir, nvram):
         return _plan_shared_varstore(facts, catalog, nvram_dir, now, build, nvram, layout)
 
     md = _bind(fw.metadata, build)
@@ -568,7 +568,7 @@ def _plan_shared_varstore(
                     "it will be copied once the domain is shut off "
                     "(the running guest may still write variables into it)",
                     build=build, code=fw.loader_path, varstore=nvram.path)
-    target = _new_varstore_path(nvram_dir, fw, {nvram.path, nvram.realpath})
+    target = new_varstore_path(nvram_dir, fw, {nvram.path, nvram.realpath})
     md = _provenance(fw.metadata, build, f"copy:{nvram.path}", now)
     owner = f" (domain '{facts.nvram_shared_with}''s own)" if facts.nvram_shared_with else ""
     reason = f"shared varstore {nvram.path}{owner} copied to private {target} ({build.label})"
@@ -599,7 +599,7 @@ def _plan_missing_varstore(
     if problem:
         return Plan(config, Status.ERROR, problem, code=fw.loader_path, varstore=fw.nvram_path)
     target = fw.nvram_path or varstore_path(nvram_dir, fw.name, fw.uuid)
-    if fw.nvram_path and not _private_varstore(catalog, nvram_dir, FileFacts(path=fw.nvram_path, exists=False)):
+    if fw.nvram_path and not is_private_varstore(catalog, nvram_dir, FileFacts(path=fw.nvram_path, exists=False)):
         target = varstore_path(nvram_dir, fw.name, fw.uuid)
     actions: tuple[Action, ...] = ()
     md = _bind(fw.metadata, build)
