@@ -47,6 +47,7 @@ DEFAULT_FIRMWARE_DIRS: tuple[str, ...] = (
 )
 
 UPGRADE_POLICIES = ("auto", "manual")
+SECUREBOOT_TEMPLATES = ("shipped", "2023")
 
 T = TypeVar("T")
 
@@ -75,6 +76,9 @@ class Config:
     reconcile_interval: int = 300  # seconds between safety-net full passes
     upgrade_policy: str = "auto"
     archive_retention_days: int = 30
+    secureboot_templates: str = "shipped"  # or "2023": derive 2023-ready templates (varsd.firmware.derived)
+    metrics_textfile: str | None = None  # node_exporter textfile the daemon rewrites after each pass
+    metrics_listen: str | None = None  # "127.0.0.1:9397": serve /metrics there (loopback only)
     source: str | None = field(default=None, compare=False)  # file it came from
 
     def is_excluded(self, name: str, uuid: str) -> bool:
@@ -127,11 +131,12 @@ def parse_config(text: str, where: str = "<config>") -> Config:
     known = ", ".join(sorted(_TOP_KEYS))
     _expect(not unknown, where, f"unknown key(s) {', '.join(unknown)}; known: {known}")
     kw: dict[str, object] = {}
-    for key in ("uri", "nvram_dir", "state_dir", "qemu_user", "qemu_group", "upgrade_policy"):
+    for key in ("uri", "nvram_dir", "state_dir", "qemu_user", "qemu_group", "upgrade_policy",
+                "secureboot_templates", "metrics_textfile", "metrics_listen"):
         if key in data:
             _expect(isinstance(data[key], str) and data[key] != "", where, f"'{key}' must be a non-empty string")
             kw[key] = data[key]
-    for key in ("nvram_dir", "state_dir"):
+    for key in ("nvram_dir", "state_dir", "metrics_textfile"):
         if key in kw:
             _expect(os.path.isabs(str(kw[key])), where, f"'{key}' must be an absolute path")
     if "firmware_dirs" in data:
@@ -149,6 +154,13 @@ def parse_config(text: str, where: str = "<config>") -> Config:
     if "upgrade_policy" in kw:
         choices = ", ".join(UPGRADE_POLICIES)
         _expect(kw["upgrade_policy"] in UPGRADE_POLICIES, where, f"'upgrade_policy' must be one of {choices}")
+    if "secureboot_templates" in kw:
+        choices = ", ".join(SECUREBOOT_TEMPLATES)
+        _expect(kw["secureboot_templates"] in SECUREBOOT_TEMPLATES, where,
+                f"'secureboot_templates' must be one of {choices}")
+    if "metrics_listen" in kw:
+        _expect(parse_listen(str(kw["metrics_listen"])) is not None, where,
+                "'metrics_listen' must be a loopback HOST:PORT (127.0.0.1:9397, [::1]:9397, localhost:9397)")
     if "extra_firmware" in data:
         items = data["extra_firmware"]
         _expect(isinstance(items, list), where, "'extra_firmware' must be an array of tables ([[extra_firmware]])")
@@ -170,6 +182,17 @@ def parse_config(text: str, where: str = "<config>") -> Config:
             extras.append(ExtraFirmware(**ekw))  # type: ignore[arg-type]
         kw["extra_firmware"] = tuple(extras)
     return Config(source=where, **kw)  # type: ignore[arg-type]
+
+
+def parse_listen(text: str) -> tuple[str, int] | None:
+    """(address, port) of a loopback `HOST:PORT`, else None: /metrics is never served off-host."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    if host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("127."):
+        return None
+    return host, int(port)
 
 
 def config_path(explicit: str | None = None, environ: dict[str, str] | None = None) -> tuple[str, bool]:

@@ -61,6 +61,38 @@ CREATE TABLE IF NOT EXISTS domain_records (
 );
 """
 
+# Secure Boot certificate rollout (varsd.engine.secureboot): every varstore write with
+# the digests before and after and the backup that holds the old store; updates
+# waiting for a running guest to stop; canaries whose boot confirms a rollout.
+_SECUREBOOT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS varstore_writes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    uuid TEXT NOT NULL,
+    name TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    path TEXT NOT NULL,
+    old_sha256 TEXT NOT NULL,
+    new_sha256 TEXT NOT NULL,
+    backup TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS secureboot_queue (
+    uuid TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    queued_at TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    tpm_ack INTEGER NOT NULL,
+    canary INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS secureboot_canaries (
+    uuid TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    at TEXT NOT NULL,
+    written_sha256 TEXT
+);
+"""
+
 FIRMWARE_EVENTS = ("appeared", "changed", "removed")
 
 
@@ -112,6 +144,44 @@ class ArchivedBuild:
     features: frozenset[str] = frozenset()
 
 
+@dataclass(frozen=True)
+class VarstoreWrite:
+    """One journaled varstore rewrite; `backup` holds the store as it was before."""
+
+    id: int
+    at: str
+    uuid: str
+    name: str
+    actor: str
+    reason: str
+    path: str
+    old_sha256: str
+    new_sha256: str
+    backup: str
+
+
+@dataclass(frozen=True)
+class QueuedUpdate:
+    """A certificate update waiting for a running guest to stop."""
+
+    uuid: str
+    name: str
+    queued_at: str
+    actor: str
+    tpm_ack: bool
+    canary: bool
+
+
+@dataclass(frozen=True)
+class Canary:
+    """A guest updated first; the rest waits until it has booted (its store then differs from `written_sha256`)."""
+
+    uuid: str
+    name: str
+    at: str
+    written_sha256: str | None
+
+
 def _layout_text(layout: VarstoreLayout | None) -> str | None:
     return None if layout is None else f"{layout.size}:{layout.start}:{layout.end}"
 
@@ -135,6 +205,7 @@ class Journal:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a journaled old XML survives a power cut
             self._db.executescript(_SCHEMA)
+            self._db.executescript(_SECUREBOOT_SCHEMA)
             self._lock = threading.Lock()  # one connection, several worker threads
         except (OSError, sqlite3.Error) as exc:
             raise VarsdError(f"{path}: cannot open the varsd journal: {exc}") from None
@@ -292,3 +363,58 @@ class Journal:
     def forget_archived(self, shas: list[str]) -> None:
         with self._sql("write to"):
             self._db.executemany("DELETE FROM archived_builds WHERE sha256=?", [(s,) for s in shas])
+
+    # -- varstore writes and the Secure Boot rollout --------------------------------
+
+    def record_varstore_write(self, *, at: str, uuid: str, name: str, actor: str, reason: str, path: str,
+                              old_sha256: str, new_sha256: str, backup: str) -> int:
+        """Journal a varstore rewrite (after its backup, before the write: a crash leaves the record)."""
+        with self._sql("write to"):
+            cur = self._db.execute(
+                "INSERT INTO varstore_writes (at, uuid, name, actor, reason, path, old_sha256, new_sha256, backup) "
+                "VALUES (?,?,?,?,?,?,?,?,?)", (at, uuid, name, actor, reason, path, old_sha256, new_sha256, backup),
+            )
+        return int(cur.lastrowid)
+
+    def varstore_writes(self, uuid: str | None = None, limit: int = 100) -> list[VarstoreWrite]:
+        q = "SELECT id, at, uuid, name, actor, reason, path, old_sha256, new_sha256, backup FROM varstore_writes"
+        args: tuple = ()
+        if uuid:
+            q, args = q + " WHERE uuid=?", (uuid,)
+        with self._sql("read"):
+            return [VarstoreWrite(*r) for r in self._db.execute(q + " ORDER BY id DESC LIMIT ?", args + (limit,))]
+
+    def queue_secureboot(self, *, uuid: str, name: str, at: str, actor: str, tpm_ack: bool, canary: bool) -> None:
+        with self._sql("write to"):
+            self._db.execute(
+                "INSERT INTO secureboot_queue (uuid, name, queued_at, actor, tpm_ack, canary) VALUES (?,?,?,?,?,?) "
+                "ON CONFLICT(uuid) DO UPDATE SET name=excluded.name, tpm_ack=excluded.tpm_ack, "
+                "canary=MAX(canary, excluded.canary)", (uuid, name, at, actor, int(tpm_ack), int(canary)),
+            )
+
+    def secureboot_queue(self) -> dict[str, QueuedUpdate]:
+        with self._sql("read"):
+            rows = self._db.execute(
+                "SELECT uuid, name, queued_at, actor, tpm_ack, canary FROM secureboot_queue").fetchall()
+        return {r[0]: QueuedUpdate(r[0], r[1], r[2], r[3], bool(r[4]), bool(r[5])) for r in rows}
+
+    def unqueue_secureboot(self, uuid: str) -> None:
+        with self._sql("write to"):
+            self._db.execute("DELETE FROM secureboot_queue WHERE uuid=?", (uuid,))
+
+    def note_canary(self, *, uuid: str, name: str, at: str, written_sha256: str | None) -> None:
+        with self._sql("write to"):
+            self._db.execute(
+                "INSERT INTO secureboot_canaries (uuid, name, at, written_sha256) VALUES (?,?,?,?) "
+                "ON CONFLICT(uuid) DO UPDATE SET at=excluded.at, "
+                "written_sha256=COALESCE(excluded.written_sha256, written_sha256)", (uuid, name, at, written_sha256),
+            )
+
+    def canaries(self) -> list[Canary]:
+        with self._sql("read"):
+            rows = self._db.execute("SELECT uuid, name, at, written_sha256 FROM secureboot_canaries").fetchall()
+        return [Canary(*r) for r in rows]
+
+    def forget_canaries(self) -> None:
+        with self._sql("write to"):
+            self._db.execute("DELETE FROM secureboot_canaries")

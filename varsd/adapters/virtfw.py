@@ -19,19 +19,27 @@ constructors. This module contains all of that:
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import logging
+import os
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from virt.firmware.efi import certs as vf_certs
 from virt.firmware.efi import efivar, guids, ucs16
 from virt.firmware.varstore import edk2
 
 from varsd.adapters import fsio
 from varsd.errors import VarstoreError
 from varsd.model.firmware import VarstoreLayout
+from varsd.model.secureboot import MICROSOFT_OWNER, MS_2023_CERTS, Certificate, Pcr7, SecureBootVars, ShippedCert
 
 log = logging.getLogger("varsd.virtfw")
 
@@ -346,3 +354,240 @@ def with_variables(path: str, variables: Iterable[EfiVariable], *, length: int |
 def with_variable(path: str, name: str, guid: str, data: bytes, attr: int = ATTR_NV_BS_RT) -> bytes:
     """Bytes of the varstore `path` with one variable set (e.g. BootOrder, or a vendor test variable)."""
     return with_variables(path, [EfiVariable(name=name, guid=guid, attr=attr, data=data)])
+
+
+# -- Secure Boot keys ------------------------------------------------------------------
+#
+# Signature lists are decoded and encoded here rather than with the library's
+# EfiSigList/EfiSigDB: their API differs between virt-firmware 24.11 (Debian 13) and
+# 26.x (PyPI), and the format (UEFI 2.10, 32.4.1) is small. Only the certificates
+# themselves and the PCR7 measurement come from the library.
+
+_SIGLIST = struct.Struct("<16sLLL")
+_EFI_TIME = struct.Struct("<HBBBBBxLhBx")
+_X509 = guids.EfiCertX509
+_GLOBAL = guids.EfiGlobalVariable
+_IMAGE_DB = guids.EfiImageSecurityDatabase
+_SB_KEYS = {"PK": _GLOBAL, "KEK": _GLOBAL, "db": _IMAGE_DB, "dbx": _IMAGE_DB}
+_SHIPPED_ATTR = {  # virt-firmware's names for the 2023 certificates, both versions
+    "Microsoft Corporation KEK 2K CA 2023": "MS_KEK_2023",
+    "Windows UEFI CA 2023": "MS_WIN_2023",
+    "Microsoft UEFI CA 2023": "MS_3RD_2023",
+    "Microsoft Option ROM UEFI CA 2023": "MS_ROM_2023",
+}
+
+
+@dataclass(frozen=True)
+class _Sig:
+    type_guid: str
+    owner: str
+    data: bytes
+
+
+def _signatures(data: bytes, what: str) -> list[_Sig]:
+    """Every signature in an EFI_SIGNATURE_LIST sequence (a PK/KEK/db/dbx value)."""
+    out: list[_Sig] = []
+    pos = 0
+    while pos < len(data):
+        if pos + _SIGLIST.size > len(data):
+            raise VarstoreError(f"{what}: truncated signature list at byte {pos}")
+        type_le, lsize, hsize, ssize = _SIGLIST.unpack_from(data, pos)
+        if lsize < _SIGLIST.size + hsize or pos + lsize > len(data) or ssize < 16:
+            raise VarstoreError(f"{what}: damaged signature list at byte {pos}")
+        type_guid = str(guids.parse_bin(type_le, 0))
+        sig = pos + _SIGLIST.size + hsize
+        while sig + ssize <= pos + lsize:
+            out.append(_Sig(type_guid, str(guids.parse_bin(data, sig)), bytes(data[sig + 16 : sig + ssize])))
+            sig += ssize
+        pos += lsize
+    return out
+
+
+def _x509_siglist(owner: str, der: bytes) -> bytes:
+    return _SIGLIST.pack(guids.parse_str(_X509).bytes_le, _SIGLIST.size + 16 + len(der), 0, 16 + len(der)) + \
+        guids.parse_str(owner).bytes_le + der
+
+
+def _certificate(sig: _Sig, what: str) -> Certificate:
+    try:
+        cert = x509.load_der_x509_certificate(sig.data)
+    except ValueError:
+        raise VarstoreError(f"{what}: an X.509 entry (owner {sig.owner}) is not a certificate") from None
+    cns = cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+    subject = str(cns[0].value) if cns else cert.subject.rfc4514_string()
+    try:
+        not_after = cert.not_valid_after_utc
+    except AttributeError:  # cryptography < 42 (Debian 12's 38)
+        not_after = cert.not_valid_after.replace(tzinfo=UTC)
+    return Certificate(subject=subject, owner=sig.owner, not_after=not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                       sha256=hashlib.sha256(sig.data).hexdigest())
+
+
+def _not_before(der: bytes) -> datetime:
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        return cert.not_valid_before_utc
+    except AttributeError:
+        return cert.not_valid_before.replace(tzinfo=UTC)
+
+
+def secure_boot_vars(variables: Mapping[str, EfiVariable], name: str) -> SecureBootVars:
+    """The Secure Boot keys and switches among a store's variables (see SecureBootVars)."""
+
+    def value(var: str, guid: str) -> bytes | None:
+        v = variables.get(f"{guid}:{var}")
+        return v.data if v is not None else None
+
+    def certs(var: str) -> tuple[tuple[Certificate, ...], int]:
+        data = value(var, _SB_KEYS[var])
+        if not data:
+            return (), 0
+        sigs = _signatures(data, f"{name}: {var}")
+        x509s = tuple(_certificate(s, f"{name}: {var}") for s in sigs if s.type_guid == _X509)
+        return x509s, len(sigs) - len(x509s)
+
+    def flag(var: str, guid: str) -> bool | None:
+        data = value(var, guid)
+        return None if not data else data[0] != 0
+
+    pk, _ = certs("PK")
+    kek, _ = certs("KEK")
+    db, db_hashes = certs("db")
+    dbx_data = value("dbx", _IMAGE_DB)
+    return SecureBootVars(
+        pk=pk, kek=kek, db=db, db_hashes=db_hashes,
+        dbx_entries=len(_signatures(dbx_data, f"{name}: dbx")) if dbx_data else 0,
+        secure_boot_enable=flag("SecureBootEnable", guids.EfiSecureBootEnableDisable),
+        custom_mode=flag("CustomMode", guids.EfiCustomModeEnable),
+        secure_boot=flag("SecureBoot", _GLOBAL),
+    )
+
+
+def secure_boot_vars_of_bytes(data: bytes, name: str) -> SecureBootVars:
+    return secure_boot_vars(variables_of_bytes(data, name), name)
+
+
+def library_version() -> str:
+    """The installed virt-firmware's version, for messages about what it can do."""
+    try:
+        return importlib.metadata.version("virt-firmware")
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown)"
+
+
+def ms2023_certificates() -> tuple[ShippedCert, ...]:
+    """The Microsoft 2023 certificates the installed virt-firmware ships, each or None.
+
+    26.x names them `certs.MS_KEK_2023 = 'microsoft.com/ms-kek-2023'` (a resource
+    for `certs.load_cert`); 24.11 names them by file path
+    (`certs/MicrosoftCorporationKEK2KCA2023.pem`) and has no Option ROM CA. A file
+    whose subject is not the one expected is not used: varsd never guesses.
+    """
+
+    out = []
+    for want in MS_2023_CERTS:
+        ref = getattr(vf_certs, _SHIPPED_ATTR[want.subject], None)
+        der = source = None
+        if isinstance(ref, str):
+            try:
+                if os.path.isabs(ref):
+                    pem, source = fsio.read_file(ref), ref
+                else:
+                    pem, source = vf_certs.load_cert(ref), f"virt.firmware certs/{ref}.pem"
+                cert = (x509.load_pem_x509_certificate(pem) if b"-----BEGIN" in pem
+                        else x509.load_der_x509_certificate(pem))
+                cns = cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+                if cns and cns[0].value == want.subject:
+                    der = cert.public_bytes(serialization.Encoding.DER)
+                else:
+                    log.warning("virt-firmware's %s is not '%s'; not used", source, want.subject)
+            except (OSError, fsio.ReadError, ValueError, AttributeError) as exc:
+                log.warning("virt-firmware's copy of '%s' cannot be loaded: %s", want.subject, exc)
+        out.append(ShippedCert(cert=want, der=der, sha256=hashlib.sha256(der).hexdigest() if der else None,
+                               source=source if der else None))
+    return tuple(out)
+
+
+def _efi_time(raw: bytes) -> datetime | None:
+    year, month, day, hour, minute, second, ns, _tz, _dl = _EFI_TIME.unpack(raw)
+    if not year:
+        return None
+    try:
+        return datetime(year, month, day, hour, minute, second, ns // 1000, tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def _efi_time_bytes(ts: datetime) -> bytes:
+    return _EFI_TIME.pack(ts.year, ts.month, ts.day, ts.hour, ts.minute, ts.second, ts.microsecond * 1000, 0, 0)
+
+
+def with_certificates(data: bytes, name: str, add: Iterable[ShippedCert]) -> bytes:
+    """Bytes of the varstore `data` with certificates appended to KEK/db (the input is not changed).
+
+    Every other variable is carried over byte for byte, and nothing is removed: the
+    2011 certificates stay (DBX updates are still signed with the 2011 KEK). The
+    certificates go under Microsoft's owner GUID, as edk2 and virt-firmware enroll
+    them; a certificate already present is skipped. The time stamp of an authenticated
+    variable becomes the newest certificate's not-before if that is later, as
+    virt-firmware does. The result is re-read and checked before it is returned.
+    """
+    parsed = _parse(data, name)
+    records = dict(parsed.records)
+    changed: dict[str, bytes] = {}
+    for shipped in add:
+        if shipped.der is None:
+            raise VarstoreError(f"virt-firmware {library_version()} does not ship '{shipped.cert.subject}'")
+        var = shipped.cert.variable
+        key = f"{var}\0{_SB_KEYS[var]}"
+        old = records.get(key)
+        if old is None:
+            raise VarstoreError(f"{name}: has no {var} variable; varsd adds to enrolled keys only")
+        if any(s.type_guid == _X509 and s.data == shipped.der for s in _signatures(old.data, f"{name}: {var}")):
+            continue
+        stamp = _efi_time(old.raw_time)
+        newest = _not_before(shipped.der)
+        raw_time = _efi_time_bytes(newest) if stamp is None or stamp < newest else old.raw_time
+        records[key] = _RawVar(var, str(old.guid), old.attr, old.data + _x509_siglist(MICROSOFT_OWNER, shipped.der),
+                               old.count, old.pkidx, raw_time)
+        changed[key] = old.data
+    blob = _render(parsed, records, name, name)
+    check = _parse(blob, f"updated copy of {name}")
+    if check.layout != parsed.layout or check.records.keys() != parsed.records.keys():
+        raise VarstoreError(f"{name}: adding certificates changed the store's layout or variable set")
+    before, after = _records_bytes(parsed), _records_bytes(check)
+    for key in parsed.records:
+        if key in changed:
+            if not check.records[key].data.startswith(changed[key]):
+                raise VarstoreError(f"{name}: adding certificates altered what {key.split(chr(0))[0]} held")
+        elif before[key] != after[key]:
+            raise VarstoreError(f"{name}: adding certificates altered variable {key.split(chr(0))[0]}")
+    return blob
+
+
+def predict_pcr7(before: bytes, after: bytes, name: str) -> Pcr7:
+    """PCR7 (sha256) with Secure Boot on, for the store before and after a change.
+
+    Uses virt-firmware's measurement module (26.x: `virt.firmware.measure`); where the
+    installed version has none, says so and predicts nothing.
+    """
+    try:
+        from virt.firmware import measure
+    except ImportError:
+        return Pcr7(None, None, f"virt-firmware {library_version()} has no measurement module "
+                                "(virt.firmware.measure); PCR7 cannot be predicted, assume it changes")
+
+    def pcr7(data: bytes, what: str) -> str:
+        records = _parse(data, what).records
+        varlist = {str(v.name): v for v in records.values() if _SB_KEYS.get(str(v.name)) == str(v.guid)}
+        try:
+            events = measure.measure_varlist(["sha256"], varlist, secureboot=True, shim=False)
+            values = measure.calculate_pcrs(["sha256"], events)
+        except Exception as exc:  # the library's own failure, reported not raised
+            raise VarstoreError(f"{what}: virt-firmware could not measure it: {exc}") from None
+        return next(v["digest"] for v in values if v["pcr"] == 7)
+
+    try:
+        return Pcr7(pcr7(before, name), pcr7(after, f"updated copy of {name}"))
+    except VarstoreError as exc:
+        return Pcr7(None, None, str(exc))

@@ -37,6 +37,12 @@ class Context:
         catalog = load_configured(self.cfg)
         return Reconciler(self.cfg, self.hv, catalog, self.journal, qemu_owner(self.cfg), actor="varsctl")
 
+    def secureboot(self):
+        """The Secure Boot audit/rollout engine over this context's libvirt, catalog and journal."""
+        from varsd.engine.secureboot import for_reconciler
+
+        return for_reconciler(self.reconciler())
+
     def refs(self, names: Sequence[str]) -> list[DomainRef]:
         return [self.hv.lookup(n) for n in names] if names else self.hv.list_domains()
 

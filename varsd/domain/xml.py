@@ -163,6 +163,15 @@ def parse_metadata_fragment(fragment: str | None) -> VarsdMetadata:
     return parse_metadata(el)
 
 
+def _tpm(root: etree._Element) -> str | None:
+    """A vTPM: PCR7 measures the Secure Boot keys, so changing them asks BitLocker/LUKS for recovery."""
+    tpm = root.find("devices/tpm")
+    if tpm is None:
+        return None
+    backend = tpm.find("backend")
+    return f"{tpm.get('model') or 'default'}/{backend.get('type') if backend is not None else 'unknown'}"
+
+
 def parse_domain(xml: str) -> DomainFirmware:
     """Extract the firmware facts of a domain; raises DomainXMLError on bad XML."""
     root = _root(xml)
@@ -195,6 +204,7 @@ def parse_domain(xml: str) -> DomainFirmware:
         smm=smm is not None and (_yesno(smm.get("state")) is not False),
         launch_security=((ls.get("type") or "unknown") if ls is not None else _cmdline_confidential(root)),
         cmdline_bios=_cmdline_bios(root),
+        tpm=_tpm(root),
         metadata=parse_metadata(md),
         booted_sha256=(boot.get("sha256") or None) if boot is not None else None,
     )

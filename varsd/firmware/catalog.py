@@ -228,4 +228,8 @@ def load_configured(cfg: Config) -> Catalog:
     catalog = load_catalog(cfg.firmware_dirs, cfg.extra_firmware)
     for problem in catalog.problems:
         log.warning("firmware catalog: %s", problem.message)
+    if cfg.secureboot_templates == "2023":
+        from varsd.firmware.derived import with_derived_templates
+
+        catalog = with_derived_templates(cfg, catalog)
     return catalog

@@ -103,6 +103,7 @@ class DomainFirmware:
     smm: bool = False
     launch_security: str | None = None  # 'sev', 'sev-snp', 'tdx', ... when present
     cmdline_bios: str | None = None  # path passed as -bios through <qemu:commandline>
+    tpm: str | None = None  # "<model>/<backend type>" of a <devices><tpm>, e.g. "tpm-crb/emulator"
     metadata: VarsdMetadata = field(default_factory=VarsdMetadata)
     # From the live XML's boot record (varsd.engine.boots): the digest of the code file
     # this QEMU process opened at start, which a package upgrade does not change.

@@ -67,6 +67,7 @@ class Build:
     targets: tuple[Target, ...] = ()
     interface_types: tuple[str, ...] = ("uefi",)
     description: str = ""
+    derived_from: str | None = None  # the shipped template, when template_path is varsd's derived 2023 copy
 
     @property
     def secure_boot(self) -> bool:

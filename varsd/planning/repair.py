@@ -355,7 +355,7 @@ def _rewrite(facts: DomainFacts, catalog: Catalog, build: Build, nvram: str, md:
 def is_private_varstore(catalog: Catalog, nvram_dir: str, nvram: FileFacts) -> bool:
     """False for a file other domains or the firmware package own, or that is more than a varstore."""
     paths = {p for p in (nvram.path, nvram.realpath) if p}
-    shared = {p for b in catalog.builds for p in (b.code_path, b.template_path) if p}
+    shared = {p for b in catalog.builds for p in (b.code_path, b.template_path, b.derived_from) if p}
     if paths & shared:
         return False
     home = os.path.normpath(nvram_dir)

@@ -1,0 +1,491 @@
+"""Secure Boot certificates across a host: the audit and the staged rollout of Microsoft's 2023 CAs.
+
+The shell around `varsd.planning.secureboot`:
+- `KeyReader` parses each varstore content once: keyed by stat, then by sha256, so a
+  fleet of identical stores (every guest fresh from one template) costs one parse.
+- `SecureBoot.audit_*` report every domain and every template new guests would get.
+- `SecureBoot.update` adds the certificates: a shut-off guest is backed up, written
+  atomically, read back and verified, and journaled; a running one is queued and
+  updated once it has stopped, before it starts again (`apply_queued`). Guests with a
+  vTPM are refused without `tpm_ack`, with the PCR7 prediction where virt-firmware can
+  compute one. Nothing is ever removed from a store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from varsd.adapters import fsio, virtfw
+from varsd.adapters.journal import Journal
+from varsd.adapters.libvirt_api import DomainRef, Hypervisor
+from varsd.domain.classify import firmware_image_path
+from varsd.domain.xml import parse_domain
+from varsd.engine.lock import host_lock
+from varsd.engine.reconciler import Reconciler
+from varsd.errors import VarsdError, VarstoreError
+from varsd.model.domain import DomainFirmware, FileFacts
+from varsd.model.firmware import Build, Catalog, MappingMode
+from varsd.model.secureboot import Judgement, Ms2023State, Pcr7, SecureBootVars, ShippedCert
+from varsd.planning.repair import wants_secure_boot
+from varsd.planning.secureboot import judge
+
+log = logging.getLogger("varsd.secureboot")
+
+UPDATE_REASON = "secureboot update: add Microsoft 2023 KEK/db certificates"
+
+
+class UpdateFailed(VarsdError):
+    """A certificate update did not complete; the message says what state the store is in."""
+
+
+@dataclass(frozen=True)
+class StoreKeys:
+    """One store's content digest and Secure Boot keys (or why they could not be read)."""
+
+    path: str
+    sha256: str | None
+    keys: SecureBootVars | None
+    error: str | None = None
+
+
+class KeyReader:
+    """Reads stores' Secure Boot keys, parsing each distinct content once."""
+
+    def __init__(self) -> None:
+        self._by_stat: dict[str, tuple[tuple, str]] = {}
+        # digest -> (keys, error, the path the error names)
+        self._by_digest: dict[str, tuple[SecureBootVars | None, str | None, str]] = {}
+        self.parses = 0  # distinct contents parsed (the benchmark and tests read it)
+
+    def read(self, path: str, *, follow_symlinks: bool = False) -> StoreKeys:
+        try:
+            st = os.stat(path, follow_symlinks=follow_symlinks)
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError as exc:
+            return StoreKeys(path, None, None, f"{path}: {fsio.describe_oserror(exc)}")
+        hit = self._by_stat.get(path)
+        if hit is not None and hit[0] == key and hit[1] in self._by_digest:
+            return self._keys(path, hit[1])
+        try:
+            data = fsio.read_file(path, follow_symlinks=follow_symlinks)
+        except fsio.ReadError as exc:
+            return StoreKeys(path, None, None, str(exc))
+        sha = hashlib.sha256(data).hexdigest()
+        self._by_stat[path] = (key, sha)
+        return self.of_bytes(data, path, sha)
+
+    def of_bytes(self, data: bytes, path: str, sha: str | None = None) -> StoreKeys:
+        sha = sha or hashlib.sha256(data).hexdigest()
+        if sha not in self._by_digest:
+            self.parses += 1
+            try:
+                self._by_digest[sha] = (virtfw.secure_boot_vars_of_bytes(data, path), None, path)
+            except VarstoreError as exc:
+                self._by_digest[sha] = (None, str(exc), path)
+        return self._keys(path, sha)
+
+    def _keys(self, path: str, sha: str) -> StoreKeys:
+        keys, error, named = self._by_digest[sha]
+        return StoreKeys(path, sha, keys, error.replace(named, path) if error else None)
+
+
+@dataclass(frozen=True)
+class Audit:
+    """One store in `varsctl secureboot status`: a domain's varstore or a template."""
+
+    name: str
+    kind: str  # "domain" or "template"
+    judgement: Judgement
+    varstore: str | None
+    secure_build: bool
+    keys: SecureBootVars | None = None
+    sha256: str | None = None
+    uuid: str | None = None
+    state: str | None = None  # libvirt run state, for domains
+    active: bool = False
+    tpm: str | None = None
+    code: str | None = None
+    origin: str | None = None  # for templates: the descriptor or config entry
+
+    @property
+    def state_ms2023(self) -> Ms2023State:
+        return self.judgement.state
+
+    def as_dict(self) -> dict:
+        k = self.keys
+        out: dict = {"name": self.name}
+        if self.kind == "domain":
+            out |= {"uuid": self.uuid, "state": self.state, "tpm": self.tpm is not None, "tpm_model": self.tpm}
+        else:
+            out |= {"origin": self.origin}
+        out |= {
+            "varstore": self.varstore,
+            "code": self.code,
+            "sha256": self.sha256,
+            "secure_boot": {
+                "build": self.secure_build,
+                "enforcing": bool(self.secure_build and k is not None and k.enforcing),
+                "SecureBootEnable": k.secure_boot_enable if k else None,
+                "SetupMode": k.setup_mode if k else None,
+                "CustomMode": k.custom_mode if k else None,
+                "SecureBoot": k.secure_boot if k else None,
+            },
+            "pk": ({"subject": k.pk[0].subject, "owner": k.pk[0].owner} if k and k.pk else None),
+            "kek": [c.as_dict() for c in k.kek] if k else [],
+            "db": [c.as_dict() for c in k.db] if k else [],
+            "db_hashes": k.db_hashes if k else 0,
+            "dbx_entries": k.dbx_entries if k else 0,
+            "ms2023": self.judgement.state.value,
+            "detail": self.judgement.why,
+            "missing": [c.cert.subject for c in self.judgement.missing],
+        }
+        return out
+
+
+class Writes(Protocol):
+    """The guarded offline varstore write the backups issue provides (see `LocalWrites`)."""
+
+    def backup(self, ref: DomainRef, path: str, data: bytes, reason: str) -> str:
+        """Store `data` (the varstore as it is) verified; returns what names the backup."""
+
+    def write(self, ref: DomainRef, path: str, data: bytes, *, expect: bytes) -> None:
+        """Replace the shut-off domain's varstore atomically; refused once a start has begun."""
+
+
+class Outcome(StrEnum):
+    UPDATED = "updated"
+    QUEUED = "queued"
+    REFUSED = "refused"
+    UNCHANGED = "unchanged"
+    WOULD_UPDATE = "would-update"
+    WOULD_QUEUE = "would-queue"
+    FAILED = "failed"
+    HELD = "held"  # not a canary of this run: waits for the canaries to boot
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    name: str
+    uuid: str
+    outcome: Outcome
+    detail: str
+    added: tuple[str, ...] = ()
+    backup: str | None = None
+    pcr7: Pcr7 | None = None
+    tpm: bool = False
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name, "uuid": self.uuid, "outcome": self.outcome.value, "detail": self.detail,
+            "added": list(self.added), "backup": self.backup, "tpm": self.tpm,
+            "pcr7": self.pcr7.as_dict() if self.pcr7 else None,
+        }
+
+
+@dataclass
+class SecureBoot:
+    """Audit and rollout with one configuration, libvirt connection, catalog and journal."""
+
+    hv: Hypervisor
+    catalog: Catalog
+    journal: Journal
+    writes: Writes
+    domain_lock: Callable[[str], str]
+    inspect: Callable[[str], FileFacts]  # path -> facts with digest (FileInspector.inspect)
+    clock: Callable[[], str]
+    actor: str = "varsctl"
+    reader: KeyReader = field(default_factory=KeyReader)
+    shipped: tuple[ShippedCert, ...] = field(default_factory=virtfw.ms2023_certificates)
+
+    # -- audit -----------------------------------------------------------------------
+
+    def _secure_code(self, fw: DomainFirmware) -> tuple[bool, str | None]:
+        path = firmware_image_path(fw)
+        image = self.inspect(path) if path else None
+        return wants_secure_boot(fw, image, self.catalog), path
+
+    def audit_xml(self, ref: DomainRef, xml: str, queue: Iterable[str] = ()) -> tuple[Audit, DomainFirmware]:
+        fw = parse_domain(xml)
+        secure, code = self._secure_code(fw)
+        path = fw.nvram_path
+        store = self.reader.read(path) if path and secure else None
+        verdict = judge(
+            store.keys if store else None, secure_code=secure, shipped=self.shipped, varstore=path,
+            stateless=bool(fw.loader_stateless), error=store.error if store else None, queued=ref.uuid in queue,
+        )
+        return Audit(
+            name=ref.name, kind="domain", judgement=verdict, varstore=path, secure_build=secure,
+            keys=store.keys if store else None, sha256=store.sha256 if store else None, uuid=ref.uuid,
+            state=ref.state, active=ref.active, tpm=fw.tpm, code=code,
+        ), fw
+
+    def audit_domains(self, refs: Sequence[DomainRef]) -> list[Audit]:
+        queue = self.journal.secureboot_queue()
+        out = []
+        for ref in refs:
+            try:
+                out.append(self.audit_xml(ref, self.hv.persistent_xml(ref.uuid), queue)[0])
+            except VarsdError as exc:
+                out.append(Audit(name=ref.name, kind="domain", uuid=ref.uuid, state=ref.state, active=ref.active,
+                                 varstore=None, secure_build=False,
+                                 judgement=Judgement(Ms2023State.BLOCKED, f"cannot read the domain: {exc}")))
+        return out
+
+    def audit_templates(self) -> list[Audit]:
+        """Every varstore template the catalog would provision new guests from.
+
+        With `secureboot_templates = "2023"` that is the derived copy; the shipped
+        template it came from is listed too, saying new guests no longer get it."""
+        out: list[Audit] = []
+        seen: set[str] = set()
+        for build in self.catalog.builds:
+            if build.mode is not MappingMode.SPLIT or not build.template_path or build.template_path in seen:
+                continue
+            seen.add(build.template_path)
+            if build.derived_from:
+                out.append(self._audit_template(build.template_path, build,
+                                                f"derived by varsd from {build.derived_from} ({build.origin})"))
+                if build.derived_from not in seen:
+                    seen.add(build.derived_from)
+                    shipped = self._audit_template(build.derived_from, build, build.origin)
+                    why = f"{shipped.judgement.why}; new guests get the derived copy {build.template_path}"
+                    out.append(dataclasses.replace(shipped, judgement=dataclasses.replace(shipped.judgement, why=why)))
+            else:
+                out.append(self._audit_template(build.template_path, build, build.origin))
+        return out
+
+    def _audit_template(self, path: str, build: Build, origin: str) -> Audit:
+        store = self.reader.read(path, follow_symlinks=True) if build.secure_boot else None
+        verdict = judge(store.keys if store else None, secure_code=build.secure_boot, shipped=self.shipped,
+                        varstore=path, error=store.error if store else None)
+        if verdict.state is Ms2023State.UPDATE_AVAILABLE and not build.derived_from:
+            verdict = dataclasses.replace(verdict, why=f"2011-only template: every new guest gets a store without "
+                                          f"the 2023 certificates ({verdict.why}); secureboot_templates = \"2023\" "
+                                          "derives a 2023-ready one")
+        return Audit(name=os.path.basename(path), kind="template", judgement=verdict, varstore=path,
+                     secure_build=build.secure_boot, keys=store.keys if store else None,
+                     sha256=store.sha256 if store else None, code=build.code_path, origin=origin)
+
+    # -- update ----------------------------------------------------------------------
+
+    def update(self, refs: Sequence[DomainRef], *, tpm_ack: bool = False, dry_run: bool = False,
+               canary: int | None = None) -> list[UpdateResult]:
+        """Update each domain (or queue it); with `canary`, only that many, the rest held."""
+        results: list[UpdateResult] = []
+        pending_canaries = [] if canary is not None else self.unconfirmed_canaries()
+        started = 0
+        for ref in refs:
+            if canary is not None and started >= canary:
+                results.append(self._result(ref, Outcome.HELD, f"not one of the {canary} canaries of this run; "
+                                                               "run again once they have booted"))
+                continue
+            if pending_canaries:
+                names = ", ".join(sorted(c for c in pending_canaries))
+                results.append(self._result(ref, Outcome.HELD, f"canaries not booted since their update yet: {names}; "
+                                                               "boot them, check them, then run again"))
+                continue
+            try:
+                result = self._update_one(ref, tpm_ack=tpm_ack, dry_run=dry_run, canary=canary is not None)
+            except VarsdError as exc:
+                result = self._result(ref, Outcome.FAILED, str(exc))
+            if result.outcome in (Outcome.UPDATED, Outcome.QUEUED, Outcome.WOULD_UPDATE, Outcome.WOULD_QUEUE):
+                started += 1
+            results.append(result)
+        if canary is None and not dry_run and not pending_canaries:
+            self.journal.forget_canaries()
+        return results
+
+    def unconfirmed_canaries(self) -> list[str]:
+        """Canaries of an earlier `--canary` run that have not booted since their update.
+
+        A boot shows in the store: OVMF writes its variables (MTC, boot entries) at every
+        boot, so the store no longer has the digest varsd wrote; a running canary counts.
+        """
+        pending = []
+        queue = self.journal.secureboot_queue()
+        for c in self.journal.canaries():
+            try:
+                ref = self.hv.lookup(c.uuid)
+            except VarsdError:
+                continue  # gone: nothing to wait for
+            if c.uuid in queue or c.written_sha256 is None:
+                if not ref.active or c.uuid in queue:
+                    pending.append(c.name)
+                continue
+            if ref.active:
+                continue
+            audit, _ = self.audit_xml(ref, self.hv.persistent_xml(ref.uuid))
+            if audit.sha256 == c.written_sha256:
+                pending.append(c.name)
+        return pending
+
+    def _result(self, ref: DomainRef, outcome: Outcome, detail: str, **kw) -> UpdateResult:
+        return UpdateResult(name=ref.name, uuid=ref.uuid, outcome=outcome, detail=detail, **kw)
+
+    def _update_one(self, ref: DomainRef, *, tpm_ack: bool, dry_run: bool, canary: bool) -> UpdateResult:
+        ref = self.hv.lookup(ref.uuid)
+        audit, fw = self.audit_xml(ref, self.hv.persistent_xml(ref.uuid))
+        verdict = audit.judgement
+        if verdict.state is Ms2023State.OK:
+            return self._result(ref, Outcome.UNCHANGED, "already has the Microsoft 2023 certificates")
+        if verdict.state is not Ms2023State.UPDATE_AVAILABLE and verdict.state is not Ms2023State.UPDATE_QUEUED:
+            return self._result(ref, Outcome.REFUSED, f"{verdict.state.value}: {verdict.why}")
+        if not verdict.addable:
+            return self._result(ref, Outcome.REFUSED, verdict.why)
+        assert audit.varstore is not None
+        try:
+            old = fsio.read_file(audit.varstore, follow_symlinks=False)
+            new = virtfw.with_certificates(old, audit.varstore, verdict.addable)
+        except (fsio.ReadError, VarstoreError) as exc:
+            return self._result(ref, Outcome.FAILED, f"cannot prepare the update: {exc}; nothing was changed")
+        added = tuple(s.cert.subject for s in verdict.addable)
+        pcr7 = virtfw.predict_pcr7(old, new, audit.varstore) if fw.tpm else None
+        if fw.tpm and not tpm_ack:
+            return self._result(ref, Outcome.REFUSED, tpm_refusal(fw.tpm, pcr7), pcr7=pcr7, tpm=True, added=added)
+        note = _partial_note(verdict)
+        if ref.active:
+            if dry_run:
+                return self._result(ref, Outcome.WOULD_QUEUE, "running: would queue the update for after it stops"
+                                    + note, added=added, pcr7=pcr7, tpm=bool(fw.tpm))
+            self.journal.queue_secureboot(uuid=ref.uuid, name=ref.name, at=self.clock(), actor=self.actor,
+                                          tpm_ack=tpm_ack, canary=canary)
+            if canary:
+                self.journal.note_canary(uuid=ref.uuid, name=ref.name, at=self.clock(), written_sha256=None)
+            return self._result(ref, Outcome.QUEUED, "running: update-queued; applied after the guest stops, before "
+                                "its next start" + note, added=added, pcr7=pcr7, tpm=bool(fw.tpm))
+        if dry_run:
+            return self._result(ref, Outcome.WOULD_UPDATE, "would back up and add " + ", ".join(added) + note,
+                                added=added, pcr7=pcr7, tpm=bool(fw.tpm))
+        backup, written = self._write(ref, audit.varstore, fw)
+        if canary:
+            self.journal.note_canary(uuid=ref.uuid, name=ref.name, at=self.clock(), written_sha256=written)
+        return self._result(ref, Outcome.UPDATED, "added " + ", ".join(added) + f" (backup {backup})" + note,
+                            added=added, backup=backup, pcr7=pcr7, tpm=bool(fw.tpm))
+
+    def _write(self, ref: DomainRef, path: str, fw: DomainFirmware) -> tuple[str, str]:
+        """Backup, atomic write, read back, verify, journal; under the domain's lock. Returns (backup, sha)."""
+        with host_lock(self.domain_lock(ref.uuid)):
+            if self.hv.lookup(ref.uuid).active:
+                raise UpdateFailed(f"domain '{ref.name}' was started meanwhile; nothing was changed")
+            try:
+                old = fsio.read_file(path, follow_symlinks=False)
+            except fsio.ReadError as exc:
+                raise UpdateFailed(f"domain '{ref.name}': {exc}; nothing was changed") from None
+            keys = self.reader.of_bytes(old, path)
+            verdict = judge(keys.keys, secure_code=True, shipped=self.shipped, varstore=path, error=keys.error)
+            if not verdict.addable:
+                raise UpdateFailed(f"domain '{ref.name}': the store changed meanwhile ({verdict.why}); nothing "
+                                   "was changed")
+            new = virtfw.with_certificates(old, path, verdict.addable)
+            backup = self.writes.backup(ref, path, old, UPDATE_REASON)
+            old_sha, new_sha = hashlib.sha256(old).hexdigest(), hashlib.sha256(new).hexdigest()
+            self.journal.record_varstore_write(at=self.clock(), uuid=ref.uuid, name=ref.name, actor=self.actor,
+                                               reason=UPDATE_REASON, path=path, old_sha256=old_sha,
+                                               new_sha256=new_sha, backup=backup)
+            self.writes.write(ref, path, new, expect=old)
+            try:
+                back = fsio.read_file(path, follow_symlinks=False)
+            except fsio.ReadError as exc:
+                raise UpdateFailed(f"domain '{ref.name}': cannot read back {path}: {exc}; the old store is backup "
+                                   f"{backup} ('varsctl backup restore {ref.name}')") from None
+            after = self.reader.of_bytes(back, path)
+            check = judge(after.keys, secure_code=True, shipped=self.shipped, varstore=path, error=after.error)
+            if back != new or any(s in check.missing for s in verdict.addable) or _lost_any(keys.keys, after.keys):
+                raise UpdateFailed(f"domain '{ref.name}': {path} does not read back as written; the old store is "
+                                   f"backup {backup} ('varsctl backup restore {ref.name}')")
+            self.journal.unqueue_secureboot(ref.uuid)
+            log.info("domain '%s': added Microsoft 2023 certificates to %s (backup %s)", ref.name, path, backup)
+            return backup, new_sha
+
+    def apply_queued(self, ref: DomainRef, xml: str | None = None) -> UpdateResult | None:
+        """Apply a queued update to a domain that has stopped (the daemon, the start hook, a later run)."""
+        queued = self.journal.secureboot_queue().get(ref.uuid)
+        if queued is None or ref.active:
+            return None
+        xml = xml if xml is not None else self.hv.persistent_xml(ref.uuid)
+        audit, fw = self.audit_xml(ref, xml)
+        if audit.judgement.state is Ms2023State.OK:
+            self.journal.unqueue_secureboot(ref.uuid)
+            return self._result(ref, Outcome.UNCHANGED, "already has the Microsoft 2023 certificates")
+        if audit.judgement.state is not Ms2023State.UPDATE_AVAILABLE or not audit.judgement.addable \
+                or (fw.tpm and not queued.tpm_ack):
+            self.journal.unqueue_secureboot(ref.uuid)
+            why = "it has a vTPM and the update was queued without --tpm-ack" if fw.tpm and not queued.tpm_ack \
+                else audit.judgement.why
+            log.warning("domain '%s': queued Secure Boot update dropped: %s", ref.name, why)
+            return self._result(ref, Outcome.REFUSED, f"queued update dropped: {why}")
+        assert audit.varstore is not None
+        backup, written = self._write(ref, audit.varstore, fw)
+        if queued.canary:
+            self.journal.note_canary(uuid=ref.uuid, name=ref.name, at=self.clock(), written_sha256=written)
+        return self._result(ref, Outcome.UPDATED, f"applied the queued update (backup {backup})", backup=backup)
+
+
+def _lost_any(before: SecureBootVars | None, after: SecureBootVars | None) -> bool:
+    """Whether a certificate of `before` is missing from `after` (nothing may ever be removed)."""
+    if before is None or after is None:
+        return after is None
+    return any({c.sha256 for c in getattr(before, v)} - {c.sha256 for c in getattr(after, v)}
+               for v in ("pk", "kek", "db")) or after.dbx_entries < before.dbx_entries
+
+
+def _partial_note(verdict: Judgement) -> str:
+    unshipped = [s.cert.subject for s in verdict.missing if s.der is None]
+    if not unshipped:
+        return ""
+    return (f"; NOT added: {', '.join(unshipped)} (virt-firmware {virtfw.library_version()} does not ship it; "
+            "install a newer virt-firmware and run again)")
+
+
+def tpm_refusal(tpm: str, pcr7: Pcr7 | None) -> str:
+    text = (f"has a vTPM ({tpm}): adding KEK/db certificates changes PCR7, so BitLocker or TPM-bound LUKS in the "
+            "guest will ask for its recovery key at the next boot. Make sure the recovery keys are at hand (or "
+            "suspend BitLocker / re-seal LUKS to PCR7 in the guest), then run again with --tpm-ack")
+    if pcr7 is None:
+        return text
+    if pcr7.changes is None:
+        return text + f". PCR7 prediction unavailable: {pcr7.why}"
+    return text + (f". PCR7 (sha256, predicted by virt-firmware): before {pcr7.before}, after {pcr7.after}"
+                   + (" (changes)" if pcr7.changes else " (unchanged)"))
+
+
+class LocalWrites:
+    """Backups and guarded writes until the backups API is merged: a verified copy under
+    `<state_dir>/backups/<uuid>/` and fsio's atomic replace (expect: nobody wrote meanwhile)."""
+
+    def __init__(self, state_dir: str, clock: Callable[[], str]) -> None:
+        self.state_dir = state_dir
+        self.clock = clock
+
+    def backup(self, ref: DomainRef, path: str, data: bytes, reason: str) -> str:
+        from varsd.engine.migration import BACKUP_DIR, MigrationFailed, _write_backup
+
+        stamp = self.clock().replace(":", "").replace("-", "")
+        try:
+            return _write_backup(os.path.join(self.state_dir, BACKUP_DIR, ref.uuid), ref.name, ref.uuid, stamp, data)
+        except MigrationFailed as exc:
+            raise UpdateFailed(f"domain '{ref.name}': {exc}; nothing was changed") from None
+
+    def write(self, ref: DomainRef, path: str, data: bytes, *, expect: bytes) -> None:
+        try:
+            fsio.replace_atomic(path, data, expect=expect)
+        except fsio.ReplaceError as exc:
+            raise UpdateFailed(f"domain '{ref.name}': {exc}; the varstore is unchanged") from None
+
+
+def for_reconciler(rec: Reconciler, *, writes: Writes | None = None) -> SecureBoot:
+    """The engine sharing a reconciler's configuration, libvirt, catalog, journal and file cache."""
+    cfg = rec.cfg
+    return SecureBoot(
+        hv=rec.hv, catalog=rec.catalog, journal=rec.journal,
+        writes=writes or LocalWrites(cfg.state_dir, rec.clock),
+        domain_lock=cfg.domain_lock_path, inspect=lambda p: rec.inspector.inspect(p, digest=True),
+        clock=rec.clock, actor=rec.actor,
+    )
