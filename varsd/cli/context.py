@@ -39,9 +39,12 @@ class Context:
 
     def secureboot(self):
         """The Secure Boot audit/rollout engine over this context's libvirt, catalog and journal."""
+        return self.secureboot_for(self.reconciler())
+
+    def secureboot_for(self, rec: Reconciler):
         from varsd.engine.secureboot import for_reconciler
 
-        return for_reconciler(self.reconciler())
+        return for_reconciler(rec)
 
     def refs(self, names: Sequence[str]) -> list[DomainRef]:
         return [self.hv.lookup(n) for n in names] if names else self.hv.list_domains()

@@ -148,9 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_modules():
     """Subcommands that live in their own modules register themselves here."""
-    from varsd.cli import firmware_cmds, migrate_cmd, optout_cmd, secureboot_cmd
+    from varsd.cli import firmware_cmds, metrics_cmd, migrate_cmd, optout_cmd, secureboot_cmd
 
-    return [optout_cmd.register, firmware_cmds.register, migrate_cmd.register, secureboot_cmd.register]
+    return [optout_cmd.register, firmware_cmds.register, migrate_cmd.register, secureboot_cmd.register,
+            metrics_cmd.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

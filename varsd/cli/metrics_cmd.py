@@ -1,0 +1,25 @@
+"""`varsctl metrics`: every figure of `status`, `secureboot status` and the backups, in Prometheus text format."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from varsd.cli.context import EXIT_OK, Context
+from varsd.engine import metrics
+
+
+def cmd_metrics(ctx: Context, args: argparse.Namespace) -> int:
+    rec = ctx.reconciler()
+    snap = metrics.take_snapshot(rec, sb=ctx.secureboot_for(rec))
+    if args.textfile:
+        metrics.write_textfile(args.textfile, metrics.registry(snap))
+    else:
+        sys.stdout.write(metrics.text(snap))
+    return EXIT_OK
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("metrics", help="print metrics in the Prometheus text format")
+    p.add_argument("--textfile", metavar="PATH", help="write a node_exporter textfile (atomically) instead")
+    p.set_defaults(func=cmd_metrics)
