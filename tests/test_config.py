@@ -53,6 +53,9 @@ exclude = ["build-*", "3f2a1c9e-0b4d-4e8f-9a6b-1c2d3e4f5a6b"]
 reconcile_interval = 60
 upgrade_policy = "manual"
 archive_retention_days = 7
+secureboot_templates = "2023"
+metrics_textfile = "/var/lib/prometheus/node-exporter/varsd.prom"
+metrics_listen = "127.0.0.1:9397"
 qemu_user = "qemu"
 qemu_group = "kvm"
 
@@ -92,6 +95,9 @@ def test_every_key():
         reconcile_interval=60,
         upgrade_policy="manual",
         archive_retention_days=7,
+        secureboot_templates="2023",
+        metrics_textfile="/var/lib/prometheus/node-exporter/varsd.prom",
+        metrics_listen="127.0.0.1:9397",
     )
     # defaults of an extra pair without the optional keys
     assert cfg.extra_firmware[0].machines == ("pc-i440fx-*", "pc-q35-*")
@@ -150,6 +156,11 @@ def test_full_example_sets_every_config_field():
         ("[[extra_firmware]]\ncode = '/a'\ntemplate = '/b'\nmachines = 'pc-q35-*'", "'machines' must be a list"),
         ("[[extra_firmware]]\ncode = '/a'\ntemplate = '/b'\nfeatures = [1]", "'features' must be a list of strings"),
         ("[[extra_firmware]]\ncode = '/a'\ntemplate = '/b'\narchitecture = 64", "'architecture' must be a string"),
+        ("secureboot_templates = '2026'", "'secureboot_templates' must be one of shipped, 2023"),
+        ("metrics_textfile = 'varsd.prom'", "'metrics_textfile' must be an absolute path"),
+        ("metrics_listen = '0.0.0.0:9397'", "'metrics_listen' must be a loopback HOST:PORT"),
+        ("metrics_listen = '127.0.0.1'", "'metrics_listen' must be a loopback HOST:PORT"),
+        ("metrics_listen = '[::1]:99999'", "'metrics_listen' must be a loopback HOST:PORT"),
         ("uri = 'qemu:///system", "not valid TOML"),
         ("uri = 'a'\nuri = 'b'", "not valid TOML"),
     ],

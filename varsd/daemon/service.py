@@ -36,13 +36,15 @@ from varsd.adapters import fsio
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.adapters.libvirt_events import LifecycleEvent, Subscription, start_event_loop
-from varsd.config import Config, qemu_owner
+from varsd.config import Config, parse_listen, qemu_owner
 from varsd.daemon.notify import sd_notify, watchdog_interval
 from varsd.daemon.workqueue import WorkQueue
 from varsd.engine import firmware_sync
 from varsd.engine.boots import record_boot
 from varsd.engine.inspect import FileInspector
+from varsd.engine.metrics import Exporter, take_snapshot
 from varsd.engine.reconciler import Reconciler, utc_now
+from varsd.engine.secureboot import SecureBoot, for_reconciler
 from varsd.errors import HypervisorError, VarsdError
 from varsd.firmware.archive import Archive
 from varsd.firmware.catalog import load_configured
@@ -56,10 +58,11 @@ BOOT_PREFIX = "boot:"
 # queue never hands the same domain to both, and acting takes the domain's lock.
 WORKERS = 4
 # Settings tied to what the process holds open (journal, archive, file ownership).
-RESTART_ONLY = ("state_dir", "qemu_user", "qemu_group")
+RESTART_ONLY = ("state_dir", "qemu_user", "qemu_group", "metrics_textfile", "metrics_listen")
 STOP_GRACE = 20.0  # seconds the domains in hand get at SIGTERM (systemd TimeoutStopSec=30)
 FIRMWARE_CHECK_INTERVAL = 30  # seconds between stat() checks of the firmware files
 ARCHIVE_PRUNE_INTERVAL = 24 * 3600
+METRICS_INTERVAL = 60  # seconds between metrics snapshots (textfile rewrite, /metrics content)
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,10 @@ class Service:
         self.first_pass_pending: set[str] = set()
         self._names: dict[str, str] = {}
         self._retries: dict[str, int] = {}
+        self._errors_since: dict[str, float] = {}  # uuid -> when its current error began (metrics)
+        self._secureboot: tuple[Reconciler, SecureBoot] | None = None
+        listen = parse_listen(cfg.metrics_listen) if cfg.metrics_listen else None
+        self.exporter = Exporter(cfg.metrics_textfile, listen) if cfg.metrics_textfile or listen else None
 
     # -- public control ------------------------------------------------------------
 
@@ -154,6 +161,11 @@ class Service:
             self.prune_archive, "interval", seconds=ARCHIVE_PRUNE_INTERVAL, id="archive-prune",
             max_instances=1, coalesce=True,
         )
+        if self.exporter is not None:
+            self._scheduler.add_job(
+                self.export_metrics, "interval", seconds=METRICS_INTERVAL, id="metrics",
+                max_instances=1, coalesce=True,
+            )
         self._scheduler.start()
         self.notify("STATUS=connecting to " + self.cfg.uri)
         wd = watchdog_interval()
@@ -180,6 +192,8 @@ class Service:
                     self.ready.set()
                     self.notify("READY=1", f"STATUS=watching {self.cfg.uri}")
                     log.info("first full reconcile done; watching %s", self.cfg.uri)
+                    if self.exporter is not None:
+                        self._scheduler.add_job(self.export_metrics, id="metrics-first")
                 if time.monotonic() - last_status >= 10 and self.handled != last_handled:
                     last_status, last_handled = time.monotonic(), self.handled
                     self.notify(f"STATUS=watching {self.cfg.uri}: {self.handled} domain checks, "
@@ -394,6 +408,12 @@ class Service:
                 # Running since before varsd watched it (the live XML the reconcile read has
                 # no boot record): QEMU's open file still tells.
                 record_boot(hv, ref.uuid, self.clock())
+            if not ref.active:
+                self._apply_queued_update(rec, ref)
+            if outcome.status is Status.ERROR:
+                self._errors_since.setdefault(ref.uuid, time.time())
+            else:
+                self._errors_since.pop(ref.uuid, None)
             with self._count_lock:
                 self.handled += 1
             if outcome.retry:
@@ -418,6 +438,35 @@ class Service:
         finally:
             # Whatever happened, this domain no longer holds READY back.
             self.first_pass_pending.discard(key)
+
+    def secureboot(self, rec: Reconciler) -> SecureBoot:
+        """The Secure Boot engine for the current reconciler (rebuilt when a reload swaps it)."""
+        with self._lock:
+            if self._secureboot is None or self._secureboot[0] is not rec:
+                self._secureboot = (rec, for_reconciler(rec))
+            return self._secureboot[1]
+
+    def _apply_queued_update(self, rec: Reconciler, ref) -> None:
+        """A guest that stopped with a certificate update queued gets it now, before its next start."""
+        try:
+            result = self.secureboot(rec).apply_queued(ref)
+        except VarsdError as exc:
+            log.error("domain '%s': queued Secure Boot update failed: %s", ref.name, exc)
+            return
+        if result is not None:
+            log.info("domain '%s': secureboot %s: %s", ref.name, result.outcome.value, result.detail)
+
+    def export_metrics(self) -> None:
+        """Publish a metrics snapshot (scheduler thread); never raises."""
+        with self._lock:
+            rec = self.reconciler
+        if rec is None or self.exporter is None:
+            return
+        try:
+            snap = take_snapshot(rec, sb=self.secureboot(rec), errors_since=dict(self._errors_since))
+            self.exporter.publish(snap)
+        except Exception:  # metrics must never take the daemon down
+            log.exception("metrics snapshot failed")
 
     def _retry_delay(self, key: str) -> float:
         """Per-domain backoff for domain-level trouble, from the same Backoff data."""
@@ -458,5 +507,7 @@ class Service:
         for w in self._workers:
             w.join(timeout=max(0.0, deadline - time.monotonic()))
         self._teardown_connection()
+        if self.exporter is not None:
+            self.exporter.close()
         self.journal.close()
         log.info("stopped")
