@@ -1,0 +1,33 @@
+"""The Secure Boot adapter against Debian 13's virt-firmware 24.11, for real.
+
+24.11 names its certificates by file (certs/MicrosoftCorporationKEK2KCA2023.pem),
+lacks the Option ROM CA and has no measurement module; the adapter must handle it.
+scripts/host-setup makes `.venv-vf2411` (virt-firmware==24.11 from PyPI, the version
+python3-virt-firmware packages in trixie); this runs test_virtfw_secureboot.py there.
+A missing venv is a failure: host-setup was not run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PYTHON = os.path.join(REPO, ".venv-vf2411", "bin", "python")
+
+
+def test_adapter_under_virt_firmware_2411():
+    assert os.access(PYTHON, os.X_OK), f"{PYTHON} missing: run scripts/host-setup (it makes the 24.11 venv)"
+    version = subprocess.run([PYTHON, "-c", "import importlib.metadata as m; print(m.version('virt-firmware'))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert version == "24.11"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
+    run = subprocess.run(
+        [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", REPO,
+         os.path.join(REPO, "tests", "adapters", "test_virtfw_secureboot.py")],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
+    )
+    sys.stdout.write(run.stdout[-4000:])
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout
