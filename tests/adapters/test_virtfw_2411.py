@@ -25,7 +25,8 @@ def test_adapter_under_virt_firmware_2411():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
     run = subprocess.run(
         [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", REPO,
-         os.path.join(REPO, "tests", "adapters", "test_virtfw_secureboot.py")],
+         os.path.join(REPO, "tests", "adapters", "test_virtfw_secureboot.py"),
+         os.path.join(REPO, "tests", "planning", "test_secureboot.py")],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
     )
     sys.stdout.write(run.stdout[-4000:])
