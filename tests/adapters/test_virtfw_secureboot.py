@@ -64,8 +64,9 @@ def test_adding_certificates_keeps_everything_else_and_is_idempotent():
     shipped = [s for s in virtfw.ms2023_certificates() if s.der is not None]
     new = virtfw.with_certificates(old, VARS_4M_MS, shipped)
     keys = virtfw.secure_boot_vars_of_bytes(new, "new")
-    assert [c.subject for c in keys.kek] == ["Debian UEFI Secure Boot (PK/KEK key)", "Microsoft Corporation KEK CA 2011",
-                                             "Microsoft Corporation KEK 2K CA 2023"]
+    assert [c.subject for c in keys.kek] == [
+        "Debian UEFI Secure Boot (PK/KEK key)", "Microsoft Corporation KEK CA 2011",
+        "Microsoft Corporation KEK 2K CA 2023"]
     want_db = ["Microsoft Windows Production PCA 2011", "Microsoft Corporation UEFI CA 2011", "Windows UEFI CA 2023",
                "Microsoft UEFI CA 2023"] + ([] if OLD else ["Microsoft Option ROM UEFI CA 2023"])
     assert [c.subject for c in keys.db] == want_db
@@ -73,7 +74,7 @@ def test_adding_certificates_keeps_everything_else_and_is_idempotent():
     before, after = virtfw.variables_of_bytes(old, "old"), virtfw.variables_of_bytes(new, "new")
     assert before.keys() == after.keys()
     changed = {k for k in before if before[k] != after[k]}
-    assert changed == {f"8be4df61-93ca-11d2-aa0d-00e098032b8c:KEK", f"{DB_GUID}:db"}
+    assert changed == {"8be4df61-93ca-11d2-aa0d-00e098032b8c:KEK", f"{DB_GUID}:db"}
     for k in changed:
         assert after[k].data.startswith(before[k].data)  # appended, nothing removed or reordered
     assert len(new) == len(old) and virtfw.layout_of_bytes(new, "new") == virtfw.layout_of_bytes(old, "old")

@@ -61,8 +61,7 @@ def test_update_available_lists_what_is_missing_and_what_can_be_added():
 
 def test_without_a_shipped_certificate_it_says_so_and_cannot_be_ok():
     """virt-firmware 24.11 has no Option ROM CA: an update adds three and says it could not add the fourth."""
-    shipped = tuple(s if s.cert.subject != "Microsoft Option ROM UEFI CA 2023" else ShippedCert(s.cert, None, None, None)
-                    for s in SHIPPED)
+    shipped = tuple(ShippedCert(s.cert, None, None, None) if "Option ROM" in s.cert.subject else s for s in SHIPPED)
     three = virtfw.secure_boot_vars_of_bytes(
         virtfw.with_certificates(fsio.read_file(VARS_4M_MS), VARS_4M_MS, [s for s in shipped if s.der]), "three")
     before = judge(DEBIAN, secure_code=True, shipped=shipped, varstore="/v")

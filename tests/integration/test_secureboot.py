@@ -1,0 +1,206 @@
+"""Secure Boot certificate rollout on real boots: Debian 12's Microsoft-keyed 4 MiB build.
+
+Each guest runs Debian's `OVMF_CODE_4M.secboot.fd` (SMM, `secure='yes'`) with a
+varstore libvirt makes from `OVMF_VARS_4M.ms.fd` (2011 Microsoft CAs only) at its
+first start. The tests boot it, stop it, audit and update it with varsctl, and boot
+it again: OVMF then rewrites its store (so the layout and the keys are what the code
+reads), and the keys are read back with virt-firmware.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import pwd
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from varsd.adapters import fsio, virtfw
+from varsd.adapters.libvirt_api import Hypervisor
+from varsd.domain.xml import parse_domain
+
+from .guests import NVRAM_DIR, domain_xml, split_os, wait_for_serial, wait_for_varstore_write
+
+OVMF = "/usr/share/OVMF"
+SB_CODE_4M = f"{OVMF}/OVMF_CODE_4M.secboot.fd"
+VARS_4M_MS = f"{OVMF}/OVMF_VARS_4M.ms.fd"
+BOOT_LINE = r"BdsDxe: (loading|starting|failed to load) Boot"
+SECURE_FEATURES = "<acpi/><smm state='on'/>"
+TPM = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"
+NEW_KEK = "Microsoft Corporation KEK 2K CA 2023"
+NEW_DB = ["Windows UEFI CA 2023", "Microsoft UEFI CA 2023", "Microsoft Option ROM UEFI CA 2023"]
+OLD_KEK = "Microsoft Corporation KEK CA 2011"
+OLD_DB = ["Microsoft Windows Production PCA 2011", "Microsoft Corporation UEFI CA 2011"]
+
+
+def varsctl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "varsd.cli.varsctl", "--config", str(config), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def _config(tmp_path: Path, extra: str = "") -> Path:
+    cfg = tmp_path / "varsd.toml"
+    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\nnvram_dir = "{NVRAM_DIR}"\n'
+                   f'firmware_dirs = ["/usr/share/qemu/firmware"]\n{extra}')
+    return cfg
+
+
+def _sb_guest(factory, label: str, *, tpm: bool = False):
+    name = factory.name(label)
+    store = f"{NVRAM_DIR}/{name}_VARS.fd"
+    factory.track(store)
+    xml = domain_xml(name, split_os(SB_CODE_4M, store, template=VARS_4M_MS, secure=True),
+                     serial_log="{serial_log}", features=SECURE_FEATURES, extra_devices=TPM if tpm else "")
+    return factory.define(name, xml=xml), Path(store)
+
+
+def _boot(hv: Hypervisor, guest, store: Path, before: bytes | None = None) -> bytes:
+    """Start, wait until OVMF has booted and written its store, then power off; returns the store."""
+    hv.start(guest.uuid)
+    try:
+        wait_for_serial(guest.serial_log, BOOT_LINE, timeout=240)
+        if before is not None:
+            wait_for_varstore_write(str(store), before, timeout=120)
+    finally:
+        hv.destroy(guest.uuid)
+    return store.read_bytes()
+
+
+def _audit(config: Path, name: str) -> dict:
+    r = varsctl(config, "secureboot", "status", "--json", name)
+    assert r.returncode in (0, 1), r.stderr
+    doc = json.loads(r.stdout)
+    assert set(doc) == {"domains", "templates"}
+    [entry] = doc["domains"]
+    return entry
+
+
+def _subjects(data: bytes) -> tuple[list[str], list[str]]:
+    keys = virtfw.secure_boot_vars_of_bytes(data, "store")
+    return [c.subject for c in keys.kek], [c.subject for c in keys.db]
+
+
+def test_update_a_shut_off_guest_boot_it_and_roll_back(hv: Hypervisor, guest_factory, tmp_path) -> None:
+    config = _config(tmp_path)
+    guest, store = _sb_guest(guest_factory, "sbupd")
+    used = _boot(hv, guest, store)  # libvirt makes the store from the template; OVMF writes it
+    entry = _audit(config, guest.name)
+    assert (entry["ms2023"], entry["tpm"], entry["secure_boot"]["build"]) == ("update-available", False, True), entry
+    assert entry["secure_boot"]["enforcing"] is True and entry["secure_boot"]["SecureBootEnable"] is True
+    assert entry["pk"]["subject"] == "Debian UEFI Secure Boot (PK/KEK key)"
+    assert [k["subject"] for k in entry["kek"]][-1] == OLD_KEK and entry["dbx_entries"] == 1
+    assert entry["kek"][-1]["not_after"] == "2026-06-24T20:51:29Z"
+
+    dry = varsctl(config, "secureboot", "update", "--dry-run", guest.name)
+    assert dry.returncode == 0 and "would back up and add" in dry.stdout, dry.stdout + dry.stderr
+    assert store.read_bytes() == used
+
+    r = varsctl(config, "secureboot", "update", "--json", guest.name)
+    assert r.returncode == 0, r.stdout + r.stderr
+    [result] = json.loads(r.stdout)["results"]
+    assert result["outcome"] == "updated" and result["added"] == [NEW_KEK, *NEW_DB], result
+    kek, db = _subjects(store.read_bytes())
+    assert OLD_KEK in kek and NEW_KEK in kek and db == OLD_DB + NEW_DB  # the 2011 ones stay
+    backup = Path(result["backup"])
+    assert backup.read_bytes() == used and (backup.stat().st_mode & 0o777) == 0o600
+    st = store.stat()
+    assert (st.st_mode & 0o777, st.st_uid) == (0o600, pwd.getpwnam("libvirt-qemu").pw_uid)  # kept as libvirt made it
+    assert _audit(config, guest.name)["ms2023"] == "ok"
+    again = varsctl(config, "secureboot", "update", guest.name)
+    assert again.returncode == 0 and "unchanged" in again.stdout
+
+    # It boots with the new keys: OVMF rewrites the store (MTC, boot entries) and keeps them.
+    updated = store.read_bytes()
+    after_boot = _boot(hv, guest, store, before=updated)
+    keys = virtfw.secure_boot_vars_of_bytes(after_boot, str(store))
+    assert [c.subject for c in keys.db] == OLD_DB + NEW_DB and NEW_KEK in [c.subject for c in keys.kek]
+    assert keys.enforcing and keys.secure_boot_enable is True and not keys.setup_mode and not keys.custom_mode
+
+    # Roll back: the backup is the old store, byte for byte.
+    # (varsctl backup restore replaces this copy once the backups API is merged.)
+    fsio.replace_atomic(str(store), backup.read_bytes())
+    assert store.read_bytes() == used and _audit(config, guest.name)["ms2023"] == "update-available"
+
+
+def test_vtpm_guest_is_refused_without_ack_and_shows_pcr7(hv: Hypervisor, guest_factory, tmp_path) -> None:
+    config = _config(tmp_path)
+    guest, store = _sb_guest(guest_factory, "sbtpm", tpm=True)
+    used = _boot(hv, guest, store)  # boots with a real swtpm
+    entry = _audit(config, guest.name)
+    assert (entry["ms2023"], entry["tpm"], entry["tpm_model"]) == ("update-available", True, "tpm-crb/emulator")
+
+    refused = varsctl(config, "secureboot", "update", "--json", guest.name)
+    assert refused.returncode == 1
+    [result] = json.loads(refused.stdout)["results"]
+    assert result["outcome"] == "refused" and "has a vTPM" in result["detail"] and "--tpm-ack" in result["detail"]
+    assert "BitLocker" in result["detail"]
+    pcr = result["pcr7"]
+    if virtfw.library_version().startswith("24."):
+        assert pcr["changes"] is None and "no measurement module" in pcr["unavailable"]
+    else:
+        assert pcr["changes"] is True and pcr["before"] != pcr["after"] and len(pcr["before"]) == 64
+        assert pcr["before"] in result["detail"] and pcr["after"] in result["detail"]
+    assert store.read_bytes() == used
+
+    acked = varsctl(config, "secureboot", "update", "--tpm-ack", guest.name)
+    assert acked.returncode == 0, acked.stdout + acked.stderr
+    assert _subjects(store.read_bytes())[1] == OLD_DB + NEW_DB
+    _boot(hv, guest, store, before=store.read_bytes())  # and it boots, TPM and all
+
+
+def test_templates_2023_reach_new_guests(hv: Hypervisor, guest_factory, tmp_path) -> None:
+    """With secureboot_templates = "2023" a new Secure Boot guest (virt-install/virt-manager style: Debian's
+    Microsoft-keys code and template named, never started) is provisioned from the derived template.
+
+    (A `-bios` Secure Boot guest gets the build without enrolled keys: its RAM variables never had any, and
+    enrolling Microsoft's would switch Secure Boot on under it. So that case keeps its setup-mode store.)"""
+    config = _config(tmp_path, 'secureboot_templates = "2023"\n')
+    status = varsctl(config, "secureboot", "status", "--json", "--keys")
+    templates = {t["varstore"]: t for t in json.loads(status.stdout)["templates"]}
+    derived = [t for t in templates.values() if t["origin"].startswith("derived by varsd from " + VARS_4M_MS)]
+    assert len(derived) == 1 and derived[0]["ms2023"] == "ok", templates
+    assert derived[0]["varstore"].startswith(str(tmp_path / "state" / "templates"))
+    assert "new guests get the derived copy" in templates[VARS_4M_MS]["detail"]
+
+    name = guest_factory.name("sbnew")
+    store = f"{NVRAM_DIR}/{name}_VARS.fd"
+    guest_factory.track(store)
+    xml = domain_xml(name, split_os(f"{OVMF}/OVMF_CODE_4M.ms.fd", store, template=VARS_4M_MS, secure=True),
+                     serial_log="{serial_log}", features=SECURE_FEATURES)
+    guest = guest_factory.define(name, xml=xml)
+    r = varsctl(config, "reconcile", guest.name)
+    assert r.returncode == 0, r.stdout + r.stderr
+    fw = parse_domain(hv.persistent_xml(guest.uuid))
+    assert fw.metadata.template_path == derived[0]["varstore"]  # provenance names the derived template
+    assert fw.metadata.template_sha256 == derived[0]["sha256"]
+    kek, db = _subjects(Path(store).read_bytes())
+    assert NEW_KEK in kek and OLD_KEK in kek and set(OLD_DB + NEW_DB[:2]) <= set(db)
+    assert _audit(config, guest.name)["ms2023"] == "ok"
+    _boot(hv, guest, Path(store), before=Path(store).read_bytes())  # the derived store boots
+
+
+def test_metrics_parse_and_match_status(hv: Hypervisor, guest_factory, tmp_path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    config = _config(tmp_path)
+    guest, store = _sb_guest(guest_factory, "sbmet")
+    _boot(hv, guest, store)
+    r = varsctl(config, "metrics")
+    assert r.returncode == 0, r.stderr
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(r.stdout) for s in fam.samples}
+    status = json.loads(varsctl(config, "status", "--json").stdout)["domains"]
+    sb = json.loads(varsctl(config, "secureboot", "status", "--json").stdout)
+    for value in ("ok", "error", "unmanaged", "pending-cold-boot", "needs-migration", "pinned"):
+        assert samples[("varsd_domains", (("status", value),))] == sum(d["status"] == value for d in status)
+    for value in ("split", "bios-rom", "none"):
+        assert samples[("varsd_domains_by_config", (("config", value),))] == sum(d["config"] == value for d in status)
+    for value in ("ok", "update-available", "blocked", "n/a", "update-queued"):
+        assert samples[("varsd_domains_ms2023", (("ms2023", value),))] == \
+            sum(d["ms2023"] == value for d in sb["domains"])
+        assert samples[("varsd_templates_ms2023", (("ms2023", value),))] == \
+            sum(t["ms2023"] == value for t in sb["templates"])
+    earliest = calendar.timegm(time.strptime("2026-06-24T20:51:29Z", "%Y-%m-%dT%H:%M:%SZ"))  # KEK CA 2011
+    assert samples[("varsd_secureboot_cert_not_after_min_seconds", (("domain", guest.name),))] == earliest
