@@ -61,22 +61,10 @@ CREATE TABLE IF NOT EXISTS domain_records (
 );
 """
 
-# Secure Boot certificate rollout (varsd.engine.secureboot): every varstore write with
-# the digests before and after and the backup that holds the old store; updates
-# waiting for a running guest to stop; canaries whose boot confirms a rollout.
+# Secure Boot certificate rollout (varsd.engine.secureboot): updates waiting for a
+# running guest to stop; canaries whose boot confirms a rollout. (The varstore writes
+# themselves are journaled by varsd.engine.offline_write in `varstore_writes`.)
 _SECUREBOOT_SCHEMA = """
-CREATE TABLE IF NOT EXISTS varstore_writes (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at TEXT NOT NULL,
-    uuid TEXT NOT NULL,
-    name TEXT NOT NULL,
-    actor TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    path TEXT NOT NULL,
-    old_sha256 TEXT NOT NULL,
-    new_sha256 TEXT NOT NULL,
-    backup TEXT NOT NULL
-);
 CREATE TABLE IF NOT EXISTS secureboot_queue (
     uuid TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -142,22 +130,6 @@ class ArchivedBuild:
     last_used: str
     layout: VarstoreLayout | None = None  # of the build's template, when a catalog build listed it
     features: frozenset[str] = frozenset()
-
-
-@dataclass(frozen=True)
-class VarstoreWrite:
-    """One journaled varstore rewrite; `backup` holds the store as it was before."""
-
-    id: int
-    at: str
-    uuid: str
-    name: str
-    actor: str
-    reason: str
-    path: str
-    old_sha256: str
-    new_sha256: str
-    backup: str
 
 
 @dataclass(frozen=True)
@@ -364,25 +336,7 @@ class Journal:
         with self._sql("write to"):
             self._db.executemany("DELETE FROM archived_builds WHERE sha256=?", [(s,) for s in shas])
 
-    # -- varstore writes and the Secure Boot rollout --------------------------------
-
-    def record_varstore_write(self, *, at: str, uuid: str, name: str, actor: str, reason: str, path: str,
-                              old_sha256: str, new_sha256: str, backup: str) -> int:
-        """Journal a varstore rewrite (after its backup, before the write: a crash leaves the record)."""
-        with self._sql("write to"):
-            cur = self._db.execute(
-                "INSERT INTO varstore_writes (at, uuid, name, actor, reason, path, old_sha256, new_sha256, backup) "
-                "VALUES (?,?,?,?,?,?,?,?,?)", (at, uuid, name, actor, reason, path, old_sha256, new_sha256, backup),
-            )
-        return int(cur.lastrowid)
-
-    def varstore_writes(self, uuid: str | None = None, limit: int = 100) -> list[VarstoreWrite]:
-        q = "SELECT id, at, uuid, name, actor, reason, path, old_sha256, new_sha256, backup FROM varstore_writes"
-        args: tuple = ()
-        if uuid:
-            q, args = q + " WHERE uuid=?", (uuid,)
-        with self._sql("read"):
-            return [VarstoreWrite(*r) for r in self._db.execute(q + " ORDER BY id DESC LIMIT ?", args + (limit,))]
+    # -- the Secure Boot rollout ----------------------------------------------------
 
     def queue_secureboot(self, *, uuid: str, name: str, at: str, actor: str, tpm_ack: bool, canary: bool) -> None:
         with self._sql("write to"):
