@@ -39,9 +39,9 @@ from datetime import UTC, datetime
 
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
-from varsd.config import Config
+from varsd.config import Config, qemu_owner
 from varsd.domain.xml import parse_domain
-from varsd.engine.backups import BackupStore, read_offline, utc_iso
+from varsd.engine.backups import BackupStore, open_store, read_offline, utc_iso
 from varsd.engine.lock import host_lock
 from varsd.errors import VarsdError, VarstoreError
 from varsd.model.backup import BackupRecord, before_write
@@ -180,6 +180,11 @@ class VarstoreWriter:
         self.store = store
         self.owner = owner
         self.clock = clock
+
+    @classmethod
+    def for_host(cls, cfg: Config, hv: Hypervisor) -> VarstoreWriter:
+        """The writer for this host's configuration: its backup store and qemu user."""
+        return cls(cfg, hv, open_store(cfg), qemu_owner(cfg))
 
     def write(
         self,
