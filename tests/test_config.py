@@ -12,6 +12,7 @@ import pytest
 from varsd import config as config_mod
 from varsd.config import (
     DEFAULT_FIRMWARE_DIRS,
+    BackupKeep,
     Config,
     ExtraFirmware,
     config_path,
@@ -58,6 +59,16 @@ metrics_textfile = "/var/lib/prometheus/node-exporter/varsd.prom"
 metrics_listen = "127.0.0.1:9397"
 qemu_user = "qemu"
 qemu_group = "kvm"
+backup_schedule = "30 2 * * 1-5"
+backup_jitter = 0
+backup_running = "suspend"
+start_wait = 10
+offline_dir = "/run/varsd-test/offline"
+
+[backup_keep]
+last = 3
+daily = 7
+weekly = 4
 
 [[extra_firmware]]
 code = "/usr/share/OVMF/OVMF_CODE.fd"
@@ -98,6 +109,12 @@ def test_every_key():
         secureboot_templates="2023",
         metrics_textfile="/var/lib/prometheus/node-exporter/varsd.prom",
         metrics_listen="127.0.0.1:9397",
+        backup_schedule="30 2 * * 1-5",
+        backup_jitter=0,
+        backup_running="suspend",
+        start_wait=10,
+        offline_dir="/run/varsd-test/offline",
+        backup_keep=BackupKeep(last=3, daily=7, weekly=4),
     )
     # defaults of an extra pair without the optional keys
     assert cfg.extra_firmware[0].machines == ("pc-i440fx-*", "pc-q35-*")
@@ -147,6 +164,16 @@ def test_full_example_sets_every_config_field():
         ("reconcile_interval = true", "'reconcile_interval' must be a positive integer"),
         ("reconcile_interval = 1.5", "'reconcile_interval' must be a positive integer"),
         ("archive_retention_days = false", "'archive_retention_days' must be a positive integer"),
+        ("backup_schedule = 'daily'", "'backup_schedule' must be a cron expression"),
+        ("backup_schedule = '61 * * * *'", "'backup_schedule' must be a cron expression"),
+        ("backup_running = 'pause'", "'backup_running' must be one of coherent, suspend, skip"),
+        ("start_wait = 61", "'start_wait' must be at most 60"),
+        ("start_wait = 0", "'start_wait' must be a positive integer"),
+        ("backup_jitter = -1", "'backup_jitter' must be an integer >= 0"),
+        ("backup_keep = 3", "'backup_keep' must be a table"),
+        ("[backup_keep]\nmonthly = 3", "backup_keep: unknown key(s) monthly"),
+        ("[backup_keep]\nlast = 0", "backup_keep.last must be an integer >= 1"),
+        ("offline_dir = 'run'", "'offline_dir' must be an absolute path"),
         ("extra_firmware = {code = '/a', template = '/b'}", "'extra_firmware' must be an array of tables"),
         ("extra_firmware = ['/a']", "extra_firmware[0]: must be a table"),
         ("[[extra_firmware]]\ntemplate = '/b'", "extra_firmware[0]: 'code' must be an absolute path"),

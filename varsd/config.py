@@ -48,6 +48,26 @@ DEFAULT_FIRMWARE_DIRS: tuple[str, ...] = (
 
 UPGRADE_POLICIES = ("auto", "manual")
 SECUREBOOT_TEMPLATES = ("shipped", "2023")
+BACKUP_RUNNING_MODES = ("coherent", "suspend", "skip")
+"""How a scheduled backup copies a running guest's varstore (README "Backups")."""
+
+DEFAULT_OFFLINE_DIR = "/run/varsd/offline"
+"""Where offline varstore writes are announced to the libvirt QEMU hook (its fixed path)."""
+
+
+@dataclass(frozen=True)
+class BackupKeep:
+    """Retention: the newest `last` versions per domain, plus the newest of each of the
+    last `daily` days and `weekly` weeks. Backups of undefined domains are kept for the
+    same period (the longer of the two), then pruned."""
+
+    last: int = 10
+    daily: int = 14
+    weekly: int = 8
+
+    @property
+    def period_days(self) -> int:
+        return max(self.daily, 7 * self.weekly)
 
 T = TypeVar("T")
 
@@ -79,6 +99,12 @@ class Config:
     secureboot_templates: str = "shipped"  # or "2023": derive 2023-ready templates (varsd.firmware.derived)
     metrics_textfile: str | None = None  # node_exporter textfile the daemon rewrites after each pass
     metrics_listen: str | None = None  # "127.0.0.1:9397": serve /metrics there (loopback only)
+    backup_schedule: str = "0 3 * * *"  # cron (minute hour day month weekday), local time
+    backup_jitter: int = 3600  # seconds of random delay per run, so hosts do not all copy at once
+    backup_keep: BackupKeep = BackupKeep()
+    backup_running: str = "coherent"  # one of BACKUP_RUNNING_MODES
+    start_wait: int = 30  # seconds a domain start waits for an offline varstore write (hook; cap 60)
+    offline_dir: str = DEFAULT_OFFLINE_DIR
     source: str | None = field(default=None, compare=False)  # file it came from
 
     def is_excluded(self, name: str, uuid: str) -> bool:
@@ -98,6 +124,11 @@ class Config:
         return os.path.join(self.state_dir, "archive")
 
     @property
+    def backup_dir(self) -> str:
+        """Content-addressed varstore backups (`objects/<sha256>.fd`); the index is in the journal."""
+        return os.path.join(self.state_dir, "backups")
+
+    @property
     def firmware_lock_path(self) -> str:
         """Serialises archive and firmware-history writes between varsd and varsctl."""
         return os.path.join(self.state_dir, "locks", "firmware.lock")
@@ -105,6 +136,8 @@ class Config:
 
 _TOP_KEYS = {f.name for f in fields(Config)} - {"source"}
 _EXTRA_KEYS = {f.name for f in fields(ExtraFirmware)}
+_KEEP_KEYS = {f.name for f in fields(BackupKeep)}
+START_WAIT_CAP = 60  # the hook's own cap (packaging/libvirt/varsd-qemu-hook)
 
 
 def _expect(cond: bool, where: str, msg: str) -> None:
@@ -131,12 +164,12 @@ def parse_config(text: str, where: str = "<config>") -> Config:
     known = ", ".join(sorted(_TOP_KEYS))
     _expect(not unknown, where, f"unknown key(s) {', '.join(unknown)}; known: {known}")
     kw: dict[str, object] = {}
-    for key in ("uri", "nvram_dir", "state_dir", "qemu_user", "qemu_group", "upgrade_policy",
-                "secureboot_templates", "metrics_textfile", "metrics_listen"):
+    for key in ("uri", "nvram_dir", "state_dir", "qemu_user", "qemu_group", "upgrade_policy", "backup_schedule",
+                "backup_running", "offline_dir", "secureboot_templates", "metrics_textfile", "metrics_listen"):
         if key in data:
             _expect(isinstance(data[key], str) and data[key] != "", where, f"'{key}' must be a non-empty string")
             kw[key] = data[key]
-    for key in ("nvram_dir", "state_dir", "metrics_textfile"):
+    for key in ("nvram_dir", "state_dir", "offline_dir", "metrics_textfile"):
         if key in kw:
             _expect(os.path.isabs(str(kw[key])), where, f"'{key}' must be an absolute path")
     if "firmware_dirs" in data:
@@ -145,12 +178,36 @@ def parse_config(text: str, where: str = "<config>") -> Config:
         _expect(not relative, where, f"'firmware_dirs' must be absolute paths, not {', '.join(relative)}")
     if "exclude" in data:
         kw["exclude"] = _str_list(data["exclude"], where, "exclude")
-    for key in ("reconcile_interval", "archive_retention_days"):
+    for key in ("reconcile_interval", "archive_retention_days", "start_wait"):
         if key in data:
             v = data[key]
             ok = isinstance(v, int) and not isinstance(v, bool) and v > 0
             _expect(ok, where, f"'{key}' must be a positive integer")
             kw[key] = v
+    if "start_wait" in kw:
+        _expect(int(kw["start_wait"]) <= START_WAIT_CAP, where,  # type: ignore[call-overload]
+                f"'start_wait' must be at most {START_WAIT_CAP} (the hook never holds a start longer)")
+    if "backup_jitter" in data:
+        v = data["backup_jitter"]
+        _expect(isinstance(v, int) and not isinstance(v, bool) and v >= 0, where,
+                "'backup_jitter' must be an integer >= 0 (seconds)")
+        kw["backup_jitter"] = v
+    if "backup_schedule" in kw:
+        _expect(_valid_cron(str(kw["backup_schedule"])), where,
+                "'backup_schedule' must be a cron expression of five fields (minute hour day month weekday), "
+                f"not {kw['backup_schedule']!r}")
+    if "backup_running" in kw:
+        _expect(kw["backup_running"] in BACKUP_RUNNING_MODES, where,
+                f"'backup_running' must be one of {', '.join(BACKUP_RUNNING_MODES)}")
+    if "backup_keep" in data:
+        keep = data["backup_keep"]
+        _expect(isinstance(keep, dict), where, "'backup_keep' must be a table ([backup_keep] last/daily/weekly)")
+        bad = sorted(set(keep) - _KEEP_KEYS)
+        _expect(not bad, where, f"backup_keep: unknown key(s) {', '.join(bad)}; known: last, daily, weekly")
+        for k, v in keep.items():
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= (1 if k == "last" else 0)
+            _expect(ok, where, f"backup_keep.{k} must be an integer >= {1 if k == 'last' else 0}")
+        kw["backup_keep"] = BackupKeep(**keep)
     if "upgrade_policy" in kw:
         choices = ", ".join(UPGRADE_POLICIES)
         _expect(kw["upgrade_policy"] in UPGRADE_POLICIES, where, f"'upgrade_policy' must be one of {choices}")
@@ -193,6 +250,19 @@ def parse_listen(text: str) -> tuple[str, int] | None:
     if host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("127."):
         return None
     return host, int(port)
+
+
+def _valid_cron(expr: str) -> bool:
+    """Whether APScheduler accepts `expr` as a standard five-field crontab line."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    if len(expr.split()) != 5:
+        return False
+    try:
+        CronTrigger.from_crontab(expr, timezone="UTC")
+    except ValueError:
+        return False
+    return True
 
 
 def config_path(explicit: str | None = None, environ: dict[str, str] | None = None) -> tuple[str, bool]:

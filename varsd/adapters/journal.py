@@ -166,21 +166,33 @@ def _layout_of(text: str | None) -> VarstoreLayout | None:
     return VarstoreLayout(size, start, end)
 
 
-class Journal:
+def open_state_db(path: str, schema: str) -> sqlite3.Connection:
+    """The state database (0600, WAL, synchronous=FULL) with `schema` applied.
+
+    One file holds the journal and the backup index (`varsd.adapters.backup_index`);
+    each opens its own connection through here."""
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # a journaled old XML survives a power cut
+        db.executescript(schema)
+    except (OSError, sqlite3.Error) as exc:
+        raise VarsdError(f"{path}: cannot open the varsd journal: {exc}") from None
+    return db
+
+
+class StateDB:
+    """One connection to the state database, shared by worker threads."""
+
+    SCHEMA = ""
+
     def __init__(self, path: str) -> None:
         self.path = path
-        try:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            os.close(fd)
-            self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")  # a journaled old XML survives a power cut
-            self._db.executescript(_SCHEMA)
-            self._db.executescript(_SECUREBOOT_SCHEMA)
-            self._lock = threading.Lock()  # one connection, several worker threads
-        except (OSError, sqlite3.Error) as exc:
-            raise VarsdError(f"{path}: cannot open the varsd journal: {exc}") from None
+        self._db = open_state_db(path, self.SCHEMA)
+        self._lock = threading.Lock()  # one connection, several worker threads
 
     def close(self) -> None:
         self._db.close()
@@ -194,6 +206,10 @@ class Journal:
                 yield
             except sqlite3.Error as exc:
                 raise VarsdError(f"{self.path}: cannot {what} the varsd journal: {exc}") from None
+
+
+class Journal(StateDB):
+    SCHEMA = _SCHEMA + _SECUREBOOT_SCHEMA
 
     def record(self, *, at: str, uuid: str, name: str, actor: str, reason: str, old_xml: str, new_xml: str) -> int:
         """Write the intent (old and new XML) before the change is made; returns its id.

@@ -306,6 +306,33 @@ class Hypervisor:
         with _translated(f"{_label(dom)}: cannot start"):
             dom.create()
 
+    def is_running(self, uuid: str) -> bool:
+        """Whether a QEMU process exists or is being started for the domain (libvirt's isActive).
+
+        Stricter than `DomainRef.active`: a start in progress counts from the moment
+        libvirt begins it (before its hooks run), which is what an offline write of the
+        domain's varstore must know."""
+        dom = self._domain(uuid)
+        with _translated(f"{_label(dom)}: cannot read state"):
+            return bool(dom.isActive())
+
+    def has_managed_save(self, uuid: str) -> bool:
+        """A saved RAM image the next start resumes from (its varstore must not change under it)."""
+        dom = self._domain(uuid)
+        with _translated(f"{_label(dom)}: cannot read managed save state"):
+            return bool(dom.hasManagedSaveImage(0))
+
+    def suspend(self, uuid: str) -> None:
+        """Pause the vCPUs (the QEMU process stays)."""
+        dom = self._domain(uuid)
+        with _translated(f"{_label(dom)}: cannot suspend"):
+            dom.suspend()
+
+    def resume(self, uuid: str) -> None:
+        dom = self._domain(uuid)
+        with _translated(f"{_label(dom)}: cannot resume"):
+            dom.resume()
+
     def destroy(self, uuid: str) -> None:
         """Power off immediately."""
         dom = self._domain(uuid)
