@@ -20,14 +20,13 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
 
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
 from varsd.domain.classify import firmware_image_path
 from varsd.domain.xml import parse_domain
-from varsd.engine.lock import host_lock
+from varsd.engine.offline_write import VarstoreWriter
 from varsd.engine.reconciler import Reconciler
 from varsd.errors import VarsdError, VarstoreError
 from varsd.model.domain import DomainFirmware, FileFacts
@@ -38,11 +37,7 @@ from varsd.planning.secureboot import judge
 
 log = logging.getLogger("varsd.secureboot")
 
-UPDATE_REASON = "secureboot update: add Microsoft 2023 KEK/db certificates"
-
-
-class UpdateFailed(VarsdError):
-    """A certificate update did not complete; the message says what state the store is in."""
+UPDATE_OP = "secureboot-update"  # the offline write's op: backups say "before-write:secureboot-update"
 
 
 @dataclass(frozen=True)
@@ -149,16 +144,6 @@ class Audit:
         return out
 
 
-class Writes(Protocol):
-    """The guarded offline varstore write the backups issue provides (see `LocalWrites`)."""
-
-    def backup(self, ref: DomainRef, path: str, data: bytes, reason: str) -> str:
-        """Store `data` (the varstore as it is) verified; returns what names the backup."""
-
-    def write(self, ref: DomainRef, path: str, data: bytes, *, expect: bytes) -> None:
-        """Replace the shut-off domain's varstore atomically; refused once a start has begun."""
-
-
 class Outcome(StrEnum):
     UPDATED = "updated"
     QUEUED = "queued"
@@ -196,8 +181,7 @@ class SecureBoot:
     hv: Hypervisor
     catalog: Catalog
     journal: Journal
-    writes: Writes
-    domain_lock: Callable[[str], str]
+    writer: VarstoreWriter
     inspect: Callable[[str], FileFacts]  # path -> facts with digest (FileInspector.inspect)
     clock: Callable[[], str]
     actor: str = "varsctl"
@@ -370,39 +354,36 @@ class SecureBoot:
                             added=added, backup=backup, pcr7=pcr7, tpm=bool(fw.tpm))
 
     def _write(self, ref: DomainRef, path: str, fw: DomainFirmware) -> tuple[str, str]:
-        """Backup, atomic write, read back, verify, journal; under the domain's lock. Returns (backup, sha)."""
-        with host_lock(self.domain_lock(ref.uuid)):
-            if self.hv.lookup(ref.uuid).active:
-                raise UpdateFailed(f"domain '{ref.name}' was started meanwhile; nothing was changed")
-            try:
-                old = fsio.read_file(path, follow_symlinks=False)
-            except fsio.ReadError as exc:
-                raise UpdateFailed(f"domain '{ref.name}': {exc}; nothing was changed") from None
+        """Through the one offline write path: domain lock, hook announcement, shut-off check,
+        verified backup, journal, atomic replace, read back, verify. Returns (backup, new sha256)."""
+        before: list[SecureBootVars | None] = []
+        wanted: list[ShippedCert] = []
+
+        def transform(old: bytes | None) -> bytes:
+            if old is None:
+                raise VarstoreError(f"{path} does not exist")
             keys = self.reader.of_bytes(old, path)
             verdict = judge(keys.keys, secure_code=True, shipped=self.shipped, varstore=path, error=keys.error)
             if not verdict.addable:
-                raise UpdateFailed(f"domain '{ref.name}': the store changed meanwhile ({verdict.why}); nothing "
-                                   "was changed")
-            new = virtfw.with_certificates(old, path, verdict.addable)
-            backup = self.writes.backup(ref, path, old, UPDATE_REASON)
-            old_sha, new_sha = hashlib.sha256(old).hexdigest(), hashlib.sha256(new).hexdigest()
-            self.journal.record_varstore_write(at=self.clock(), uuid=ref.uuid, name=ref.name, actor=self.actor,
-                                               reason=UPDATE_REASON, path=path, old_sha256=old_sha,
-                                               new_sha256=new_sha, backup=backup)
-            self.writes.write(ref, path, new, expect=old)
-            try:
-                back = fsio.read_file(path, follow_symlinks=False)
-            except fsio.ReadError as exc:
-                raise UpdateFailed(f"domain '{ref.name}': cannot read back {path}: {exc}; the old store is backup "
-                                   f"{backup} ('varsctl backup restore {ref.name}')") from None
-            after = self.reader.of_bytes(back, path)
-            check = judge(after.keys, secure_code=True, shipped=self.shipped, varstore=path, error=after.error)
-            if back != new or any(s in check.missing for s in verdict.addable) or _lost_any(keys.keys, after.keys):
-                raise UpdateFailed(f"domain '{ref.name}': {path} does not read back as written; the old store is "
-                                   f"backup {backup} ('varsctl backup restore {ref.name}')")
-            self.journal.unqueue_secureboot(ref.uuid)
-            log.info("domain '%s': added Microsoft 2023 certificates to %s (backup %s)", ref.name, path, backup)
-            return backup, new_sha
+                raise VarstoreError(f"the store changed meanwhile ({verdict.why})")
+            before.append(keys.keys)
+            wanted.extend(verdict.addable)
+            return virtfw.with_certificates(old, path, verdict.addable)
+
+        def check(new: bytes) -> None:
+            if virtfw.layout_of_bytes(new, path).size != len(new):
+                raise VarstoreError(f"{path}: the new store is not one whole varstore")
+            after = self.reader.of_bytes(new, path)
+            verdict = judge(after.keys, secure_code=True, shipped=self.shipped, varstore=path, error=after.error)
+            if after.keys is None or any(s in verdict.missing for s in wanted) or _lost_any(before[0], after.keys):
+                raise VarstoreError(f"{path}: the updated store does not hold exactly the old keys plus the new "
+                                    f"({verdict.why})")
+
+        result = self.writer.write(ref, transform, op=UPDATE_OP, path=path, check=check)
+        self.journal.unqueue_secureboot(ref.uuid)
+        backup = f"#{result.backup.id}" if result.backup is not None else "-"
+        log.info("domain '%s': added Microsoft 2023 certificates to %s (backup %s)", ref.name, path, backup)
+        return backup, result.after_sha256
 
     def apply_queued(self, ref: DomainRef, xml: str | None = None) -> UpdateResult | None:
         """Apply a queued update to a domain that has stopped (the daemon, the start hook, a later run)."""
@@ -456,36 +437,12 @@ def tpm_refusal(tpm: str, pcr7: Pcr7 | None) -> str:
                    + (" (changes)" if pcr7.changes else " (unchanged)"))
 
 
-class LocalWrites:
-    """Backups and guarded writes until the backups API is merged: a verified copy under
-    `<state_dir>/backups/<uuid>/` and fsio's atomic replace (expect: nobody wrote meanwhile)."""
-
-    def __init__(self, state_dir: str, clock: Callable[[], str]) -> None:
-        self.state_dir = state_dir
-        self.clock = clock
-
-    def backup(self, ref: DomainRef, path: str, data: bytes, reason: str) -> str:
-        from varsd.engine.migration import BACKUP_DIR, MigrationFailed, _write_backup
-
-        stamp = self.clock().replace(":", "").replace("-", "")
-        try:
-            return _write_backup(os.path.join(self.state_dir, BACKUP_DIR, ref.uuid), ref.name, ref.uuid, stamp, data)
-        except MigrationFailed as exc:
-            raise UpdateFailed(f"domain '{ref.name}': {exc}; nothing was changed") from None
-
-    def write(self, ref: DomainRef, path: str, data: bytes, *, expect: bytes) -> None:
-        try:
-            fsio.replace_atomic(path, data, expect=expect)
-        except fsio.ReplaceError as exc:
-            raise UpdateFailed(f"domain '{ref.name}': {exc}; the varstore is unchanged") from None
-
-
-def for_reconciler(rec: Reconciler, *, writes: Writes | None = None) -> SecureBoot:
+def for_reconciler(rec: Reconciler, *, writer: VarstoreWriter | None = None) -> SecureBoot:
     """The engine sharing a reconciler's configuration, libvirt, catalog, journal and file cache."""
     cfg = rec.cfg
     return SecureBoot(
         hv=rec.hv, catalog=rec.catalog, journal=rec.journal,
-        writes=writes or LocalWrites(cfg.state_dir, rec.clock),
-        domain_lock=cfg.domain_lock_path, inspect=lambda p: rec.inspector.inspect(p, digest=True),
+        writer=writer or VarstoreWriter.for_host(cfg, rec.hv),
+        inspect=lambda p: rec.inspector.inspect(p, digest=True),
         clock=rec.clock, actor=rec.actor,
     )
