@@ -194,5 +194,14 @@ def take_snapshot(rec: Reconciler, refs: Sequence[DomainRef] | None = None, *,
     if outcomes is None:
         outcomes = [rec.reconcile(ref, apply=False) for ref in refs]
     sb = sb if sb is not None else for_reconciler(rec)
-    return Snapshot(outcomes=outcomes, audits=sb.audit_domains(refs), templates=sb.audit_templates(),
-                    backups=None, errors_since=errors_since or {}, now=time.time())
+    audits = sb.audit_domains(refs)
+    try:
+        latest = sb.writer.store.index.latest_all()
+        backups: list[BackupFigure] | None = [
+            BackupFigure(a.name, a.uuid or "", latest[a.uuid].taken if a.uuid in latest else None)
+            for a in audits if a.varstore]  # domains with a varstore file: the ones a backup can cover
+    except VarsdError as exc:
+        log.warning("metrics: backup index: %s", exc)
+        backups = None
+    return Snapshot(outcomes=outcomes, audits=audits, templates=sb.audit_templates(),
+                    backups=backups, errors_since=errors_since or {}, now=time.time())
