@@ -196,12 +196,15 @@ def test_metrics_parse_and_match_status(hv: Hypervisor, guest_factory, tmp_path)
     config = _config(tmp_path)
     guest, store = _sb_guest(guest_factory, "sbmet")
     _boot(hv, guest, store)
-    r = varsctl(config, "metrics")
+    other = guest_factory.define("sbmetplain", f"<loader type='rom'>{OVMF}/OVMF_CODE_4M.fd</loader>")
+    mine = [guest.name, other.name]  # the host is shared: other sessions' domains come and go meanwhile
+    r = varsctl(config, "metrics", *mine)
     assert r.returncode == 0, r.stderr
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for fam in text_string_to_metric_families(r.stdout) for s in fam.samples}
-    status = json.loads(varsctl(config, "status", "--json").stdout)["domains"]
+    status = json.loads(varsctl(config, "status", "--json", *mine).stdout)["domains"]
     sb = json.loads(varsctl(config, "secureboot", "status", "--json").stdout)
+    sb["domains"] = [d for d in sb["domains"] if d["name"] in mine]
     for value in ("ok", "error", "unmanaged", "pending-cold-boot", "needs-migration", "pinned"):
         assert samples[("varsd_domains", (("status", value),))] == sum(d["status"] == value for d in status)
     for value in ("split", "bios-rom", "none"):
@@ -211,6 +214,9 @@ def test_metrics_parse_and_match_status(hv: Hypervisor, guest_factory, tmp_path)
             sum(d["ms2023"] == value for d in sb["domains"])
         assert samples[("varsd_templates_ms2023", (("ms2023", value),))] == \
             sum(t["ms2023"] == value for t in sb["templates"])
+    assert samples[("varsd_domains_by_config", (("config", "bios-rom"),))] == 1
+    assert samples[("varsd_domains_ms2023", (("ms2023", "update-available"),))] == 1
+    assert samples[("varsd_backups_missing", ())] == 1  # the booted guest's store was never backed up here
     earliest = calendar.timegm(time.strptime("2026-06-24T20:51:29Z", "%Y-%m-%dT%H:%M:%SZ"))  # KEK CA 2011
     assert samples[("varsd_secureboot_cert_not_after_min_seconds", (("domain", guest.name),))] == earliest
 

@@ -11,7 +11,7 @@ from varsd.engine import metrics
 
 def cmd_metrics(ctx: Context, args: argparse.Namespace) -> int:
     rec = ctx.reconciler()
-    snap = metrics.take_snapshot(rec, sb=ctx.secureboot_for(rec))
+    snap = metrics.take_snapshot(rec, ctx.refs(args.domains) if args.domains else None, sb=ctx.secureboot_for(rec))
     if args.textfile:
         metrics.write_textfile(args.textfile, metrics.registry(snap))
     else:
@@ -21,5 +21,6 @@ def cmd_metrics(ctx: Context, args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("metrics", help="print metrics in the Prometheus text format")
+    p.add_argument("domains", nargs="*", metavar="DOMAIN", help="only these domains (default: all)")
     p.add_argument("--textfile", metavar="PATH", help="write a node_exporter textfile (atomically) instead")
     p.set_defaults(func=cmd_metrics)
