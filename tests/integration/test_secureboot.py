@@ -13,8 +13,6 @@ import calendar
 import json
 import os
 import pwd
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from varsd.engine.offline_write import VarstoreWriter
 from .guests import NVRAM_DIR, domain_xml, open_files, qemu_pid, split_os, wait_for_serial, wait_for_varstore_write
 from .test_daemon_live import Daemon
 from .test_dpkg_upgrade import _exclude_all_but
+from .test_migrate import _config, varsctl
 
 OVMF = "/usr/share/OVMF"
 SB_CODE_4M = f"{OVMF}/OVMF_CODE_4M.secboot.fd"
@@ -41,18 +40,6 @@ NEW_KEK = "Microsoft Corporation KEK 2K CA 2023"
 NEW_DB = ["Windows UEFI CA 2023", "Microsoft UEFI CA 2023", "Microsoft Option ROM UEFI CA 2023"]
 OLD_KEK = "Microsoft Corporation KEK CA 2011"
 OLD_DB = ["Microsoft Windows Production PCA 2011", "Microsoft Corporation UEFI CA 2011"]
-
-
-def varsctl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "varsd.cli.varsctl", "--config", str(config), *args],
-                          capture_output=True, text=True, timeout=300)
-
-
-def _config(tmp_path: Path, extra: str = "") -> Path:
-    cfg = tmp_path / "varsd.toml"
-    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\nnvram_dir = "{NVRAM_DIR}"\n'
-                   f'firmware_dirs = ["/usr/share/qemu/firmware"]\n{extra}')
-    return cfg
 
 
 def _sb_guest(factory, label: str, *, tpm: bool = False):
