@@ -1,10 +1,12 @@
-"""The Secure Boot adapter against Debian 13's virt-firmware 24.11, for real.
+"""The Secure Boot path against Debian 13's virt-firmware 24.11 (and prometheus_client 0.16), for real.
 
 24.11 names its certificates by file (certs/MicrosoftCorporationKEK2KCA2023.pem),
 lacks the Option ROM CA and has no measurement module; the adapter must handle it.
 scripts/host-setup makes `.venv-vf2411` (virt-firmware==24.11 from PyPI, the version
-python3-virt-firmware packages in trixie); this runs test_virtfw_secureboot.py there.
-A missing venv is a failure: host-setup was not run.
+python3-virt-firmware packages in trixie, plus prometheus_client 0.16, Debian 12's);
+this runs the adapter, planner and varsctl secureboot/metrics tests there (engine,
+backups' write path and CLI on the test:/// driver). A missing venv is a failure:
+host-setup was not run.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ def test_adapter_under_virt_firmware_2411():
     run = subprocess.run(
         [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", REPO,
          os.path.join(REPO, "tests", "adapters", "test_virtfw_secureboot.py"),
-         os.path.join(REPO, "tests", "planning", "test_secureboot.py")],
+         os.path.join(REPO, "tests", "planning", "test_secureboot.py"),
+         os.path.join(REPO, "tests", "cli", "test_secureboot_cmd.py"),
+         os.path.join(REPO, "tests", "cli", "test_metrics_cmd.py")],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
     )
     sys.stdout.write(run.stdout[-4000:])

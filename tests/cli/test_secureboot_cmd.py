@@ -18,6 +18,7 @@ VARS_MS = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"
 VARS_PLAIN = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 TPM = "<devices><tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm></devices>"
 VENDOR = "5b3c9c5e-1f6a-4b8e-9d2a-7a1f0e6d4c21"
+OLD = virtfw.library_version().startswith("24.")  # Debian 13's virt-firmware: no Option ROM CA
 
 
 def _sb(name: str, uuid: str, store: str, *, extra: str = "", runstate: str = SHUTOFF) -> str:
@@ -107,9 +108,13 @@ def test_canary_then_the_rest_once_it_booted(fleet, capsys):
     rc, res = _results(fleet, capsys, "--all")
     assert res["b"]["outcome"] == res["c"]["outcome"] == "updated"
     assert res["run"]["outcome"] == "queued" and res["tpm"]["outcome"] == "refused"
-    assert "a" not in res  # already ok
+    if OLD:  # 24.11 added three; the fourth it does not ship: unchanged, said plainly, not a failure
+        assert res["a"]["outcome"] == "unchanged" and "does not ship" in res["a"]["detail"]
+    else:
+        assert "a" not in res  # already ok
     rc, out, _ = _run(fleet, capsys, "status", "--json", "run", "b")
-    assert {d["name"]: d["ms2023"] for d in json.loads(out)["domains"]} == {"run": "update-queued", "b": "ok"}
+    assert {d["name"]: d["ms2023"] for d in json.loads(out)["domains"]} == {
+        "run": "update-queued", "b": "update-available" if OLD else "ok"}
 
 
 def test_update_keeps_every_other_variable_and_the_backup(fleet, capsys, tmp_path):

@@ -322,7 +322,9 @@ class SecureBoot:
         if verdict.state is not Ms2023State.UPDATE_AVAILABLE and verdict.state is not Ms2023State.UPDATE_QUEUED:
             return self._result(ref, Outcome.REFUSED, f"{verdict.state.value}: {verdict.why}")
         if not verdict.addable:
-            return self._result(ref, Outcome.REFUSED, verdict.why)
+            # Everything the installed virt-firmware ships is there (24.11 has no Option ROM CA):
+            # nothing to do here, said plainly, and not a failure of every later --all run.
+            return self._result(ref, Outcome.UNCHANGED, verdict.why)
         assert audit.varstore is not None
         try:
             old = fsio.read_file(audit.varstore, follow_symlinks=False)
