@@ -137,3 +137,25 @@ def test_damaged_signature_list_is_a_varstore_error():
         os.unlink(path)
     with pytest.raises(VarstoreError, match="db: damaged signature list"):
         virtfw.secure_boot_vars_of_bytes(blob, "damaged")
+
+
+@pytest.mark.parametrize("present", range(16))
+def test_every_starting_subset_ends_with_all_and_loses_nothing(present):
+    """Generated: a store already holding any subset of the 2023 certificates (as hand-updated guests do)."""
+    from varsd.planning.secureboot import judge
+
+    shipped = [s for s in virtfw.ms2023_certificates() if s.der is not None]
+    start = [s for i, s in enumerate(shipped) if present >> i & 1]
+    old = virtfw.with_certificates(fsio.read_file(VARS_4M_MS), VARS_4M_MS, start) if start else \
+        fsio.read_file(VARS_4M_MS)
+    before = virtfw.secure_boot_vars_of_bytes(old, "before")
+    verdict = judge(before, secure_code=True, shipped=virtfw.ms2023_certificates(), varstore="/v")
+    names = {s.cert.subject for s in shipped} - {s.cert.subject for s in start}
+    assert {s.cert.subject for s in verdict.addable} == names
+    new = virtfw.with_certificates(old, "old", verdict.addable)
+    after = virtfw.secure_boot_vars_of_bytes(new, "after")
+    for var in ("pk", "kek", "db"):
+        assert {c.sha256 for c in getattr(before, var)} <= {c.sha256 for c in getattr(after, var)}
+    assert after.dbx_entries == before.dbx_entries
+    final = judge(after, secure_code=True, shipped=virtfw.ms2023_certificates(), varstore="/v")
+    assert final.addable == () and (final.state.value == "ok") == (not OLD)
