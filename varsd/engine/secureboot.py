@@ -199,6 +199,13 @@ class SecureBoot:
         fw = parse_domain(xml)
         secure, code = self._secure_code(fw)
         path = fw.nvram_path
+        if path and secure and not os.path.lexists(path):
+            # Never started: libvirt (or varsd's provisioning) makes it from the template; that
+            # template's state is in the templates table.
+            verdict = Judgement(Ms2023State.NOT_APPLICABLE, f"no varstore yet: made from "
+                                f"{fw.nvram_template or 'the build template'} at first start")
+            return Audit(name=ref.name, kind="domain", judgement=verdict, varstore=path, secure_build=secure,
+                         uuid=ref.uuid, state=ref.state, active=ref.active, tpm=fw.tpm, code=code), fw
         store = self.reader.read(path) if path and secure else None
         verdict = judge(
             store.keys if store else None, secure_code=secure, shipped=self.shipped, varstore=path,
