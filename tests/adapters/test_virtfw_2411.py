@@ -28,7 +28,7 @@ def test_adapter_under_virt_firmware_2411():
     run = subprocess.run(
         [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", REPO,
          os.path.join(REPO, "tests", "adapters", "test_virtfw_secureboot.py"),
-         os.path.join(REPO, "tests", "planning", "test_secureboot.py"),
+         os.path.join(REPO, "tests", "firmware", "test_secureboot.py"),
          os.path.join(REPO, "tests", "cli", "test_secureboot_cmd.py"),
          os.path.join(REPO, "tests", "cli", "test_metrics_cmd.py")],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300,

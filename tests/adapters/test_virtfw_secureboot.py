@@ -142,7 +142,7 @@ def test_damaged_signature_list_is_a_varstore_error():
 @pytest.mark.parametrize("present", range(16))
 def test_every_starting_subset_ends_with_all_and_loses_nothing(present):
     """Generated: a store already holding any subset of the 2023 certificates (as hand-updated guests do)."""
-    from varsd.planning.secureboot import judge
+    from varsd.firmware.secureboot import judge
 
     shipped = [s for s in virtfw.ms2023_certificates() if s.der is not None]
     start = [s for i, s in enumerate(shipped) if present >> i & 1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from varsd.cli.context import EXIT_OK, Context
@@ -14,6 +15,8 @@ def cmd_metrics(ctx: Context, args: argparse.Namespace) -> int:
     snap = metrics.take_snapshot(rec, ctx.refs(args.domains) if args.domains else None, sb=ctx.secureboot_for(rec))
     if args.textfile:
         metrics.write_textfile(args.textfile, metrics.registry(snap))
+    elif args.json:
+        print(json.dumps({"metrics": metrics.samples(snap)}, indent=2))
     else:
         sys.stdout.write(metrics.text(snap))
     return EXIT_OK
@@ -22,5 +25,6 @@ def cmd_metrics(ctx: Context, args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("metrics", help="print metrics in the Prometheus text format")
     p.add_argument("domains", nargs="*", metavar="DOMAIN", help="only these domains (default: all)")
+    p.add_argument("--json", action="store_true", help='print {"metrics": [{"name", "labels", "value"}]}')
     p.add_argument("--textfile", metavar="PATH", help="write a node_exporter textfile (atomically) instead")
     p.set_defaults(func=cmd_metrics)

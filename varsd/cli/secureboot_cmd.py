@@ -112,17 +112,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     ssub = p.add_subparsers(dest="secureboot_command", required=True)
 
     s = ssub.add_parser("status", help="every domain's and template's Secure Boot keys and ms2023 state")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help='print {"domains": [...], "templates": [...]}')
     s.add_argument("--keys", dest="verbose_keys", action="store_true", help="list every certificate")
-    s.add_argument("domains", nargs="*", metavar="DOMAIN")
+    s.add_argument("domains", nargs="*", metavar="DOMAIN", help="only these domains (default: all, plus templates)")
     s.set_defaults(func=cmd_status)
 
     u = ssub.add_parser("update", help="add the Microsoft 2023 KEK/db certificates (backup first)")
-    u.add_argument("domains", nargs="*", metavar="DOMAIN")
+    u.add_argument("domains", nargs="*", metavar="DOMAIN", help="domains to update (or --all)")
     u.add_argument("--all", action="store_true", help="every domain whose store is update-available")
     u.add_argument("--canary", type=int, metavar="N", help="update N domains only; run again once they booted")
     u.add_argument("--tpm-ack", action="store_true",
                    help="update guests with a vTPM too (PCR7 changes: BitLocker/LUKS recovery)")
-    u.add_argument("--dry-run", action="store_true")
-    u.add_argument("--json", action="store_true")
+    u.add_argument("--dry-run", action="store_true", help="say what would be done; change nothing")
+    u.add_argument("--json", action="store_true", help='print {"results": [...]}')
     u.set_defaults(func=cmd_update)

@@ -122,6 +122,12 @@ def registry(snap: Snapshot) -> CollectorRegistry:
     return reg
 
 
+def samples(snap: Snapshot) -> list[dict]:
+    """The snapshot's samples as plain data (`varsctl metrics --json`)."""
+    return [{"name": s.name, "labels": dict(s.labels), "value": s.value}
+            for fam in registry(snap).collect() for s in fam.samples]
+
+
 def text(snap: Snapshot) -> str:
     return generate_latest(registry(snap)).decode()
 

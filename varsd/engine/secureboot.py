@@ -1,6 +1,6 @@
 """Secure Boot certificates across a host: the audit and the staged rollout of Microsoft's 2023 CAs.
 
-The shell around `varsd.planning.secureboot`:
+The shell around `varsd.firmware.secureboot`:
 - `KeyReader` parses each varstore content once: keyed by stat, then by sha256, so a
   fleet of identical stores (every guest fresh from one template) costs one parse.
 - `SecureBoot.audit_*` report every domain and every template new guests would get.
@@ -29,11 +29,11 @@ from varsd.domain.xml import parse_domain
 from varsd.engine.offline_write import VarstoreWriter
 from varsd.engine.reconciler import Reconciler
 from varsd.errors import VarsdError, VarstoreError
+from varsd.firmware.secureboot import judge
 from varsd.model.domain import DomainFirmware, FileFacts
 from varsd.model.firmware import Build, Catalog, MappingMode
 from varsd.model.secureboot import Judgement, Ms2023State, Pcr7, SecureBootVars, ShippedCert
 from varsd.planning.repair import wants_secure_boot
-from varsd.planning.secureboot import judge
 
 log = logging.getLogger("varsd.secureboot")
 

@@ -27,9 +27,9 @@ import threading
 from varsd.adapters import fsio, virtfw
 from varsd.config import Config
 from varsd.errors import VarsdError
+from varsd.firmware.secureboot import judge
 from varsd.model.firmware import Build, Catalog, MappingMode
 from varsd.model.secureboot import Ms2023State
-from varsd.planning.secureboot import judge
 
 log = logging.getLogger("varsd.firmware")
 

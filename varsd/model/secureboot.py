@@ -1,7 +1,7 @@
 """Typed records for Secure Boot keys in a varstore and the Microsoft 2023 rollout.
 
 Plain data: `varsd.adapters.virtfw` reads them out of a varstore, the pure planner
-in `varsd.planning.secureboot` judges them, the engine and CLI report them.
+in `varsd.firmware.secureboot` judges them, the engine and CLI report them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Where a varstore stands on Microsoft's 2023 Secure Boot certificates, and what to add.
 
-Pure: decisions over a store's parsed keys (`SecureBootVars`), whether its code is a
+Pure (no I/O; in `firmware` so that the derived-templates code beside the catalog and
+the engine both use this one judgement): decisions over a store's parsed keys (`SecureBootVars`), whether its code is a
 Secure Boot build, and what the installed virt-firmware ships. The engine reads the
 files; `varsctl secureboot` reports and acts.
 

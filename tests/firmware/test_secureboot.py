@@ -8,8 +8,8 @@ import pytest
 from ovmf_files import VARS_4M, VARS_4M_MS
 
 from varsd.adapters import fsio, virtfw
+from varsd.firmware.secureboot import judge, missing_certs
 from varsd.model.secureboot import MICROSOFT_OWNER, Certificate, Ms2023State, ShippedCert
-from varsd.planning.secureboot import judge, missing_certs
 
 SHIPPED = virtfw.ms2023_certificates()
 DEBIAN = virtfw.secure_boot_vars_of_bytes(fsio.read_file(VARS_4M_MS), VARS_4M_MS)
