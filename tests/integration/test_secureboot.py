@@ -13,17 +13,22 @@ import calendar
 import json
 import os
 import pwd
+import threading
 import time
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from varsd.adapters import virtfw
+from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
-from varsd.config import load_config
+from varsd.config import load_config, qemu_owner
 from varsd.domain.xml import parse_domain
 from varsd.engine.backups import open_store
 from varsd.engine.offline_write import VarstoreWriter
+from varsd.engine.reconciler import Reconciler
+from varsd.engine.secureboot import for_reconciler
+from varsd.firmware.catalog import load_configured
 
 from .guests import NVRAM_DIR, domain_xml, open_files, qemu_pid, split_os, wait_for_serial, wait_for_varstore_write
 from .test_daemon_live import Daemon
@@ -258,3 +263,69 @@ def test_running_guest_is_queued_and_updated_after_it_stops(hv: Hypervisor, gues
             hv.destroy(guest.uuid)
         daemon.kill()
     assert "queued Secure Boot update" not in daemon.log.read_text()  # applied, not dropped or failed
+
+
+def _hook_waiting(name: str) -> bool:
+    """Whether varsd's libvirt hook is running for `name`'s start (it waits while a write is in hand)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"qemu.d/varsd") for a in argv) and name.encode() in argv and b"prepare" in argv:
+            return True
+    return False
+
+
+def test_a_start_racing_the_queued_write_waits_for_it(hv: Hypervisor, guest_factory, tmp_path) -> None:
+    """The queued update is being written when `virsh start` comes: the libvirt hook holds the start until
+    the write is done, and the guest boots the updated store (QEMU opens the inode the write put there)."""
+    config = _config(tmp_path)
+    guest, store = _sb_guest(guest_factory, "sbrace")
+    _boot(hv, guest, store)
+    hv.start(guest.uuid)
+    try:
+        wait_for_serial(guest.serial_log, BOOT_LINE, timeout=240)
+        r = varsctl(config, "secureboot", "update", guest.name)
+        assert r.returncode == 0 and "update-queued" in r.stdout, r.stdout + r.stderr
+    finally:
+        hv.destroy(guest.uuid)
+
+    cfg = load_config(str(config))
+    journal = Journal(cfg.journal_path)
+    rec = Reconciler(cfg, hv, load_configured(cfg), journal, qemu_owner(cfg), actor="test")
+    sb = for_reconciler(rec)
+    started: dict[str, float] = {}
+    starter: list[threading.Thread] = []
+
+    def start_now() -> None:
+        hv.start(guest.uuid)
+        started["returned"] = time.monotonic()
+
+    def on_stage(stage: str) -> None:
+        if stage == "before-commit":  # the write is in hand, the file not yet replaced
+            starter.append(threading.Thread(target=start_now))
+            starter[0].start()
+            deadline = time.monotonic() + 60
+            while not _hook_waiting(guest.name):  # libvirt runs the hook: `varsd NAME prepare begin -`
+                assert time.monotonic() < deadline, "the start never reached varsd's libvirt hook"
+                time.sleep(0.05)
+            time.sleep(1.0)
+            assert "returned" not in started and _hook_waiting(guest.name), "the start did not wait for the write"
+            started["commit"] = time.monotonic()
+
+    sb.on_stage = on_stage
+    try:
+        result = sb.apply_queued(hv.lookup(guest.uuid))
+        assert result is not None and result.outcome.value == "updated", result
+        starter[0].join(timeout=120)
+        assert started["returned"] >= started["commit"]
+        ino = os.stat(store).st_ino
+        assert {st.st_ino for path, st in open_files(qemu_pid(guest.name)).items() if path == str(store)} == {ino}
+        assert _subjects(store.read_bytes())[1] == OLD_DB + NEW_DB
+    finally:
+        if starter:
+            starter[0].join(timeout=120)
+        if guest.ref(hv).active:
+            hv.destroy(guest.uuid)
+        journal.close()

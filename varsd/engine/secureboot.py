@@ -187,6 +187,7 @@ class SecureBoot:
     actor: str = "varsctl"
     reader: KeyReader = field(default_factory=KeyReader)
     shipped: tuple[ShippedCert, ...] = field(default_factory=virtfw.ms2023_certificates)
+    on_stage: Callable[[str], None] | None = None  # passed to the offline write (tests race a start with it)
 
     # -- audit -----------------------------------------------------------------------
 
@@ -388,7 +389,7 @@ class SecureBoot:
                 raise VarstoreError(f"{path}: the updated store does not hold exactly the old keys plus the new "
                                     f"({verdict.why})")
 
-        result = self.writer.write(ref, transform, op=UPDATE_OP, path=path, check=check)
+        result = self.writer.write(ref, transform, op=UPDATE_OP, path=path, check=check, on_stage=self.on_stage)
         self.journal.unqueue_secureboot(ref.uuid)
         backup = f"#{result.backup.id}" if result.backup is not None else "-"
         log.info("domain '%s': added Microsoft 2023 certificates to %s (backup %s)", ref.name, path, backup)
