@@ -133,3 +133,24 @@ def test_usage_errors(fleet, capsys):
     assert _run(fleet, capsys, "update")[0] == 2
     assert _run(fleet, capsys, "update", "a", "--all")[0] == 2
     assert _run(fleet, capsys, "update", "--all", "--canary", "0")[0] == 2
+
+
+def test_key_reader_parses_each_content_once_and_stays_bounded(tmp_path):
+    from varsd.engine.secureboot import KeyReader
+
+    reader = KeyReader()
+    base = open(VARS_MS, "rb").read()
+    paths = []
+    for i in range(20):
+        p = tmp_path / f"s{i}.fd"
+        p.write_bytes(base)
+        paths.append(str(p))
+    assert {reader.read(p).sha256 for p in paths} and reader.parses == 1
+    reader.MAX_DIGESTS = 3
+    for i in range(6):  # six distinct contents at one path, as a guest's store after six boots
+        data = virtfw.with_variable(VARS_MS, "Boot", VENDOR, bytes([i]))
+        assert reader.of_bytes(data, paths[0]).keys is not None
+    assert reader.parses == 7 and len(reader._by_digest) <= 4
+    bad = tmp_path / "bad.fd"
+    bad.write_bytes(b"\0" * 4096)
+    assert "not an edk2 varstore" in reader.read(str(bad)).error

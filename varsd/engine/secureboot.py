@@ -53,6 +53,8 @@ class StoreKeys:
 class KeyReader:
     """Reads stores' Secure Boot keys, parsing each distinct content once."""
 
+    MAX_DIGESTS = 4096
+
     def __init__(self) -> None:
         self._by_stat: dict[str, tuple[tuple, str]] = {}
         # digest -> (keys, error, the path the error names)
@@ -79,6 +81,11 @@ class KeyReader:
     def of_bytes(self, data: bytes, path: str, sha: str | None = None) -> StoreKeys:
         sha = sha or hashlib.sha256(data).hexdigest()
         if sha not in self._by_digest:
+            if len(self._by_digest) >= self.MAX_DIGESTS:
+                # A long-running daemon sees a new digest at every boot (OVMF rewrites the store):
+                # keep what some path still has, drop the rest.
+                live = {d for _, d in self._by_stat.values()}
+                self._by_digest = {d: v for d, v in self._by_digest.items() if d in live}
             self.parses += 1
             try:
                 self._by_digest[sha] = (virtfw.secure_boot_vars_of_bytes(data, path), None, path)
