@@ -30,7 +30,8 @@ def test_adapter_under_virt_firmware_2411():
          os.path.join(REPO, "tests", "adapters", "test_virtfw_secureboot.py"),
          os.path.join(REPO, "tests", "firmware", "test_secureboot.py"),
          os.path.join(REPO, "tests", "cli", "test_secureboot_cmd.py"),
-         os.path.join(REPO, "tests", "cli", "test_metrics_cmd.py")],
+         os.path.join(REPO, "tests", "cli", "test_metrics_cmd.py"),
+         os.path.join(REPO, "tests", "engine", "test_metrics.py")],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
     )
     sys.stdout.write(run.stdout[-4000:])
