@@ -148,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_modules():
     """Subcommands that live in their own modules register themselves here."""
-    from varsd.cli import firmware_cmds, migrate_cmd, optout_cmd
+    from varsd.cli import backup_cmd, firmware_cmds, migrate_cmd, optout_cmd
 
-    return [optout_cmd.register, firmware_cmds.register, migrate_cmd.register]
+    return [optout_cmd.register, firmware_cmds.register, migrate_cmd.register, backup_cmd.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

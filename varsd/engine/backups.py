@@ -36,6 +36,7 @@ from varsd.adapters import fsio, virtfw
 from varsd.adapters.backup_index import BackupIndex
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
 from varsd.config import Config
+from varsd.domain.xml import parse_domain
 from varsd.errors import VarsdError, VarstoreError
 from varsd.model.backup import BackupRecord, SeenVarstore
 from varsd.model.firmware import VarstoreLayout
@@ -358,3 +359,19 @@ class BackupStore:
                 if exc.errno != errno.ENOENT:
                     log.warning("cannot remove unreferenced backup %s: %s", e.path, fsio.describe_oserror(exc))
         return removed
+
+
+def domain_targets(hv: Hypervisor, refs: Iterable[DomainRef]) -> tuple[list[Target], list[tuple[DomainRef, str]]]:
+    """The file-backed varstores of these domains (persistent XML), and the domains that
+    could not be read. Domains without a varstore file (SeaBIOS, stateless) are left out."""
+    targets: list[Target] = []
+    errors: list[tuple[DomainRef, str]] = []
+    for ref in refs:
+        try:
+            fw = parse_domain(hv.persistent_xml(ref.uuid))
+        except VarsdError as exc:
+            errors.append((ref, str(exc)))
+            continue
+        if fw.nvram_path and os.path.isabs(fw.nvram_path):
+            targets.append(Target(uuid=ref.uuid, name=ref.name, path=fw.nvram_path, running=ref.active))
+    return targets, errors
