@@ -48,7 +48,7 @@ def cmd_create(ctx: Context, args: argparse.Namespace) -> int:
         print("varsctl backup create: give DOMAIN... or --all", file=sys.stderr)
         return EXIT_USAGE
     refs = ctx.hv.list_domains() if args.all else [ctx.hv.lookup(d) for d in args.domains]
-    targets, errors = domain_targets(ctx.hv, refs)
+    targets, errors = domain_targets(ctx.hv, refs, ctx.cfg if args.all else None)
     mode = "suspend" if ctx.cfg.backup_running == "suspend" else "coherent"  # an explicit request copies them
     results = _store(ctx).run_pass(targets, reason=BackupReason.MANUAL, running_mode=mode, hv=ctx.hv)
     rows, lines, failed = [], [], bool(errors)

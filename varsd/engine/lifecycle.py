@@ -103,7 +103,7 @@ class Lifecycle:
 
     def backup_offline(self, refs: Iterable[DomainRef], reason: str = BackupReason.STOP) -> list[PassResult]:
         """Back up shut-off domains whose varstore changed (stat-only when it did not)."""
-        targets, errors = domain_targets(self.hv, [r for r in refs if not r.active])
+        targets, errors = domain_targets(self.hv, [r for r in refs if not r.active], self.cfg)
         for ref, message in errors:
             log.warning("domain '%s': cannot look for a varstore to back up: %s", ref.name, message)
         results = self.store.run_pass(targets, reason=reason)
@@ -113,7 +113,7 @@ class Lifecycle:
     def scheduled_pass(self) -> list[PassResult]:
         """backup_schedule: every domain, running ones per backup_running; then retention."""
         refs = self.hv.list_domains()
-        targets, errors = domain_targets(self.hv, refs)
+        targets, errors = domain_targets(self.hv, refs, self.cfg)
         for ref, message in errors:
             log.warning("domain '%s': scheduled backup: %s", ref.name, message)
         results = self.store.run_pass(targets, reason=BackupReason.SCHEDULE, running_mode=self.cfg.backup_running,
@@ -134,10 +134,10 @@ class Lifecycle:
 
     def follow_rename(self, ref: DomainRef) -> Moved | None:
         """Move a renamed shut-off domain's `<old>_VARS.fd` to `<new>_VARS.fd` (module doc)."""
-        if ref.active:
-            return None  # QEMU has the file open by its path: moved when the guest stops
+        if ref.active or self.cfg.is_excluded(ref.name, ref.uuid):
+            return None  # running: QEMU has the file open by its path, moved when the guest stops
         fw = parse_domain(self.hv.persistent_xml(ref.uuid))
-        if not fw.nvram_path or not fw.nvram_path.endswith(VARS_SUFFIX) \
+        if fw.metadata.opt_out or not fw.nvram_path or not fw.nvram_path.endswith(VARS_SUFFIX) \
                 or fw.nvram_path == varstore_path(self.cfg.nvram_dir, fw.name, fw.uuid):
             return None  # the common case: no listing
         others = []
@@ -187,7 +187,7 @@ class Lifecycle:
     def check_reset(self, ref: DomainRef) -> VarstoreEvent | None:
         """Did this start replace the varstore with a fresh one (module doc)? Record and say so."""
         seen = self.store.index.seen(ref.uuid)
-        if seen is None:
+        if seen is None or self.cfg.is_excluded(ref.name, ref.uuid):
             return None
         try:
             fw = parse_domain(self.hv.live_xml(ref.uuid) or self.hv.persistent_xml(ref.uuid))
