@@ -32,8 +32,8 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from virt.firmware.efi import bootentry, devpath, efivar, guids, siglist, ucs16
 from virt.firmware.efi import certs as vf_certs
-from virt.firmware.efi import efivar, guids, ucs16
 from virt.firmware.varstore import edk2
 
 from varsd.adapters import fsio
@@ -108,6 +108,7 @@ class _LibraryLog:
 
 _liblog = _LibraryLog()
 edk2.logging = _liblog  # type: ignore[attr-defined]
+siglist.logging = _liblog  # type: ignore[attr-defined]
 
 
 def _find_nvdata(data: bytes) -> int | None:
@@ -591,3 +592,48 @@ def predict_pcr7(before: bytes, after: bytes, name: str) -> Pcr7:
         return Pcr7(pcr7(before, name), pcr7(after, f"updated copy of {name}"))
     except VarstoreError as exc:
         return Pcr7(None, None, str(exc))
+
+
+# -- describing variables (varsctl backup diff) -----------------------------------------
+
+_BOOT_OPTION = ("Boot", "Driver", "SysPrep", "PlatformRecovery")
+_SIGNATURE_DBS = ("PK", "KEK", "db", "dbx", "dbr", "dbt", "MokList", "MokListX", "MokListTrusted")
+
+
+def describe_variable(var: EfiVariable) -> str:
+    """A variable's value in admin terms: boot entries decoded (title, device path),
+    BootOrder as a list, signature databases as certificate subjects and hash counts,
+    small values in hex. Never raises: undecodable data is shown as its size and digest."""
+    name = var.name
+    try:
+        if name in ("BootOrder", "DriverOrder") and len(var.data) % 2 == 0:
+            return "[" + ", ".join(f"Boot{n:04X}" if name == "BootOrder" else f"Driver{n:04X}"
+                                   for n in struct.unpack(f"<{len(var.data) // 2}H", var.data)) + "]"
+        if name in ("BootNext", "BootCurrent") and len(var.data) == 2:
+            return f"Boot{struct.unpack('<H', var.data)[0]:04X}"
+        if any(name.startswith(p) and len(name) == len(p) + 4 for p in _BOOT_OPTION):
+            entry = bootentry.BootEntry(data=var.data)
+            return f"title={str(entry.title)!r} path={entry.devicepath}"
+        if name in ("ConIn", "ConOut", "ErrOut", "ConInDev", "ConOutDev", "ErrOutDev"):
+            return str(devpath.DevicePath(var.data))
+        if name in ("Lang", "PlatformLang", "PlatformLangCodes", "LangCodes"):
+            return repr(var.data.rstrip(b"\0").decode("ascii"))
+        if name in _SIGNATURE_DBS:
+            return "; ".join(signature_summary(var.data)) or "empty"
+    except Exception as exc:  # noqa: BLE001 - the library raises anything on odd data
+        log.debug("cannot decode %s: %s", var.key, exc)
+    if len(var.data) <= 16:
+        return var.data.hex() or "(empty)"
+    return f"{len(var.data)} bytes, sha256 {fsio.sha256_bytes(var.data)[:16]}"
+
+
+def signature_summary(data: bytes) -> list[str]:
+    """Entries of an EFI signature database: 'cert CN=...' per certificate, 'N sha256 hashes'."""
+    out: list[str] = []
+    for sl in siglist.EfiSigDB(data):
+        if sl.x509 is not None:
+            out.append(f"cert {sl.x509.subject.rfc4514_string()}")
+        else:
+            kind = guids.name(sl.guid) if hasattr(guids, "name") else str(sl.guid)
+            out.append(f"{len(sl)} x {kind}")
+    return out

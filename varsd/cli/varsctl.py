@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from varsd.adapters.libvirt_api import NoSuchDomain
 from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, Context
 from varsd.config import load_config
+from varsd.engine.backups import backup_status, domain_targets, open_store
 from varsd.engine.lock import host_lock
 from varsd.engine.migration import MIGRATION_REASON
 from varsd.engine.reconciler import Outcome
@@ -40,9 +41,13 @@ def _exit_for(outcomes: list[Outcome]) -> int:
 
 def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
     rec = ctx.reconciler()
-    outcomes = [rec.reconcile(ref, apply=False) for ref in ctx.refs(args.domains)]
+    refs = ctx.refs(args.domains)
+    outcomes = [rec.reconcile(ref, apply=False) for ref in refs]
     if args.json:
-        print(json.dumps({"domains": [o.as_dict() for o in outcomes]}, indent=2))
+        targets, _errors = domain_targets(ctx.hv, refs)
+        backups = backup_status(open_store(ctx.cfg), targets)
+        print(json.dumps({"domains": [dict(o.as_dict(), backup=backups.get(o.ref.uuid)) for o in outcomes]},
+                         indent=2))
     else:
         print(_table(outcomes))
     return _exit_for(outcomes)
@@ -148,10 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_modules():
     """Subcommands that live in their own modules register themselves here."""
-    from varsd.cli import firmware_cmds, metrics_cmd, migrate_cmd, optout_cmd, secureboot_cmd
+    from varsd.cli import backup_cmd, firmware_cmds, metrics_cmd, migrate_cmd, optout_cmd, secureboot_cmd
 
-    return [optout_cmd.register, firmware_cmds.register, migrate_cmd.register, secureboot_cmd.register,
-            metrics_cmd.register]
+    return [optout_cmd.register, firmware_cmds.register, migrate_cmd.register, backup_cmd.register,
+            secureboot_cmd.register, metrics_cmd.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

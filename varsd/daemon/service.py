@@ -19,6 +19,11 @@ Theory of operation:
   the catalog is reloaded, new images archived, the change recorded and a full pass
   queued (so a host without package hooks converges too). Once a day the archive is
   pruned of builds nobody has used for `archive_retention_days`.
+- Varstore backups (varsd.engine.lifecycle): a STOPPED event backs the guest's
+  varstore up if it changed; a DEFINED event moves a renamed domain's varstore; a
+  STARTED event checks whether the start replaced the varstore (--reset-nvram). At
+  connect every shut-off domain's varstore is backed up if changed, and
+  `backup_schedule` (cron, with `backup_jitter`) runs a pass over all, then retention.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
 
 from varsd.adapters import fsio
 from varsd.adapters.journal import Journal
@@ -40,8 +46,10 @@ from varsd.config import Config, parse_listen, qemu_owner
 from varsd.daemon.notify import sd_notify, watchdog_interval
 from varsd.daemon.workqueue import WorkQueue
 from varsd.engine import firmware_sync
+from varsd.engine.backups import open_store
 from varsd.engine.boots import record_boot
 from varsd.engine.inspect import FileInspector
+from varsd.engine.lifecycle import Lifecycle
 from varsd.engine.metrics import Exporter, take_snapshot
 from varsd.engine.reconciler import Reconciler, utc_now
 from varsd.engine.secureboot import SecureBoot, for_reconciler
@@ -53,6 +61,9 @@ from varsd.model.domain import Status
 log = logging.getLogger("varsd")
 
 BOOT_PREFIX = "boot:"
+LIFE_PREFIX = "life:"  # a domain was defined (maybe renamed) or stopped: its varstore's lifecycle
+BACKUP_OFFLINE = "backups:offline"  # every shut-off domain's varstore, if changed
+BACKUP_SCHEDULE = "backups:schedule"  # backup_schedule's pass over all, then retention
 # Workers overlap one domain's fsyncs and libvirt round trips with another's (a repair
 # waits far more than it computes); the
 # queue never hands the same domain to both, and acting takes the domain's lock.
@@ -98,6 +109,7 @@ class Service:
         self.queue = WorkQueue()
         self.inspector = FileInspector()
         self.journal = Journal(cfg.journal_path)
+        self.backups = open_store(cfg)
         self.owner = qemu_owner(cfg)
         self.archive = Archive(cfg.archive_dir, state_dir=cfg.state_dir)
         self.catalog = self._load_catalog()
@@ -166,6 +178,10 @@ class Service:
                 self.export_metrics, "interval", seconds=METRICS_INTERVAL, id="metrics",
                 max_instances=1, coalesce=True,
             )
+        self._scheduler.add_job(
+            self.queue.put, self._backup_trigger(self.cfg), args=[BACKUP_SCHEDULE], id="backup-schedule",
+            max_instances=1, coalesce=True,
+        )
         self._scheduler.start()
         self.notify("STATUS=connecting to " + self.cfg.uri)
         wd = watchdog_interval()
@@ -227,7 +243,14 @@ class Service:
             self.first_pass_pending = {r.uuid for r in refs}
         for ref in refs:
             self.queue.put(ref.uuid)
+        self.queue.put(BACKUP_OFFLINE)  # changed while varsd was not watching
         return True
+
+    @staticmethod
+    def _backup_trigger(cfg: Config) -> CronTrigger:
+        trigger = CronTrigger.from_crontab(cfg.backup_schedule)
+        trigger.jitter = cfg.backup_jitter or None
+        return trigger
 
     def _teardown_connection(self) -> None:
         with self._lock:
@@ -246,6 +269,8 @@ class Service:
         self._names[ev.uuid] = ev.name  # names the domain in logs even once it is gone
         if ev.kind == "started":
             self.queue.put(BOOT_PREFIX + ev.uuid)
+        if ev.kind in ("stopped", "defined"):
+            self.queue.put(LIFE_PREFIX + ev.uuid)
         self.queue.put(ev.uuid)
 
     def queue_full_pass(self) -> None:
@@ -298,6 +323,8 @@ class Service:
             self.cfg, self.catalog = cfg, catalog
             if self.hv is not None:
                 self.reconciler = self._new_reconciler(self.hv, cfg, catalog)
+        if (cfg.backup_schedule, cfg.backup_jitter) != (self.cfg.backup_schedule, self.cfg.backup_jitter):
+            self._scheduler.reschedule_job("backup-schedule", trigger=self._backup_trigger(cfg))
         if cfg.reconcile_interval != self._interval:
             self._interval = cfg.reconcile_interval
             self._scheduler.reschedule_job("full-pass", trigger="interval", seconds=cfg.reconcile_interval)
@@ -393,6 +420,24 @@ class Service:
         try:
             if key.startswith(BOOT_PREFIX):
                 self._record_boot(hv, key[len(BOOT_PREFIX) :])
+                try:
+                    self._lifecycle(rec).check_reset(hv.lookup(key[len(BOOT_PREFIX) :]))
+                except HypervisorError:
+                    raise
+                except VarsdError as exc:
+                    log.warning("%s: could not check the varstore after the start: %s",
+                                self._names.get(key, key), exc)
+                return
+            if key.startswith(LIFE_PREFIX):
+                self._varstore_lifecycle(hv, rec, key[len(LIFE_PREFIX) :])
+                return
+            if key == BACKUP_OFFLINE:
+                self._lifecycle(rec).backup_offline(hv.list_domains())
+                return
+            if key == BACKUP_SCHEDULE:
+                results = self._lifecycle(rec).scheduled_pass()
+                log.info("scheduled backup pass: %d varstore(s), %d new backup(s)", len(results),
+                         sum(1 for r in results if r.record))
                 return
             try:
                 ref = hv.lookup(key)
@@ -468,6 +513,24 @@ class Service:
         except Exception:  # metrics must never take the daemon down
             log.exception("metrics snapshot failed")
 
+    def _lifecycle(self, rec: Reconciler) -> Lifecycle:
+        return Lifecycle(self.cfg, rec, self.backups)
+
+    def _varstore_lifecycle(self, hv: Hypervisor, rec: Reconciler, uuid: str) -> None:
+        """Defined or stopped: move a renamed domain's varstore, then back it up if it changed."""
+        try:
+            ref = hv.lookup(uuid)
+        except HypervisorError as exc:
+            if exc.retryable:
+                raise
+            return  # undefined meanwhile
+        life = self._lifecycle(rec)
+        try:
+            life.follow_rename(ref)
+        except VarsdError as exc:
+            log.error("domain '%s': %s", ref.name, exc)
+        life.backup_offline([hv.lookup(uuid)])
+
     def _retry_delay(self, key: str) -> float:
         """Per-domain backoff for domain-level trouble, from the same Backoff data."""
         n = self._retries.get(key, 0)
@@ -510,4 +573,5 @@ class Service:
         if self.exporter is not None:
             self.exporter.close()
         self.journal.close()
+        self.backups.index.close()
         log.info("stopped")

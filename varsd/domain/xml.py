@@ -496,6 +496,18 @@ def replace_loader_code(xml: str, code_path: str, md: VarsdMetadata | None = Non
     return _serialize(root)
 
 
+def replace_nvram_path(xml: str, path: str) -> str:
+    """Point <nvram> at another file (a varstore moved after `virsh domrename`); nothing else changes."""
+    root = _root(xml)
+    nvram = root.find("os/nvram")
+    if nvram is None:
+        raise DomainXMLError(f"domain '{_text(root.find('name'))}': has no <nvram> to repoint")
+    if nvram.find("source") is not None:
+        raise DomainXMLError(f"domain '{_text(root.find('name'))}': its <nvram> has a <source>, not a plain path")
+    nvram.text = path
+    return _serialize(root)
+
+
 def firmware_signature(xml: str) -> tuple:
     """The parts of a domain XML that decide what firmware a cold boot maps."""
     fw = parse_domain(xml)

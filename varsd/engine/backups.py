@@ -36,6 +36,7 @@ from varsd.adapters import fsio, virtfw
 from varsd.adapters.backup_index import BackupIndex
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
 from varsd.config import Config
+from varsd.domain.xml import parse_domain
 from varsd.errors import VarsdError, VarstoreError
 from varsd.model.backup import BackupRecord, SeenVarstore
 from varsd.model.firmware import VarstoreLayout
@@ -358,3 +359,58 @@ class BackupStore:
                 if exc.errno != errno.ENOENT:
                     log.warning("cannot remove unreferenced backup %s: %s", e.path, fsio.describe_oserror(exc))
         return removed
+
+
+def domain_targets(hv: Hypervisor, refs: Iterable[DomainRef], cfg: Config | None = None
+                   ) -> tuple[list[Target], list[tuple[DomainRef, str]]]:
+    """The file-backed varstores of these domains (persistent XML), and the domains that
+    could not be read. Domains without a varstore file (SeaBIOS, stateless) are left out,
+    and with `cfg` those its `exclude` names (varsd leaves them alone)."""
+    targets: list[Target] = []
+    errors: list[tuple[DomainRef, str]] = []
+    for ref in refs:
+        if cfg is not None and cfg.is_excluded(ref.name, ref.uuid):
+            continue
+        try:
+            fw = parse_domain(hv.persistent_xml(ref.uuid))
+        except VarsdError as exc:
+            errors.append((ref, str(exc)))
+            continue
+        if fw.nvram_path and os.path.isabs(fw.nvram_path):
+            targets.append(Target(uuid=ref.uuid, name=ref.name, path=fw.nvram_path, running=ref.active))
+    return targets, errors
+
+
+def backup_status(store: BackupStore, targets: Iterable[Target]) -> dict[str, dict]:
+    """`varsctl status`'s `backup` per domain UUID: the newest backup (time, digest) and
+    whether the current varstore is in a backup; `never_backed_up` flags the rest.
+
+    Costs an lstat per varstore; the file is hashed only when it changed since varsd
+    last saw it."""
+    latest = store.index.latest_all()
+    seen = store.index.seen_all()
+    events = {}
+    for ev in reversed(store.index.events(limit=1000)):
+        events[ev.uuid] = ev
+    out: dict[str, dict] = {}
+    for t in targets:
+        newest = latest.get(t.uuid)
+        entry: dict = {"newest": newest.taken if newest else None, "sha256": newest.sha256 if newest else None,
+                       "id": newest.id if newest else None, "never_backed_up": newest is None}
+        current = None
+        try:
+            st = os.lstat(t.path)
+            s = seen.get(t.uuid)
+            if s is not None and s.path == t.path and s.stat_key == stat_key(st):
+                current = s.sha256
+            elif stat.S_ISREG(st.st_mode):
+                current = fsio.sha256_bytes(read_offline(t.path))
+        except (OSError, VarsdError):
+            current = None
+        entry["current_sha256"] = current
+        entry["current_in_backup"] = bool(current and store.index.has_digest(t.uuid, current))
+        ev = events.get(t.uuid)
+        if ev is not None:
+            entry["last_event"] = {"at": ev.at, "event": ev.event, "detail": ev.detail, "backup_id": ev.backup_id}
+        out[t.uuid] = entry
+    return out

@@ -1,0 +1,253 @@
+"""`varsctl backup create|list|restore|diff|prune` and `varsctl reset`.
+
+Thin: arguments and printing; `varsd.engine.backups` and `varsd.engine.restore` do
+the work. Every subcommand takes `--json`.
+
+Exit codes: 0 done, 1 refused or failed (or, for create, a domain could not be
+backed up), 2 usage (unknown domain or backup id).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+
+from varsd.adapters.libvirt_api import DomainRef, NoSuchDomain
+from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, Context
+from varsd.engine.backups import BackupError, BackupStore, domain_targets, open_store
+from varsd.engine.offline_write import VarstoreWriter, WriteRefused
+from varsd.engine.restore import Restorer
+from varsd.model.backup import BackupReason
+from varsd.planning.retention import plan_retention
+from varsd.planning.varstore_diff import VariableDiff
+
+
+def _print(args: argparse.Namespace, data: dict, text: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else text)
+
+
+def _store(ctx: Context) -> BackupStore:
+    return open_store(ctx.cfg)
+
+
+def _restorer(ctx: Context) -> Restorer:
+    return Restorer(ctx.reconciler(), VarstoreWriter.for_host(ctx.cfg, ctx.hv))
+
+
+def _diff_text(diff: list[VariableDiff]) -> str:
+    return "\n".join(f"  {d.line()}" for d in diff) or "  (no variable differs)"
+
+
+# -- create ------------------------------------------------------------------------------
+
+
+def cmd_create(ctx: Context, args: argparse.Namespace) -> int:
+    if args.all == bool(args.domains):
+        print("varsctl backup create: give DOMAIN... or --all", file=sys.stderr)
+        return EXIT_USAGE
+    refs = ctx.hv.list_domains() if args.all else [ctx.hv.lookup(d) for d in args.domains]
+    targets, errors = domain_targets(ctx.hv, refs, ctx.cfg if args.all else None)
+    mode = "suspend" if ctx.cfg.backup_running == "suspend" else "coherent"  # an explicit request copies them
+    results = _store(ctx).run_pass(targets, reason=BackupReason.MANUAL, running_mode=mode, hv=ctx.hv)
+    rows, lines, failed = [], [], bool(errors)
+    for ref, message in errors:
+        rows.append({"domain": ref.name, "uuid": ref.uuid, "error": message})
+        lines.append(f"{ref.name}: cannot read: {message}")
+    for r in results:
+        row = {"domain": r.target.name, "uuid": r.target.uuid, "path": r.target.path}
+        if r.record is not None:
+            row["backup"] = r.record.as_dict()
+            lines.append(f"{r.target.name}: backup #{r.record.id} sha256 {r.record.sha256[:16]} ({r.target.path})")
+        elif r.unchanged:
+            row["unchanged"] = True
+            lines.append(f"{r.target.name}: unchanged since its newest backup")
+        else:
+            failed = failed or r.error is not None or not args.all
+            row["skipped" if r.skipped else "error"] = r.skipped or r.error
+            lines.append(f"{r.target.name}: {'skipped' if r.skipped else 'FAILED'}: {r.skipped or r.error}")
+        if r.paused_ms is not None:
+            row["paused_ms"] = round(r.paused_ms, 3)
+    named = {t.uuid for t in targets} | {ref.uuid for ref, _ in errors}
+    for ref in refs:
+        if ref.uuid not in named and not args.all:
+            rows.append({"domain": ref.name, "uuid": ref.uuid, "skipped": "no file-backed varstore"})
+            lines.append(f"{ref.name}: skipped: no file-backed varstore")
+    _print(args, {"results": rows}, "\n".join(lines) or "no domain with a varstore")
+    return EXIT_ATTENTION if failed else EXIT_OK
+
+
+# -- list --------------------------------------------------------------------------------
+
+
+def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
+    store = _store(ctx)
+    defined = {r.uuid for r in ctx.hv.list_domains()}
+    if args.domain:
+        try:
+            ref = ctx.hv.lookup(args.domain)
+            records = store.index.records(ref.uuid)
+        except NoSuchDomain:  # an undefined domain's backups, by its old name or UUID
+            records = store.index.records(args.domain.lower()) or store.index.by_name(args.domain)
+    else:
+        records = store.index.records()
+    plan = plan_retention(store.index.records(), ctx.cfg.backup_keep, datetime.now(UTC), defined)
+    prune = {p.record.id: p.why for p in plan.prune}
+    out = []
+    for r in records:
+        d = r.as_dict(defined=r.uuid in defined)
+        d["prune"] = prune.get(r.id)
+        out.append(d)
+    lines = [f"{'ID':>5}  {'TAKEN':20}  {'DOMAIN':24}  {'SHA256':16}  REASON"]
+    for d in out:
+        mark = " (undefined)" if d["undefined"] else ""
+        lines.append(f"{d['id']:>5}  {d['taken']:20}  {d['domain'] + mark:24}  {d['sha256'][:16]}  {d['reason']}"
+                     + ("  [pruned next: " + d["prune"] + "]" if d["prune"] else ""))
+    _print(args, {"backups": out}, "\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
+    store = _store(ctx)
+    defined = {r.uuid for r in ctx.hv.list_domains()}
+    plan = plan_retention(store.index.records(), ctx.cfg.backup_keep, datetime.now(UTC), defined)
+    removed: list[str] = []
+    if not args.dry_run:
+        store.index.remove([p.record.id for p in plan.prune])
+        removed = store.remove_unreferenced()
+    data = {"pruned": [dict(p.record.as_dict(), why=p.why) for p in plan.prune], "kept": len(plan.keep),
+            "files_removed": len(removed), "dry_run": args.dry_run}
+    verb = "would prune" if args.dry_run else "pruned"
+    lines = [f"{verb} #{p.record.id} {p.record.name} {p.record.taken}: {p.why}" for p in plan.prune]
+    lines.append(f"{verb} {len(plan.prune)} backup(s), kept {len(plan.keep)}, removed {len(removed)} file(s)")
+    _print(args, data, "\n".join(lines))
+    return EXIT_OK
+
+
+# -- restore, reset, diff ------------------------------------------------------------------
+
+
+def cmd_restore(ctx: Context, args: argparse.Namespace) -> int:
+    ref = ctx.hv.lookup(args.domain)
+    try:
+        result = _restorer(ctx).restore(ref, backup_id=args.id, source=args.source, dry_run=args.dry_run)
+    except BackupError as exc:
+        print(f"varsctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE if "no backup #" in str(exc) else EXIT_ATTENTION
+    b = result.backup
+    data = {"domain": ref.name, "uuid": ref.uuid, "restored": b.as_dict(), "path": result.target.path,
+            "dry_run": args.dry_run, "diff": [d.as_dict() for d in result.diff]}
+    if result.write is not None:
+        data["previous_backup"] = result.write.backup.as_dict() if result.write.backup else None
+        data["changed"] = result.write.changed
+    if args.dry_run:
+        text = f"{ref.name}: would restore backup #{b.id} ({b.taken}, {b.reason}) into {result.target.path}"
+    elif not result.write.changed:
+        text = f"{ref.name}: {result.target.path} already holds backup #{b.id}; nothing to do"
+    else:
+        prev = result.write.backup
+        text = (f"{ref.name}: restored backup #{b.id} ({b.taken}) into {result.target.path}; the previous content "
+                + (f"is backup #{prev.id}" if prev else "was missing"))
+    _print(args, data, text + "\n" + _diff_text(result.diff))
+    return EXIT_OK
+
+
+def cmd_reset(ctx: Context, args: argparse.Namespace) -> int:
+    ref = ctx.hv.lookup(args.domain)
+    result = _restorer(ctx).reset(ref, dry_run=args.dry_run)
+    data = {"domain": ref.name, "uuid": ref.uuid, "template": result.template, "path": result.target.path,
+            "dry_run": args.dry_run, "lost": [d.as_dict() for d in result.diff]}
+    if result.write is not None:
+        data["previous_backup"] = result.write.backup.as_dict() if result.write.backup else None
+    if args.dry_run:
+        text = f"{ref.name}: would reset {result.target.path} to a fresh copy of {result.template}; it would lose:"
+    else:
+        prev = result.write.backup
+        text = (f"{ref.name}: reset {result.target.path} to a fresh copy of {result.template}; the previous "
+                f"variables are in backup #{prev.id if prev else '-'} ('varsctl backup restore {ref.name} --id "
+                f"{prev.id if prev else '?'}' undoes it). Lost:")
+    _print(args, data, text + "\n" + _diff_text(result.diff))
+    return EXIT_OK
+
+
+def cmd_diff(ctx: Context, args: argparse.Namespace) -> int:
+    restorer = _restorer(ctx)
+    store = restorer.store
+    ref: DomainRef | None
+    try:
+        ref = ctx.hv.lookup(args.domain)
+    except NoSuchDomain:
+        if args.id is None:
+            raise
+        ref = None
+    records = []
+    for i in (args.id, args.id2):
+        if i is None:
+            records.append(None)
+            continue
+        r = store.index.get(i)
+        if r is None:
+            print(f"varsctl: no backup #{i} (see 'varsctl backup list')", file=sys.stderr)
+            return EXIT_USAGE
+        records.append(r)
+    a, b, diff = restorer.diff(ref, records[0], records[1])
+    _print(args, {"from": a, "to": b, "diff": [d.as_dict() for d in diff]}, f"{a} -> {b}:\n{_diff_text(diff)}")
+    return EXIT_OK
+
+
+def _guard(func):
+    def run(ctx: Context, args: argparse.Namespace) -> int:
+        try:
+            return func(ctx, args)
+        except WriteRefused as exc:
+            print(f"varsctl: {exc}", file=sys.stderr)
+            return EXIT_ATTENTION
+        except BackupError as exc:
+            print(f"varsctl: {exc}", file=sys.stderr)
+            return EXIT_ATTENTION
+    return run
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `backup` and `reset` to varsctl's parser."""
+    b = sub.add_parser("backup", help="varstore backups: create, list, restore, diff, prune")
+    bs = b.add_subparsers(dest="backup_command", required=True)
+
+    c = bs.add_parser("create", help="back up domains' varstores now (unchanged ones are not stored again)")
+    c.add_argument("domains", nargs="*", metavar="DOMAIN")
+    c.add_argument("--all", action="store_true", help="every domain with a varstore file")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_guard(cmd_create))
+
+    ls = bs.add_parser("list", help="list backups (undefined domains' too, marked), and what pruning would remove")
+    ls.add_argument("domain", nargs="?", metavar="DOMAIN", help="name or UUID (also of an undefined domain)")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_guard(cmd_list))
+
+    r = bs.add_parser("restore", help="put a backup back into a shut-off domain's varstore (backed up first)")
+    r.add_argument("domain", metavar="DOMAIN")
+    r.add_argument("--id", type=int, help="the backup (default: the newest)")
+    r.add_argument("--from", dest="source", metavar="NAME|UUID",
+                   help="take another domain's backups (e.g. the same guest before it was undefined)")
+    r.add_argument("--dry-run", action="store_true")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=_guard(cmd_restore))
+
+    d = bs.add_parser("diff", help="per-variable differences: two backups, a backup and now, or newest and now")
+    d.add_argument("domain", metavar="DOMAIN")
+    d.add_argument("id", type=int, nargs="?", metavar="ID")
+    d.add_argument("id2", type=int, nargs="?", metavar="ID2")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=_guard(cmd_diff))
+
+    p = bs.add_parser("prune", help="apply retention (backup_keep) now")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_guard(cmd_prune))
+
+    z = sub.add_parser("reset", help="the safe --reset-nvram: back up, then a fresh copy of the domain's template")
+    z.add_argument("domain", metavar="DOMAIN")
+    z.add_argument("--dry-run", action="store_true", help="show what the reset would lose")
+    z.add_argument("--json", action="store_true")
+    z.set_defaults(func=_guard(cmd_reset))
