@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import itertools
 import logging
 import os
 import struct
@@ -628,12 +629,18 @@ def describe_variable(var: EfiVariable) -> str:
 
 
 def signature_summary(data: bytes) -> list[str]:
-    """Entries of an EFI signature database: 'cert CN=...' per certificate, 'N sha256 hashes'."""
+    """Entries of an EFI signature database: 'cert CN=...' per certificate, 'N x <type>' per run of others.
+
+    Decoded by this module's own signature-list parser (the one `secure_boot_vars` uses)."""
     out: list[str] = []
-    for sl in siglist.EfiSigDB(data):
-        if sl.x509 is not None:
-            out.append(f"cert {sl.x509.subject.rfc4514_string()}")
-        else:
-            kind = guids.name(sl.guid) if hasattr(guids, "name") else str(sl.guid)
-            out.append(f"{len(sl)} x {kind}")
+    for type_guid, group in itertools.groupby(_signatures(data, "signature database"), key=lambda g: g.type_guid):
+        sigs = list(group)
+        if type_guid != _X509:
+            out.append(f"{len(sigs)} x {guids.name(guids.parse_str(type_guid))}")
+            continue
+        for sig in sigs:
+            try:
+                out.append(f"cert {x509.load_der_x509_certificate(sig.data).subject.rfc4514_string()}")
+            except ValueError:
+                out.append("cert (undecodable)")
     return out
