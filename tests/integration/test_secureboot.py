@@ -25,7 +25,6 @@ from varsd.adapters.libvirt_api import Hypervisor
 from varsd.config import load_config, qemu_owner
 from varsd.domain.xml import parse_domain
 from varsd.engine.backups import open_store
-from varsd.engine.offline_write import VarstoreWriter
 from varsd.engine.reconciler import Reconciler
 from varsd.engine.secureboot import for_reconciler
 from varsd.firmware.catalog import load_configured
@@ -121,9 +120,9 @@ def test_update_a_shut_off_guest_boot_it_and_roll_back(hv: Hypervisor, guest_fac
     assert [c.subject for c in keys.db] == OLD_DB + NEW_DB and NEW_KEK in [c.subject for c in keys.kek]
     assert keys.enforcing and keys.secure_boot_enable is True and not keys.setup_mode and not keys.custom_mode
 
-    # Roll back: the backup goes back through the one offline write path (what `varsctl backup restore`
-    # does; that command is the backups issue's and not on this branch yet).
-    VarstoreWriter.for_host(cfg, hv).write(guest.ref(hv), lambda _old: backups.load(record), op="restore")
+    # Roll back: `varsctl backup restore` puts the update's backup back (and backs up what it replaces).
+    r = varsctl(config, "backup", "restore", guest.name, "--id", str(record.id))
+    assert r.returncode == 0, r.stdout + r.stderr
     assert store.read_bytes() == used and _audit(config, guest.name)["ms2023"] == "update-available"
 
 
