@@ -154,3 +154,15 @@ def test_key_reader_parses_each_content_once_and_stays_bounded(tmp_path):
     bad = tmp_path / "bad.fd"
     bad.write_bytes(b"\0" * 4096)
     assert "not an edk2 varstore" in reader.read(str(bad)).error
+
+
+def test_domains_without_a_varstore_say_why(host, capsys):
+    """The varsctl tier's mixed host: every configuration class without a varstore file is n/a, with its reason."""
+    assert main(["--config", host["config"], "--connect", host["uri"], "secureboot", "status", "--json"]) == 0
+    got = {d["name"]: (d["ms2023"], d["detail"]) for d in json.loads(capsys.readouterr().out)["domains"]}
+    assert {n: state for n, (state, _) in got.items()} == {n: "n/a" for n in got}
+    assert "variables live in RAM" in got["romguest"][1] and "variables live in RAM" in got["biosguest"][1]
+    assert "code-only pflash" in got["sbguest"][1]
+    assert "SeaBIOS" in got["seabiosguest"][1]
+    assert "confidential guest (sev)" in got["sevguest"][1]
+    assert "not a Secure Boot build" in got["splitguest"][1]

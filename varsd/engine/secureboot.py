@@ -24,13 +24,13 @@ from enum import StrEnum
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
-from varsd.domain.classify import firmware_image_path
+from varsd.domain.classify import classify, firmware_image_path
 from varsd.domain.xml import parse_domain
 from varsd.engine.offline_write import VarstoreWriter
 from varsd.engine.reconciler import Reconciler
 from varsd.errors import VarsdError, VarstoreError
 from varsd.firmware.secureboot import judge
-from varsd.model.domain import DomainFirmware, FileFacts
+from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig
 from varsd.model.firmware import Build, Catalog, MappingMode
 from varsd.model.secureboot import Judgement, Ms2023State, Pcr7, SecureBootVars, ShippedCert
 from varsd.planning.repair import wants_secure_boot
@@ -151,6 +151,21 @@ class Audit:
         return out
 
 
+# Why a domain without a varstore file has no keys to judge, by configuration class.
+_NO_STORE = {
+    FirmwareConfig.NONE: "not UEFI (SeaBIOS)",
+    FirmwareConfig.BIOS_ROM: "OVMF as -bios: variables live in RAM, no keys are stored (the repair gives it a "
+                             "varstore)",
+    FirmwareConfig.CODE_ONLY: "code-only pflash: no varstore (the repair gives it one)",
+    FirmwareConfig.UNIFIED: "private unified image: its keys are inside {fw.loader_path}; varsd updates split "
+                            "varstores only (the repair splits it)",
+    FirmwareConfig.AUTOSELECT: "firmware='efi' left to libvirt: no varstore named yet",
+    FirmwareConfig.STATELESS: "stateless firmware: no varstore",
+    FirmwareConfig.CONFIDENTIAL: "confidential guest ({fw.launch_security}): its firmware is measured whole; varsd "
+                                 "leaves it alone",
+}
+
+
 class Outcome(StrEnum):
     UPDATED = "updated"
     QUEUED = "queued"
@@ -198,15 +213,20 @@ class SecureBoot:
 
     # -- audit -----------------------------------------------------------------------
 
-    def _secure_code(self, fw: DomainFirmware) -> tuple[bool, str | None]:
+    def _secure_code(self, fw: DomainFirmware) -> tuple[bool, str | None, FileFacts | None]:
         path = firmware_image_path(fw)
         image = self.inspect(path) if path else None
-        return wants_secure_boot(fw, image, self.catalog), path
+        return wants_secure_boot(fw, image, self.catalog), path, image
 
     def audit_xml(self, ref: DomainRef, xml: str, queue: Iterable[str] = ()) -> tuple[Audit, DomainFirmware]:
         fw = parse_domain(xml)
-        secure, code = self._secure_code(fw)
+        secure, code, image = self._secure_code(fw)
         path = fw.nvram_path
+        why = None if path else _NO_STORE.get(classify(fw, image, self.catalog))
+        if why is not None:
+            verdict = Judgement(Ms2023State.NOT_APPLICABLE, why.format(fw=fw))
+            return Audit(name=ref.name, kind="domain", judgement=verdict, varstore=None, secure_build=secure,
+                         uuid=ref.uuid, state=ref.state, active=ref.active, tpm=fw.tpm, code=code), fw
         if path and secure and not os.path.lexists(path):
             # Never started: libvirt (or varsd's provisioning) makes it from the template; that
             # template's state is in the templates table.
