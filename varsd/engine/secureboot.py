@@ -246,7 +246,11 @@ class SecureBoot:
         ), fw
 
     def audit_domains(self, refs: Sequence[DomainRef]) -> list[Audit]:
-        queue = self.journal.secureboot_queue()
+        try:
+            queue: Iterable[str] = self.journal.secureboot_queue()
+        except VarsdError as exc:  # e.g. a read-only state DB from before the queue existed
+            log.debug("no Secure Boot update queue: %s", exc)
+            queue = ()
         out = []
         for ref in refs:
             try:
