@@ -82,15 +82,26 @@ def test_adding_certificates_keeps_everything_else_and_is_idempotent():
 
 
 def test_time_stamp_never_goes_back():
-    """Debian stamped its KEK 2025; the 2023 certificate must not move it back (a later
-    authenticated KEK update is checked against the stored time)."""
+    """Debian stamps its KEK when it builds the template (2024 or 2025, by ovmf version); the 2023
+    certificate must not move the stamp back (a later authenticated KEK update is checked against it),
+    and a stamp older than the certificate moves up to its not-before, as virt-firmware does."""
     old = fsio.read_file(VARS_4M_MS)
     kek = [s for s in virtfw.ms2023_certificates() if s.cert.variable == "KEK"]
     key = "KEK\0" + "8be4df61-93ca-11d2-aa0d-00e098032b8c"
     before = virtfw._parse(old, "old").records[key].raw_time
-    assert struct.unpack_from("<H", before)[0] == 2025
+    assert struct.unpack_from("<H", before)[0] >= 2023
     new = virtfw.with_certificates(old, VARS_4M_MS, kek)
     assert virtfw._parse(new, "new").records[key].raw_time == before
+    # the same store with the KEK stamped 2012: the stamp becomes the 2023 certificate's not-before
+    parsed = virtfw._parse(old, "old")
+    records = dict(parsed.records)
+    r = records[key]
+    records[key] = virtfw._RawVar("KEK", str(r.guid), r.attr, r.data, r.count, r.pkidx,
+                                  struct.pack("<H", 2012) + before[2:])
+    stale = virtfw._render(parsed, records, "stale", "stale")
+    assert virtfw._parse(stale, "stale").records[key].raw_time[:2] == struct.pack("<H", 2012)
+    moved = virtfw._parse(virtfw.with_certificates(stale, "stale", kek), "moved").records[key].raw_time
+    assert struct.unpack_from("<H", moved)[0] == 2023
 
 
 def test_store_without_kek_is_refused():
