@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from varsd.adapters.journal import Journal
-from varsd.adapters.libvirt_api import DomainRef, Hypervisor
+from varsd.adapters.libvirt_api import Hypervisor
 from varsd.config import Config, qemu_owner
 from varsd.engine.reconciler import Reconciler
 from varsd.firmware.catalog import load_configured
+from varsd.model.domain import DomainRef
 
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE = 0, 1, 2
 

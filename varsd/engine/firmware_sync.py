@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from varsd.adapters.journal import Journal
-from varsd.adapters.libvirt_api import DomainRef, Hypervisor
+from varsd.adapters.libvirt_api import Hypervisor
 from varsd.config import Config
 from varsd.domain.classify import firmware_image_path
 from varsd.engine.boots import record_boot
@@ -43,7 +43,7 @@ from varsd.engine.reconciler import Outcome, Reconciler, utc_now
 from varsd.errors import HypervisorError, VarsdError
 from varsd.firmware.archive import Archive, ArchiveError, is_archive_path
 from varsd.firmware.catalog import load_configured
-from varsd.model.domain import FirmwareConfig, Status
+from varsd.model.domain import DomainRef, FirmwareConfig, Status
 from varsd.model.firmware import Catalog
 
 log = logging.getLogger("varsd.firmware")

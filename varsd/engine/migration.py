@@ -54,8 +54,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from varsd.adapters import fsio, virtfw
-from varsd.adapters.libvirt_api import DomainRef
-from varsd.adapters.virtfw import EfiVariable
 from varsd.config import Config
 from varsd.domain.classify import classify, firmware_image_path
 from varsd.domain.xml import FirmwareEdit, apply_edit, nvram_storage, parse_domain
@@ -63,8 +61,9 @@ from varsd.engine.lock import host_lock
 from varsd.engine.reconciler import Reconciler
 from varsd.errors import VarsdError, VarstoreError
 from varsd.firmware.selection import explain_no_build, machine_has_smm, select_build, target_matches
-from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig, PinKind, Status, VarsdMetadata
+from varsd.model.domain import DomainFirmware, DomainRef, FileFacts, FirmwareConfig, PinKind, Status, VarsdMetadata
 from varsd.model.firmware import Build, Catalog, MappingMode, VarstoreLayout
+from varsd.model.varstore import EfiVariable
 from varsd.planning.repair import is_private_varstore, new_varstore_path, varstore_path, wants_secure_boot
 
 EFI_GLOBAL = "8be4df61-93ca-11d2-aa0d-00e098032b8c"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from varsd.adapters.journal import Journal
-from varsd.adapters.libvirt_api import DomainRef, Hypervisor
+from varsd.adapters.libvirt_api import Hypervisor
 from varsd.config import Config
 from varsd.domain.classify import firmware_image_path
 from varsd.domain.xml import firmware_signature, parse_domain
@@ -27,7 +27,7 @@ from varsd.engine.lock import host_lock
 from varsd.engine.provision import provision_varstore
 from varsd.errors import HypervisorError, VarsdError
 from varsd.firmware.archive import Archive, ArchiveError, ArchiveIndex, is_archive_path, sha_of_archive_path
-from varsd.model.domain import FirmwareConfig, Status
+from varsd.model.domain import DomainRef, FirmwareConfig, Status
 from varsd.model.firmware import Build, Catalog
 from varsd.planning.repair import CreateVarstore, DomainFacts, Plan, Redefine, plan_repair, varstore_path
 from varsd.planning.upgrade import UpgradeContext

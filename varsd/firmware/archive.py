@@ -27,19 +27,20 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import re
 import stat
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from varsd.adapters import fsio
 from varsd.errors import VarsdError
+from varsd.model.archive import _NAME, SUFFIX, ArchiveIndex, archive_path, is_archive_path, sha_of_archive_path
 
-SUFFIX = ".fd"
-_NAME = re.compile(r"^([0-9a-f]{64})\.fd$")
+__all__ = ["Archive", "ArchiveError", "ArchiveIndex", "Entry", "Stored", "archive_path", "is_archive_path",
+           "sha_of_archive_path"]
+
 QUARANTINE = "corrupt"
 
 
@@ -62,46 +63,12 @@ class Entry:
 
 
 @dataclass(frozen=True)
-class ArchiveIndex:
-    """What the archive holds, verified: what the planner may point a loader at.
-
-    `verified` digests have a file whose content matches; `corrupt` maps digests whose
-    file does not (or cannot be read) to why, so a plan can say so instead of using it.
-    """
-
-    directory: str
-    verified: frozenset[str] = frozenset()
-    corrupt: Mapping[str, str] = field(default_factory=dict)
-
-    def path_for(self, sha256: str) -> str:
-        return archive_path(self.directory, sha256)
-
-
-@dataclass(frozen=True)
 class Stored:
     """Result of a store: the entry, whether a file was written, and a corrupt file it replaced."""
 
     entry: Entry
     created: bool
     replaced_corrupt: str | None = None  # where the corrupt file was moved
-
-
-def archive_path(directory: str, sha256: str) -> str:
-    """Where the image with this digest is (or would be) archived."""
-    return os.path.join(directory, sha256 + SUFFIX)
-
-
-def is_archive_path(directory: str, path: str | None) -> bool:
-    """Whether `path` names an image in the archive directory."""
-    if not path:
-        return False
-    parent, name = os.path.split(os.path.normpath(path))
-    return parent == os.path.normpath(directory) and _NAME.match(name) is not None
-
-
-def sha_of_archive_path(path: str) -> str | None:
-    m = _NAME.match(os.path.basename(path))
-    return m.group(1) if m else None
 
 
 class Archive:

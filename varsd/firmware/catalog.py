@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from varsd.adapters import fsio, virtfw
 from varsd.config import Config, ExtraFirmware
 from varsd.errors import DescriptorError, VarstoreError
-from varsd.firmware.descriptors import Descriptor, list_descriptor_paths, parse_descriptor
+from varsd.firmware.descriptors import Descriptor, ordered_descriptor_paths, parse_descriptor
 from varsd.model.firmware import Build, Catalog, CatalogProblem, MappingMode, Target, VarstoreLayout
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,38 @@ def _read_descriptor(path: str) -> bytes:
     if len(data) > MAX_DESCRIPTOR_SIZE:
         raise _Skip(f"descriptor is larger than {MAX_DESCRIPTOR_SIZE} bytes")
     return data
+
+
+def _listing(directory: str) -> list[tuple[str, int]]:
+    """(name, size) of the regular files in `directory`; nothing if it cannot be read.
+
+    A dangling symlink is listed with size 1, not dropped: it must still override a
+    lower-precedence file (libvirt fails on it too), and the catalog then reports it
+    as unreadable instead of silently falling back to the distro file.
+    """
+    out = []
+    try:
+        with os.scandir(directory) as it:
+            for entry in it:
+                try:
+                    st = entry.stat(follow_symlinks=True)
+                except FileNotFoundError:
+                    if entry.is_symlink():
+                        out.append((entry.name, 1))
+                    continue
+                except OSError:
+                    out.append((entry.name, 1))  # exists but unreadable: report it downstream
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    out.append((entry.name, st.st_size))
+    except OSError:  # missing, not a directory, or unreadable: contributes nothing
+        return []
+    return out
+
+
+def list_descriptor_paths(dirs: Sequence[str]) -> list[str]:
+    """Effective descriptor paths found on disk in `dirs` (lowest precedence first)."""
+    return ordered_descriptor_paths({d: _listing(d) for d in dirs}, dirs)
 
 
 def load_catalog(

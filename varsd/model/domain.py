@@ -127,3 +127,19 @@ class FileFacts:
     # planner can recognise which build the image was made from.
     trailing_sha256: str | None = None
     error: str | None = None  # unreadable, corrupt, ...
+
+
+@dataclass(frozen=True)
+class DomainRef:
+    """A snapshot of one domain's identity and run state at the time of the call."""
+
+    uuid: str
+    name: str
+    state: str
+    active: bool
+    persistent: bool
+
+    @property
+    def label(self) -> str:
+        """How messages name this domain."""
+        return f"domain '{self.name}' ({self.uuid})"

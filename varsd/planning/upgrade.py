@@ -42,8 +42,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from varsd.firmware.archive import ArchiveIndex
 from varsd.firmware.selection import machine_has_smm, target_matches
+from varsd.model.archive import ArchiveIndex
 from varsd.model.domain import DomainFirmware, FileFacts, PinKind, Status, VarsdMetadata
 from varsd.model.firmware import Build, Catalog, MappingMode, VarstoreLayout
 
