@@ -12,15 +12,9 @@ import argparse
 import sys
 
 from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, Context
-from varsd.engine.migration import (
-    MigrationFailed,
-    MigrationRefused,
-    MigrationResult,
-    Migrator,
-    NothingToMigrate,
-    needs_migration,
-)
+from varsd.engine.migration import MigrationFailed, MigrationResult, Migrator, needs_migration
 from varsd.errors import HypervisorError, VarsdError
+from varsd.planning.migration import MigrationRefused, NothingToMigrate
 
 
 def _done_text(result: MigrationResult) -> str:

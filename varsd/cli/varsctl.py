@@ -17,10 +17,10 @@ from varsd.adapters.libvirt_api import NoSuchDomain
 from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, Context
 from varsd.config import load_config
 from varsd.engine.lock import host_lock
-from varsd.engine.migration import MIGRATION_REASON
 from varsd.engine.reconciler import Outcome
 from varsd.errors import ConfigError, HypervisorError, VarsdError
 from varsd.model.domain import Status
+from varsd.planning.migration import MIGRATION_REASON
 
 ATTENTION = {Status.ERROR, Status.NEEDS_MIGRATION}
 
