@@ -29,6 +29,7 @@ PURE_MODULES = (
     "varsd.domain.classify",
     "varsd.domain.xml",
     "varsd.firmware.descriptors",
+    "varsd.firmware.fit",
     "varsd.firmware.selection",
     "varsd.planning.migration",
     "varsd.planning.repair",

@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import sys
+from dataclasses import replace
 
 from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, Context
 from varsd.config import qemu_owner
@@ -29,9 +30,11 @@ from varsd.engine.reconciler import Outcome, Reconciler
 from varsd.errors import VarsdError
 from varsd.firmware.archive import Archive
 from varsd.firmware.catalog import load_configured
+from varsd.firmware.fit import Needs, misfits
 from varsd.model.domain import FirmwareConfig, PinKind, Status
+from varsd.model.firmware import Build
 from varsd.planning.repair import DomainFacts, Plan, Redefine
-from varsd.planning.upgrade import admin_pin, central_at, short, tracks_central
+from varsd.planning.upgrade import admin_pin, central_at, had_secure_boot, short, tracks_central
 
 log = logging.getLogger("varsd.cli")
 _HEX = re.compile(r"^[0-9a-f]+$")
@@ -170,7 +173,9 @@ def _resolve_build(rec: Reconciler, facts: DomainFacts, spec: str) -> str:
 
 
 def _check_fit(rec: Reconciler, ctx: Context, facts: DomainFacts, sha: str, force: bool) -> None:
-    """A build the domain never ran must be known to fit its varstore (layout and Secure Boot)."""
+    """A build the domain never ran must be known to fit it (`varsd.firmware.fit`: layout,
+    Secure Boot, SMM, machine; an archived build no descriptor lists any more is judged by
+    what was recorded when it was archived: its layout and features)."""
     fw = facts.firmware
     md = fw.metadata
     ran = {s for s in (md.build_code_sha256, md.pinned_sha256, fw.booted_sha256) if s}
@@ -179,17 +184,24 @@ def _check_fit(rec: Reconciler, ctx: Context, facts: DomainFacts, sha: str, forc
     if sha in ran or force:
         return
     layout = facts.nvram.varstore_layout if facts.nvram is not None else None
-    known = [b.layout for b in rec.catalog.by_code_sha(sha)]
+    needs = Needs.of(fw, secure_boot=had_secure_boot(fw, rec.catalog, rec.upgrade_context()), layout=layout)
+    candidates = [(b, needs) for b in rec.catalog.by_code_sha(sha)]
     archived = ctx.journal.archived_builds().get(sha)
     if archived is not None and archived.layout is not None:
-        known.append(archived.layout)
-    if not known:
+        # Its targets were not recorded: only what was is judged.
+        candidates.append((Build(origin="archive", code_path=archived.code_path, code_format="raw", code_sha256=sha,
+                                 code_size=archived.size, layout=archived.layout, features=archived.features),
+                           replace(needs, arch=None)))
+    if not candidates:
         raise Refused(f"the varstore layout build {sha[:12]} expects is not known, so its fit with "
                       f"{fw.nvram_path} cannot be checked; use --force if you know it fits")
-    if layout not in known:
-        raise Refused(f"build {sha[:12]} expects a varstore of {known[0].describe() if known[0] else '?'}, "
-                      f"{fw.nvram_path} has {layout.describe() if layout else 'no readable layout'}; "
-                      f"it would not boot this domain correctly ('varsctl migrate' moves the variables)")
+    if layout is None:
+        raise Refused(f"{fw.nvram_path} has no readable layout, so build {sha[:12]}'s fit cannot be checked; "
+                      "use --force if you know it fits")
+    problems = [misfits(b, n) for b, n in candidates]
+    if all(problems):
+        raise Refused(f"{problems[0][0].sentence} ({fw.nvram_path}); it would not boot this domain correctly "
+                      "('varsctl migrate' moves the variables)")
 
 
 def cmd_pin(ctx: Context, args: argparse.Namespace) -> int:

@@ -12,19 +12,9 @@ varstore, and only on request.
 
 Theory of operation:
 
-- `varsd.planning.migration.plan_migration(facts, catalog, ...)` is pure. From the domain's XML, run state and
-  what its varstore holds (`MigrationFacts`, gathered by the shell) it chooses the
-  target build and checks everything that can be checked without touching a file:
-  shut off, managed, a file-backed private varstore, a build that supports the
-  machine, keeps Secure Boot as it is and gets the SMM it needs. It returns a
-  `MigrationPlan` (target, template, the new XML) or raises `MigrationRefused`.
-- Default target: the build the domain tracks (its metadata's central code path) if
-  it fits, else the first catalog build that matches the domain's needs: Secure Boot
-  or not (its code, else its XML), enrolled keys or not (PK, KEK and db set in its
-  varstore). `--to` names a build by descriptor path or file name, code path or code
-  file name, or a code sha256 prefix; it may not switch Secure Boot either, except
-  when the domain's code is unknown and only its XML's `secure='yes'` spoke for it.
-- `migrate_domain(rec, ref, ...)` is the shell, under the domain's lock:
+- What to migrate to, and whether at all, is decided by the pure planner
+  (`varsd.planning.migration.plan_migration`); this module carries it out.
+- `Migrator.migrate(ref)` is the shell, under the domain's lock:
   1. read the varstore (never through a symlink) and plan;
   2. build the new store's bytes with virt-firmware and verify them in memory
      (every old variable present with equal attributes and data, nothing else, the

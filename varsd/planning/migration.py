@@ -30,9 +30,10 @@ from dataclasses import dataclass, replace
 from varsd.domain.classify import classify
 from varsd.domain.xml import FirmwareEdit, apply_edit, nvram_storage
 from varsd.errors import VarsdError
-from varsd.firmware.selection import explain_no_build, machine_has_smm, select_build, target_matches
+from varsd.firmware.fit import Misfit, Needs, misfits
+from varsd.firmware.selection import explain, first_fit
 from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig, PinKind, VarsdMetadata
-from varsd.model.firmware import Build, Catalog, MappingMode, VarstoreLayout
+from varsd.model.firmware import Build, Catalog, VarstoreLayout
 from varsd.model.varstore import EfiVariable
 from varsd.planning.repair import is_private_varstore, new_varstore_path, wants_secure_boot
 
@@ -120,10 +121,6 @@ def enrolled_keys(variables: Mapping[str, EfiVariable]) -> bool:
 
 
 
-def _usable(build: Build) -> bool:
-    return build.mode is MappingMode.SPLIT and build.template_path is not None and build.layout is not None
-
-
 def resolve_build(catalog: Catalog, spec: str) -> list[Build]:
     """Catalog builds named by `spec` (see module doc), in catalog order; may be empty.
 
@@ -186,51 +183,47 @@ def _wants(facts: MigrationFacts, catalog: Catalog) -> _Wants:
     return _Wants(secure=secure, keys=bool(facts.source and facts.source.enrolled_keys), known=known)
 
 
+def _needs(fw: DomainFirmware, wants: _Wants, *, explicit: bool = False, keys: bool = False) -> Needs:
+    """What a target must give the domain: its machine, and its Secure Boot kind (unless an
+    admin's explicit `--to` chose for a domain whose code is unknown); with `keys`, a
+    Secure Boot domain's enrolled-or-not as well. No layout: migrating changes it."""
+    secure = None if explicit and not wants.known else wants.secure
+    return Needs.of(fw, secure_boot=secure, enrolled_keys=wants.keys if keys and wants.secure else None)
+
+
+_ADVICE = {
+    Misfit.SECURE_BOOT: "; migrating would change what the guest trusts. Choose a build of the same kind, or change "
+                        "Secure Boot by hand",
+}
+
+
 def _check_target(build: Build, fw: DomainFirmware, wants: _Wants, *, explicit: bool = False) -> str | None:
-    """Why `build` cannot be this domain's target; None when it can.
+    """Why `build` cannot be this domain's target (`varsd.firmware.fit`); None when it can.
 
     Secure Boot must stay as it is. Only when the domain's code is unknown (so the
     XML's `secure='yes'`, which may also mean an SMM-protected plain build, was all
     there was to go by) may an admin's explicit `--to` choose the other kind.
     """
-    if not _usable(build):
-        return f"build {build.label} ({build.origin}) is not a split build with a varstore template"
-    assert fw.arch and fw.machine
-    if not any(target_matches(t, fw.arch, fw.machine) for t in build.targets):
-        return f"build {build.label} ({build.origin}) does not support {fw.arch} machine '{fw.machine}'"
-    if build.secure_boot != wants.secure and (wants.known or not explicit):
-        have = "a Secure Boot build" if build.secure_boot else "not a Secure Boot build"
-        need = "boots with Secure Boot" if wants.secure else "boots without Secure Boot"
-        return (
-            f"build {build.label} ({build.origin}) is {have}, but the domain {need}; migrating would change "
-            "what the guest trusts. Choose a build of the same kind, or change Secure Boot by hand"
-        )
-    if build.requires_smm and not machine_has_smm(fw.machine):
-        return (
-            f"build {build.label} ({build.origin}) needs SMM, which machine type '{fw.machine}' cannot "
-            "provide (q35 only)"
-        )
-    return None
+    found = misfits(build, _needs(fw, wants, explicit=explicit))
+    if not found:
+        return None
+    return f"{found[0].sentence} (from {build.origin}){_ADVICE.get(found[0].kind, '')}"
 
 
 def _default_target(facts: MigrationFacts, catalog: Catalog, wants: _Wants) -> Build:
     fw = facts.firmware
-    assert fw.arch and fw.machine
     tracked = fw.metadata.build_code_path
     if tracked:
         for b in catalog.builds:
             if b.code_path == tracked and _check_target(b, fw, wants) is None:
                 return b
-    query = dict(arch=fw.arch, machine=fw.machine, secure_boot=wants.secure, smm_allowed=machine_has_smm(fw.machine))
     # The target template's own variables are not carried over (only the domain's are),
     # so enrolled-or-not decides the <nvram template> for a later reset, nothing else:
     # prefer the matching kind, but any build of the right Secure Boot kind will do.
-    build = select_build(catalog, **query, enrolled_keys=wants.keys if wants.secure else None) or select_build(
-        catalog, **query
-    )
-    if build is None or not _usable(build):
+    build = first_fit(catalog, _needs(fw, wants, keys=True)) or first_fit(catalog, _needs(fw, wants))
+    if build is None:
         raise MigrationRefused(
-            f"domain '{fw.name}': no catalog build to migrate to: {explain_no_build(catalog, **query)}"
+            f"domain '{fw.name}': no catalog build to migrate to: {explain(catalog, _needs(fw, wants))}"
         )
     return build
 
@@ -246,11 +239,8 @@ def _named_target(spec: str, facts: MigrationFacts, catalog: Catalog, wants: _Wa
         listed = "; ".join(f"{b.origin} ({b.label})" for b in matches)
         raise MigrationRefused(f"--to {spec}: ambiguous, it names different builds: {listed}")
     # One code image may come with several templates (Debian: enrolled and not): take the
-    # one that fits the domain, else the first that passes the checks, to report why not.
-    assert fw.arch and fw.machine
-    sub = Catalog(builds=tuple(matches))
-    fitting = select_build(sub, arch=fw.arch, machine=fw.machine, secure_boot=wants.secure,
-                           enrolled_keys=wants.keys if wants.secure else None, smm_allowed=machine_has_smm(fw.machine))
+    # one that fits the domain best, else the first that passes the checks, else say why not.
+    fitting = first_fit(Catalog(builds=tuple(matches)), _needs(fw, wants, keys=True))
     if fitting is not None and _check_target(fitting, fw, wants, explicit=True) is None:
         return fitting
     for b in matches:

@@ -54,7 +54,8 @@ from dataclasses import dataclass, replace
 
 from varsd.domain.classify import classify, firmware_image_path
 from varsd.domain.xml import FirmwareEdit, apply_edit, nvram_storage, parse_domain, replace_loader_code, set_metadata
-from varsd.firmware.selection import explain_no_build, machine_has_smm, select_build
+from varsd.firmware.fit import Needs, machine_has_smm, why_not
+from varsd.firmware.selection import explain_no_build, select_build
 from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig, Status, VarsdMetadata
 from varsd.model.firmware import Build, Catalog, MappingMode, VarstoreLayout
 from varsd.planning import upgrade
@@ -171,12 +172,10 @@ def _unmanaged(config: FirmwareConfig, why: str, fw: DomainFirmware) -> Plan:
 
 
 def _smm_problem(build: Build, fw: DomainFirmware) -> str | None:
-    if build.requires_smm and not machine_has_smm(fw.machine):
-        return (
-            f"build {build.label} needs SMM for Secure Boot, which machine type "
-            f"'{fw.machine}' cannot provide (q35 only); change the machine type or the firmware by hand"
-        )
-    return None
+    """Whether the machine can give the build the SMM it needs (`varsd.firmware.fit`); the
+    other fit checks were made where the build was chosen."""
+    why = why_not(build, Needs(machine=fw.machine, smm_allowed=machine_has_smm(fw.machine), mode=None))
+    return f"{why}; change the machine type or the firmware by hand" if why else None
 
 
 def _bind(md: VarsdMetadata, build: Build, **extra: str | None) -> VarsdMetadata:

@@ -15,8 +15,8 @@ Rules for a tracking domain (`decide_tracking`), first match wins:
 2. P is gone: hold it on its archived build (`incompatible`, needs-migration).
 3. P cannot be read, or its new digest is not a build the catalog describes (a
    package mid-upgrade): wait. Nothing changes until the build's fit can be checked.
-4. The catalog's build at P does not fit the varstore (`misfit`: mapping, layout,
-   format, Secure Boot, SMM, machine): hold (`incompatible`, needs-migration).
+4. The catalog's build at P does not fit the varstore (`varsd.firmware.fit`: mapping,
+   format, machine, Secure Boot, SMM, layout): hold (`incompatible`, needs-migration).
 5. It fits and `upgrade_policy` is manual: hold (`policy`, pinned) until approved.
 6. It fits: track it (rebind; metadata only). A running QEMU keeps the old build
    open, so the caller reports `pending-cold-boot` until the next cold boot.
@@ -42,7 +42,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from varsd.firmware.selection import machine_has_smm, target_matches
+from varsd.firmware.fit import Needs, why_not
 from varsd.model.archive import ArchiveIndex
 from varsd.model.domain import DomainFirmware, FileFacts, PinKind, Status, VarsdMetadata
 from varsd.model.firmware import Build, Catalog, MappingMode, VarstoreLayout
@@ -99,32 +99,6 @@ def short(sha: str | None) -> str:
 def hold_status(kind: PinKind) -> Status:
     return Status.NEEDS_MIGRATION if kind is PinKind.INCOMPATIBLE else Status.PINNED
 
-
-
-def misfit(build: Build, fw: DomainFirmware, layout: VarstoreLayout, secure: bool) -> str | None:
-    """Why `build` cannot boot this domain with its varstore (None: it fits).
-
-    These are what libvirt never checks and what fails silently in the guest: the
-    code hard-codes the varstore layout, a Secure Boot build needs a Secure Boot
-    varstore and SMM (q35 only), and both files must be raw images like the ones
-    varsd manages.
-    """
-    if build.mode is not MappingMode.SPLIT or build.layout is None:
-        return f"build {build.label} is not split code with a varstore template ({build.mode.value})"
-    if build.layout != layout:
-        return (f"build {build.label} expects a varstore of {build.layout.describe()}, "
-                f"the domain's has {layout.describe()}")
-    formats = (build.code_format, build.template_format or "raw")
-    if formats != ("raw", "raw"):
-        return f"build {build.label} is in {'/'.join(formats)} format, the domain's firmware is raw"
-    if build.secure_boot != secure:
-        what = "a Secure Boot build" if build.secure_boot else "not a Secure Boot build"
-        return f"build {build.label} is {what}, unlike the domain's firmware"
-    if build.requires_smm and not machine_has_smm(fw.machine):
-        return f"build {build.label} needs SMM, which machine type '{fw.machine}' cannot provide (q35 only)"
-    if fw.arch and fw.machine and not any(target_matches(t, fw.arch, fw.machine) for t in build.targets):
-        return f"build {build.label} does not support {fw.arch} machine '{fw.machine}'"
-    return None
 
 
 def central_at(catalog: Catalog, path: str | None) -> Build | None:
@@ -199,7 +173,7 @@ def decide_tracking(
         return Wait(Status.ERROR, f"central code {path} changed to build {short(new)}, which no firmware "
                     "descriptor describes yet, so its fit cannot be checked; nothing changed. Run "
                     "'varsctl firmware sync' once the package upgrade is complete")
-    why = misfit(central, fw, layout, secure)
+    why = why_not(central, Needs.of(fw, secure_boot=secure, layout=layout))
     if why is not None:
         return Hold(PinKind.INCOMPATIBLE, f"new central build does not fit: {why}; kept on the archived build "
                     f"{short(bound)} until migrated: run 'varsctl migrate {fw.name}'", candidates)
@@ -229,7 +203,7 @@ def decide_pinned(
         # added as extra_firmware): follow it there rather than keep the archived copy.
         for same in catalog.by_code_sha(pin):
             if same.mode is MappingMode.SPLIT and same.code_path != md.build_code_path \
-                    and misfit(same, fw, layout, secure) is None:
+                    and why_not(same, Needs.of(fw, secure_boot=secure, layout=layout)) is None:
                 return Track(same, f"the held build {short(pin)} is listed again at {same.code_path}; hold released")
     central = central_at(catalog, md.build_code_path)
     if central is None and kind is PinKind.POLICY and layout is not None:
@@ -239,7 +213,7 @@ def decide_pinned(
                     f"build {short(pin)} until migrated: run 'varsctl migrate {fw.name}'", (pin,))
     if central is None or layout is None:
         return keep  # nothing known to release to: stay on the build that works
-    why = misfit(central, fw, layout, secure)
+    why = why_not(central, Needs.of(fw, secure_boot=secure, layout=layout))
     if why is not None:
         if kind is PinKind.POLICY:
             return Hold(PinKind.INCOMPATIBLE, f"new central build does not fit: {why}; kept on the archived "
