@@ -16,8 +16,8 @@ import libvirt
 import pytest
 
 from varsd.adapters.journal import Journal
-from varsd.cli import varsctl
 from varsd.cli.varsctl import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, main
+from varsd.engine import transaction
 
 from .common import (
     CODE_4M,
@@ -271,13 +271,13 @@ def test_undo_takes_the_domains_lock(capsys, host, default_conn, monkeypatch):
     uuid = default_conn.lookupByName(name).UUIDString()
 
     taken: list[str] = []
-    real = varsctl.host_lock
+    real = transaction.host_lock
 
     def spy(path, *a, **kw):
         taken.append(path)
         return real(path, *a, **kw)
 
-    monkeypatch.setattr(varsctl, "host_lock", spy)
+    monkeypatch.setattr(transaction, "host_lock", spy)
     rc, _, _ = run(capsys, host, "undo", str(change_id), uri=DEFAULT)
     assert rc == EXIT_OK
     assert os.path.join(host["state"], "locks", f"{uuid}.lock") in taken

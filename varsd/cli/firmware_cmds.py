@@ -25,7 +25,6 @@ from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, Context
 from varsd.config import qemu_owner
 from varsd.domain.xml import parse_domain, replace_loader_code, set_metadata
 from varsd.engine import firmware_sync
-from varsd.engine.lock import host_lock
 from varsd.engine.reconciler import Outcome, Reconciler
 from varsd.errors import VarsdError
 from varsd.firmware.archive import Archive
@@ -137,11 +136,6 @@ def _final_xml(plan: Plan, xml: str) -> str:
     return xml
 
 
-def _write(rec: Reconciler, ref, old_xml: str, new_xml: str, reason: str) -> None:
-    rec.verify_archived_loader(ref, new_xml)
-    rec.redefine(ref, old_xml, new_xml, reason)
-
-
 def _when(facts: DomainFacts) -> str:
     return "; the running guest keeps its build until its next cold boot" if facts.running else ""
 
@@ -207,8 +201,8 @@ def _check_fit(rec: Reconciler, ctx: Context, facts: DomainFacts, sha: str, forc
 def cmd_pin(ctx: Context, args: argparse.Namespace) -> int:
     rec = ctx.reconciler()
     ref = ctx.hv.lookup(args.domain)
-    with host_lock(ctx.cfg.domain_lock_path(ref.uuid)):
-        xml = ctx.hv.persistent_xml(ref.uuid)
+    with rec.writer.transaction(ref) as tx:
+        xml = tx.xml
         facts, plan = rec.plan_xml(ref, xml)
         _managed(ref, facts, plan)
         md = facts.firmware.metadata
@@ -226,7 +220,7 @@ def cmd_pin(ctx: Context, args: argparse.Namespace) -> int:
         if new_plan.status is not Status.PINNED:
             raise Refused(f"cannot pin domain '{ref.name}' to build {sha[:12]}: {new_plan.detail}")
         final = _final_xml(new_plan, pinned)
-        _write(rec, ref, xml, final, f"pinned to build {sha[:12]} by the admin")
+        tx.write(final, f"pinned to build {sha[:12]} by the admin")
     print(f"{ref.name}: pinned to build {sha[:12]} ({new_plan.code}){_when(facts)}")
     return EXIT_OK
 
@@ -234,8 +228,8 @@ def cmd_pin(ctx: Context, args: argparse.Namespace) -> int:
 def cmd_unpin(ctx: Context, args: argparse.Namespace) -> int:
     rec = ctx.reconciler()
     ref = ctx.hv.lookup(args.domain)
-    with host_lock(ctx.cfg.domain_lock_path(ref.uuid)):
-        xml = ctx.hv.persistent_xml(ref.uuid)
+    with rec.writer.transaction(ref) as tx:
+        xml = tx.xml
         md = parse_domain(xml).metadata
         kind = md.pin_kind
         if kind is None:
@@ -251,15 +245,15 @@ def cmd_unpin(ctx: Context, args: argparse.Namespace) -> int:
         unpinned = (replace_loader_code(xml, md.build_code_path, released) if md.build_code_path
                     else set_metadata(xml, released))
         facts, plan = rec.plan_xml(ref, unpinned)
-        _write(rec, ref, xml, _final_xml(plan, unpinned), f"unpinned from build {short(md.pinned_sha256)} by the admin")
+        tx.write(_final_xml(plan, unpinned), f"unpinned from build {short(md.pinned_sha256)} by the admin")
     print(f"{ref.name}: unpinned; now {plan.status.value}: {plan.detail}")
     return EXIT_ATTENTION if plan.status in (Status.ERROR, Status.NEEDS_MIGRATION) else EXIT_OK
 
 
 def _approve_one(rec: Reconciler, ctx: Context, ref, named: bool) -> Outcome | None:
     """Let a held-back build through to one domain; None when there is nothing to approve."""
-    with host_lock(ctx.cfg.domain_lock_path(ref.uuid)):
-        xml = ctx.hv.persistent_xml(ref.uuid)
+    with rec.writer.transaction(ref) as tx:
+        xml = tx.xml
         facts, _ = rec.plan_xml(ref, xml)
         fw = facts.firmware
         md = fw.metadata
@@ -287,7 +281,7 @@ def _approve_one(rec: Reconciler, ctx: Context, ref, named: bool) -> Outcome | N
             if named:
                 print(f"{ref.name}: nothing held back")
             return None
-        _write(rec, ref, xml, final, "firmware upgrade approved by the admin")
+        tx.write(final, "firmware upgrade approved by the admin")
     outcome = rec.reconcile(ref, apply=False)
     print(f"{ref.name}: approved; now {outcome.status.value}: {outcome.detail}")
     return outcome

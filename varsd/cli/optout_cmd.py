@@ -2,7 +2,8 @@
 
 The flag lives in the domain's own XML (varsd's <metadata> element, manage='no'), so
 it travels with the domain (migration, backup of /etc/libvirt) and other tools see it.
-Setting it is an XML change like any other: journaled, under the domain's lock.
+Setting it is an XML change like any other: through the one write transaction
+(`varsd.engine.transaction`), journaled, under the domain's lock.
 """
 
 from __future__ import annotations
@@ -12,21 +13,19 @@ from dataclasses import replace
 
 from varsd.cli.context import EXIT_OK, Context
 from varsd.domain.xml import parse_domain, set_metadata
-from varsd.engine.lock import host_lock
 
 
 def _set(ctx: Context, names: list[str], opt_out: bool) -> int:
     rec = ctx.reconciler()
     for name in names:
         ref = ctx.hv.lookup(name)
-        with host_lock(ctx.cfg.domain_lock_path(ref.uuid)):
-            xml = ctx.hv.persistent_xml(ref.uuid)
-            md = parse_domain(xml).metadata
+        with rec.writer.transaction(ref) as tx:
+            md = parse_domain(tx.xml).metadata
             if md.opt_out == opt_out:
                 print(f"{ref.name}: already {'opted out' if opt_out else 'managed'}")
                 continue
             reason = "opted out by the admin" if opt_out else "opted back in by the admin"
-            rec.redefine(ref, xml, set_metadata(xml, replace(md, opt_out=opt_out)), reason)
+            tx.write(set_metadata(tx.xml, replace(md, opt_out=opt_out)), reason)
             print(f"{ref.name}: {reason}")
     return EXIT_OK
 

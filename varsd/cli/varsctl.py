@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from varsd.adapters.libvirt_api import NoSuchDomain
 from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, Context
 from varsd.config import load_config
-from varsd.engine.lock import host_lock
 from varsd.engine.reconciler import Outcome
 from varsd.errors import ConfigError, HypervisorError, VarsdError
 from varsd.model.domain import Status
@@ -83,11 +82,11 @@ def cmd_undo(ctx: Context, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     rec = ctx.reconciler()
     ref = ctx.hv.lookup(change.uuid)
-    # The domain's lock, like any write: a daemon acting on it at this moment must not
-    # overwrite the restored definition, nor we its repair.
-    with host_lock(ctx.cfg.domain_lock_path(ref.uuid)):
-        current = ctx.hv.persistent_xml(ref.uuid)
-        if current != change.new_xml and not args.force:
+    # The one write transaction (the domain's lock, a fresh read, an archived loader
+    # verified): a daemon acting on it at this moment must not overwrite the restored
+    # definition, nor we its repair.
+    with rec.writer.transaction(ref) as tx:
+        if tx.xml != change.new_xml and not args.force:
             print(
                 f"varsctl: domain '{ref.name}' changed after journal #{change.id} (a later repair or an "
                 "admin's edit); undoing would discard that. See 'varsctl journal', or use --force",
@@ -107,7 +106,7 @@ def cmd_undo(ctx: Context, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return EXIT_ATTENTION
-        rec.redefine(ref, current, change.old_xml, f"undo of journal #{change.id}")
+        tx.write(change.old_xml, f"undo of journal #{change.id}")
     print(f"{ref.name}: restored the definition from before journal #{change.id}")
     return EXIT_OK
 

@@ -46,8 +46,8 @@ from varsd.adapters import fsio, virtfw
 from varsd.config import Config
 from varsd.domain.classify import classify, firmware_image_path
 from varsd.domain.xml import parse_domain
-from varsd.engine.lock import host_lock
 from varsd.engine.reconciler import Reconciler
+from varsd.engine.transaction import Transaction
 from varsd.errors import VarsdError, VarstoreError
 from varsd.model.domain import DomainFirmware, DomainRef, FileFacts, FirmwareConfig, Status
 from varsd.model.firmware import VarstoreLayout
@@ -203,14 +203,14 @@ class Migrator:
 
     def migrate(self, ref: DomainRef, *, to: str | None = None) -> MigrationResult:
         """Migrate one shut-off domain (module steps), under its lock."""
-        with host_lock(self.cfg.domain_lock_path(ref.uuid)):
+        with self.rec.writer.transaction(ref) as tx:
             now = self.clock()
             facts, old_bytes, old_vars = self._facts(ref)
             plan = plan_migration(facts, self.rec.catalog, to=to, nvram_dir=self.cfg.nvram_dir, now=_iso(now))
-            return self._carry_out(ref, facts, plan, old_bytes, old_vars, now)
+            return self._carry_out(tx, facts, plan, old_bytes, old_vars, now)
 
     def _carry_out(
-        self, ref: DomainRef, facts: MigrationFacts, plan: MigrationPlan, old_bytes: bytes,
+        self, tx: Transaction, facts: MigrationFacts, plan: MigrationPlan, old_bytes: bytes,
         old_vars: dict[str, EfiVariable], now: datetime,
     ) -> MigrationResult:
         name = plan.name
@@ -254,7 +254,7 @@ class Migrator:
             if on_disk != new_bytes:
                 raise MigrationFailed(f"{plan.varstore} does not read back as written")
             _verify_store(on_disk, old_vars, plan.target_layout, plan.varstore)
-            self.rec.redefine(ref, facts.xml, plan.new_xml, plan.reason)
+            tx.write(plan.new_xml, plan.reason, planned_from=facts.xml)
         except BaseException as exc:
             restored = self._restore(plan, old_bytes, new_bytes, backup) if written else "nothing was written"
             if isinstance(exc, VarsdError):

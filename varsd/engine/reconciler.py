@@ -25,8 +25,9 @@ from varsd.domain.xml import firmware_signature, parse_domain
 from varsd.engine.inspect import FileInspector
 from varsd.engine.lock import host_lock
 from varsd.engine.provision import provision_varstore
+from varsd.engine.transaction import Transaction, Writer
 from varsd.errors import HypervisorError, VarsdError
-from varsd.firmware.archive import Archive, ArchiveError, ArchiveIndex, is_archive_path, sha_of_archive_path
+from varsd.firmware.archive import Archive, ArchiveError, ArchiveIndex
 from varsd.model.domain import DomainRef, FirmwareConfig, Status
 from varsd.model.firmware import Build, Catalog
 from varsd.planning.repair import CreateVarstore, DomainFacts, Plan, Redefine, plan_repair, varstore_path
@@ -119,10 +120,6 @@ def _changes_firmware(facts: DomainFacts, plan: Plan) -> bool:
     )
 
 
-class StaleDefinition(VarsdError):
-    """The domain was redefined by someone else between our read and our write."""
-
-
 ARCHIVE_RECHECK = 1.0  # seconds an archive snapshot serves the planner before it is re-listed
 ARCHIVE_RETRY = 60.0  # seconds before archiving a build that failed (e.g. changed under us) is tried again
 
@@ -158,6 +155,8 @@ class Reconciler:
         self._upgrades: tuple[float, UpgradeContext] | None = None
         self._archive_lock = threading.Lock()
         self._archive_tried: dict[str, float] = {}  # sha -> monotonic time of a failed attempt
+        self.writer = Writer(hv, journal, self.archive, cfg.domain_lock_path, actor=actor, clock=clock,
+                             on_corrupt_archive=self._invalidate_archive)
 
     # -- upgrade context -----------------------------------------------------------
 
@@ -350,32 +349,20 @@ class Reconciler:
     def _reconcile(self, ref: DomainRef, apply: bool) -> Outcome:
         if apply and ref.uuid not in self._memo:
             # Not known compliant (a new domain, most likely to need work): look
-            # once, under the lock, instead of looking twice.
-            with host_lock(self.cfg.domain_lock_path(ref.uuid)):
+            # once, in the write transaction, instead of looking twice.
+            with self.writer.transaction(ref) as tx:
                 facts, plan = self.examine(ref)
-                return _outcome(ref, facts, plan, self._execute(ref, facts, plan) if plan.actions else ())
+                return _outcome(ref, facts, plan, self._execute(tx, facts, plan) if plan.actions else ())
         facts, plan = self.examine(ref)
         if not apply or not plan.actions:
             return _outcome(ref, facts, plan, (), unrepaired=bool(plan.actions) and _changes_firmware(facts, plan))
-        with host_lock(self.cfg.domain_lock_path(ref.uuid)):
-            if self.hv.persistent_xml(ref.uuid) != facts.xml:
-                # Another actor changed it since we looked: look again, under the lock.
+        with self.writer.transaction(ref) as tx:
+            if tx.xml != facts.xml:
+                # Another actor changed it since we looked: look again, in the transaction.
                 facts, plan = self.examine(ref)
-            return _outcome(ref, facts, plan, self._execute(ref, facts, plan) if plan.actions else ())
+            return _outcome(ref, facts, plan, self._execute(tx, facts, plan) if plan.actions else ())
 
-    def verify_archived_loader(self, ref: DomainRef, xml: str) -> None:
-        """Verify-before-use: a definition about to boot an archived image gets it only if
-        the file's content still has the digest its name promises (ArchiveError if not)."""
-        loader = parse_domain(xml).loader_path
-        if not is_archive_path(self.archive.directory, loader):
-            return
-        sha = sha_of_archive_path(loader or "")
-        entry = self.archive.verify(sha or "")
-        if not entry.ok:
-            self._invalidate_archive()
-            raise ArchiveError(f"domain '{ref.name}': not pointed at {loader}: {entry.problem}")
-
-    def _execute(self, ref: DomainRef, facts: DomainFacts, plan: Plan) -> tuple[str, ...]:
+    def _execute(self, tx: Transaction, facts: DomainFacts, plan: Plan) -> tuple[str, ...]:
         done: list[str] = []
         for action in plan.actions:
             if isinstance(action, CreateVarstore):
@@ -384,36 +371,11 @@ class Reconciler:
                 )
                 what = "adopted existing identical" if result.adopted else "created"
                 done.append(f"{what} varstore {action.path}")
-                log.info("domain '%s': %s varstore %s from %s", ref.name, what, action.path, action.source)
+                log.info("domain '%s': %s varstore %s from %s", tx.ref.name, what, action.path, action.source)
             elif isinstance(action, Redefine):
-                self.verify_archived_loader(ref, action.xml)
-                self.redefine(ref, facts.xml, action.xml, action.reason)
+                tx.write(action.xml, action.reason, planned_from=facts.xml)
                 done.append(f"redefined: {action.reason}")
         return tuple(done)
-
-    def redefine(self, ref: DomainRef, old_xml: str, new_xml: str, reason: str) -> None:
-        """Check nobody redefined the domain meanwhile, journal, then define.
-
-        The domain lock keeps varsd and varsctl apart, but not `virsh edit`: the
-        re-read right before the define is what keeps an admin's edit from being
-        overwritten with a plan made from the XML before it."""
-        if self.hv.persistent_xml(ref.uuid) != old_xml:
-            raise StaleDefinition(f"domain '{ref.name}' was redefined meanwhile; will look again")
-        change = self.journal.record(
-            at=self.clock(), uuid=ref.uuid, name=ref.name, actor=self.actor, reason=reason,
-            old_xml=old_xml, new_xml=new_xml,
-        )
-        try:
-            self.hv.define(new_xml)
-        except VarsdError as exc:
-            self.journal.settle(change, f"failed: {exc}")
-            raise
-        try:
-            stored = self.hv.persistent_xml(ref.uuid)
-        except HypervisorError:
-            stored = None  # the change is made; only the normalised copy is missing
-        self.journal.settle(change, "applied", stored_xml=stored)
-        log.info("domain '%s': %s (journal #%d)", ref.name, reason, change)
 
     def reconcile_all(self, refs: Iterable[DomainRef] | None = None, *, apply: bool = True) -> list[Outcome]:
         """Every domain once, then again those a later domain's facts changed the view of
