@@ -22,6 +22,7 @@ ROOT = Path(varsd.__file__).parent
 
 PURE_MODULES = (
     "varsd.errors",
+    "varsd.messages",
     "varsd.model.archive",
     "varsd.model.domain",
     "varsd.model.firmware",

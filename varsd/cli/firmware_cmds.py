@@ -30,6 +30,7 @@ from varsd.errors import VarsdError
 from varsd.firmware.archive import Archive
 from varsd.firmware.catalog import load_configured
 from varsd.firmware.fit import Needs, misfits
+from varsd.messages import line
 from varsd.model.domain import FirmwareConfig, PinKind, Status
 from varsd.model.firmware import Build
 from varsd.planning.repair import DomainFacts, Plan, Redefine
@@ -299,7 +300,7 @@ def cmd_approve(ctx: Context, args: argparse.Namespace) -> int:
         try:
             outcome = _approve_one(rec, ctx, ref, named=bool(args.domains))
         except VarsdError as exc:
-            print(f"{ref.name}: {exc}", file=sys.stderr)
+            print(line(ref.name, exc, ref.uuid), file=sys.stderr)
             failed = True
             continue
         if outcome is not None:

@@ -14,6 +14,7 @@ import sys
 from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, Context
 from varsd.engine.migration import MigrationFailed, MigrationResult, Migrator, needs_migration
 from varsd.errors import HypervisorError, VarsdError
+from varsd.messages import for_row, line
 from varsd.planning.migration import MigrationRefused, NothingToMigrate
 
 
@@ -37,7 +38,7 @@ def _one(migrator: Migrator, ctx: Context, args: argparse.Namespace) -> int:
             return EXIT_OK
         result = migrator.migrate(ref, to=args.to)
     except NothingToMigrate as exc:
-        print(f"{ref.name}: {exc}")
+        print(line(ref.name, exc, ref.uuid))
         return EXIT_OK
     except (MigrationRefused, MigrationFailed) as exc:
         print(f"varsctl: {exc}", file=sys.stderr)
@@ -70,7 +71,7 @@ def _all(migrator: Migrator, ctx: Context, args: argparse.Namespace) -> int:
             print(f"{head}: migrating ({cand.detail})", flush=True)
             result = migrator.migrate(cand.ref)
         except NothingToMigrate as exc:
-            print(f"{head}: {exc}")
+            print(f"{head}: {for_row(cand.ref.name, exc, cand.ref.uuid)}")
             continue
         except HypervisorError as exc:
             if exc.retryable:

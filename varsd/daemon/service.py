@@ -46,6 +46,7 @@ from varsd.engine.reconciler import Reconciler, utc_now
 from varsd.errors import HypervisorError, VarsdError
 from varsd.firmware.archive import Archive
 from varsd.firmware.catalog import load_configured
+from varsd.messages import about_domain
 from varsd.model.domain import Status
 
 log = logging.getLogger("varsd")
@@ -403,18 +404,18 @@ class Service:
             else:
                 self._retries.pop(key, None)
             if outcome.status is Status.ERROR:
-                log.error("domain '%s': %s", ref.name, outcome.detail)
+                log.error("%s", about_domain(ref.name, outcome.detail, ref.uuid))
             elif outcome.status is Status.NEEDS_MIGRATION:
-                log.warning("domain '%s': %s", ref.name, outcome.detail)
+                log.warning("%s", about_domain(ref.name, outcome.detail, ref.uuid))
         except HypervisorError as exc:
             if exc.retryable and not hv.is_alive():
                 log.warning("%s: %s; reconnecting", self._names.get(key, key), exc)
                 self._disconnected.set()  # the reconnect re-lists and queues everything
             elif exc.retryable:
                 self.queue.put_later(key, self._retry_delay(key))
-                log.warning("domain '%s': %s; will look again", self._names.get(key, key), exc)
+                log.warning("%s; will look again", about_domain(self._names.get(key, key), exc, key))
             else:
-                log.error("domain '%s': %s", self._names.get(key, key), exc)
+                log.error("%s", about_domain(self._names.get(key, key), exc, key))
         finally:
             # Whatever happened, this domain no longer holds READY back.
             self.first_pass_pending.discard(key)

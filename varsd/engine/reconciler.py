@@ -28,6 +28,7 @@ from varsd.engine.provision import provision_varstore
 from varsd.engine.transaction import Transaction, Writer
 from varsd.errors import HypervisorError, VarsdError
 from varsd.firmware.archive import Archive, ArchiveError, ArchiveIndex
+from varsd.messages import about_domain
 from varsd.model.domain import DomainRef, FirmwareConfig, Status
 from varsd.model.firmware import Build, Catalog
 from varsd.planning.repair import CreateVarstore, DomainFacts, Plan, Redefine, plan_repair, varstore_path
@@ -91,8 +92,10 @@ def _outcome(ref: DomainRef, facts: DomainFacts, plan: Plan, done: tuple[str, ..
                    boot_unrecorded=live is not None and live.booted_sha256 is None)
 
 
-def _error(ref: DomainRef, message: str, *, retry: bool = False) -> Outcome:
-    return Outcome(ref, Plan(FirmwareConfig.NONE, Status.ERROR, message), retry=retry)
+def _error(ref: DomainRef, exc: VarsdError, *, retry: bool = False) -> Outcome:
+    """A domain whose look or action failed: its class is not known (never `none`, which
+    means SeaBIOS), and the message names the domain once."""
+    return Outcome(ref, Plan(FirmwareConfig.UNKNOWN, Status.ERROR, about_domain(ref.name, exc, ref.uuid)), retry=retry)
 
 
 @dataclass(frozen=True)
@@ -340,11 +343,13 @@ class Reconciler:
                 raise  # the connection is gone: the caller reconnects and looks again
             # A domain-level failure (a hung QEMU's state-change lock, a refused define):
             # this domain's error, not the host's; `retry` tells the daemon to look again.
-            log.error("domain '%s': %s", ref.name, exc)
-            return _error(ref, str(exc), retry=exc.retryable)
+            outcome = _error(ref, exc, retry=exc.retryable)
+            log.error("%s", outcome.detail)
+            return outcome
         except VarsdError as exc:
-            log.error("domain '%s': %s", ref.name, exc)
-            return _error(ref, str(exc))
+            outcome = _error(ref, exc)
+            log.error("%s", outcome.detail)
+            return outcome
 
     def _reconcile(self, ref: DomainRef, apply: bool) -> Outcome:
         if apply and ref.uuid not in self._memo:

@@ -23,6 +23,7 @@ class FirmwareConfig(StrEnum):
     AUTOSELECT = "autoselect"  # <os firmware='efi'> left to libvirt
     STATELESS = "stateless"  # <loader stateless='yes'>
     CONFIDENTIAL = "confidential"  # SEV/SEV-ES/SNP/TDX: firmware must not be split
+    UNKNOWN = "unknown"  # not classified: reading or planning the domain failed (see its error)
 
 
 class PinKind(StrEnum):
