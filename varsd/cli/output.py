@@ -22,11 +22,12 @@ from typing import Any
 
 from varsd.domain.xml import redact_secrets
 from varsd.engine.reconciler import Outcome
-from varsd.model.domain import Status
+from varsd.model.domain import ATTENTION
 from varsd.model.exit import Exit
 
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE = Exit.OK, Exit.ATTENTION, Exit.USAGE
-ATTENTION = frozenset({Status.ERROR, Status.NEEDS_MIGRATION})
+__all__ = ["ATTENTION", "EXIT_ATTENTION", "EXIT_OK", "EXIT_USAGE", "Report", "add_json", "change_dict", "emit_json",
+           "error", "exit_for", "outcome_table", "table"]
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:

@@ -43,13 +43,13 @@ from varsd.engine.reconciler import Outcome, Reconciler, utc_now
 from varsd.errors import HypervisorError, VarsdError
 from varsd.firmware.archive import Archive, ArchiveError, is_archive_path
 from varsd.firmware.catalog import load_configured
-from varsd.model.domain import DomainRef, FirmwareConfig, Status
+from varsd.model.domain import ATTENTION, DomainRef, FirmwareConfig, Status
+from varsd.model.exit import Exit
 from varsd.model.firmware import Catalog
 
 log = logging.getLogger("varsd.firmware")
 
-EXIT_OK, EXIT_ATTENTION, EXIT_FAILED = 0, 1, 2
-ATTENTION = frozenset({Status.ERROR, Status.NEEDS_MIGRATION})
+EXIT_OK, EXIT_ATTENTION, EXIT_FAILED = Exit.OK, Exit.ATTENTION, Exit.USAGE  # README: exit codes
 LOCK_TIMEOUT = 60.0
 
 

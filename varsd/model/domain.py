@@ -52,6 +52,10 @@ class Status(StrEnum):
     ERROR = "error"
 
 
+ATTENTION = frozenset({Status.ERROR, Status.NEEDS_MIGRATION})
+"""Statuses that need an admin: a command reporting one exits 1."""
+
+
 @dataclass(frozen=True)
 class VarsdMetadata:
     """varsd's own record inside the domain's <metadata> (our XML namespace)."""
