@@ -35,6 +35,7 @@ PURE_MODULES = (
     "varsd.planning.migration",
     "varsd.planning.repair",
     "varsd.planning.upgrade",
+    "varsd.retry",
 )
 FORBIDDEN = ("libvirt", "virt.firmware", "sqlite3", "varsd.adapters", "varsd.engine", "varsd.config")
 

@@ -33,6 +33,7 @@ from varsd.model.domain import DomainRef, FirmwareConfig, Status
 from varsd.model.firmware import Build, Catalog
 from varsd.planning.repair import CreateVarstore, DomainFacts, Plan, Redefine, plan_repair, varstore_path
 from varsd.planning.upgrade import UpgradeContext
+from varsd.retry import SETTINGS, Action, Purpose, decide
 
 log = logging.getLogger("varsd.reconcile")
 
@@ -124,7 +125,6 @@ def _changes_firmware(facts: DomainFacts, plan: Plan) -> bool:
 
 
 ARCHIVE_RECHECK = 1.0  # seconds an archive snapshot serves the planner before it is re-listed
-ARCHIVE_RETRY = 60.0  # seconds before archiving a build that failed (e.g. changed under us) is tried again
 
 
 class Reconciler:
@@ -158,6 +158,7 @@ class Reconciler:
         self._upgrades: tuple[float, UpgradeContext] | None = None
         self._archive_lock = threading.Lock()
         self._archive_tried: dict[str, float] = {}  # sha -> monotonic time of a failed attempt
+        self.retry = SETTINGS
         self.writer = Writer(hv, journal, self.archive, cfg.domain_lock_path, actor=actor, clock=clock,
                              on_corrupt_archive=self._invalidate_archive)
 
@@ -207,7 +208,8 @@ class Reconciler:
             return
         with self._archive_lock:
             tried = self._archive_tried.get(sha)
-            if tried is not None and time.monotonic() - tried < ARCHIVE_RETRY:
+            if tried is not None and time.monotonic() - tried < decide(
+                    ArchiveError(sha), purpose=Purpose.ARCHIVE, settings=self.retry).delay:
                 return
             self._archive_tried[sha] = time.monotonic()
         try:
@@ -339,11 +341,12 @@ class Reconciler:
                 self.archive_build(outcome.plan.build)
             return outcome
         except HypervisorError as exc:
-            if exc.retryable and not self.hv.is_alive():
+            action = decide(exc, alive=not exc.retryable or self.hv.is_alive(), settings=self.retry).action
+            if action is Action.RECONNECT:
                 raise  # the connection is gone: the caller reconnects and looks again
             # A domain-level failure (a hung QEMU's state-change lock, a refused define):
             # this domain's error, not the host's; `retry` tells the daemon to look again.
-            outcome = _error(ref, exc, retry=exc.retryable)
+            outcome = _error(ref, exc, retry=action is Action.RETRY)
             log.error("%s", outcome.detail)
             return outcome
         except VarsdError as exc:
