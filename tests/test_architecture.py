@@ -131,3 +131,14 @@ def test_import_directions(module: str, path: Path) -> None:
         if module in PURE_MODULES and imported in FIRMWARE_IO:
             wrong.append(f"{imported} (a pure module may not import the firmware package's I/O)")
     assert not wrong, f"{module} imports: " + "; ".join(wrong)
+
+
+TESTS = Path(__file__).parent
+
+
+@pytest.mark.parametrize("directory", sorted(p.parent.name for p in TESTS.glob("*/test_*.py")))
+def test_every_test_directory_states_its_tier(directory: str) -> None:
+    conftest = TESTS / directory / "conftest.py"
+    assert conftest.exists(), f"tests/{directory} has no conftest.py stating its tier"
+    doc = ast.get_docstring(ast.parse(conftest.read_text())) or ""
+    assert "tier" in doc.lower(), f"tests/{directory}/conftest.py does not state its tier"

@@ -251,7 +251,8 @@ def _serialize(root: etree._Element) -> str:
 
     out = _MARKUP.sub(fix, text)
     first = _MARKUP.search(out)
-    assert first is not None
+    if first is None:  # no markup at all: nothing to reorder
+        return out
     return out[: first.start()] + _namespaces_last(first.group(0)) + out[first.end() :]
 
 

@@ -309,7 +309,8 @@ def plan_migration(
     problem = _check_target(target, fw, wants, explicit=bool(to))
     if problem:
         raise _refuse(fw, problem)
-    assert target.template_path and target.layout
+    if target.template_path is None or target.layout is None:
+        raise _refuse(fw, f"build {target.label} has no varstore template")
     if not unified and fw.loader_path == target.code_path and source.layout == target.layout:
         raise NothingToMigrate(
             f"domain '{fw.name}': already uses {target.label} with a varstore of its layout; nothing to migrate"

@@ -374,8 +374,7 @@ def _plan_new_varstore(
     kept = None
     if nvram is not None and nvram.exists and nvram.varstore_layout and is_private_varstore(catalog, nvram_dir, nvram):
         kept = select_build(catalog, **query, layout=nvram.varstore_layout)
-    if kept is not None and not _smm_problem(kept, fw):
-        assert nvram is not None
+    if kept is not None and nvram is not None and not _smm_problem(kept, fw):
         md = _bind(fw.metadata, kept)
         return Plan(
             config, Status.OK,
@@ -391,7 +390,8 @@ def _plan_new_varstore(
     problem = _smm_problem(build, fw)
     if problem:
         return Plan(config, Status.ERROR, problem, code=firmware_image_path(fw))
-    assert build.template_path and build.layout
+    if build.template_path is None or build.layout is None:
+        return Plan(config, Status.ERROR, f"build {build.label} has no varstore template", code=firmware_image_path(fw))
     taken = {firmware_image_path(fw)} | ({nvram.path} if nvram is not None and nvram.exists else set())
     target = new_varstore_path(nvram_dir, fw, taken)
     md = _provenance(fw.metadata, build, "template", now)
@@ -411,7 +411,9 @@ def _plan_new_varstore(
 
 def _plan_unified(facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str, secure: bool) -> Plan:
     fw, image = facts.firmware, facts.image
-    assert image is not None and image.varstore_layout is not None and fw.loader_path
+    if image is None or image.varstore_layout is None or not fw.loader_path:  # classify() says unified: never
+        return Plan(FirmwareConfig.UNIFIED, Status.ERROR, "unified image without a readable varstore",
+                    code=fw.loader_path)
     layout = image.varstore_layout
     build = _exact_build(catalog, image.trailing_sha256, layout, secure) or select_build(
         catalog, arch=fw.arch, machine=fw.machine, secure_boot=secure, layout=layout,
@@ -478,7 +480,8 @@ def _plan_split(
 ) -> Plan:
     fw, image, nvram = facts.firmware, facts.image, facts.nvram
     config = FirmwareConfig.SPLIT
-    assert fw.loader_path
+    if not fw.loader_path:  # classify() says split: never
+        return Plan(config, Status.ERROR, "split firmware without a loader path", varstore=fw.nvram_path)
     central = _central(catalog, fw, image)
 
     if nvram is None or not nvram.exists:

@@ -151,7 +151,8 @@ def decide_tracking(
     """The module's rules 1-6 for a domain `tracks_central`; None: normal planning goes on."""
     md = fw.metadata
     bound, path = md.build_code_sha256, md.build_code_path
-    assert bound and path
+    if not (bound and path):  # not tracking (see tracks_central): nothing for these rules
+        return None
     central = central_at(catalog, path)
     if image is not None and image.exists and image.sha256 == bound:
         if central is None:
@@ -194,7 +195,8 @@ def decide_pinned(
     md = fw.metadata
     kind = md.pin_kind
     pin = md.pinned_sha256
-    assert kind is not None and pin
+    if kind is None or not pin:
+        raise ValueError(f"decide_pinned: domain '{fw.name}' holds no pin")
     keep = Hold(kind, md.pin_reason or _default_reason(kind, fw.name), (pin,))
     if kind is PinKind.ADMIN:
         return keep
