@@ -51,7 +51,7 @@ ALLOWED: dict[str, set[str]] = {
     "firmware": {"model", "errors", "domain", "adapters", "config", "messages"},
     "planning": {"model", "errors", "domain", "firmware", "messages"},
     "adapters": {"model", "errors", "messages", "retry"},
-    "config": {"errors", "retry"},
+    "config": {"errors", "retry", "model"},
     "engine": {"model", "errors", "domain", "firmware", "planning", "adapters", "config", "messages", "retry"},
     "daemon": {"model", "errors", "domain", "firmware", "planning", "adapters", "config", "engine", "messages",
                "retry", "__init__"},

@@ -42,7 +42,7 @@ from varsd.firmware.catalog import load_configured
 from varsd.firmware.fit import Needs, misfits
 from varsd.messages import line
 from varsd.model.domain import FirmwareConfig, PinKind, Status
-from varsd.model.firmware import Build
+from varsd.model.firmware import Build, UpgradePolicy
 from varsd.planning.repair import DomainFacts, Plan, Redefine
 from varsd.planning.upgrade import admin_pin, central_at, had_secure_boot, short, tracks_central
 
@@ -285,7 +285,7 @@ def _approve_one(rec: Reconciler, ctx: Context, ref, named: bool, out: Report) -
                     out.line(f"{ref.name}: nothing held back", domain=ref.name, approved=False)
                 return None
             candidate = xml
-        _, plan = rec.plan_xml(ref, candidate, policy="auto")
+        _, plan = rec.plan_xml(ref, candidate, policy=UpgradePolicy.AUTO)
         final = _final_xml(plan, candidate)
         if final == xml:
             if named:

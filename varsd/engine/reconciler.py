@@ -30,7 +30,7 @@ from varsd.errors import HypervisorError, VarsdError
 from varsd.firmware.archive import Archive, ArchiveError, ArchiveIndex
 from varsd.messages import about_domain
 from varsd.model.domain import DomainRef, FirmwareConfig, Status
-from varsd.model.firmware import Build, Catalog
+from varsd.model.firmware import Build, Catalog, UpgradePolicy
 from varsd.planning.repair import CreateVarstore, DomainFacts, Plan, Redefine, plan_repair, varstore_path
 from varsd.planning.upgrade import UpgradeContext
 from varsd.retry import SETTINGS, Action, Purpose, decide
@@ -164,7 +164,7 @@ class Reconciler:
 
     # -- upgrade context -----------------------------------------------------------
 
-    def upgrade_context(self, *, policy: str | None = None) -> UpgradeContext:
+    def upgrade_context(self, *, policy: UpgradePolicy | None = None) -> UpgradeContext:
         """Policy and a verified archive snapshot for the planner, re-listed at most every
         ARCHIVE_RECHECK seconds (a full pass must not re-list the archive per domain)."""
         with self._archive_lock:
@@ -307,7 +307,7 @@ class Reconciler:
             owner = self._owners.get(path)
             return owner[1] if owner is not None and owner[0] != fw.uuid else None
 
-    def plan_xml(self, ref: DomainRef, xml: str, *, policy: str | None = None) -> tuple[DomainFacts, Plan]:
+    def plan_xml(self, ref: DomainRef, xml: str, *, policy: UpgradePolicy | None = None) -> tuple[DomainFacts, Plan]:
         """Plan for a definition the domain does not have yet (what varsctl pin, unpin and
         approve are about to write), so their one redefinition is already what the planner
         wants and the daemon has nothing left to change. Never memoised."""

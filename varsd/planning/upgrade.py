@@ -45,9 +45,7 @@ from dataclasses import dataclass, field, replace
 from varsd.firmware.fit import Needs, why_not
 from varsd.model.archive import ArchiveIndex
 from varsd.model.domain import DomainFirmware, FileFacts, PinKind, Status, VarsdMetadata
-from varsd.model.firmware import Build, Catalog, MappingMode, VarstoreLayout
-
-POLICIES = ("auto", "manual")
+from varsd.model.firmware import Build, Catalog, MappingMode, UpgradePolicy, VarstoreLayout
 
 
 @dataclass(frozen=True)
@@ -59,7 +57,7 @@ class UpgradeContext:
     bound to was a Secure Boot build must not be judged from its replacement.
     """
 
-    policy: str = "auto"
+    policy: UpgradePolicy = UpgradePolicy.AUTO
     archive: ArchiveIndex = ArchiveIndex(directory="/var/lib/varsd/archive")
     features: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
@@ -145,7 +143,7 @@ def decide_tracking(
     catalog: Catalog,
     layout: VarstoreLayout,
     secure: bool,
-    policy: str,
+    policy: UpgradePolicy | str,
     booted: str | None = None,
 ) -> Decision | None:
     """The module's rules 1-6 for a domain `tracks_central`; None: normal planning goes on."""
@@ -178,7 +176,7 @@ def decide_tracking(
     if why is not None:
         return Hold(PinKind.INCOMPATIBLE, f"new central build does not fit: {why}; kept on the archived build "
                     f"{short(bound)} until migrated: run 'varsctl migrate {fw.name}'", candidates)
-    if policy == "manual":
+    if policy == UpgradePolicy.MANUAL:
         return Hold(PinKind.POLICY, f"new build {central.label} held back by upgrade_policy = \"manual\"; "
                     f"let it through with 'varsctl upgrade approve {fw.name}'", candidates)
     return Track(central, f"firmware upgrade: {path} build {short(bound)} -> {short(new)}")
@@ -189,7 +187,7 @@ def decide_pinned(
     catalog: Catalog,
     layout: VarstoreLayout | None,
     secure: bool,
-    policy: str,
+    policy: UpgradePolicy | str,
 ) -> Track | Hold:
     """Whether a pinned domain stays held (and by whom) or is released to the central build."""
     md = fw.metadata
@@ -223,7 +221,7 @@ def decide_pinned(
         return keep
     if central.code_sha256 in (pin, md.build_code_sha256):
         return Track(central, f"central build {central.label} is the held build again; hold released")
-    if policy != "manual":
+    if policy != UpgradePolicy.MANUAL:
         what = "upgrade_policy is auto" if kind is PinKind.POLICY else "a fitting central build is back"
         return Track(central, f"{what}: bound to {central.label}, hold released")
     # Manual policy and a new fitting build: held back by policy (the reason names the build).
