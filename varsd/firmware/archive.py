@@ -28,13 +28,13 @@ import errno
 import hashlib
 import os
 import stat
-import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from varsd.adapters import fsio
+from varsd.adapters.filecache import ContentCache, stat_key
 from varsd.errors import VarsdError
 from varsd.model.archive import _NAME, SUFFIX, ArchiveIndex, archive_path, is_archive_path, sha_of_archive_path
 
@@ -77,8 +77,7 @@ class Archive:
     def __init__(self, directory: str, *, state_dir: str | None = None) -> None:
         self.directory = directory
         self.state_dir = state_dir
-        self._lock = threading.Lock()
-        self._verified: dict[str, tuple[tuple, Entry]] = {}  # sha -> (stat key, entry)
+        self._verified: ContentCache[Entry] = ContentCache()  # sha -> entry, per stat key
 
     def path_for(self, sha256: str) -> str:
         return archive_path(self.directory, sha256)
@@ -167,8 +166,7 @@ class Archive:
             raise ArchiveError(
                 f"{self.path_for(sha)}: corrupt archived image could not be moved aside: {fsio.describe_oserror(exc)}"
             ) from None
-        with self._lock:
-            self._verified.pop(sha, None)
+        self._verified.drop(sha)
         return dest
 
     # -- reading ---------------------------------------------------------------------
@@ -184,24 +182,19 @@ class Archive:
             return Entry(sha256, path, problem=f"cannot examine {path}: {fsio.describe_oserror(exc)}")
         if not stat.S_ISREG(st.st_mode):
             return Entry(sha256, path, problem=f"{path} is not a regular file")
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        with self._lock:
-            hit = self._verified.get(sha256)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        try:
-            data = fsio.read_file(path, follow_symlinks=False)
-        except fsio.ReadError as exc:
-            entry = Entry(sha256, path, st.st_size, problem=str(exc))
-        else:
+
+        def check() -> Entry:
+            try:
+                data = fsio.read_file(path, follow_symlinks=False)
+            except fsio.ReadError as exc:
+                return Entry(sha256, path, st.st_size, problem=str(exc))
             actual = hashlib.sha256(data).hexdigest()
             problem = None if actual == sha256 else (
                 f"archived image {path} is corrupt: its content has digest {actual[:12]}, not {sha256[:12]}"
             )
-            entry = Entry(sha256, path, len(data), problem=problem)
-        with self._lock:
-            self._verified[sha256] = (key, entry)
-        return entry
+            return Entry(sha256, path, len(data), problem=problem)
+
+        return self._verified.get(sha256, stat_key(st, ctime=True), check)
 
     def entries(self) -> list[Entry]:
         """Every `<sha256>.fd` in the archive, verified; a missing archive is empty."""
@@ -257,8 +250,7 @@ class Archive:
                 pass
             except OSError as exc:
                 raise ArchiveError(f"{entry.path}: cannot prune: {fsio.describe_oserror(exc)}") from None
-            with self._lock:
-                self._verified.pop(entry.sha256, None)
+            self._verified.drop(entry.sha256)
             removed.append(entry.sha256)
         return removed
 
