@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from varsd.errors import ConfigError
+from varsd.model.firmware import UpgradePolicy
 
 DEFAULT_CONFIG_PATH = "/etc/varsd/varsd.toml"
 QEMU_CONF = "/etc/libvirt/qemu.conf"
@@ -46,7 +47,7 @@ DEFAULT_FIRMWARE_DIRS: tuple[str, ...] = (
     "/etc/qemu/firmware",
 )
 
-UPGRADE_POLICIES = ("auto", "manual")
+UPGRADE_POLICIES = tuple(p.value for p in UpgradePolicy)
 SECUREBOOT_TEMPLATES = ("shipped", "2023")
 BACKUP_RUNNING_MODES = ("coherent", "suspend", "skip")
 """How a scheduled backup copies a running guest's varstore (README "Backups")."""
@@ -94,7 +95,7 @@ class Config:
     qemu_group: str | None = None
     exclude: tuple[str, ...] = ()  # domain name globs or UUIDs
     reconcile_interval: int = 300  # seconds between safety-net full passes
-    upgrade_policy: str = "auto"
+    upgrade_policy: UpgradePolicy = UpgradePolicy.AUTO
     archive_retention_days: int = 30
     secureboot_templates: str = "shipped"  # or "2023": derive 2023-ready templates (varsd.firmware.derived)
     metrics_textfile: str | None = None  # node_exporter textfile the daemon rewrites after each pass
@@ -211,6 +212,7 @@ def parse_config(text: str, where: str = "<config>") -> Config:
     if "upgrade_policy" in kw:
         choices = ", ".join(UPGRADE_POLICIES)
         _expect(kw["upgrade_policy"] in UPGRADE_POLICIES, where, f"'upgrade_policy' must be one of {choices}")
+        kw["upgrade_policy"] = UpgradePolicy(kw["upgrade_policy"])
     if "secureboot_templates" in kw:
         choices = ", ".join(SECUREBOOT_TEMPLATES)
         _expect(kw["secureboot_templates"] in SECUREBOOT_TEMPLATES, where,

@@ -189,10 +189,30 @@ class StateDB:
 
     SCHEMA = ""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, read_only: bool = False) -> None:
+        """Open (creating it if need be) the state database; `read_only` opens an existing one
+        read-only and never creates anything (for status, journal and firmware list/history,
+        so an admin who may read the file need not be able to write it); a missing
+        database then reads as empty."""
         self.path = path
+        if read_only:
+            self._open_read_only(path)
+            return
         self._db = open_state_db(path, self.SCHEMA)
         self._lock = threading.Lock()  # one connection, several worker threads
+
+    def _open_read_only(self, path: str) -> None:
+        try:
+            if os.path.exists(path):
+                self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, isolation_level=None,
+                                           check_same_thread=False)
+                self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            else:
+                self._db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+                self._db.executescript(self.SCHEMA)
+            self._lock = threading.Lock()
+        except sqlite3.Error as exc:
+            raise VarsdError(f"{path}: cannot open the varsd journal read-only: {exc}") from None
 
     def close(self) -> None:
         self._db.close()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from varsd.cli.context import EXIT_OK, Context
+from varsd.cli.context import Context
+from varsd.cli.output import EXIT_OK, add_json, emit_json
 from varsd.engine import metrics
 
 
@@ -16,7 +16,7 @@ def cmd_metrics(ctx: Context, args: argparse.Namespace) -> int:
     if args.textfile:
         metrics.write_textfile(args.textfile, metrics.registry(snap))
     elif args.json:
-        print(json.dumps({"metrics": metrics.samples(snap)}, indent=2))
+        emit_json({"metrics": metrics.samples(snap)})
     else:
         sys.stdout.write(metrics.text(snap))
     return EXIT_OK
@@ -25,6 +25,6 @@ def cmd_metrics(ctx: Context, args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("metrics", help="print metrics in the Prometheus text format")
     p.add_argument("domains", nargs="*", metavar="DOMAIN", help="only these domains (default: all)")
-    p.add_argument("--json", action="store_true", help='print {"metrics": [{"name", "labels", "value"}]}')
+    add_json(p)
     p.add_argument("--textfile", metavar="PATH", help="write a node_exporter textfile (atomically) instead")
     p.set_defaults(func=cmd_metrics)

@@ -10,20 +10,16 @@ any refused, held or failed, 2 usage.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, Context
+from varsd.cli.context import Context
+from varsd.cli.output import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, add_json, emit_json, error, table
 from varsd.engine.secureboot import Audit, Outcome, SecureBoot, UpdateResult
+from varsd.messages import line
 from varsd.model.secureboot import Ms2023State
 
 _QUIET = {Ms2023State.OK, Ms2023State.NOT_APPLICABLE}
 _FINE = {Outcome.UPDATED, Outcome.QUEUED, Outcome.UNCHANGED, Outcome.WOULD_UPDATE, Outcome.WOULD_QUEUE}
-
-
-def _table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(r[:-1])) + "  " + r[-1] for r in rows)
 
 
 def _keys(a: Audit) -> str:
@@ -34,19 +30,13 @@ def _keys(a: Audit) -> str:
 
 
 def _text(domains: list[Audit], templates: list[Audit], verbose: bool) -> str:
-    out = []
-    rows = [("DOMAIN", "STATE", "SECURE-BOOT", "TPM", "KEYS", "MS2023", "DETAIL")]
-    for a in domains:
-        sb = "on" if a.secure_build and a.keys is not None and a.keys.enforcing else "off"
-        rows.append((a.name, a.state or "-", sb, "yes" if a.tpm else "no", _keys(a), a.state_ms2023.value,
-                     a.judgement.why))
-    out.append(_table(rows))
-    trows = [("TEMPLATE", "PATH", "SECURE-BOOT", "KEYS", "MS2023", "DETAIL")]
-    for a in templates:
-        trows.append((a.name, a.varstore or "-", "yes" if a.secure_build else "no", _keys(a), a.state_ms2023.value,
-                      a.judgement.why))
-    out.append("")
-    out.append(_table(trows))
+    out = [table(("DOMAIN", "STATE", "SECURE-BOOT", "TPM", "KEYS", "MS2023", "DETAIL"), (
+        (a.name, a.state or "-", "on" if a.secure_build and a.keys is not None and a.keys.enforcing else "off",
+         "yes" if a.tpm else "no", _keys(a), a.state_ms2023.value, a.judgement.why) for a in domains))]
+    if templates:
+        out += ["", table(("TEMPLATE", "PATH", "SECURE-BOOT", "KEYS", "MS2023", "DETAIL"), (
+            (a.name, a.varstore or "-", "yes" if a.secure_build else "no", _keys(a), a.state_ms2023.value,
+             a.judgement.why) for a in templates))]
     if verbose:
         for a in domains + templates:
             if a.keys is None:
@@ -70,8 +60,7 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
     domains = sb.audit_domains(ctx.refs(args.domains))
     templates = sb.audit_templates() if not args.domains else []
     if args.json:
-        print(json.dumps({"domains": [a.as_dict() for a in domains],
-                          "templates": [a.as_dict() for a in templates]}, indent=2))
+        emit_json({"domains": [a.as_dict() for a in domains], "templates": [a.as_dict() for a in templates]})
     else:
         print(_text(domains, templates, args.verbose_keys))
     return EXIT_OK if all(a.state_ms2023 in _QUIET for a in domains) else EXIT_ATTENTION
@@ -79,16 +68,16 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
 
 def _print_results(results: list[UpdateResult]) -> None:
     for r in results:
-        line = f"{r.name}: {r.outcome.value}: {r.detail}"
-        print(line, file=sys.stdout if r.outcome in _FINE else sys.stderr)
+        out = sys.stdout if r.outcome in _FINE else sys.stderr
+        print(line(r.name, f"{r.outcome.value}: {r.detail}", r.uuid), file=out)
 
 
 def cmd_update(ctx: Context, args: argparse.Namespace) -> int:
     if bool(args.domains) == bool(args.all):
-        print("varsctl: secureboot update: name domains or give --all, not both", file=sys.stderr)
+        error("secureboot update: name domains or give --all, not both")
         return EXIT_USAGE
     if args.canary is not None and args.canary < 1:
-        print("varsctl: secureboot update: --canary N needs N >= 1", file=sys.stderr)
+        error("secureboot update: --canary N needs N >= 1")
         return EXIT_USAGE
     sb = engine(ctx)
     refs = ctx.refs(args.domains)
@@ -99,7 +88,7 @@ def cmd_update(ctx: Context, args: argparse.Namespace) -> int:
         refs = sorted((r for r in refs if r.uuid in wanted), key=lambda r: r.name)
     results = sb.update(refs, tpm_ack=args.tpm_ack, dry_run=args.dry_run, canary=args.canary)
     if args.json:
-        print(json.dumps({"results": [r.as_dict() for r in results]}, indent=2))
+        emit_json({"results": [r.as_dict() for r in results]})
     else:
         if not results:
             print("secureboot update: no domain needs the update")
@@ -112,10 +101,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     ssub = p.add_subparsers(dest="secureboot_command", required=True)
 
     s = ssub.add_parser("status", help="every domain's and template's Secure Boot keys and ms2023 state")
-    s.add_argument("--json", action="store_true", help='print {"domains": [...], "templates": [...]}')
+    add_json(s)
     s.add_argument("--keys", dest="verbose_keys", action="store_true", help="list every certificate")
     s.add_argument("domains", nargs="*", metavar="DOMAIN", help="only these domains (default: all, plus templates)")
-    s.set_defaults(func=cmd_status)
+    s.set_defaults(func=cmd_status, read_only=True)
 
     u = ssub.add_parser("update", help="add the Microsoft 2023 KEK/db certificates (backup first)")
     u.add_argument("domains", nargs="*", metavar="DOMAIN", help="domains to update (or --all)")
@@ -124,5 +113,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--tpm-ack", action="store_true",
                    help="update guests with a vTPM too (PCR7 changes: BitLocker/LUKS recovery)")
     u.add_argument("--dry-run", action="store_true", help="say what would be done; change nothing")
-    u.add_argument("--json", action="store_true", help='print {"results": [...]}')
+    add_json(u)
     u.set_defaults(func=cmd_update)

@@ -23,14 +23,15 @@ from enum import StrEnum
 
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.journal import Journal
-from varsd.adapters.libvirt_api import DomainRef, Hypervisor
+from varsd.adapters.libvirt_api import Hypervisor
 from varsd.domain.classify import classify, firmware_image_path
 from varsd.domain.xml import parse_domain
 from varsd.engine.offline_write import VarstoreWriter
 from varsd.engine.reconciler import Reconciler
 from varsd.errors import VarsdError, VarstoreError
 from varsd.firmware.secureboot import judge
-from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig
+from varsd.messages import for_row
+from varsd.model.domain import DomainFirmware, DomainRef, FileFacts, FirmwareConfig
 from varsd.model.firmware import Build, Catalog, MappingMode
 from varsd.model.secureboot import Judgement, Ms2023State, Pcr7, SecureBootVars, ShippedCert
 from varsd.planning.repair import wants_secure_boot
@@ -256,9 +257,9 @@ class SecureBoot:
             try:
                 out.append(self.audit_xml(ref, self.hv.persistent_xml(ref.uuid), queue)[0])
             except VarsdError as exc:
+                why = f"cannot read the domain: {for_row(ref.name, exc, ref.uuid)}"
                 out.append(Audit(name=ref.name, kind="domain", uuid=ref.uuid, state=ref.state, active=ref.active,
-                                 varstore=None, secure_build=False,
-                                 judgement=Judgement(Ms2023State.BLOCKED, f"cannot read the domain: {exc}")))
+                                 varstore=None, secure_build=False, judgement=Judgement(Ms2023State.BLOCKED, why)))
         return out
 
     def audit_templates(self) -> list[Audit]:
@@ -317,7 +318,7 @@ class SecureBoot:
             try:
                 result = self._update_one(ref, tpm_ack=tpm_ack, dry_run=dry_run, canary=canary is not None)
             except VarsdError as exc:
-                result = self._result(ref, Outcome.FAILED, str(exc))
+                result = self._result(ref, Outcome.FAILED, for_row(ref.name, exc, ref.uuid))
             if result.outcome in (Outcome.UPDATED, Outcome.QUEUED, Outcome.WOULD_UPDATE, Outcome.WOULD_QUEUE):
                 started += 1
             results.append(result)
