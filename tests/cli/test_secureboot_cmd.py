@@ -166,3 +166,9 @@ def test_domains_without_a_varstore_say_why(host, capsys):
     assert "SeaBIOS" in got["seabiosguest"][1]
     assert "confidential guest (sev)" in got["sevguest"][1]
     assert "not a Secure Boot build" in got["splitguest"][1]
+
+
+def test_status_is_read_only(host, capsys):
+    """Like `status`: an admin who can read the state may audit; nothing is created."""
+    main(["--config", host["config"], "--connect", host["uri"], "secureboot", "status"])
+    assert not os.path.exists(host["state"])

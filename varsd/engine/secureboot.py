@@ -204,13 +204,20 @@ class SecureBoot:
     hv: Hypervisor
     catalog: Catalog
     journal: Journal
-    writer: VarstoreWriter
+    writer_for: Callable[[], VarstoreWriter]  # opened on first write: an audit creates nothing
     inspect: Callable[[str], FileFacts]  # path -> facts with digest (FileInspector.inspect)
     clock: Callable[[], str]
     actor: str = "varsctl"
     reader: KeyReader = field(default_factory=KeyReader)
     shipped: tuple[ShippedCert, ...] = field(default_factory=virtfw.ms2023_certificates)
     on_stage: Callable[[str], None] | None = None  # passed to the offline write (tests race a start with it)
+    _writer: VarstoreWriter | None = field(default=None, init=False, repr=False)
+
+    @property
+    def writer(self) -> VarstoreWriter:
+        if self._writer is None:
+            self._writer = self.writer_for()
+        return self._writer
 
     # -- audit -----------------------------------------------------------------------
 
@@ -484,7 +491,7 @@ def for_reconciler(rec: Reconciler, *, writer: VarstoreWriter | None = None) -> 
     cfg = rec.cfg
     return SecureBoot(
         hv=rec.hv, catalog=rec.catalog, journal=rec.journal,
-        writer=writer or VarstoreWriter.for_host(cfg, rec.hv),
+        writer_for=(lambda: writer) if writer is not None else (lambda: VarstoreWriter.for_host(cfg, rec.hv)),
         inspect=lambda p: rec.inspector.inspect(p, digest=True),
         clock=rec.clock, actor=rec.actor,
     )
