@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from prometheus_client.parser import text_string_to_metric_families
+from metrics_check import assert_matches
+from metrics_check import samples as parse_samples
 
 from varsd.cli.varsctl import main
 
@@ -14,28 +15,15 @@ from .test_secureboot_cmd import (
 )
 
 
-def _samples(text: str) -> dict:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
 def test_metrics_match_status_and_secureboot_status(fleet, capsys, tmp_path):  # noqa: F811
     base = fleet["base"]
     assert main([*base, "metrics"]) == 0
-    samples = _samples(capsys.readouterr().out)
+    samples = parse_samples(capsys.readouterr().out)
     main([*base, "status", "--json"])
     status = json.loads(capsys.readouterr().out)["domains"]
     main([*base, "secureboot", "status", "--json"])
     sb = json.loads(capsys.readouterr().out)
-    for value in {d["status"] for d in status} | {"ok", "error"}:
-        assert samples[("varsd_domains", (("status", value),))] == sum(d["status"] == value for d in status)
-    for value in {d["config"] for d in status}:
-        assert samples[("varsd_domains_by_config", (("config", value),))] == sum(d["config"] == value for d in status)
-    for value in ("ok", "update-available", "blocked", "n/a", "update-queued"):
-        assert samples[("varsd_domains_ms2023", (("ms2023", value),))] == \
-            sum(d["ms2023"] == value for d in sb["domains"])
-        assert samples[("varsd_templates_ms2023", (("ms2023", value),))] == \
-            sum(t["ms2023"] == value for t in sb["templates"])
+    assert_matches(samples, status, sb)
     assert samples[("varsd_domains_vtpm", ())] == 1
     with_store = sum(1 for d in sb["domains"] if d["varstore"])
     assert samples[("varsd_backups_missing", ())] == with_store  # nothing backed up yet
@@ -45,7 +33,7 @@ def test_metrics_match_status_and_secureboot_status(fleet, capsys, tmp_path):  #
     capsys.readouterr()
     out = tmp_path / "varsd.prom"
     assert main([*base, "metrics", "--textfile", str(out)]) == 0
-    samples = _samples(out.read_text())
+    samples = parse_samples(out.read_text())
     assert samples[("varsd_backups_missing", ())] == with_store - 1
     assert 0 <= samples[("varsd_backup_age_seconds", (("domain", "b"),))] < 60
     # 24.11 ships no Option ROM CA: the updated store stays update-available (and says why)

@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+from metrics_check import assert_matches
+from metrics_check import samples as parse_samples
 from prometheus_client.parser import text_string_to_metric_families
 
 from varsd.adapters import virtfw
@@ -204,20 +206,11 @@ def test_metrics_parse_and_match_status(hv: Hypervisor, guest_factory, tmp_path)
     mine = [guest.name, other.name]  # the host is shared: other sessions' domains come and go meanwhile
     r = varsctl(config, "metrics", *mine)
     assert r.returncode == 0, r.stderr
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for fam in text_string_to_metric_families(r.stdout) for s in fam.samples}
+    samples = parse_samples(r.stdout)
     status = json.loads(varsctl(config, "status", "--json", *mine).stdout)["domains"]
     sb = json.loads(varsctl(config, "secureboot", "status", "--json").stdout)
     sb["domains"] = [d for d in sb["domains"] if d["name"] in mine]
-    for value in ("ok", "error", "unmanaged", "pending-cold-boot", "needs-migration", "pinned"):
-        assert samples[("varsd_domains", (("status", value),))] == sum(d["status"] == value for d in status)
-    for value in ("split", "bios-rom", "none"):
-        assert samples[("varsd_domains_by_config", (("config", value),))] == sum(d["config"] == value for d in status)
-    for value in ("ok", "update-available", "blocked", "n/a", "update-queued"):
-        assert samples[("varsd_domains_ms2023", (("ms2023", value),))] == \
-            sum(d["ms2023"] == value for d in sb["domains"])
-        assert samples[("varsd_templates_ms2023", (("ms2023", value),))] == \
-            sum(t["ms2023"] == value for t in sb["templates"])
+    assert_matches(samples, status, sb)
     assert samples[("varsd_domains_by_config", (("config", "none"),))] == 1
     assert samples[("varsd_domains_ms2023", (("ms2023", "update-available"),))] == 1
     assert samples[("varsd_backups_missing", ())] == 1  # the booted guest's store was never backed up here
