@@ -153,6 +153,8 @@ class Reconciler:
         self._memo: dict[str, _Memo] = {}
         self._owners: dict[str, tuple[str, str]] = {}  # varstore path -> (uuid, name) whose own it is
         self._uses: dict[str, str | None] = {}  # uuid -> varstore path it names
+        self._users: dict[str, set[str]] = {}  # varstore path -> uuids naming it (the inverse of _uses)
+        self._owned: dict[str, str] = {}  # uuid -> the path in _owners it owns (the inverse of _owners)
         self._owners_lock = threading.Lock()
         self.rechecks: set[str] = set()  # domains to look at again (see _note_varstore)
         self._upgrades: tuple[float, UpgradeContext] | None = None
@@ -290,22 +292,45 @@ class Reconciler:
         not matter.
         """
         with self._owners_lock:
-            for path, (uuid, _name) in list(self._owners.items()):
-                if uuid == fw.uuid and path != fw.nvram_path:
-                    del self._owners[path]  # its varstore moved
             path = fw.nvram_path
-            self._uses[fw.uuid] = path
+            owned = self._owned.get(fw.uuid)
+            if owned is not None and owned != path:
+                self._disown(fw.uuid)  # its varstore moved
+            self._use(fw.uuid, path)
             if not path:
                 return None
             if path == varstore_path(self.cfg.nvram_dir, fw.name, fw.uuid):
+                previous = self._owners.get(path)
+                if previous is not None and previous[0] != fw.uuid:
+                    self._owned.pop(previous[0], None)
                 self._owners[path] = (fw.uuid, fw.name)
-                for other, used in self._uses.items():
-                    if used == path and other != fw.uuid:
+                self._owned[fw.uuid] = path
+                for other in self._users.get(path, ()):
+                    if other != fw.uuid:
                         self._memo.pop(other, None)
                         self.rechecks.add(other)
                 return None
             owner = self._owners.get(path)
             return owner[1] if owner is not None and owner[0] != fw.uuid else None
+
+    # The two indexes keep each look O(1): a full pass over N domains must not cost N^2.
+    def _use(self, uuid: str, path: str | None) -> None:
+        """Record that `uuid` names `path` (None: no varstore), in `_uses` and its inverse."""
+        before = self._uses.get(uuid)
+        if before and before != path:
+            users = self._users.get(before, set())
+            users.discard(uuid)
+            if not users:
+                self._users.pop(before, None)
+        self._uses[uuid] = path
+        if path:
+            self._users.setdefault(path, set()).add(uuid)
+
+    def _disown(self, uuid: str) -> None:
+        """`uuid` no longer owns the path it owned."""
+        path = self._owned.pop(uuid, None)
+        if path is not None and self._owners.get(path, ("",))[0] == uuid:
+            del self._owners[path]
 
     def plan_xml(self, ref: DomainRef, xml: str, *, policy: UpgradePolicy | None = None) -> tuple[DomainFacts, Plan]:
         """Plan for a definition the domain does not have yet (what varsctl pin, unpin and
@@ -319,10 +344,9 @@ class Reconciler:
     def forget(self, uuid: str) -> str | None:
         """Drop what is remembered of a domain that is gone; returns its last varstore path."""
         with self._owners_lock:
+            self._use(uuid, None)
             self._uses.pop(uuid, None)
-            for path, (owner, _name) in list(self._owners.items()):
-                if owner == uuid:
-                    del self._owners[path]
+            self._disown(uuid)
         memo = self._memo.pop(uuid, None)
         return memo.facts.firmware.nvram_path if memo is not None else None
 
