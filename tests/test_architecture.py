@@ -26,6 +26,7 @@ PURE_MODULES = (
     "varsd.model.archive",
     "varsd.model.domain",
     "varsd.model.firmware",
+    "varsd.model.journal",
     "varsd.model.varstore",
     "varsd.domain.classify",
     "varsd.domain.xml",

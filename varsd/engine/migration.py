@@ -51,6 +51,7 @@ from varsd.engine.transaction import Transaction
 from varsd.errors import VarsdError, VarstoreError
 from varsd.model.domain import DomainFirmware, DomainRef, FileFacts, FirmwareConfig, Status
 from varsd.model.firmware import VarstoreLayout
+from varsd.model.journal import ChangeKind
 from varsd.model.varstore import EfiVariable
 from varsd.planning.migration import (
     MigrationFacts,
@@ -254,7 +255,7 @@ class Migrator:
             if on_disk != new_bytes:
                 raise MigrationFailed(f"{plan.varstore} does not read back as written")
             _verify_store(on_disk, old_vars, plan.target_layout, plan.varstore)
-            tx.write(plan.new_xml, plan.reason, planned_from=facts.xml)
+            tx.write(plan.new_xml, plan.reason, planned_from=facts.xml, kind=ChangeKind.MIGRATION)
         except BaseException as exc:
             restored = self._restore(plan, old_bytes, new_bytes, backup) if written else "nothing was written"
             if isinstance(exc, VarsdError):
