@@ -3,9 +3,9 @@
 One `Reconciler` serves `varsctl reconcile` and the daemon alike. For each domain it
 re-reads the persistent (and live) XML from libvirt rather than trusting any event,
 gathers file facts, asks the pure planner, and executes the actions in order under
-the host lock. Every XML change is journaled with the previous XML before libvirt
-sees it. A failure in one domain becomes that domain's `error` outcome; it never
-stops the pass.
+the domain's lock, in the one write transaction (`engine.transaction`). Every XML
+change is journaled with the previous XML before libvirt sees it. A failure in one
+domain becomes that domain's `error` outcome; it never stops the pass.
 """
 
 from __future__ import annotations
