@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
+from varsd.clock import SYSTEM, Clock, stamp
 from varsd.config import Config
 from varsd.domain.classify import firmware_image_path
 from varsd.domain.xml import firmware_signature, parse_domain
@@ -36,10 +35,6 @@ from varsd.planning.upgrade import UpgradeContext
 from varsd.retry import SETTINGS, Action, Purpose, decide
 
 log = logging.getLogger("varsd.reconcile")
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -137,7 +132,7 @@ class Reconciler:
         owner: tuple[int, int],
         *,
         actor: str = "varsctl",
-        clock: Callable[[], str] = utc_now,
+        clock: Clock = SYSTEM,
         inspector: FileInspector | None = None,
         archive: Archive | None = None,
     ) -> None:
@@ -171,7 +166,7 @@ class Reconciler:
         ARCHIVE_RECHECK seconds (a full pass must not re-list the archive per domain)."""
         with self._archive_lock:
             cached = self._upgrades
-            if cached is None or time.monotonic() - cached[0] > ARCHIVE_RECHECK \
+            if cached is None or self.clock.monotonic() - cached[0] > ARCHIVE_RECHECK \
                     or cached[1].policy != self.cfg.upgrade_policy:
                 try:
                     index = self.archive.index()
@@ -187,7 +182,7 @@ class Reconciler:
                 fresh = UpgradeContext(policy=self.cfg.upgrade_policy, archive=index, features=features)
                 if cached is not None and cached[1] == fresh:
                     fresh = cached[1]  # the same object: memoised plans stay valid (they compare identity)
-                cached = (time.monotonic(), fresh)
+                cached = (self.clock.monotonic(), fresh)
                 self._upgrades = cached
         ctx = cached[1]
         return ctx if policy is None or policy == ctx.policy else replace(ctx, policy=policy)
@@ -210,14 +205,14 @@ class Reconciler:
             return
         with self._archive_lock:
             tried = self._archive_tried.get(sha)
-            if tried is not None and time.monotonic() - tried < decide(
+            if tried is not None and self.clock.monotonic() - tried < decide(
                     ArchiveError(sha), purpose=Purpose.ARCHIVE, settings=self.retry).delay:
                 return
-            self._archive_tried[sha] = time.monotonic()
+            self._archive_tried[sha] = self.clock.monotonic()
         try:
             with host_lock(self.cfg.firmware_lock_path):
                 stored = self.archive.store_file(build.code_path, expect_sha256=sha)
-                at = self.clock()
+                at = stamp(self.clock.now())
                 self.journal.note_archived(sha256=sha, code_path=build.code_path, size=stored.entry.size,
                                            at=at, layout=build.layout, features=build.features)
                 # The first sight of a build is history too, so a later sync reports a change
@@ -258,7 +253,7 @@ class Reconciler:
         ):
             return memo.facts, memo.plan
         facts = self.facts(xml, live_xml, excluded=excluded, persistent=ref.persistent)
-        plan = plan_repair(facts, self.catalog, self.cfg.nvram_dir, self.clock(), upgrades)
+        plan = plan_repair(facts, self.catalog, self.cfg.nvram_dir, stamp(self.clock.now()), upgrades)
         if plan.actions:
             self._memo.pop(ref.uuid, None)
         else:
@@ -338,7 +333,7 @@ class Reconciler:
         wants and the daemon has nothing left to change. Never memoised."""
         live_xml = self.hv.live_xml(ref.uuid) if ref.active else None
         facts = self.facts(xml, live_xml, excluded=self.cfg.is_excluded(ref.name, ref.uuid), persistent=ref.persistent)
-        return facts, plan_repair(facts, self.catalog, self.cfg.nvram_dir, self.clock(),
+        return facts, plan_repair(facts, self.catalog, self.cfg.nvram_dir, stamp(self.clock.now()),
                                   self.upgrade_context(policy=policy))
 
     def forget(self, uuid: str) -> str | None:

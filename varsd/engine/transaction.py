@@ -26,6 +26,7 @@ from contextlib import contextmanager
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
+from varsd.clock import Clock, stamp
 from varsd.domain.xml import parse_domain
 from varsd.engine.lock import host_lock
 from varsd.errors import HypervisorError, VarsdError
@@ -46,7 +47,7 @@ class Writer:
 
     def __init__(
         self, hv: Hypervisor, journal: Journal, archive: Archive, lock_path: Callable[[str], str], *,
-        actor: str, clock: Callable[[], str], on_corrupt_archive: Callable[[], None] = lambda: None,
+        actor: str, clock: Clock, on_corrupt_archive: Callable[[], None] = lambda: None,
     ) -> None:
         self.hv = hv
         self.journal = journal
@@ -81,7 +82,7 @@ class Writer:
         if self.hv.persistent_xml(ref.uuid) != planned_from:
             raise StaleDefinition(f"domain '{ref.name}' was redefined meanwhile; will look again")
         change = self.journal.record(
-            at=self.clock(), uuid=ref.uuid, name=ref.name, actor=self.actor, reason=reason,
+            at=stamp(self.clock.now()), uuid=ref.uuid, name=ref.name, actor=self.actor, reason=reason,
             old_xml=planned_from, new_xml=new_xml, kind=kind,
         )
         try:
