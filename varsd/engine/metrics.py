@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -210,4 +209,4 @@ def take_snapshot(rec: Reconciler, refs: Sequence[DomainRef] | None = None, *,
         log.warning("metrics: backup index: %s", exc)
         backups = None
     return Snapshot(outcomes=outcomes, audits=audits, templates=sb.audit_templates(),
-                    backups=backups, errors_since=errors_since or {}, now=time.time())
+                    backups=backups, errors_since=errors_since or {}, now=rec.clock.now().timestamp())
