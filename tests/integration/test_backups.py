@@ -323,7 +323,7 @@ def test_restore_requested_while_a_start_is_in_progress_is_refused(hv, guest_fac
         out, err = second[0].communicate(timeout=120)
         assert start["rc"] == 0, start
         assert second[0].returncode == 1, out + err
-        assert "running (or starting)" in err and "shut it down" in err, err
+        assert "(or starting)" in err and "shut it down" in err, err  # libvirt shows a start as paused
         assert reset.write.changed
         opened = opened_varstore(name, path)
         assert opened.st_ino == path.stat().st_ino
@@ -413,13 +413,14 @@ def test_start_with_reset_nvram_is_reported_with_the_backup_that_holds_the_varia
         assert r.returncode == 0, r.stderr
 
         def reported():
-            st = json.loads(varsctl(config, "status", "--json", name).stdout)["domains"][0]["backup"]
-            return st.get("last_event")
+            r = varsctl(config, "status", "--json", name)
+            assert r.returncode in (0, 1), r.stderr
+            return json.loads(r.stdout)["domains"][0]["backup"].get("last_event")
 
         wait_until(reported, 60, "varsd notices the reset")
         event = reported()
         assert event["backup_id"] == backup["id"], event
-        assert "VarsdProof" in event["detail"] and f"--id {backup['id']}" in event["detail"], event
+        assert "reset to its template" in event["detail"] and f"--id {backup['id']}" in event["detail"], event
     finally:
         daemon.stop()
         hv.destroy(g.uuid)
@@ -439,7 +440,7 @@ def test_fresh_varstores_of_200_guests_are_stored_once(hv, guest_factory, tmp_pa
     r = varsctl(config, "backup", "create", "--all", "--json", timeout=600)
     assert r.returncode == 0, r.stderr
     made = [x for x in json.loads(r.stdout)["results"] if "backup" in x]
-    assert len(made) == 200
+    assert len(made) == 200, r.stdout[-3000:]
     objects = os.listdir(tmp_path / "state" / "backups" / "objects")
     assert objects == [f"{fsio.sha256_bytes(template)}.fd"]
     r = varsctl(config, "backup", "create", "--all", "--json", timeout=600)

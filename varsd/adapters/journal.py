@@ -14,6 +14,7 @@ it, for retention).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sqlite3
 import threading
@@ -131,8 +132,18 @@ def open_state_db(path: str, schema: str) -> sqlite3.Connection:
     each opens its own connection through here."""
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        os.close(fd)
+        # Create it 0600 first, but never open and close an *existing* database file here:
+        # closing any fd of a file drops every POSIX lock this process holds on it, and a
+        # process with another connection open (journal and backup index) would lose the
+        # locks SQLite's WAL mode relies on; another process closing then deletes the WAL
+        # under it and its writes vanish.
+        if not os.path.lexists(path):
+            try:
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+            except FileExistsError:
+                pass
+        if os.path.islink(path):
+            raise OSError(errno.ELOOP, "is a symbolic link", path)
         db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # a journaled old XML survives a power cut

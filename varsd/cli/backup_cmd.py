@@ -69,6 +69,7 @@ def cmd_create(ctx: Context, args: argparse.Namespace) -> int:
             lines.append(f"{r.target.name}: {'skipped' if r.skipped else 'FAILED'}: {r.skipped or r.error}")
         if r.paused_ms is not None:
             row["paused_ms"] = round(r.paused_ms, 3)
+        rows.append(row)
     named = {t.uuid for t in targets} | {ref.uuid for ref, _ in errors}
     for ref in refs:
         if ref.uuid not in named and not args.all:
