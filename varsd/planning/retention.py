@@ -76,4 +76,4 @@ def plan_retention(records: Iterable[BackupRecord], keep: BackupKeep, now: datet
             else:
                 pruned.append(Prune(r, f"beyond the newest {keep.last}, and not the newest of its day "
                                        f"(last {keep.daily} days) or week (last {keep.weekly} weeks)"))
-    return RetentionPlan(tuple(kept), tuple(pruned))
+    return RetentionPlan(tuple(sorted(kept, key=lambda r: r.id)), tuple(sorted(pruned, key=lambda p: p.record.id)))
