@@ -205,8 +205,10 @@ def test_concurrent_writes_are_serialised_by_the_domain_lock(host):
     _cfg, path, writer = host
     results, errors = [], []
 
+    writers = [writer() for _ in range(3)]  # each its own connection, made before the threads
+
     def go(tag: bytes):
-        w = writer()
+        w = writers[tag[0]]
         try:
             results.append(w.write(w.hv.lookup(UUID), lambda cur: virtfw.with_variable(
                 path, "VarsdTest", EFI_GLOBAL, tag), op="restore"))

@@ -161,7 +161,7 @@ class StateDB:
     def __init__(self, path: str) -> None:
         self.path = path
         self._db = open_state_db(path, self.SCHEMA)
-        self._lock = threading.Lock()  # one connection, several worker threads
+        self._lock = threading.RLock()  # one connection, several worker threads; `batch` nests
 
     def close(self) -> None:
         self._db.close()
@@ -175,6 +175,19 @@ class StateDB:
                 yield
             except sqlite3.Error as exc:
                 raise VarsdError(f"{self.path}: cannot {what} the varsd journal: {exc}") from None
+
+
+    @contextlib.contextmanager
+    def batch(self, what: str = "write to") -> Iterator[None]:
+        """Many writes in one transaction (one fsync, not one per row), all or none."""
+        with self._sql(what):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
 
 class Journal(StateDB):

@@ -46,6 +46,7 @@ log = logging.getLogger("varsd.backups")
 OBJECTS = "objects"
 COHERENT_TRIES = 5
 COHERENT_DELAY = 0.05  # seconds between two reads of a running guest's varstore
+PASS_BATCH = 100  # varstores per index transaction in a pass (a suspend pass never holds it long)
 
 
 class BackupError(VarsdError):
@@ -281,7 +282,14 @@ class BackupStore:
         `suspend` needs `hv` to pause and resume them."""
         seen = self.index.seen_all()
         latest = self.index.latest_all()
-        return [self._one(t, seen.get(t.uuid), latest.get(t.uuid), reason, running_mode, hv) for t in targets]
+        results: list[PassResult] = []
+        pending = list(targets)
+        while pending:  # index rows in batches: one fsync per batch, not two per varstore
+            chunk, pending = pending[:PASS_BATCH], pending[PASS_BATCH:]
+            with self.index.batch():
+                results += [self._one(t, seen.get(t.uuid), latest.get(t.uuid), reason, running_mode, hv)
+                            for t in chunk]
+        return results
 
     def _one(self, t: Target, seen: SeenVarstore | None, latest: BackupRecord | None, reason: str,
              running_mode: str, hv: Hypervisor | None) -> PassResult:
