@@ -54,6 +54,7 @@ from varsd.engine.reconciler import Reconciler, utc_now
 from varsd.errors import HypervisorError, VarsdError
 from varsd.firmware.archive import Archive
 from varsd.firmware.catalog import load_configured
+from varsd.model.backup import BackupReason
 from varsd.model.domain import Status
 
 log = logging.getLogger("varsd")
@@ -418,7 +419,7 @@ class Service:
                 self._varstore_lifecycle(hv, rec, key[len(LIFE_PREFIX) :])
                 return
             if key == BACKUP_OFFLINE:
-                self._lifecycle(rec).backup_offline(hv.list_domains())
+                self._lifecycle(rec).backup_offline(hv.list_domains(), reason=BackupReason.OFFLINE)
                 return
             if key == BACKUP_SCHEDULE:
                 results = self._lifecycle(rec).scheduled_pass()

@@ -15,6 +15,7 @@ class BackupReason(StrEnum):
 
     SCHEDULE = "schedule"  # the backup_schedule pass
     STOP = "stop"  # the guest stopped with a changed varstore
+    OFFLINE = "offline"  # a shut-off guest's varstore changed while varsd was not watching (seen at connect)
     MANUAL = "manual"  # varsctl backup create
     BEFORE_WRITE = "before-write"  # prefix: "before-write:<op>" before any varsd write (restore, reset, migrate, ...)
     UNDEFINE = "undefine"  # last look at a domain being undefined
