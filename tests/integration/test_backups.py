@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import shutil
 import subprocess
 import sys
 import threading
@@ -37,6 +36,7 @@ from varsd.firmware.catalog import load_configured
 from .guests import CODE_4M, NVRAM_DIR, VARS_4M, open_files, qemu_pid, split_os, wait_for_serial
 from .test_daemon_live import Daemon, wait_until
 from .test_dpkg_upgrade import _exclude_all_but
+from .test_migrate import _place_varstore
 
 VENDOR = "5b3c9c5e-1f6a-4b8e-9d2a-7a1f0e6d4c21"
 BOOT_LINE = r"BdsDxe: (loading|starting|failed to load) Boot"
@@ -60,14 +60,6 @@ def proof_store(tag: str) -> bytes:
     return virtfw.with_variable(VARS_4M, "VarsdProof", VENDOR, tag.encode())
 
 
-def place(factory, name: str, data: bytes) -> Path:
-    path = factory.track(f"{NVRAM_DIR}/{name}_VARS.fd")
-    path.write_bytes(data)
-    os.chmod(path, 0o600)
-    shutil.chown(path, "libvirt-qemu", "libvirt-qemu")
-    return path
-
-
 def variables(data: bytes) -> dict:
     return virtfw.variables_of_bytes(data, "varstore")
 
@@ -79,7 +71,7 @@ def boot_entries(data: bytes) -> dict[str, bytes]:
 
 def define_guest(factory, name: str, tag: str):
     """A split 4 MiB guest whose varstore holds our proof variable."""
-    path = place(factory, name, proof_store(tag))
+    path = _place_varstore(factory, name, proof_store(tag))
     g = factory.define(name, split_os(CODE_4M, str(path), template=VARS_4M))
     return g, path
 
@@ -435,7 +427,7 @@ def test_fresh_varstores_of_200_guests_are_stored_once(hv, guest_factory, tmp_pa
     template = Path(VARS_4M).read_bytes()
     for i in range(200):
         name = f"{prefix}-{i:03d}"
-        path = place(guest_factory, name, template)
+        path = _place_varstore(guest_factory, name, template)
         guest_factory.define(name, split_os(CODE_4M, str(path), template=VARS_4M))
     r = varsctl(config, "backup", "create", "--all", "--json", timeout=600)
     assert r.returncode == 0, r.stderr

@@ -4,7 +4,8 @@ Thin: arguments and printing; `varsd.engine.backups` and `varsd.engine.restore` 
 the work. Every subcommand takes `--json`.
 
 Exit codes: 0 done, 1 refused or failed (or, for create, a domain could not be
-backed up), 2 usage (unknown domain or backup id).
+backed up), 2 usage (unknown domain or backup id). Refusals are VarsdErrors, which
+varsctl's main prints and turns into 1.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from datetime import UTC, datetime
 from varsd.adapters.libvirt_api import DomainRef, NoSuchDomain
 from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, Context
 from varsd.engine.backups import BackupError, BackupStore, domain_targets, open_store
-from varsd.engine.offline_write import VarstoreWriter, WriteRefused
+from varsd.engine.offline_write import VarstoreWriter
 from varsd.engine.restore import Restorer
 from varsd.model.backup import BackupReason
 from varsd.planning.retention import plan_retention
@@ -197,19 +198,6 @@ def cmd_diff(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _guard(func):
-    def run(ctx: Context, args: argparse.Namespace) -> int:
-        try:
-            return func(ctx, args)
-        except WriteRefused as exc:
-            print(f"varsctl: {exc}", file=sys.stderr)
-            return EXIT_ATTENTION
-        except BackupError as exc:
-            print(f"varsctl: {exc}", file=sys.stderr)
-            return EXIT_ATTENTION
-    return run
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `backup` and `reset` to varsctl's parser."""
     b = sub.add_parser("backup", help="varstore backups: create, list, restore, diff, prune")
@@ -219,12 +207,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("domains", nargs="*", metavar="DOMAIN")
     c.add_argument("--all", action="store_true", help="every domain with a varstore file")
     c.add_argument("--json", action="store_true")
-    c.set_defaults(func=_guard(cmd_create))
+    c.set_defaults(func=cmd_create)
 
     ls = bs.add_parser("list", help="list backups (undefined domains' too, marked), and what pruning would remove")
     ls.add_argument("domain", nargs="?", metavar="DOMAIN", help="name or UUID (also of an undefined domain)")
     ls.add_argument("--json", action="store_true")
-    ls.set_defaults(func=_guard(cmd_list))
+    ls.set_defaults(func=cmd_list)
 
     r = bs.add_parser("restore", help="put a backup back into a shut-off domain's varstore (backed up first)")
     r.add_argument("domain", metavar="DOMAIN")
@@ -233,22 +221,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="take another domain's backups (e.g. the same guest before it was undefined)")
     r.add_argument("--dry-run", action="store_true")
     r.add_argument("--json", action="store_true")
-    r.set_defaults(func=_guard(cmd_restore))
+    r.set_defaults(func=cmd_restore)
 
     d = bs.add_parser("diff", help="per-variable differences: two backups, a backup and now, or newest and now")
     d.add_argument("domain", metavar="DOMAIN")
     d.add_argument("id", type=int, nargs="?", metavar="ID")
     d.add_argument("id2", type=int, nargs="?", metavar="ID2")
     d.add_argument("--json", action="store_true")
-    d.set_defaults(func=_guard(cmd_diff))
+    d.set_defaults(func=cmd_diff)
 
     p = bs.add_parser("prune", help="apply retention (backup_keep) now")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_guard(cmd_prune))
+    p.set_defaults(func=cmd_prune)
 
     z = sub.add_parser("reset", help="the safe --reset-nvram: back up, then a fresh copy of the domain's template")
     z.add_argument("domain", metavar="DOMAIN")
     z.add_argument("--dry-run", action="store_true", help="show what the reset would lose")
     z.add_argument("--json", action="store_true")
-    z.set_defaults(func=_guard(cmd_reset))
+    z.set_defaults(func=cmd_reset)

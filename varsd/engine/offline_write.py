@@ -32,7 +32,6 @@ import errno
 import fcntl
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -123,28 +122,12 @@ class InHand:
     @contextlib.contextmanager
     def commit(self) -> Iterator[None]:
         """The moment the file is replaced: refused if a start gave up waiting (StartBegan)."""
-        try:
-            fd = os.open(self._path("commit"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise WriteRefused(f"{self._path('commit')}: cannot open: {fsio.describe_oserror(exc)}") from None
-        try:
-            deadline = time.monotonic() + COMMIT_LOCK_WAIT
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise WriteRefused(f"{self._path('commit')}: held by the libvirt hook for "
-                                           f"{COMMIT_LOCK_WAIT:g}s") from None
-                    time.sleep(0.01)
+        with host_lock(self._path("commit"), timeout=COMMIT_LOCK_WAIT):
             if os.path.lexists(self._path("gaveup")):
                 raise StartBegan(
                     f"a start of domain {self.uuid} waited {self.wait}s for this {self.op} and went on; "
                     "nothing was written (shut the domain down and run the operation again)")
             yield
-        finally:
-            os.close(fd)
 
     def __exit__(self, *_exc: object) -> None:
         for suffix in ("gaveup", "commit", "write"):  # the .write last: it is what the hook looks for
