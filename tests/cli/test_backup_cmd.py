@@ -58,10 +58,10 @@ def test_retention_prunes_as_configured_and_says_so_first(capsys, host):
     assert [i for i, b in listed.items() if b["prune"]] == [1, 2, 5]
     assert listed[5]["undefined"] is True and "undefined" in listed[5]["prune"]
     rc, out, _ = run(capsys, host, "backup", "prune", "--dry-run", "--json")
-    assert [p["id"] for p in json.loads(out)["pruned"]] == [1, 2, 5]
+    assert [p["id"] for p in json.loads(out)["result"]["pruned"]] == [1, 2, 5]
     assert len(store.index.records()) == 5
     rc, out, _ = run(capsys, host, "backup", "prune", "--json")
-    result = json.loads(out)
+    result = json.loads(out)["result"]
     assert rc == 0 and result["kept"] == 2 and result["files_removed"] == 2  # data[0] (ids 1 and 5), data[1]
     assert [r.id for r in store.index.records()] == [3, 4]
     assert sorted(os.listdir(store.objects_dir)) == sorted(f"{fsio.sha256_bytes(d)}.fd" for d in data[2:])
@@ -99,5 +99,13 @@ def test_restore_from_another_domain_needs_from(capsys, host):
     assert rc == 1 and "--from 0a000000-0000-4000-8000-0000000000ee" in err
     rc, out, err = run(capsys, host, "backup", "restore", "splitguest", "--from", "oldguest", "--dry-run", "--json")
     assert rc == 0, err
-    assert json.loads(out)["restored"]["id"] == rec.id
-    assert any(d["variable"] == "V" and d["change"] == "added" for d in json.loads(out)["diff"])
+    result = json.loads(out)["result"]
+    assert result["restored"]["id"] == rec.id
+    assert any(d["variable"] == "V" and d["change"] == "added" for d in result["diff"])
+
+
+def test_read_only_commands_create_nothing(capsys, host):
+    for args in (("backup", "list"), ("status", "--json")):
+        rc, _, err = run(capsys, host, *args)
+        assert rc in (0, 1), err
+    assert not os.path.exists(host["state"])

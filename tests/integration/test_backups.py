@@ -157,7 +157,7 @@ def test_reset_keeps_the_previous_store_in_a_backup_and_diff_shows_what_was_lost
 
     r = varsctl(config, "reset", name, "--json")
     assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+    out = json.loads(r.stdout)["result"]
     assert path.read_bytes() == Path(VARS_4M).read_bytes()
     prev = out["previous_backup"]
     assert prev["sha256"] == fsio.sha256_bytes(used) and prev["reason"] == "before-write:reset"

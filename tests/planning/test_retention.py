@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from varsd.config import BackupKeep
-from varsd.model.backup import BackupRecord
+from varsd.model.backup import BackupKeep, BackupRecord
 from varsd.planning.retention import plan_retention
 
 NOW = datetime(2026, 12, 1, 12, 0, 0)

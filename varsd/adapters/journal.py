@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -153,14 +154,41 @@ def open_state_db(path: str, schema: str) -> sqlite3.Connection:
     return db
 
 
+_CREATE_TABLE = re.compile(r"(CREATE TABLE IF NOT EXISTS (\w+) \(.*?\);)", re.S)
+
+
+def open_state_db_read_only(path: str, schema: str) -> sqlite3.Connection:
+    """An existing state database read-only, never creating anything (status, journal and
+    firmware list/history, so an admin who may read the file need not be able to write it);
+    a missing one reads as empty."""
+    try:
+        if os.path.exists(path):
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, isolation_level=None,
+                                 check_same_thread=False)
+            have = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()}
+            # Tables an older varsd (or one that never backed anything up) did not create read
+            # as empty: temporary tables, only where the file has none (a temp table would
+            # shadow the real one).
+            for stmt in _CREATE_TABLE.findall(schema):
+                if stmt[1] not in have:
+                    db.execute(stmt[0].replace("CREATE TABLE", "CREATE TEMP TABLE", 1))
+        else:
+            db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            db.executescript(schema)
+    except sqlite3.Error as exc:
+        raise VarsdError(f"{path}: cannot open the varsd journal read-only: {exc}") from None
+    return db
+
+
 class StateDB:
     """One connection to the state database, shared by worker threads."""
 
     SCHEMA = ""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, read_only: bool = False) -> None:
+        """Open (creating it if need be) the state database; `read_only`: see open_state_db_read_only."""
         self.path = path
-        self._db = open_state_db(path, self.SCHEMA)
+        self._db = open_state_db_read_only(path, self.SCHEMA) if read_only else open_state_db(path, self.SCHEMA)
         self._lock = threading.RLock()  # one connection, several worker threads; `batch` nests
 
     def close(self) -> None:
@@ -175,7 +203,6 @@ class StateDB:
                 yield
             except sqlite3.Error as exc:
                 raise VarsdError(f"{self.path}: cannot {what} the varsd journal: {exc}") from None
-
 
     @contextlib.contextmanager
     def batch(self, what: str = "write to") -> Iterator[None]:

@@ -38,7 +38,7 @@ from varsd.adapters.libvirt_api import DomainRef, Hypervisor
 from varsd.config import Config
 from varsd.domain.xml import parse_domain
 from varsd.errors import VarsdError, VarstoreError
-from varsd.model.backup import BackupRecord, SeenVarstore
+from varsd.model.backup import BackupRecord, BackupRunning, SeenVarstore
 from varsd.model.firmware import VarstoreLayout
 
 log = logging.getLogger("varsd.backups")
@@ -146,9 +146,10 @@ class PassResult:
     paused_ms: float | None = None  # backup_running=suspend: how long the guest was paused
 
 
-def open_store(cfg: Config, *, clock: Callable[[], datetime] | None = None) -> BackupStore:
-    """The host's backup store (`<state_dir>/backups`, index in the state database)."""
-    index = BackupIndex(cfg.journal_path)
+def open_store(cfg: Config, *, clock: Callable[[], datetime] | None = None, read_only: bool = False) -> BackupStore:
+    """The host's backup store (`<state_dir>/backups`, index in the state database);
+    `read_only` for commands that only look (status, list, diff): nothing is created."""
+    index = BackupIndex(cfg.journal_path, read_only=read_only)
     return BackupStore(cfg.backup_dir, index, clock=clock) if clock else BackupStore(cfg.backup_dir, index)
 
 
@@ -273,7 +274,7 @@ class BackupStore:
 
     # -- a pass ---------------------------------------------------------------------------
 
-    def run_pass(self, targets: Iterable[Target], *, reason: str, running_mode: str = "coherent",
+    def run_pass(self, targets: Iterable[Target], *, reason: str, running_mode: BackupRunning = BackupRunning.COHERENT,
                  hv: Hypervisor | None = None) -> list[PassResult]:
         """Back up every target whose varstore changed since its newest backup.
 
@@ -292,7 +293,7 @@ class BackupStore:
         return results
 
     def _one(self, t: Target, seen: SeenVarstore | None, latest: BackupRecord | None, reason: str,
-             running_mode: str, hv: Hypervisor | None) -> PassResult:
+             running_mode: BackupRunning, hv: Hypervisor | None) -> PassResult:
         try:
             st = os.lstat(t.path)
         except FileNotFoundError:
@@ -310,9 +311,9 @@ class BackupStore:
         try:
             if not t.running:
                 data = read_offline(t.path)
-            elif running_mode == "skip":
+            elif running_mode is BackupRunning.SKIP:
                 return PassResult(t, skipped="running (backup_running = \"skip\": copied when it stops)")
-            elif running_mode == "suspend":
+            elif running_mode is BackupRunning.SUSPEND:
                 data, paused = self._read_suspended(t, hv)
             else:
                 data = read_coherent(t.path, t.layout)

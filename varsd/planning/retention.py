@@ -18,8 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from varsd.config import BackupKeep
-from varsd.model.backup import BackupRecord
+from varsd.model.backup import BackupKeep, BackupRecord
 
 
 @dataclass(frozen=True)
