@@ -109,3 +109,19 @@ def test_read_only_commands_create_nothing(capsys, host):
         rc, _, err = run(capsys, host, *args)
         assert rc in (0, 1), err
     assert not os.path.exists(host["state"])
+
+
+def test_restore_by_default_takes_the_newest_backup_that_differs_from_now(capsys, host):
+    """After --reset-nvram (or undefine --nvram + define) the next stop backs up the fresh
+    store: that newest backup equals the file, and restoring it would change nothing."""
+    store = _store(host)
+    lived = virtfw.with_variable(VARS_4M, "V", EFI_GLOBAL, b"lived-in")
+    now = open(host["split_vars"], "rb").read()
+    older = store.index.add(uuid=U_SPLIT, name="splitguest", taken=_ago(2), sha256=store.put(lived),
+                            size=len(lived), reason="stop", source=host["split_vars"])
+    store.index.add(uuid=U_SPLIT, name="splitguest", taken=_ago(1), sha256=store.put(now), size=len(now),
+                    reason="stop", source=host["split_vars"])
+    rc, out, err = run(capsys, host, "backup", "restore", "splitguest", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["result"]["restored"]["id"] == older.id
+    assert open(host["split_vars"], "rb").read() == lived

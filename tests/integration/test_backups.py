@@ -134,7 +134,7 @@ def test_undefine_nvram_loses_nothing_restore_brings_the_boot_entries_back(hv, g
 
     r = varsctl(config, "backup", "restore", name)
     assert r.returncode == 0, r.stderr + r.stdout
-    assert path.read_bytes() == used
+    assert path.read_bytes() == used, r.stdout + json.dumps(backups_of(config, name))
     st = path.stat()
     assert (st.st_mode & 0o777, st.st_uid) == (0o600, pwd.getpwnam("libvirt-qemu").pw_uid)
     hv.start(g.uuid)
@@ -377,7 +377,7 @@ def test_domrename_moves_the_varstore_and_the_guest_boots_with_its_variables(hv,
         daemon.stop()
     assert not path.exists() and new_path.read_bytes() == used
     r = varsctl(config, "journal", new, "--json")
-    assert any("varstore follows domrename" in c["reason"] for c in json.loads(r.stdout)), r.stdout
+    assert any("varstore follows domrename" in c["reason"] for c in json.loads(r.stdout)["changes"]), r.stdout
     hv.start(g.uuid)
     try:
         wait_for_serial(g.serial_log, BOOT_LINE, timeout=180)
