@@ -131,6 +131,7 @@ class Target:
     path: str
     running: bool = False
     layout: VarstoreLayout | None = None  # expected, when known (checks a running guest's copy)
+    paused: bool = False  # running but paused (by the admin): its vCPUs write nothing
 
 
 @dataclass(frozen=True)
@@ -331,6 +332,8 @@ class BackupStore:
 
     def _read_suspended(self, t: Target, hv: Hypervisor | None) -> tuple[bytes, float]:
         """Pause the guest for one read (milliseconds), always resuming it."""
+        if t.paused:  # already paused: one read is whole, and the admin's pause is not ours to lift
+            return read_offline(t.path), 0.0
         if hv is None:
             raise BackupError("backup_running = \"suspend\" needs the libvirt connection")
         hv.suspend(t.uuid)
@@ -386,7 +389,8 @@ def domain_targets(hv: Hypervisor, refs: Iterable[DomainRef], cfg: Config | None
             errors.append((ref, str(exc)))
             continue
         if fw.nvram_path and os.path.isabs(fw.nvram_path):
-            targets.append(Target(uuid=ref.uuid, name=ref.name, path=fw.nvram_path, running=ref.active))
+            targets.append(Target(uuid=ref.uuid, name=ref.name, path=fw.nvram_path, running=ref.active,
+                                  paused=ref.state == "paused"))
     return targets, errors
 
 
