@@ -20,6 +20,7 @@ from varsd.config import qemu_owner
 from varsd.engine.backups import BackupError, BackupStore, domain_targets, open_store
 from varsd.engine.offline_write import VarstoreWriter, WriteFailed, WriteRefused
 from varsd.engine.restore import Restorer
+from varsd.firmware.catalog import load_configured
 from varsd.model.backup import BackupReason, BackupRunning
 from varsd.planning.retention import plan_retention
 from varsd.planning.varstore_diff import VariableDiff
@@ -60,7 +61,7 @@ def cmd_create(ctx: Context, args: argparse.Namespace) -> int:
         error("give DOMAIN... or --all", prog="varsctl backup create")
         return EXIT_USAGE
     refs = ctx.hv.list_domains() if args.all else [ctx.hv.lookup(d) for d in args.domains]
-    targets, errors = domain_targets(ctx.hv, refs, ctx.cfg if args.all else None)
+    targets, errors = domain_targets(ctx.hv, refs, ctx.cfg if args.all else None, load_configured(ctx.cfg))
     # An explicit request copies running guests too ("skip" is for the schedule).
     mode = BackupRunning.SUSPEND if ctx.cfg.backup_running is BackupRunning.SUSPEND else BackupRunning.COHERENT
     results = _store(ctx).run_pass(targets, reason=BackupReason.MANUAL, running_mode=mode, hv=ctx.hv)

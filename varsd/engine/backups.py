@@ -39,7 +39,7 @@ from varsd.config import Config
 from varsd.domain.xml import parse_domain
 from varsd.errors import VarsdError, VarstoreError
 from varsd.model.backup import BackupRecord, BackupRunning, SeenVarstore
-from varsd.model.firmware import VarstoreLayout
+from varsd.model.firmware import Catalog, VarstoreLayout
 
 log = logging.getLogger("varsd.backups")
 
@@ -373,11 +373,12 @@ class BackupStore:
         return removed
 
 
-def domain_targets(hv: Hypervisor, refs: Iterable[DomainRef], cfg: Config | None = None
-                   ) -> tuple[list[Target], list[tuple[DomainRef, str]]]:
+def domain_targets(hv: Hypervisor, refs: Iterable[DomainRef], cfg: Config | None = None,
+                   catalog: Catalog | None = None) -> tuple[list[Target], list[tuple[DomainRef, str]]]:
     """The file-backed varstores of these domains (persistent XML), and the domains that
     could not be read. Domains without a varstore file (SeaBIOS, stateless) are left out,
-    and with `cfg` those its `exclude` names (varsd leaves them alone)."""
+    and with `cfg` those its `exclude` names (varsd leaves them alone). With `catalog`,
+    a running guest's copy must also have the layout of its code's build."""
     targets: list[Target] = []
     errors: list[tuple[DomainRef, str]] = []
     for ref in refs:
@@ -389,8 +390,9 @@ def domain_targets(hv: Hypervisor, refs: Iterable[DomainRef], cfg: Config | None
             errors.append((ref, str(exc)))
             continue
         if fw.nvram_path and os.path.isabs(fw.nvram_path):
+            build = catalog.by_code_path(fw.loader_path) if catalog is not None and fw.loader_path else None
             targets.append(Target(uuid=ref.uuid, name=ref.name, path=fw.nvram_path, running=ref.active,
-                                  paused=ref.state == "paused"))
+                                  paused=ref.state == "paused", layout=build.layout if build else None))
     return targets, errors
 
 

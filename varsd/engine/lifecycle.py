@@ -113,7 +113,7 @@ class Lifecycle:
     def scheduled_pass(self) -> list[PassResult]:
         """backup_schedule: every domain, running ones per backup_running; then retention."""
         refs = self.hv.list_domains()
-        targets, errors = domain_targets(self.hv, refs, self.cfg)
+        targets, errors = domain_targets(self.hv, refs, self.cfg, self.rec.catalog)
         for ref, message in errors:
             log.warning("%s", about_domain(ref.name, f"scheduled backup: {message}", ref.uuid))
         results = self.store.run_pass(targets, reason=BackupReason.SCHEDULE, running_mode=self.cfg.backup_running,
