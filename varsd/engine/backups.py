@@ -319,6 +319,7 @@ class BackupStore:
             else:
                 data = read_coherent(t.path, t.layout)
             sha = fsio.sha256_bytes(data)
+            latest = self.index.latest(t.uuid)  # again: another pass (a stop, the schedule) may have just stored it
             if latest is not None and latest.sha256 == sha:
                 self.index.note_seen(SeenVarstore(t.uuid, t.path, key, sha, utc_iso(self.clock())))
                 return PassResult(t, unchanged=True, read=True, paused_ms=paused)
