@@ -11,11 +11,11 @@ varsctl's main prints and turns into 1.
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime
 
 from varsd.adapters.libvirt_api import DomainRef, NoSuchDomain
 from varsd.cli.context import Context
 from varsd.cli.output import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, add_json, emit_json, error
+from varsd.clock import SYSTEM
 from varsd.config import qemu_owner
 from varsd.engine.backups import BackupError, BackupStore, domain_targets, open_store
 from varsd.engine.offline_write import VarstoreWriter, WriteFailed, WriteRefused
@@ -107,7 +107,7 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
             records = store.index.records(args.domain.lower()) or store.index.by_name(args.domain)
     else:
         records = store.index.records()
-    plan = plan_retention(store.index.records(), ctx.cfg.backup_keep, datetime.now(UTC), defined)
+    plan = plan_retention(store.index.records(), ctx.cfg.backup_keep, SYSTEM.now(), defined)
     prune = {p.record.id: p.why for p in plan.prune}
     out = []
     for r in records:
@@ -126,7 +126,7 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
 def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     store = _store(ctx)
     defined = {r.uuid for r in ctx.hv.list_domains()}
-    plan = plan_retention(store.index.records(), ctx.cfg.backup_keep, datetime.now(UTC), defined)
+    plan = plan_retention(store.index.records(), ctx.cfg.backup_keep, SYSTEM.now(), defined)
     removed: list[str] = []
     if not args.dry_run:
         store.index.remove([p.record.id for p in plan.prune])

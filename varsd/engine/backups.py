@@ -30,11 +30,11 @@ import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.backup_index import BackupIndex
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
+from varsd.clock import SYSTEM, Clock, stamp
 from varsd.config import Config
 from varsd.domain.xml import parse_domain
 from varsd.errors import VarsdError, VarstoreError
@@ -59,10 +59,6 @@ class BackupCorrupt(BackupError):
 
 class IncoherentCopy(BackupError):
     """A running guest's varstore could not be read whole (it was being written); retried later."""
-
-
-def utc_iso(now: datetime) -> str:
-    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def stat_key(st: os.stat_result) -> str:
@@ -147,18 +143,16 @@ class PassResult:
     paused_ms: float | None = None  # backup_running=suspend: how long the guest was paused
 
 
-def open_store(cfg: Config, *, clock: Callable[[], datetime] | None = None, read_only: bool = False) -> BackupStore:
+def open_store(cfg: Config, *, clock: Clock = SYSTEM, read_only: bool = False) -> BackupStore:
     """The host's backup store (`<state_dir>/backups`, index in the state database);
     `read_only` for commands that only look (status, list, diff): nothing is created."""
-    index = BackupIndex(cfg.journal_path, read_only=read_only)
-    return BackupStore(cfg.backup_dir, index, clock=clock) if clock else BackupStore(cfg.backup_dir, index)
+    return BackupStore(cfg.backup_dir, BackupIndex(cfg.journal_path, read_only=read_only), clock=clock)
 
 
 class BackupStore:
     """The content-addressed files plus their index; every public method verifies."""
 
-    def __init__(self, directory: str, index: BackupIndex, *,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(self, directory: str, index: BackupIndex, *, clock: Clock = SYSTEM) -> None:
         self.directory = directory
         self.index = index
         self.clock = clock
@@ -244,7 +238,7 @@ class BackupStore:
         """Store bytes already read and index them; `st` (the stat before the read) lets the
         next pass skip an unchanged file."""
         sha = self.put(data)
-        at = utc_iso(self.clock())
+        at = stamp(self.clock.now())
         record = self.index.add(uuid=uuid, name=name, taken=at, sha256=sha, size=len(data), reason=reason,
                                 source=source)
         if st is not None:
@@ -271,7 +265,7 @@ class BackupStore:
         except OSError:
             return
         self.index.note_seen(SeenVarstore(uuid=uuid, path=path, stat_key=stat_key(st),
-                                          sha256=fsio.sha256_bytes(data), at=utc_iso(self.clock())))
+                                          sha256=fsio.sha256_bytes(data), at=stamp(self.clock.now())))
 
     # -- a pass ---------------------------------------------------------------------------
 
@@ -321,7 +315,7 @@ class BackupStore:
             sha = fsio.sha256_bytes(data)
             latest = self.index.latest(t.uuid)  # again: another pass (a stop, the schedule) may have just stored it
             if latest is not None and latest.sha256 == sha:
-                self.index.note_seen(SeenVarstore(t.uuid, t.path, key, sha, utc_iso(self.clock())))
+                self.index.note_seen(SeenVarstore(t.uuid, t.path, key, sha, stamp(self.clock.now())))
                 return PassResult(t, unchanged=True, read=True, paused_ms=paused)
             # `st` is from before the read: if the file changed since, the next pass reads again.
             record = self.add(uuid=t.uuid, name=t.name, data=data, reason=reason, source=t.path, st=st)

@@ -23,10 +23,10 @@ import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
+from varsd.clock import stamp
 from varsd.config import Config
 from varsd.domain.xml import parse_domain, replace_nvram_path
 from varsd.engine.backups import (
@@ -36,7 +36,6 @@ from varsd.engine.backups import (
     inode_of,
     read_coherent,
     stat_key,
-    utc_iso,
 )
 from varsd.engine.offline_write import InHand
 from varsd.engine.reconciler import Reconciler
@@ -97,7 +96,7 @@ class Lifecycle:
         return self.rec.hv
 
     def now(self) -> str:
-        return utc_iso(datetime.now(UTC))
+        return stamp(self.rec.clock.now())
 
     # -- backups at stop and in passes ---------------------------------------------------
 
@@ -123,7 +122,7 @@ class Lifecycle:
         return results
 
     def prune(self, defined: set[str]) -> int:
-        plan = plan_retention(self.store.index.records(), self.cfg.backup_keep, datetime.now(UTC), defined)
+        plan = plan_retention(self.store.index.records(), self.cfg.backup_keep, self.rec.clock.now(), defined)
         if plan.prune:
             self.store.index.remove([p.record.id for p in plan.prune])
             removed = self.store.remove_unreferenced()

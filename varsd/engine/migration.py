@@ -42,11 +42,12 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from varsd.adapters import fsio, virtfw
+from varsd.clock import SYSTEM, Clock, stamp
 from varsd.config import Config
 from varsd.domain.classify import classify, firmware_image_path
 from varsd.domain.xml import parse_domain
@@ -58,6 +59,7 @@ from varsd.errors import VarsdError, VarstoreError
 from varsd.model.backup import before_write
 from varsd.model.domain import DomainFirmware, DomainRef, FileFacts, FirmwareConfig, Status
 from varsd.model.firmware import VarstoreLayout
+from varsd.model.journal import ChangeKind
 from varsd.model.varstore import EfiVariable
 from varsd.planning.migration import (
     MigrationFacts,
@@ -146,8 +148,7 @@ def _remove_if(path: str, data: bytes) -> None:
 class Migrator:
     """Runs migrations with one reconciler (config, libvirt, catalog, journal)."""
 
-    def __init__(self, rec: Reconciler, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 store: BackupStore | None = None) -> None:
+    def __init__(self, rec: Reconciler, *, clock: Clock = SYSTEM, store: BackupStore | None = None) -> None:
         self.rec = rec
         self.clock = clock
         self._store = store
@@ -181,15 +182,15 @@ class Migrator:
         """The migration `migrate` would carry out now (no lock, nothing written)."""
         facts, _, _ = self._facts(ref)
         return plan_migration(facts, self.rec.catalog, to=to, nvram_dir=self.cfg.nvram_dir,
-                              now=_iso(self.clock()))
+                              now=stamp(self.clock.now()))
 
     def migrate(self, ref: DomainRef, *, to: str | None = None) -> MigrationResult:
         """Migrate one shut-off domain (module steps), under its lock."""
         with self.rec.writer.transaction(ref) as tx, \
                 InHand(self.cfg.offline_dir, ref.uuid, op="migrate", wait=self.cfg.start_wait) as hand:
-            now = self.clock()
+            now = self.clock.now()
             facts, old_bytes, old_vars = self._facts(ref)
-            plan = plan_migration(facts, self.rec.catalog, to=to, nvram_dir=self.cfg.nvram_dir, now=_iso(now))
+            plan = plan_migration(facts, self.rec.catalog, to=to, nvram_dir=self.cfg.nvram_dir, now=stamp(now))
             return self._carry_out(tx, facts, plan, old_bytes, old_vars, now, hand)
 
     def _carry_out(
@@ -215,7 +216,7 @@ class Migrator:
             raise MigrationFailed(f"domain '{name}': cannot back up the varstore: {exc}; nothing was changed") from None
         backup = self.store.object_path(record.sha256)
         index = self.store.index
-        write_id = index.record_write(at=_iso(now), uuid=plan.uuid, name=name, op="migrate", path=plan.varstore,
+        write_id = index.record_write(at=stamp(now), uuid=plan.uuid, name=name, op="migrate", path=plan.varstore,
                                       before_sha256=record.sha256 if plan.in_place else None,
                                       after_sha256=fsio.sha256_bytes(new_bytes), backup_id=record.id)
 
@@ -243,7 +244,7 @@ class Migrator:
             if on_disk != new_bytes:
                 raise MigrationFailed(f"{plan.varstore} does not read back as written")
             _verify_store(on_disk, old_vars, plan.target_layout, plan.varstore)
-            tx.write(plan.new_xml, plan.reason, planned_from=facts.xml)
+            tx.write(plan.new_xml, plan.reason, planned_from=facts.xml, kind=ChangeKind.MIGRATION)
         except BaseException as exc:
             restored = self._restore(plan, old_bytes, new_bytes, backup) if written else "nothing was written"
             with contextlib.suppress(VarsdError):
@@ -298,10 +299,6 @@ class Migrator:
             return (f"RESTORING THE VARSTORE FAILED ({exc}): copy the backup {backup} back to {plan.varstore} "
                     "(cp --preserve=mode,ownership) before starting the domain")
         return f"the varstore was restored from the backup {backup}"
-
-
-def _iso(now: datetime) -> str:
-    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # -- --all --------------------------------------------------------------------------------

@@ -34,13 +34,13 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
+from varsd.clock import SYSTEM, Clock, stamp
 from varsd.config import Config, qemu_owner
 from varsd.domain.xml import parse_domain
-from varsd.engine.backups import BackupStore, open_store, read_offline, utc_iso
+from varsd.engine.backups import BackupStore, open_store, read_offline
 from varsd.engine.lock import host_lock
 from varsd.errors import VarsdError, VarstoreError
 from varsd.model.backup import BackupRecord, before_write
@@ -157,7 +157,7 @@ class VarstoreWriter:
     """Offline writes to domains' varstores (module doc); one per actor (varsd, varsctl)."""
 
     def __init__(self, cfg: Config, hv: Hypervisor, store: BackupStore, owner: tuple[int, int], *,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Clock = SYSTEM) -> None:
         self.cfg = cfg
         self.hv = hv
         self.store = store
@@ -165,9 +165,9 @@ class VarstoreWriter:
         self.clock = clock
 
     @classmethod
-    def for_host(cls, cfg: Config, hv: Hypervisor) -> VarstoreWriter:
+    def for_host(cls, cfg: Config, hv: Hypervisor, *, clock: Clock = SYSTEM) -> VarstoreWriter:
         """The writer for this host's configuration: its backup store and qemu user."""
-        return cls(cfg, hv, open_store(cfg), qemu_owner(cfg))
+        return cls(cfg, hv, open_store(cfg, clock=clock), qemu_owner(cfg), clock=clock)
 
     def write(
         self,
@@ -224,7 +224,7 @@ class VarstoreWriter:
         if new == old:
             return WriteResult(ref.uuid, name, op, path, backup, before_sha, after_sha, False, None)
         index = self.store.index
-        write_id = index.record_write(at=utc_iso(self.clock()), uuid=ref.uuid, name=name, op=op, path=path,
+        write_id = index.record_write(at=stamp(self.clock.now()), uuid=ref.uuid, name=name, op=op, path=path,
                                       before_sha256=before_sha, after_sha256=after_sha,
                                       backup_id=backup.id if backup else None)
         if on_stage:

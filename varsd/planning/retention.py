@@ -34,7 +34,8 @@ class RetentionPlan:
 
 
 def _taken(record: BackupRecord) -> datetime:
-    return datetime.strptime(record.taken, "%Y-%m-%dT%H:%M:%SZ")
+    """The record's time (an ISO 8601 stamp) as naive UTC."""
+    return datetime.fromisoformat(record.taken).astimezone(UTC).replace(tzinfo=None)
 
 
 def plan_retention(records: Iterable[BackupRecord], keep: BackupKeep, now: datetime,
