@@ -12,7 +12,6 @@ import pytest
 from varsd import config as config_mod
 from varsd.config import (
     DEFAULT_FIRMWARE_DIRS,
-    BackupKeep,
     Config,
     ExtraFirmware,
     config_path,
@@ -21,6 +20,7 @@ from varsd.config import (
     qemu_owner,
 )
 from varsd.errors import ConfigError, VarsdError
+from varsd.model.backup import BackupKeep
 
 WHERE = "/etc/varsd/test.toml"
 UUID = "3f2a1c9e-0b4d-4e8f-9a6b-1c2d3e4f5a6b"

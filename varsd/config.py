@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from varsd.errors import ConfigError
+from varsd.model.backup import BackupKeep, BackupRunning
 from varsd.model.firmware import UpgradePolicy
 
 DEFAULT_CONFIG_PATH = "/etc/varsd/varsd.toml"
@@ -49,26 +50,11 @@ DEFAULT_FIRMWARE_DIRS: tuple[str, ...] = (
 
 UPGRADE_POLICIES = tuple(p.value for p in UpgradePolicy)
 SECUREBOOT_TEMPLATES = ("shipped", "2023")
-BACKUP_RUNNING_MODES = ("coherent", "suspend", "skip")
-"""How a scheduled backup copies a running guest's varstore (README "Backups")."""
+BACKUP_RUNNING_MODES = tuple(m.value for m in BackupRunning)
 
 DEFAULT_OFFLINE_DIR = "/run/varsd/offline"
 """Where offline varstore writes are announced to the libvirt QEMU hook (its fixed path)."""
 
-
-@dataclass(frozen=True)
-class BackupKeep:
-    """Retention: the newest `last` versions per domain, plus the newest of each of the
-    last `daily` days and `weekly` weeks. Backups of undefined domains are kept for the
-    same period (the longer of the two), then pruned."""
-
-    last: int = 10
-    daily: int = 14
-    weekly: int = 8
-
-    @property
-    def period_days(self) -> int:
-        return max(self.daily, 7 * self.weekly)
 
 T = TypeVar("T")
 
@@ -103,7 +89,7 @@ class Config:
     backup_schedule: str = "0 3 * * *"  # cron (minute hour day month weekday), local time
     backup_jitter: int = 3600  # seconds of random delay per run, so hosts do not all copy at once
     backup_keep: BackupKeep = BackupKeep()
-    backup_running: str = "coherent"  # one of BACKUP_RUNNING_MODES
+    backup_running: BackupRunning = BackupRunning.COHERENT
     start_wait: int = 30  # seconds a domain start waits for an offline varstore write (hook; cap 60)
     offline_dir: str = DEFAULT_OFFLINE_DIR
     source: str | None = field(default=None, compare=False)  # file it came from
@@ -200,6 +186,7 @@ def parse_config(text: str, where: str = "<config>") -> Config:
     if "backup_running" in kw:
         _expect(kw["backup_running"] in BACKUP_RUNNING_MODES, where,
                 f"'backup_running' must be one of {', '.join(BACKUP_RUNNING_MODES)}")
+        kw["backup_running"] = BackupRunning(kw["backup_running"])
     if "backup_keep" in data:
         keep = data["backup_keep"]
         _expect(isinstance(keep, dict), where, "'backup_keep' must be a table ([backup_keep] last/daily/weekly)")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from varsd.adapters import virtfw
+from varsd.adapters.backup_index import BackupIndex
 from varsd.adapters.journal import Journal
 from varsd.cli.varsctl import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, main
 from varsd.domain.xml import parse_domain
@@ -80,8 +81,15 @@ def _journal(bed: dict, uuid: str) -> list:
 
 
 def _backups(bed: dict, uuid: str) -> list[Path]:
-    d = bed["state"] / "backups" / uuid
-    return sorted(d.iterdir()) if d.exists() else []
+    """The domain's backups in the backup store (index rows -> content-addressed files)."""
+    db = bed["state"] / "state.sqlite3"
+    if not db.exists():
+        return []
+    index = BackupIndex(str(db))
+    try:
+        return [bed["state"] / "backups" / "objects" / f"{r.sha256}.fd" for r in index.records(uuid)]
+    finally:
+        index.close()
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from varsd.adapters import fsio, virtfw
+from varsd.adapters.backup_index import BackupIndex
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.clock import FixedClock
@@ -402,9 +403,11 @@ def test_migrate_moves_every_variable_backs_up_and_rebinds(bed: Bed, qemu_owner)
     assert virtfw.read_layout(str(store)) == LAYOUT_4M and store.stat().st_size == LAYOUT_4M.size
     st = store.stat()
     assert st.st_ino != inode and (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (*qemu_owner, 0o640)
-    # the backup: where the docs say, 0600, equal to the old store
+    # the backup: in the backup store, indexed, 0600, equal to the old store
     backup = Path(result.backup or "")
-    assert backup == bed.state / "backups" / uuid / "20250601T120000Z_sb2_VARS.fd"
+    [record] = BackupIndex(str(bed.state / "state.sqlite3")).records(uuid)
+    assert record.reason == "before-write:migrate" and record.taken == "2025-06-01T12:00:00Z"
+    assert backup == bed.state / "backups" / "objects" / f"{record.sha256}.fd"
     assert backup.read_bytes() == old and stat.S_IMODE(backup.stat().st_mode) == 0o600
     # the XML, journaled with the old one
     new = parse_domain(bed.hv.persistent_xml(uuid))
@@ -486,8 +489,8 @@ def test_failed_define_restores_the_backup(bed: Bed, monkeypatch) -> None:
     assert store.read_bytes() == old
     assert bed.hv.persistent_xml(uuid) == xml
     assert [c.outcome for c in bed.journal.changes(uuid)] == ["failed: domain 'fd': cannot define: injected failure"]
-    backups = list((bed.state / "backups" / uuid).iterdir())
-    assert len(backups) == 1 and backups[0].read_bytes() == old
+    [record] = BackupIndex(str(bed.state / "state.sqlite3")).records(uuid)
+    assert (bed.state / "backups" / "objects" / f"{record.sha256}.fd").read_bytes() == old
 
 
 def test_a_write_that_does_not_read_back_is_undone(bed: Bed, monkeypatch) -> None:

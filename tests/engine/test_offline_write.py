@@ -205,8 +205,10 @@ def test_concurrent_writes_are_serialised_by_the_domain_lock(host):
     _cfg, path, writer = host
     results, errors = [], []
 
+    writers = [writer() for _ in range(3)]  # each its own connection, made before the threads
+
     def go(tag: bytes):
-        w = writer()
+        w = writers[tag[0]]
         try:
             results.append(w.write(w.hv.lookup(UUID), lambda cur: virtfw.with_variable(
                 path, "VarsdTest", EFI_GLOBAL, tag), op="restore"))
@@ -219,3 +221,21 @@ def test_concurrent_writes_are_serialised_by_the_domain_lock(host):
     for th in threads:
         th.join()
     assert errors == [] and len(results) == 3
+
+
+@pytest.mark.parametrize("op", ["prepare begin", "start begin", "started begin", "stopped end", "release end",
+                                "migrate begin", "restore begin", "reconnect begin", "attach begin"])
+def test_hook_never_fails_a_libvirt_operation(tmp_path, host, op):
+    """Fail-open: every operation, with garbage on stdin or a write in hand, exits 0."""
+    cfg, _path, _writer = host
+    hook = _hook(tmp_path, cfg)
+    with InHand(cfg.offline_dir, UUID, op="reset", wait=1):
+        for stdin in (f"<domain><uuid>{UUID}</uuid></domain>", "not xml at all", ""):
+            r = subprocess.run(["sh", hook, "guest", *op.split(), "-"], input=stdin, capture_output=True, text=True,
+                               timeout=10)
+            assert r.returncode == 0, r.stderr
+
+
+def test_hook_is_plain_posix_sh():
+    assert subprocess.run(["dash", "-n", str(HOOK)]).returncode == 0
+    assert os.access(HOOK, os.X_OK)

@@ -121,8 +121,9 @@ def test_migrate_2m_secure_boot_domain_to_the_4m_build_and_boot_it(hv: Hyperviso
     assert virtfw.read_layout(str(store)) == virtfw.read_layout(VARS_4M_MS)
     assert store.stat().st_size == os.path.getsize(VARS_4M_MS)
     assert not list(Path(NVRAM_DIR).glob(f".{name}_VARS.fd.varsd-tmp.*"))  # no temp file left behind
-    [backup] = list((tmp_path / "state" / "backups" / guest.uuid).iterdir())
-    assert backup.name.endswith(f"_{name}_VARS.fd") and backup.read_bytes() == old
+    [backup] = json.loads(varsctl(config, "backup", "list", "--json", name).stdout)["backups"]
+    assert backup["reason"] == "before-write:migrate"
+    assert (tmp_path / "state" / "backups" / "objects" / f"{backup['sha256']}.fd").read_bytes() == old
     fw = parse_domain(hv.persistent_xml(guest.uuid))
     assert (fw.loader_path, fw.loader_secure, fw.smm, fw.nvram_path, fw.nvram_template) == (
         SB_CODE_4M_MS, True, True, str(store), VARS_4M_MS)

@@ -14,7 +14,9 @@ it, for retention).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -169,10 +171,6 @@ def _layout_of(text: str | None) -> VarstoreLayout | None:
     return VarstoreLayout(size, start, end)
 
 
-def _change(row: tuple) -> Change:
-    return Change(*row[:-1], kind=ChangeKind(row[-1]))
-
-
 def open_state_db(path: str, schema: str) -> sqlite3.Connection:
     """The state database (0600, WAL, synchronous=FULL) with `schema` applied.
 
@@ -180,8 +178,18 @@ def open_state_db(path: str, schema: str) -> sqlite3.Connection:
     each opens its own connection through here."""
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        os.close(fd)
+        # Create it 0600 first, but never open and close an *existing* database file here:
+        # closing any fd of a file drops every POSIX lock this process holds on it, and a
+        # process with another connection open (journal and backup index) would lose the
+        # locks SQLite's WAL mode relies on; another process closing then deletes the WAL
+        # under it and its writes vanish.
+        if not os.path.lexists(path):
+            try:
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+            except FileExistsError:
+                pass
+        if os.path.islink(path):
+            raise OSError(errno.ELOOP, "is a symbolic link", path)
         db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # a journaled old XML survives a power cut
@@ -191,43 +199,42 @@ def open_state_db(path: str, schema: str) -> sqlite3.Connection:
     return db
 
 
+_CREATE_TABLE = re.compile(r"(CREATE TABLE IF NOT EXISTS (\w+) \(.*?\);)", re.S)
+
+
+def open_state_db_read_only(path: str, schema: str) -> sqlite3.Connection:
+    """An existing state database read-only, never creating anything (status, journal and
+    firmware list/history, so an admin who may read the file need not be able to write it);
+    a missing one reads as empty."""
+    try:
+        if os.path.exists(path):
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, isolation_level=None,
+                                 check_same_thread=False)
+            have = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()}
+            # Tables an older varsd (or one that never backed anything up) did not create read
+            # as empty: temporary tables, only where the file has none (a temp table would
+            # shadow the real one).
+            for stmt in _CREATE_TABLE.findall(schema):
+                if stmt[1] not in have:
+                    db.execute(stmt[0].replace("CREATE TABLE", "CREATE TEMP TABLE", 1))
+        else:
+            db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            db.executescript(schema)
+    except sqlite3.Error as exc:
+        raise VarsdError(f"{path}: cannot open the varsd journal read-only: {exc}") from None
+    return db
+
+
 class StateDB:
     """One connection to the state database, shared by worker threads."""
 
     SCHEMA = ""
 
     def __init__(self, path: str, *, read_only: bool = False) -> None:
-        """Open (creating it if need be) the state database; `read_only` opens an existing one
-        read-only and never creates anything (for status, journal and firmware list/history,
-        so an admin who may read the file need not be able to write it); a missing
-        database then reads as empty."""
+        """Open (creating it if need be) the state database; `read_only`: see open_state_db_read_only."""
         self.path = path
-        if read_only:
-            self._open_read_only(path)
-            return
-        self._db = open_state_db(path, self.SCHEMA)
-        self._lock = threading.Lock()  # one connection, several worker threads
-        try:
-            self._after_open(read_only=False)
-        except sqlite3.Error as exc:
-            raise VarsdError(f"{path}: cannot open the varsd journal: {exc}") from None
-
-    def _after_open(self, *, read_only: bool) -> None:
-        """A subclass's schema check after opening; with `read_only` it may only look, never upgrade."""
-
-    def _open_read_only(self, path: str) -> None:
-        try:
-            if os.path.exists(path):
-                self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, isolation_level=None,
-                                           check_same_thread=False)
-                self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            else:
-                self._db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-                self._db.executescript(self.SCHEMA)
-            self._after_open(read_only=True)
-            self._lock = threading.Lock()
-        except sqlite3.Error as exc:
-            raise VarsdError(f"{path}: cannot open the varsd journal read-only: {exc}") from None
+        self._db = open_state_db_read_only(path, self.SCHEMA) if read_only else open_state_db(path, self.SCHEMA)
+        self._lock = threading.RLock()  # one connection, several worker threads; `batch` nests
 
     def close(self) -> None:
         self._db.close()
@@ -242,15 +249,38 @@ class StateDB:
             except sqlite3.Error as exc:
                 raise VarsdError(f"{self.path}: cannot {what} the varsd journal: {exc}") from None
 
+    @contextlib.contextmanager
+    def batch(self, what: str = "write to") -> Iterator[None]:
+        """Many writes in one transaction (one fsync, not one per row), all or none."""
+        with self._sql(what):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+
+def _change(row: tuple) -> Change:
+    return Change(*row[:-1], kind=ChangeKind(row[-1]))
 
 
 class Journal(StateDB):
     SCHEMA = _SCHEMA + _SECUREBOOT_SCHEMA
 
-    def _after_open(self, *, read_only: bool) -> None:
-        if not read_only and not self._has_kind():
-            self._add_kind()
-        self._kind_column = self._has_kind()
+    def __init__(self, path: str, *, read_only: bool = False) -> None:
+        """Open (creating it if need be) the journal; `read_only`: see open_state_db_read_only."""
+        super().__init__(path, read_only=read_only)
+        try:
+            if read_only:
+                self._kind_column = self._has_kind()
+            else:
+                if not self._has_kind():
+                    self._add_kind()
+                self._kind_column = True
+        except sqlite3.Error as exc:
+            raise VarsdError(f"{path}: cannot open the varsd journal: {exc}") from None
 
     def _has_kind(self) -> bool:
         return any(row[1] == "kind" for row in self._db.execute("PRAGMA table_info(xml_changes)"))

@@ -4,36 +4,49 @@ Thin: arguments and printing; `varsd.engine.backups` and `varsd.engine.restore` 
 the work. Every subcommand takes `--json`.
 
 Exit codes: 0 done, 1 refused or failed (or, for create, a domain could not be
-backed up), 2 usage (unknown domain or backup id).
+backed up), 2 usage (unknown domain or backup id). Refusals are VarsdErrors, which
+varsctl's main prints and turns into 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from datetime import UTC, datetime
 
 from varsd.adapters.libvirt_api import DomainRef, NoSuchDomain
-from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, Context
+from varsd.cli.context import Context
+from varsd.cli.output import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, add_json, emit_json, error
+from varsd.clock import SYSTEM
+from varsd.config import qemu_owner
 from varsd.engine.backups import BackupError, BackupStore, domain_targets, open_store
-from varsd.engine.offline_write import VarstoreWriter, WriteRefused
+from varsd.engine.offline_write import VarstoreWriter, WriteFailed, WriteRefused
 from varsd.engine.restore import Restorer
-from varsd.model.backup import BackupReason
+from varsd.firmware.catalog import load_configured
+from varsd.model.backup import BackupReason, BackupRunning
 from varsd.planning.retention import plan_retention
 from varsd.planning.varstore_diff import VariableDiff
 
 
 def _print(args: argparse.Namespace, data: dict, text: str) -> None:
-    print(json.dumps(data, indent=2) if args.json else text)
+    if args.json:
+        emit_json(data)
+    else:
+        print(text)
+
+
+def _refused(args: argparse.Namespace, exc: Exception, code: int = EXIT_ATTENTION) -> int:
+    """A refusal: the reason on stderr, and with --json `{"result": null, "error": ...}`."""
+    error(exc)
+    if args.json:
+        emit_json({"result": None, "error": str(exc)})
+    return code
 
 
 def _store(ctx: Context) -> BackupStore:
-    return open_store(ctx.cfg)
+    return open_store(ctx.cfg, read_only=ctx.read_only)
 
 
 def _restorer(ctx: Context) -> Restorer:
-    return Restorer(ctx.reconciler(), VarstoreWriter.for_host(ctx.cfg, ctx.hv))
+    return Restorer(ctx.reconciler(), VarstoreWriter(ctx.cfg, ctx.hv, _store(ctx), qemu_owner(ctx.cfg)))
 
 
 def _diff_text(diff: list[VariableDiff]) -> str:
@@ -45,11 +58,12 @@ def _diff_text(diff: list[VariableDiff]) -> str:
 
 def cmd_create(ctx: Context, args: argparse.Namespace) -> int:
     if args.all == bool(args.domains):
-        print("varsctl backup create: give DOMAIN... or --all", file=sys.stderr)
+        error("give DOMAIN... or --all", prog="varsctl backup create")
         return EXIT_USAGE
     refs = ctx.hv.list_domains() if args.all else [ctx.hv.lookup(d) for d in args.domains]
-    targets, errors = domain_targets(ctx.hv, refs, ctx.cfg if args.all else None)
-    mode = "suspend" if ctx.cfg.backup_running == "suspend" else "coherent"  # an explicit request copies them
+    targets, errors = domain_targets(ctx.hv, refs, ctx.cfg if args.all else None, load_configured(ctx.cfg))
+    # An explicit request copies running guests too ("skip" is for the schedule).
+    mode = BackupRunning.SUSPEND if ctx.cfg.backup_running is BackupRunning.SUSPEND else BackupRunning.COHERENT
     results = _store(ctx).run_pass(targets, reason=BackupReason.MANUAL, running_mode=mode, hv=ctx.hv)
     rows, lines, failed = [], [], bool(errors)
     for ref, message in errors:
@@ -69,6 +83,7 @@ def cmd_create(ctx: Context, args: argparse.Namespace) -> int:
             lines.append(f"{r.target.name}: {'skipped' if r.skipped else 'FAILED'}: {r.skipped or r.error}")
         if r.paused_ms is not None:
             row["paused_ms"] = round(r.paused_ms, 3)
+        rows.append(row)
     named = {t.uuid for t in targets} | {ref.uuid for ref, _ in errors}
     for ref in refs:
         if ref.uuid not in named and not args.all:
@@ -92,7 +107,7 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
             records = store.index.records(args.domain.lower()) or store.index.by_name(args.domain)
     else:
         records = store.index.records()
-    plan = plan_retention(store.index.records(), ctx.cfg.backup_keep, datetime.now(UTC), defined)
+    plan = plan_retention(store.index.records(), ctx.cfg.backup_keep, SYSTEM.now(), defined)
     prune = {p.record.id: p.why for p in plan.prune}
     out = []
     for r in records:
@@ -111,7 +126,7 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
 def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     store = _store(ctx)
     defined = {r.uuid for r in ctx.hv.list_domains()}
-    plan = plan_retention(store.index.records(), ctx.cfg.backup_keep, datetime.now(UTC), defined)
+    plan = plan_retention(store.index.records(), ctx.cfg.backup_keep, SYSTEM.now(), defined)
     removed: list[str] = []
     if not args.dry_run:
         store.index.remove([p.record.id for p in plan.prune])
@@ -121,7 +136,7 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     verb = "would prune" if args.dry_run else "pruned"
     lines = [f"{verb} #{p.record.id} {p.record.name} {p.record.taken}: {p.why}" for p in plan.prune]
     lines.append(f"{verb} {len(plan.prune)} backup(s), kept {len(plan.keep)}, removed {len(removed)} file(s)")
-    _print(args, data, "\n".join(lines))
+    _print(args, {"result": data}, "\n".join(lines))
     return EXIT_OK
 
 
@@ -132,9 +147,8 @@ def cmd_restore(ctx: Context, args: argparse.Namespace) -> int:
     ref = ctx.hv.lookup(args.domain)
     try:
         result = _restorer(ctx).restore(ref, backup_id=args.id, source=args.source, dry_run=args.dry_run)
-    except BackupError as exc:
-        print(f"varsctl: {exc}", file=sys.stderr)
-        return EXIT_USAGE if "no backup #" in str(exc) else EXIT_ATTENTION
+    except (BackupError, WriteRefused, WriteFailed) as exc:
+        return _refused(args, exc, EXIT_USAGE if "no backup #" in str(exc) else EXIT_ATTENTION)
     b = result.backup
     data = {"domain": ref.name, "uuid": ref.uuid, "restored": b.as_dict(), "path": result.target.path,
             "dry_run": args.dry_run, "diff": [d.as_dict() for d in result.diff]}
@@ -149,13 +163,16 @@ def cmd_restore(ctx: Context, args: argparse.Namespace) -> int:
         prev = result.write.backup
         text = (f"{ref.name}: restored backup #{b.id} ({b.taken}) into {result.target.path}; the previous content "
                 + (f"is backup #{prev.id}" if prev else "was missing"))
-    _print(args, data, text + "\n" + _diff_text(result.diff))
+    _print(args, {"result": data}, text + "\n" + _diff_text(result.diff))
     return EXIT_OK
 
 
 def cmd_reset(ctx: Context, args: argparse.Namespace) -> int:
     ref = ctx.hv.lookup(args.domain)
-    result = _restorer(ctx).reset(ref, dry_run=args.dry_run)
+    try:
+        result = _restorer(ctx).reset(ref, dry_run=args.dry_run)
+    except (BackupError, WriteRefused, WriteFailed) as exc:
+        return _refused(args, exc)
     data = {"domain": ref.name, "uuid": ref.uuid, "template": result.template, "path": result.target.path,
             "dry_run": args.dry_run, "lost": [d.as_dict() for d in result.diff]}
     if result.write is not None:
@@ -167,7 +184,7 @@ def cmd_reset(ctx: Context, args: argparse.Namespace) -> int:
         text = (f"{ref.name}: reset {result.target.path} to a fresh copy of {result.template}; the previous "
                 f"variables are in backup #{prev.id if prev else '-'} ('varsctl backup restore {ref.name} --id "
                 f"{prev.id if prev else '?'}' undoes it). Lost:")
-    _print(args, data, text + "\n" + _diff_text(result.diff))
+    _print(args, {"result": data}, text + "\n" + _diff_text(result.diff))
     return EXIT_OK
 
 
@@ -188,25 +205,13 @@ def cmd_diff(ctx: Context, args: argparse.Namespace) -> int:
             continue
         r = store.index.get(i)
         if r is None:
-            print(f"varsctl: no backup #{i} (see 'varsctl backup list')", file=sys.stderr)
+            error(f"no backup #{i} (see 'varsctl backup list')")
             return EXIT_USAGE
         records.append(r)
     a, b, diff = restorer.diff(ref, records[0], records[1])
-    _print(args, {"from": a, "to": b, "diff": [d.as_dict() for d in diff]}, f"{a} -> {b}:\n{_diff_text(diff)}")
+    _print(args, {"result": {"from": a, "to": b, "diff": [d.as_dict() for d in diff]}},
+           f"{a} -> {b}:\n{_diff_text(diff)}")
     return EXIT_OK
-
-
-def _guard(func):
-    def run(ctx: Context, args: argparse.Namespace) -> int:
-        try:
-            return func(ctx, args)
-        except WriteRefused as exc:
-            print(f"varsctl: {exc}", file=sys.stderr)
-            return EXIT_ATTENTION
-        except BackupError as exc:
-            print(f"varsctl: {exc}", file=sys.stderr)
-            return EXIT_ATTENTION
-    return run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -215,39 +220,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     bs = b.add_subparsers(dest="backup_command", required=True)
 
     c = bs.add_parser("create", help="back up domains' varstores now (unchanged ones are not stored again)")
-    c.add_argument("domains", nargs="*", metavar="DOMAIN")
-    c.add_argument("--all", action="store_true", help="every domain with a varstore file")
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(func=_guard(cmd_create))
+    c.add_argument("domains", nargs="*", metavar="DOMAIN", help="domain name or UUID")
+    c.add_argument("--all", action="store_true", help="every domain with a varstore file (except excluded ones)")
+    add_json(c)
+    c.set_defaults(func=cmd_create)
 
     ls = bs.add_parser("list", help="list backups (undefined domains' too, marked), and what pruning would remove")
     ls.add_argument("domain", nargs="?", metavar="DOMAIN", help="name or UUID (also of an undefined domain)")
-    ls.add_argument("--json", action="store_true")
-    ls.set_defaults(func=_guard(cmd_list))
+    add_json(ls)
+    ls.set_defaults(func=cmd_list, read_only=True)
 
     r = bs.add_parser("restore", help="put a backup back into a shut-off domain's varstore (backed up first)")
-    r.add_argument("domain", metavar="DOMAIN")
-    r.add_argument("--id", type=int, help="the backup (default: the newest)")
+    r.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
+    r.add_argument("--id", type=int, help="the backup to restore (default: the domain's newest)")
     r.add_argument("--from", dest="source", metavar="NAME|UUID",
                    help="take another domain's backups (e.g. the same guest before it was undefined)")
-    r.add_argument("--dry-run", action="store_true")
-    r.add_argument("--json", action="store_true")
-    r.set_defaults(func=_guard(cmd_restore))
+    r.add_argument("--dry-run", action="store_true", help="say what would be restored and what would change")
+    add_json(r)
+    r.set_defaults(func=cmd_restore)
 
     d = bs.add_parser("diff", help="per-variable differences: two backups, a backup and now, or newest and now")
-    d.add_argument("domain", metavar="DOMAIN")
-    d.add_argument("id", type=int, nargs="?", metavar="ID")
-    d.add_argument("id2", type=int, nargs="?", metavar="ID2")
-    d.add_argument("--json", action="store_true")
-    d.set_defaults(func=_guard(cmd_diff))
+    d.add_argument("domain", metavar="DOMAIN", help="domain name or UUID (any name when two IDs are given)")
+    d.add_argument("id", type=int, nargs="?", metavar="ID", help="backup to compare from (default: the newest)")
+    d.add_argument("id2", type=int, nargs="?", metavar="ID2", help="backup to compare to (default: the varstore now)")
+    add_json(d)
+    d.set_defaults(func=cmd_diff, read_only=True)
 
     p = bs.add_parser("prune", help="apply retention (backup_keep) now")
-    p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_guard(cmd_prune))
+    p.add_argument("--dry-run", action="store_true", help="say what would be pruned")
+    add_json(p)
+    p.set_defaults(func=cmd_prune)
 
     z = sub.add_parser("reset", help="the safe --reset-nvram: back up, then a fresh copy of the domain's template")
-    z.add_argument("domain", metavar="DOMAIN")
+    z.add_argument("domain", metavar="DOMAIN", help="domain name or UUID (shut off)")
     z.add_argument("--dry-run", action="store_true", help="show what the reset would lose")
-    z.add_argument("--json", action="store_true")
-    z.set_defaults(func=_guard(cmd_reset))
+    add_json(z)
+    z.set_defaults(func=cmd_reset)

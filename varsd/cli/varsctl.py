@@ -40,7 +40,7 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
     outcomes = [rec.reconcile(ref, apply=False) for ref in refs]
     if args.json:
         targets, _errors = domain_targets(ctx.hv, refs)
-        backups = backup_status(open_store(ctx.cfg), targets)
+        backups = backup_status(open_store(ctx.cfg, read_only=True), targets)
         emit_json({"domains": [dict(o.as_dict(), backup=backups.get(o.ref.uuid)) for o in outcomes]})
     else:
         print(outcome_table(outcomes))

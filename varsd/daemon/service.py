@@ -58,6 +58,7 @@ from varsd.errors import HypervisorError, VarsdError
 from varsd.firmware.archive import Archive
 from varsd.firmware.catalog import load_configured
 from varsd.messages import about_domain, for_row
+from varsd.model.backup import BackupReason
 from varsd.model.domain import Status
 from varsd.retry import SETTINGS, Action, Backoff, RetrySettings, decide
 
@@ -407,20 +408,21 @@ class Service:
             return  # disconnected: the reconnect lists and queues every domain anyway
         try:
             if key.startswith(BOOT_PREFIX):
-                self._record_boot(hv, key[len(BOOT_PREFIX) :])
+                uuid = key[len(BOOT_PREFIX) :]
+                self._record_boot(hv, uuid)
                 try:
-                    self._lifecycle(rec).check_reset(hv.lookup(key[len(BOOT_PREFIX) :]))
+                    self._lifecycle(rec).check_reset(hv.lookup(uuid))
                 except HypervisorError:
                     raise
                 except VarsdError as exc:
-                    log.warning("%s: could not check the varstore after the start: %s",
-                                self._names.get(key, key), exc)
+                    log.warning("%s", about_domain(self._names.get(uuid, uuid),
+                                                   f"could not check the varstore after the start: {exc}", uuid))
                 return
             if key.startswith(LIFE_PREFIX):
                 self._varstore_lifecycle(hv, rec, key[len(LIFE_PREFIX) :])
                 return
             if key == BACKUP_OFFLINE:
-                self._lifecycle(rec).backup_offline(hv.list_domains())
+                self._lifecycle(rec).backup_offline(hv.list_domains(), reason=BackupReason.OFFLINE)
                 return
             if key == BACKUP_SCHEDULE:
                 results = self._lifecycle(rec).scheduled_pass()
@@ -516,8 +518,10 @@ class Service:
         life = self._lifecycle(rec)
         try:
             life.follow_rename(ref)
+        except HypervisorError:
+            raise
         except VarsdError as exc:
-            log.error("domain '%s': %s", ref.name, exc)
+            log.error("%s", about_domain(ref.name, exc, ref.uuid))
         life.backup_offline([hv.lookup(uuid)])
 
     def _retry_delay(self, key: str) -> float:

@@ -30,22 +30,23 @@ import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.backup_index import BackupIndex
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
+from varsd.clock import SYSTEM, Clock, stamp
 from varsd.config import Config
 from varsd.domain.xml import parse_domain
 from varsd.errors import VarsdError, VarstoreError
-from varsd.model.backup import BackupRecord, SeenVarstore
-from varsd.model.firmware import VarstoreLayout
+from varsd.model.backup import BackupRecord, BackupRunning, SeenVarstore
+from varsd.model.firmware import Catalog, VarstoreLayout
 
 log = logging.getLogger("varsd.backups")
 
 OBJECTS = "objects"
 COHERENT_TRIES = 5
 COHERENT_DELAY = 0.05  # seconds between two reads of a running guest's varstore
+PASS_BATCH = 100  # varstores per index transaction in a pass (a suspend pass never holds it long)
 
 
 class BackupError(VarsdError):
@@ -58,10 +59,6 @@ class BackupCorrupt(BackupError):
 
 class IncoherentCopy(BackupError):
     """A running guest's varstore could not be read whole (it was being written); retried later."""
-
-
-def utc_iso(now: datetime) -> str:
-    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def stat_key(st: os.stat_result) -> str:
@@ -130,6 +127,7 @@ class Target:
     path: str
     running: bool = False
     layout: VarstoreLayout | None = None  # expected, when known (checks a running guest's copy)
+    paused: bool = False  # running but paused (by the admin): its vCPUs write nothing
 
 
 @dataclass(frozen=True)
@@ -145,17 +143,16 @@ class PassResult:
     paused_ms: float | None = None  # backup_running=suspend: how long the guest was paused
 
 
-def open_store(cfg: Config, *, clock: Callable[[], datetime] | None = None) -> BackupStore:
-    """The host's backup store (`<state_dir>/backups`, index in the state database)."""
-    index = BackupIndex(cfg.journal_path)
-    return BackupStore(cfg.backup_dir, index, clock=clock) if clock else BackupStore(cfg.backup_dir, index)
+def open_store(cfg: Config, *, clock: Clock = SYSTEM, read_only: bool = False) -> BackupStore:
+    """The host's backup store (`<state_dir>/backups`, index in the state database);
+    `read_only` for commands that only look (status, list, diff): nothing is created."""
+    return BackupStore(cfg.backup_dir, BackupIndex(cfg.journal_path, read_only=read_only), clock=clock)
 
 
 class BackupStore:
     """The content-addressed files plus their index; every public method verifies."""
 
-    def __init__(self, directory: str, index: BackupIndex, *,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(self, directory: str, index: BackupIndex, *, clock: Clock = SYSTEM) -> None:
         self.directory = directory
         self.index = index
         self.clock = clock
@@ -241,7 +238,7 @@ class BackupStore:
         """Store bytes already read and index them; `st` (the stat before the read) lets the
         next pass skip an unchanged file."""
         sha = self.put(data)
-        at = utc_iso(self.clock())
+        at = stamp(self.clock.now())
         record = self.index.add(uuid=uuid, name=name, taken=at, sha256=sha, size=len(data), reason=reason,
                                 source=source)
         if st is not None:
@@ -268,11 +265,11 @@ class BackupStore:
         except OSError:
             return
         self.index.note_seen(SeenVarstore(uuid=uuid, path=path, stat_key=stat_key(st),
-                                          sha256=fsio.sha256_bytes(data), at=utc_iso(self.clock())))
+                                          sha256=fsio.sha256_bytes(data), at=stamp(self.clock.now())))
 
     # -- a pass ---------------------------------------------------------------------------
 
-    def run_pass(self, targets: Iterable[Target], *, reason: str, running_mode: str = "coherent",
+    def run_pass(self, targets: Iterable[Target], *, reason: str, running_mode: BackupRunning = BackupRunning.COHERENT,
                  hv: Hypervisor | None = None) -> list[PassResult]:
         """Back up every target whose varstore changed since its newest backup.
 
@@ -281,10 +278,17 @@ class BackupStore:
         `suspend` needs `hv` to pause and resume them."""
         seen = self.index.seen_all()
         latest = self.index.latest_all()
-        return [self._one(t, seen.get(t.uuid), latest.get(t.uuid), reason, running_mode, hv) for t in targets]
+        results: list[PassResult] = []
+        pending = list(targets)
+        while pending:  # index rows in batches: one fsync per batch, not two per varstore
+            chunk, pending = pending[:PASS_BATCH], pending[PASS_BATCH:]
+            with self.index.batch():
+                results += [self._one(t, seen.get(t.uuid), latest.get(t.uuid), reason, running_mode, hv)
+                            for t in chunk]
+        return results
 
     def _one(self, t: Target, seen: SeenVarstore | None, latest: BackupRecord | None, reason: str,
-             running_mode: str, hv: Hypervisor | None) -> PassResult:
+             running_mode: BackupRunning, hv: Hypervisor | None) -> PassResult:
         try:
             st = os.lstat(t.path)
         except FileNotFoundError:
@@ -302,15 +306,16 @@ class BackupStore:
         try:
             if not t.running:
                 data = read_offline(t.path)
-            elif running_mode == "skip":
+            elif running_mode is BackupRunning.SKIP:
                 return PassResult(t, skipped="running (backup_running = \"skip\": copied when it stops)")
-            elif running_mode == "suspend":
+            elif running_mode is BackupRunning.SUSPEND:
                 data, paused = self._read_suspended(t, hv)
             else:
                 data = read_coherent(t.path, t.layout)
             sha = fsio.sha256_bytes(data)
+            latest = self.index.latest(t.uuid)  # again: another pass (a stop, the schedule) may have just stored it
             if latest is not None and latest.sha256 == sha:
-                self.index.note_seen(SeenVarstore(t.uuid, t.path, key, sha, utc_iso(self.clock())))
+                self.index.note_seen(SeenVarstore(t.uuid, t.path, key, sha, stamp(self.clock.now())))
                 return PassResult(t, unchanged=True, read=True, paused_ms=paused)
             # `st` is from before the read: if the file changed since, the next pass reads again.
             record = self.add(uuid=t.uuid, name=t.name, data=data, reason=reason, source=t.path, st=st)
@@ -322,6 +327,8 @@ class BackupStore:
 
     def _read_suspended(self, t: Target, hv: Hypervisor | None) -> tuple[bytes, float]:
         """Pause the guest for one read (milliseconds), always resuming it."""
+        if t.paused:  # already paused: one read is whole, and the admin's pause is not ours to lift
+            return read_offline(t.path), 0.0
         if hv is None:
             raise BackupError("backup_running = \"suspend\" needs the libvirt connection")
         hv.suspend(t.uuid)
@@ -361,11 +368,12 @@ class BackupStore:
         return removed
 
 
-def domain_targets(hv: Hypervisor, refs: Iterable[DomainRef], cfg: Config | None = None
-                   ) -> tuple[list[Target], list[tuple[DomainRef, str]]]:
+def domain_targets(hv: Hypervisor, refs: Iterable[DomainRef], cfg: Config | None = None,
+                   catalog: Catalog | None = None) -> tuple[list[Target], list[tuple[DomainRef, str]]]:
     """The file-backed varstores of these domains (persistent XML), and the domains that
     could not be read. Domains without a varstore file (SeaBIOS, stateless) are left out,
-    and with `cfg` those its `exclude` names (varsd leaves them alone)."""
+    and with `cfg` those its `exclude` names (varsd leaves them alone). With `catalog`,
+    a running guest's copy must also have the layout of its code's build."""
     targets: list[Target] = []
     errors: list[tuple[DomainRef, str]] = []
     for ref in refs:
@@ -377,7 +385,9 @@ def domain_targets(hv: Hypervisor, refs: Iterable[DomainRef], cfg: Config | None
             errors.append((ref, str(exc)))
             continue
         if fw.nvram_path and os.path.isabs(fw.nvram_path):
-            targets.append(Target(uuid=ref.uuid, name=ref.name, path=fw.nvram_path, running=ref.active))
+            build = catalog.by_code_path(fw.loader_path) if catalog is not None and fw.loader_path else None
+            targets.append(Target(uuid=ref.uuid, name=ref.name, path=fw.nvram_path, running=ref.active,
+                                  paused=ref.state == "paused", layout=build.layout if build else None))
     return targets, errors
 
 

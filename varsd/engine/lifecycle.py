@@ -23,10 +23,10 @@ import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
+from varsd.clock import stamp
 from varsd.config import Config
 from varsd.domain.xml import parse_domain, replace_nvram_path
 from varsd.engine.backups import (
@@ -36,12 +36,11 @@ from varsd.engine.backups import (
     inode_of,
     read_coherent,
     stat_key,
-    utc_iso,
 )
-from varsd.engine.lock import host_lock
 from varsd.engine.offline_write import InHand
 from varsd.engine.reconciler import Reconciler
 from varsd.errors import VarsdError
+from varsd.messages import about_domain
 from varsd.model.backup import BackupReason, SeenVarstore, VarstoreEvent
 from varsd.model.domain import DomainFirmware
 from varsd.planning.repair import varstore_path
@@ -97,7 +96,7 @@ class Lifecycle:
         return self.rec.hv
 
     def now(self) -> str:
-        return utc_iso(datetime.now(UTC))
+        return stamp(self.rec.clock.now())
 
     # -- backups at stop and in passes ---------------------------------------------------
 
@@ -105,7 +104,7 @@ class Lifecycle:
         """Back up shut-off domains whose varstore changed (stat-only when it did not)."""
         targets, errors = domain_targets(self.hv, [r for r in refs if not r.active], self.cfg)
         for ref, message in errors:
-            log.warning("domain '%s': cannot look for a varstore to back up: %s", ref.name, message)
+            log.warning("%s", about_domain(ref.name, f"cannot look for a varstore to back up: {message}", ref.uuid))
         results = self.store.run_pass(targets, reason=reason)
         _log_results(results)
         return results
@@ -113,9 +112,9 @@ class Lifecycle:
     def scheduled_pass(self) -> list[PassResult]:
         """backup_schedule: every domain, running ones per backup_running; then retention."""
         refs = self.hv.list_domains()
-        targets, errors = domain_targets(self.hv, refs, self.cfg)
+        targets, errors = domain_targets(self.hv, refs, self.cfg, self.rec.catalog)
         for ref, message in errors:
-            log.warning("domain '%s': scheduled backup: %s", ref.name, message)
+            log.warning("%s", about_domain(ref.name, f"scheduled backup: {message}", ref.uuid))
         results = self.store.run_pass(targets, reason=BackupReason.SCHEDULE, running_mode=self.cfg.backup_running,
                                       hv=self.hv)
         _log_results(results)
@@ -123,7 +122,7 @@ class Lifecycle:
         return results
 
     def prune(self, defined: set[str]) -> int:
-        plan = plan_retention(self.store.index.records(), self.cfg.backup_keep, datetime.now(UTC), defined)
+        plan = plan_retention(self.store.index.records(), self.cfg.backup_keep, self.rec.clock.now(), defined)
         if plan.prune:
             self.store.index.remove([p.record.id for p in plan.prune])
             removed = self.store.remove_unreferenced()
@@ -152,10 +151,10 @@ class Lifecycle:
         if new is None:
             return None
         old = fw.nvram_path
-        with host_lock(self.cfg.domain_lock_path(ref.uuid)), \
+        with self.rec.writer.transaction(ref) as tx, \
                 InHand(self.cfg.offline_dir, ref.uuid, op="rename", wait=self.cfg.start_wait) as hand:
             ref = self.hv.lookup(ref.uuid)
-            xml = self.hv.persistent_xml(ref.uuid)
+            xml = tx.xml
             if self.hv.is_running(ref.uuid) or parse_domain(xml).nvram_path != old:
                 return None  # started or changed meanwhile: the next event looks again
             if not os.path.lexists(old):
@@ -167,8 +166,8 @@ class Lifecycle:
                     raise VarsdError(f"domain '{ref.name}': cannot move its varstore {old} to {new} after the "
                                      f"rename: {fsio.describe_oserror(exc)}") from None
             try:
-                self.rec.redefine(ref, xml, replace_nvram_path(xml, new),
-                                  f"varstore follows domrename: {os.path.basename(old)} -> {os.path.basename(new)}")
+                tx.write(replace_nvram_path(xml, new),
+                         f"varstore follows domrename: {os.path.basename(old)} -> {os.path.basename(new)}")
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(new)
@@ -251,6 +250,6 @@ def _fsync_dir(path: str) -> None:
 def _log_results(results: Iterable[PassResult]) -> None:
     for r in results:
         if r.error:
-            log.error("backup of domain '%s': %s", r.target.name, r.error)
+            log.error("%s", about_domain(r.target.name, f"backup failed: {r.error}", r.target.uuid))
         elif r.skipped and r.read:
-            log.info("backup of domain '%s' skipped: %s", r.target.name, r.skipped)
+            log.info("%s", about_domain(r.target.name, f"backup skipped: {r.skipped}", r.target.uuid))

@@ -20,8 +20,9 @@ Theory of operation:
      (every old variable present with equal attributes and data, nothing else, the
      target template's layout). Variables that do not fit fail *here*: nothing
      has been written yet;
-  3. back the old store up to `<state_dir>/backups/<uuid>/<UTC time>_<name>_VARS.fd`
-     (0600) and verify the copy byte for byte;
+  3. back the old store up into the backup store (`varsd.engine.backups`:
+     `<state_dir>/backups/objects/<sha256>.fd`, 0600, verified; indexed with reason
+     `before-write:migrate`, so `varsctl backup restore` can undo it);
   4. replace the varstore atomically at the same path (so `virsh undefine --nvram`
      still finds it; owner and mode kept), after checking that the domain is still
      shut off and the file still holds what was read;
@@ -29,27 +30,33 @@ Theory of operation:
   6. redefine the domain (journaled with its old XML) to the target's central code,
      template, Secure Boot and SMM, and bind varsd's metadata to the build.
   Any failure after step 3 puts the backup back byte for byte; the XML is changed
-  only in the last step, so a failure leaves it as it was.
+  only in the last step, so a failure leaves it as it was. Steps 3-6 run with the
+  write announced to the libvirt QEMU hook (`offline_write.InHand`): a `virsh start`
+  meanwhile waits for it, and one that stopped waiting makes the write refused.
 - A private unified image (`unified`) is migrated into a *new* private varstore: the
   image is only read, never changed, and stays on disk for the admin to remove.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from varsd.adapters import fsio, virtfw
 from varsd.clock import SYSTEM, Clock, stamp
 from varsd.config import Config
 from varsd.domain.classify import classify, firmware_image_path
 from varsd.domain.xml import parse_domain
+from varsd.engine.backups import BackupStore, open_store
+from varsd.engine.offline_write import InHand
 from varsd.engine.reconciler import Reconciler
 from varsd.engine.transaction import Transaction
 from varsd.errors import VarsdError, VarstoreError
+from varsd.model.backup import before_write
 from varsd.model.domain import DomainFirmware, DomainRef, FileFacts, FirmwareConfig, Status
 from varsd.model.firmware import VarstoreLayout
 from varsd.model.journal import ChangeKind
@@ -62,9 +69,6 @@ from varsd.planning.migration import (
     enrolled_keys,
     plan_migration,
 )
-from varsd.planning.repair import varstore_path
-
-BACKUP_DIR = "backups"
 
 
 class MigrationFailed(VarsdError):
@@ -82,11 +86,6 @@ class MigrationResult:
     backup: str | None  # None for a dry run
     variables: int
     done: bool
-
-
-def utc_stamp(now: datetime) -> str:
-    """Compact UTC timestamp for file names: sortable, no colons."""
-    return now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
 def _read_source(fw: DomainFirmware, config: FirmwareConfig, image: FileFacts | None) -> tuple[
@@ -129,31 +128,6 @@ def _verify_store(data: bytes, old: Mapping[str, EfiVariable], layout: VarstoreL
         raise MigrationFailed(f"{what}: variables differ from the old store ({diff})")
 
 
-def _write_backup(backup_dir: str, name: str, uuid: str, stamp: str, data: bytes) -> str:
-    """Create the backup exclusively (0600) and check it reads back byte for byte."""
-    try:
-        os.makedirs(backup_dir, mode=0o700, exist_ok=True)
-    except OSError as exc:
-        raise MigrationFailed(f"cannot create backup directory {backup_dir}: {fsio.describe_oserror(exc)}") from None
-    base = os.path.basename(varstore_path("", name, uuid))  # <name>_VARS.fd, or <uuid>_ for odd names
-    for n in range(100):
-        path = os.path.join(backup_dir, f"{stamp}{'' if n == 0 else f'.{n}'}_{base}")
-        try:
-            fsio.create_exclusive(path, data, mode=0o600)
-        except fsio.TargetExists:
-            continue  # two migrations of one domain within a second
-        except VarsdError as exc:
-            raise MigrationFailed(f"cannot back up the varstore: {exc}") from None
-        try:
-            copy = fsio.read_file(path, follow_symlinks=False)
-        except fsio.ReadError as exc:
-            raise MigrationFailed(f"cannot read back the backup: {exc}") from None
-        if copy != data:
-            raise MigrationFailed(f"backup {path} does not read back equal to the varstore; stopped")
-        return path
-    raise MigrationFailed(f"cannot back up the varstore: too many backups named {stamp}_* in {backup_dir}")
-
-
 def replace_file(path: str, data: bytes, *, expect: bytes | None = None) -> None:
     """fsio.replace_atomic, failing as a MigrationFailed (the one error migrate reports)."""
     try:
@@ -174,9 +148,16 @@ def _remove_if(path: str, data: bytes) -> None:
 class Migrator:
     """Runs migrations with one reconciler (config, libvirt, catalog, journal)."""
 
-    def __init__(self, rec: Reconciler, *, clock: Clock = SYSTEM) -> None:
+    def __init__(self, rec: Reconciler, *, clock: Clock = SYSTEM, store: BackupStore | None = None) -> None:
         self.rec = rec
         self.clock = clock
+        self._store = store
+
+    @property
+    def store(self) -> BackupStore:
+        if self._store is None:
+            self._store = open_store(self.cfg, clock=self.clock)
+        return self._store
 
     @property
     def cfg(self) -> Config:
@@ -205,15 +186,16 @@ class Migrator:
 
     def migrate(self, ref: DomainRef, *, to: str | None = None) -> MigrationResult:
         """Migrate one shut-off domain (module steps), under its lock."""
-        with self.rec.writer.transaction(ref) as tx:
+        with self.rec.writer.transaction(ref) as tx, \
+                InHand(self.cfg.offline_dir, ref.uuid, op="migrate", wait=self.cfg.start_wait) as hand:
             now = self.clock.now()
             facts, old_bytes, old_vars = self._facts(ref)
             plan = plan_migration(facts, self.rec.catalog, to=to, nvram_dir=self.cfg.nvram_dir, now=stamp(now))
-            return self._carry_out(tx, facts, plan, old_bytes, old_vars, now)
+            return self._carry_out(tx, facts, plan, old_bytes, old_vars, now, hand)
 
     def _carry_out(
         self, tx: Transaction, facts: MigrationFacts, plan: MigrationPlan, old_bytes: bytes,
-        old_vars: dict[str, EfiVariable], now: datetime,
+        old_vars: dict[str, EfiVariable], now: datetime, hand: InHand,
     ) -> MigrationResult:
         name = plan.name
         # 2. new bytes, verified in memory: a store that does not fit fails before any write.
@@ -227,11 +209,16 @@ class Migrator:
             raise MigrationFailed(f"domain '{name}': {exc}; nothing was changed") from None
 
         # 3. backup, verified.
-        backup_dir = os.path.join(self.cfg.state_dir, BACKUP_DIR, plan.uuid)
         try:
-            backup = _write_backup(backup_dir, name, plan.uuid, utc_stamp(now), old_bytes)
-        except MigrationFailed as exc:
-            raise MigrationFailed(f"domain '{name}': {exc}; nothing was changed") from None
+            record = self.store.add(uuid=plan.uuid, name=name, data=old_bytes, reason=before_write("migrate"),
+                                    source=plan.source)
+        except VarsdError as exc:
+            raise MigrationFailed(f"domain '{name}': cannot back up the varstore: {exc}; nothing was changed") from None
+        backup = self.store.object_path(record.sha256)
+        index = self.store.index
+        write_id = index.record_write(at=stamp(now), uuid=plan.uuid, name=name, op="migrate", path=plan.varstore,
+                                      before_sha256=record.sha256 if plan.in_place else None,
+                                      after_sha256=fsio.sha256_bytes(new_bytes), backup_id=record.id)
 
         # 4.-6. write, read back, redefine; any failure puts the old store back.
         hv = self.rec.hv
@@ -239,15 +226,16 @@ class Migrator:
         try:
             if hv.lookup(plan.uuid).active:
                 raise MigrationFailed("the domain was started meanwhile")
-            if plan.in_place:
-                written = True  # from here on, whatever failed, the old store is put back
-                replace_file(plan.varstore, new_bytes, expect=old_bytes)
-            else:
-                try:
-                    fsio.create_exclusive(plan.varstore, new_bytes, mode=0o600, uid=self.rec.owner[0],
-                                          gid=self.rec.owner[1])
-                except VarsdError as exc:
-                    raise MigrationFailed(str(exc)) from None
+            with hand.commit():  # refused if a start stopped waiting for this write
+                if plan.in_place:
+                    written = True  # from here on, whatever failed, the old store is put back
+                    replace_file(plan.varstore, new_bytes, expect=old_bytes)
+                else:
+                    try:
+                        fsio.create_exclusive(plan.varstore, new_bytes, mode=0o600, uid=self.rec.owner[0],
+                                              gid=self.rec.owner[1])
+                    except VarsdError as exc:
+                        raise MigrationFailed(str(exc)) from None
             written = True
             try:
                 on_disk = fsio.read_file(plan.varstore, follow_symlinks=False)
@@ -259,6 +247,8 @@ class Migrator:
             tx.write(plan.new_xml, plan.reason, planned_from=facts.xml, kind=ChangeKind.MIGRATION)
         except BaseException as exc:
             restored = self._restore(plan, old_bytes, new_bytes, backup) if written else "nothing was written"
+            with contextlib.suppress(VarsdError):
+                index.settle_write(write_id, f"failed: {exc}")
             if isinstance(exc, VarsdError):
                 raise MigrationFailed(
                     f"domain '{name}': migration failed: {exc}; {restored}; varsd did not change the domain's XML"
@@ -273,6 +263,8 @@ class Migrator:
                 "definition now names the new build, but the running QEMU still has the old code; shut it down "
                 f"and start it again now (backup: {backup})"
             )
+        index.settle_write(write_id, "applied")
+        self.store.note_written(plan.uuid, plan.varstore, new_bytes)
         # Like any binding: keep a copy of the build, before an upgrade can replace it.
         self.rec.archive_build(plan.target)
         return MigrationResult(plan=plan, backup=backup, variables=len(old_vars), done=True)

@@ -32,16 +32,15 @@ import errno
 import fcntl
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
+from varsd.clock import SYSTEM, Clock, stamp
 from varsd.config import Config, qemu_owner
 from varsd.domain.xml import parse_domain
-from varsd.engine.backups import BackupStore, open_store, read_offline, utc_iso
+from varsd.engine.backups import BackupStore, open_store, read_offline
 from varsd.engine.lock import host_lock
 from varsd.errors import VarsdError, VarstoreError
 from varsd.model.backup import BackupRecord, before_write
@@ -123,28 +122,12 @@ class InHand:
     @contextlib.contextmanager
     def commit(self) -> Iterator[None]:
         """The moment the file is replaced: refused if a start gave up waiting (StartBegan)."""
-        try:
-            fd = os.open(self._path("commit"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise WriteRefused(f"{self._path('commit')}: cannot open: {fsio.describe_oserror(exc)}") from None
-        try:
-            deadline = time.monotonic() + COMMIT_LOCK_WAIT
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise WriteRefused(f"{self._path('commit')}: held by the libvirt hook for "
-                                           f"{COMMIT_LOCK_WAIT:g}s") from None
-                    time.sleep(0.01)
+        with host_lock(self._path("commit"), timeout=COMMIT_LOCK_WAIT):
             if os.path.lexists(self._path("gaveup")):
                 raise StartBegan(
                     f"a start of domain {self.uuid} waited {self.wait}s for this {self.op} and went on; "
                     "nothing was written (shut the domain down and run the operation again)")
             yield
-        finally:
-            os.close(fd)
 
     def __exit__(self, *_exc: object) -> None:
         for suffix in ("gaveup", "commit", "write"):  # the .write last: it is what the hook looks for
@@ -174,7 +157,7 @@ class VarstoreWriter:
     """Offline writes to domains' varstores (module doc); one per actor (varsd, varsctl)."""
 
     def __init__(self, cfg: Config, hv: Hypervisor, store: BackupStore, owner: tuple[int, int], *,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Clock = SYSTEM) -> None:
         self.cfg = cfg
         self.hv = hv
         self.store = store
@@ -182,9 +165,9 @@ class VarstoreWriter:
         self.clock = clock
 
     @classmethod
-    def for_host(cls, cfg: Config, hv: Hypervisor) -> VarstoreWriter:
+    def for_host(cls, cfg: Config, hv: Hypervisor, *, clock: Clock = SYSTEM) -> VarstoreWriter:
         """The writer for this host's configuration: its backup store and qemu user."""
-        return cls(cfg, hv, open_store(cfg), qemu_owner(cfg))
+        return cls(cfg, hv, open_store(cfg, clock=clock), qemu_owner(cfg), clock=clock)
 
     def write(
         self,
@@ -241,7 +224,7 @@ class VarstoreWriter:
         if new == old:
             return WriteResult(ref.uuid, name, op, path, backup, before_sha, after_sha, False, None)
         index = self.store.index
-        write_id = index.record_write(at=utc_iso(self.clock()), uuid=ref.uuid, name=name, op=op, path=path,
+        write_id = index.record_write(at=stamp(self.clock.now()), uuid=ref.uuid, name=name, op=op, path=path,
                                       before_sha256=before_sha, after_sha256=after_sha,
                                       backup_id=backup.id if backup else None)
         if on_stage:

@@ -131,7 +131,12 @@ class Restorer:
         by_uuid = index.records(source.lower())
         return by_uuid if by_uuid else index.by_name(source)
 
-    def choose(self, ref: DomainRef, backup_id: int | None = None, source: str | None = None) -> BackupRecord:
+    def choose(self, ref: DomainRef, backup_id: int | None = None, source: str | None = None,
+               current_sha256: str | None = None) -> BackupRecord:
+        """The backup `backup_id`, else the newest one that holds something other than the
+        varstore now (`current_sha256`): after `--reset-nvram`, or `undefine --nvram` and a
+        define that made a fresh store, the newest backup may be of that fresh store (taken
+        at the next stop), and restoring it would change nothing."""
         found = self.candidates(ref, source)
         whose = f"domain '{source}'" if source else f"domain '{ref.name}' ({ref.uuid})"
         if backup_id is not None:
@@ -146,21 +151,22 @@ class Restorer:
         if not found:
             raise BackupError(f"no backups of {whose} (see 'varsctl backup list'; --from NAME|UUID takes another "
                               "domain's, e.g. of the same guest defined earlier under another UUID)")
-        return found[-1]
+        different = [r for r in found if r.sha256 != current_sha256]
+        return (different or found)[-1]
 
     # -- restore ---------------------------------------------------------------------------
 
     def restore(self, ref: DomainRef, *, backup_id: int | None = None, source: str | None = None,
                 dry_run: bool = False, on_stage=None) -> RestoreResult:
         t = self.target(ref)
-        record = self.choose(ref, backup_id, source)
+        current = _current(t.path)
+        record = self.choose(ref, backup_id, source, fsio.sha256_bytes(current) if current is not None else None)
         data = self.store.load(record)  # verified; a damaged backup stops here
         what = f"backup #{record.id} of '{record.name}'"
         try:
             self._check(t, what)(data)
         except VarstoreError as exc:
             raise WriteRefused(f"domain '{ref.name}': restore refused: {exc}") from None
-        current = _current(t.path)
         diff = diff_variables(variables(current, t.path), variables(data, what), describe)
         if dry_run:
             if self.rec.hv.is_running(ref.uuid):

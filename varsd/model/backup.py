@@ -10,11 +10,35 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 
+class BackupRunning(StrEnum):
+    """How a scheduled backup copies a running guest's varstore (`backup_running`; README "Backups")."""
+
+    COHERENT = "coherent"  # read until two reads agree and parse; else retry at the next pass
+    SUSPEND = "suspend"  # pause the guest for the one read, then resume it
+    SKIP = "skip"  # leave running guests to the copy taken when they stop
+
+
+@dataclass(frozen=True)
+class BackupKeep:
+    """Retention: the newest `last` versions per domain, plus the newest of each of the
+    last `daily` days and `weekly` weeks. Backups of undefined domains are kept for the
+    same period (the longer of the two), then pruned."""
+
+    last: int = 10
+    daily: int = 14
+    weekly: int = 8
+
+    @property
+    def period_days(self) -> int:
+        return max(self.daily, 7 * self.weekly)
+
+
 class BackupReason(StrEnum):
     """Why a backup was taken (`reason` in `varsctl backup list`)."""
 
     SCHEDULE = "schedule"  # the backup_schedule pass
     STOP = "stop"  # the guest stopped with a changed varstore
+    OFFLINE = "offline"  # a shut-off guest's varstore changed while varsd was not watching (seen at connect)
     MANUAL = "manual"  # varsctl backup create
     BEFORE_WRITE = "before-write"  # prefix: "before-write:<op>" before any varsd write (restore, reset, migrate, ...)
     UNDEFINE = "undefine"  # last look at a domain being undefined

@@ -18,8 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from varsd.config import BackupKeep
-from varsd.model.backup import BackupRecord
+from varsd.model.backup import BackupKeep, BackupRecord
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,8 @@ class RetentionPlan:
 
 
 def _taken(record: BackupRecord) -> datetime:
-    return datetime.strptime(record.taken, "%Y-%m-%dT%H:%M:%SZ")
+    """The record's time (an ISO 8601 stamp) as naive UTC."""
+    return datetime.fromisoformat(record.taken).astimezone(UTC).replace(tzinfo=None)
 
 
 def plan_retention(records: Iterable[BackupRecord], keep: BackupKeep, now: datetime,
@@ -76,4 +76,4 @@ def plan_retention(records: Iterable[BackupRecord], keep: BackupKeep, now: datet
             else:
                 pruned.append(Prune(r, f"beyond the newest {keep.last}, and not the newest of its day "
                                        f"(last {keep.daily} days) or week (last {keep.weekly} weeks)"))
-    return RetentionPlan(tuple(kept), tuple(pruned))
+    return RetentionPlan(tuple(sorted(kept, key=lambda r: r.id)), tuple(sorted(pruned, key=lambda p: p.record.id)))
