@@ -5,7 +5,7 @@ from the options the programs really take:
 
     PYTHONPATH=. python3 packaging/argparse_docs.py OUTDIR
 
-writes OUTDIR/varsd.8, OUTDIR/varsctl.8 and OUTDIR/varsctl.bash-completion (which also
+writes OUTDIR/varsd.8, OUTDIR/varsctl.8 and OUTDIR/bash-completion/varsctl (which also
 completes varsd). Only the parser-building functions are called; nothing connects anywhere.
 """
 
@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                                             datetime.datetime.now(datetime.UTC).timestamp(), datetime.UTC)
     for prog in PROGRAMS:
         (out / f"{prog.name}.8").write_text(manpage(prog, __version__, stamp.strftime("%Y-%m-%d")))
-    (out / "varsctl.bash-completion").write_text(bash_completion())
+    (out / "bash-completion").mkdir(exist_ok=True)
+    (out / "bash-completion" / "varsctl").write_text(bash_completion())
     return 0
 
 

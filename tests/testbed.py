@@ -327,6 +327,7 @@ class Bed:
     init_pid: int | None = field(default=None, init=False)
     build_seconds: float = field(default=0.0, init=False)
     boot_seconds: float = field(default=0.0, init=False)
+    stop_seconds: float = field(default=0.0, init=False)
     _lock: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, init=False)
 
     def __post_init__(self) -> None:
@@ -448,11 +449,12 @@ class Bed:
     def stop(self) -> None:
         """Shut the container down (bounded), kill what is left by its PIDs, remove the run."""
         if self.nspawn_pid is not None:
-            _stop_pids(self.nspawn_pid, self.init_pid, self.stop_timeout)
+            self.stop_seconds = _stop_pids(self.nspawn_pid, self.init_pid, self.stop_timeout)
             with contextlib.suppress(Exception):
                 self._proc.wait(timeout=5)
         self.nspawn_pid = self.init_pid = None
         _rmtree(self.run_dir)
+        _rmtree(Path("/run/systemd/nspawn/propagate") / self.name)
         self._lock.close()
 
 
@@ -460,19 +462,32 @@ def _alive(pid: int, started: str | None) -> bool:
     return started is not None and _start_time(pid) == started
 
 
-def _stop_pids(nspawn_pid: int, init_pid: int | None, timeout: float) -> None:
-    """SIGTERM to systemd-nspawn (it asks the container's systemd to power off), then SIGKILL."""
+def _stop_pids(nspawn_pid: int, init_pid: int | None, timeout: float) -> float:
+    """SIGTERM to systemd-nspawn (it asks the container's systemd to power off), then SIGKILL.
+
+    On this machine kind nspawn lingers after its container has powered off (its cleanup
+    of /run/systemd/nspawn/propagate fails), so once the container's init is gone nspawn
+    gets a few seconds and is then killed. Returns how long the container took to go.
+    """
     started = {p: _start_time(p) for p in (nspawn_pid, init_pid) if p}
+    t0 = time.monotonic()
     with contextlib.suppress(ProcessLookupError):
         os.kill(nspawn_pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _alive(nspawn_pid, started.get(nspawn_pid)):
+    watched = init_pid if init_pid else nspawn_pid
+    deadline = t0 + timeout
+    while time.monotonic() < deadline and _alive(watched, started.get(watched)):
+        time.sleep(0.2)
+    took = time.monotonic() - t0
+    grace = time.monotonic() + 5
+    while time.monotonic() < grace and _alive(nspawn_pid, started.get(nspawn_pid)):
         time.sleep(0.2)
     for pid in (init_pid, nspawn_pid):  # init first: SIGKILL to a PID namespace's init ends all of it
         if pid and _alive(pid, started.get(pid)):
-            _log(f"pid {pid} still alive after {timeout:.0f} s: SIGKILL")
+            if pid == init_pid:
+                _log(f"container init {pid} still alive after {timeout:.0f} s: SIGKILL")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    return took
 
 
 def reap_stale(release: Release) -> None:
