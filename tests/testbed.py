@@ -350,7 +350,8 @@ class Bed:
 
     @property
     def name(self) -> str:
-        return f"varsd-bed-{self.release.codename}"
+        """Machine name (and hostname): unique per run, so two beds never share nspawn's /run state."""
+        return f"varsd-bed-{self.release.codename}-{self.run_dir.name.split('-', 1)[0]}"
 
     def __enter__(self) -> Bed:
         try:
