@@ -132,6 +132,11 @@ class BedError(RuntimeError):
     """The bed could not be built, started, entered or stopped; the message says which step."""
 
 
+def describe_build(seconds: float) -> str:
+    """What Tree.ensure() did, for logs: 'built in 112 s' or 'reused'."""
+    return f"built in {seconds:.0f} s" if seconds else "reused"
+
+
 def _log(msg: str) -> None:
     print(f"testbed: {msg}", file=sys.stderr, flush=True)
 
@@ -278,7 +283,8 @@ class Tree:
             (root / lists.lstrip("/") / "partial").mkdir(parents=True, exist_ok=True)
             (root / dest.lstrip("/")).mkdir(parents=True, exist_ok=True)
             src = root / f"etc/apt/varsd-bed-{suite}.sources"
-            src.write_text(f"Types: deb\nURIs: {self.mirror}\nSuites: {suite}\nComponents: main\nSigned-By: {KEYRING}\n")
+            src.write_text(f"Types: deb\nURIs: {self.mirror}\nSuites: {suite}\nComponents: main\n"
+                           f"Signed-By: {KEYRING}\n")
             opts = ["-o", f"Dir::Etc::SourceList=/etc/apt/varsd-bed-{suite}.sources", "-o", "Dir::Etc::SourceParts=-",
                     "-o", f"Dir::State::Lists={lists}",
                     # unstable's Release file is valid for a week only; a mirror snapshot older
@@ -292,7 +298,8 @@ class Tree:
         """Make the tree a virt host that boots under nspawn on this machine kind (§7)."""
         qemu_conf = root / "etc/libvirt/qemu.conf"
         # cgroup v1 host, read-only cgroup fs inside the container: QEMU gets no controllers.
-        qemu_conf.write_text(qemu_conf.read_text() + "\n# varsd test bed (nspawn on cgroup v1)\ncgroup_controllers = [ ]\n")
+        qemu_conf.write_text(qemu_conf.read_text()
+                             + "\n# varsd test bed (nspawn on cgroup v1)\ncgroup_controllers = [ ]\n")
         # libvirt-guests would wait up to 5 minutes at shutdown for firmware-only guests to
         # power off; the tests end their guests themselves.
         (root / "etc/systemd/system/libvirt-guests.service").unlink(missing_ok=True)
@@ -571,8 +578,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for path in build_deb(repo, args.out):
                 print(path)
         else:
-            took = Tree(RELEASES[args.release]).ensure()
-            print(f"{Tree(RELEASES[args.release]).root} ({'built in %.0f s' % took if took else 'reused'})")
+            tree = Tree(RELEASES[args.release])
+            print(f"{tree.root} ({describe_build(tree.ensure())})")
     except BedError as exc:
         print(f"testbed: {exc}", file=sys.stderr)
         return 1

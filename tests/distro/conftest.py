@@ -47,8 +47,8 @@ def debian13() -> Iterator[testbed.Bed]:
     _require_tools()
     bed = testbed.Bed(testbed.TRIXIE, repo=REPO)
     with bed:
-        print(f"\n[distro] Debian 13 bed: tree {'built in %.0f s' % bed.build_seconds if bed.build_seconds else 'reused'}"
-              f", booted in {bed.boot_seconds:.1f} s")
+        print(f"\n[distro] Debian 13 bed: tree {testbed.describe_build(bed.build_seconds)}, "
+              f"booted in {bed.boot_seconds:.1f} s")
         yield bed
 
 
