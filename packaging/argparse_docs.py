@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -111,8 +112,9 @@ def _roff(text: str) -> str:
 
 
 def _usage(parser: argparse.ArgumentParser) -> str:
-    usage = " ".join(parser.format_usage().split())
-    return usage.removeprefix("usage: ")
+    """One-line usage; the list of subcommands becomes COMMAND (they have a section of their own)."""
+    usage = " ".join(parser.format_usage().split()).removeprefix("usage: ")
+    return re.sub(r"\{[^{}]*\} \.\.\.", "COMMAND ...", usage)
 
 
 def _option_items(parser: argparse.ArgumentParser, skip_help: bool = False) -> str:
@@ -139,7 +141,9 @@ def manpage(prog: Program, version: str, date: str) -> str:
         f'.\\" Generated from the argparse definitions by packaging/argparse_docs.py; do not edit.\n'
         f'.TH {prog.name.upper()} 8 "{date}" "varsd {version}" "System Administration"\n',
         f".SH NAME\n{prog.name} \\- {_roff(prog.summary)}\n",
-        f".SH SYNOPSIS\n.B {prog.name}\n{_roff(_usage(parser).removeprefix(prog.name).strip())}\n",
+        # left-adjusted, unhyphenated: a usage line has long tokens such as {status,reconcile,...}
+        f".SH SYNOPSIS\n.ad l\n.nh\n.B {prog.name}\n{_roff(_usage(parser).removeprefix(prog.name).strip())}\n"
+        ".ad\n.hy\n",
     ]
     if "DESCRIPTION" in sections:
         out.append(f".SH DESCRIPTION\n{sections.pop('DESCRIPTION')}")

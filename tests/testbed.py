@@ -190,10 +190,11 @@ class Tree:
 
     release: Release
     mirror: str = field(default_factory=host_mirror)
+    cache: Path = CACHE
 
     @property
     def base(self) -> Path:
-        return CACHE / self.release.codename
+        return self.cache / self.release.codename
 
     @property
     def root(self) -> Path:
@@ -220,8 +221,11 @@ class Tree:
 
     def ensure(self) -> float:
         """Build the tree unless it is complete; the seconds it took (0.0 when reused)."""
-        with self.lock(exclusive=True):
+        with self.lock(exclusive=False):  # running beds hold it shared: never wait for them to reuse
             if self.complete():
+                return 0.0
+        with self.lock(exclusive=True):
+            if self.complete():  # someone else built it meanwhile
                 return 0.0
             started = time.monotonic()
             self._build()
@@ -505,8 +509,8 @@ def reap_stale(release: Release) -> None:
         return
     for run in runs.iterdir():
         owner = run.name.split("-", 1)[0]
-        if owner.isdigit() and Path(f"/proc/{owner}").exists() and int(owner) != os.getpid():
-            continue  # a live run of someone else (its own process will clean up)
+        if owner.isdigit() and Path(f"/proc/{owner}").exists():
+            continue  # its owner (maybe this very process) is alive and stops it itself
         try:
             pids = {int(k): v for k, v in json.loads((run / "pids.json").read_text()).items()}
         except (OSError, ValueError):

@@ -17,7 +17,10 @@ Contract of this tier:
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
+import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +38,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _require_tools() -> None:
     missing = [t for t in ("debootstrap", "systemd-nspawn", "nsenter") if shutil.which(t) is None]
     if missing:
@@ -45,11 +52,15 @@ def _require_tools() -> None:
 def debian13() -> Iterator[testbed.Bed]:
     """A booted Debian 13 bed with this repository bound read-only at /srv/varsd."""
     _require_tools()
+    # A SIGTERM (CI timeout, a killed run) becomes KeyboardInterrupt, so pytest still runs the
+    # finalizer that stops the bed; a SIGKILLed run's bed is reaped by the next start.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     bed = testbed.Bed(testbed.TRIXIE, repo=REPO)
     with bed:
         print(f"\n[distro] Debian 13 bed: tree {testbed.describe_build(bed.build_seconds)}, "
               f"booted in {bed.boot_seconds:.1f} s")
         yield bed
+    signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +70,14 @@ def deb(debian13: testbed.Bed) -> str:
     debs = [p for p in built if p.endswith("_all.deb")]
     assert len(debs) == 1, built
     return debs[0]
+
+
+@pytest.fixture(scope="session")
+def argparse_docs():
+    """packaging/argparse_docs.py, the build-time generator of man pages and completion."""
+    spec = importlib.util.spec_from_file_location("varsd_argparse_docs", REPO / "packaging" / "argparse_docs.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
