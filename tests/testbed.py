@@ -50,7 +50,7 @@ RECIPE_VERSION = 3  # bump when the steps below change in a way the package list
 # pytest for the integration tier, and the tools to build and check varsd's Debian package.
 _BASE = ("systemd", "systemd-sysv", "dbus", "libvirt-daemon-system", "libvirt-clients", "qemu-system-x86",
          "qemu-utils", "python3-libvirt", "python3-lxml", "python3-apscheduler", "python3-pytest",
-         "procps", "iproute2", "less")
+         "procps", "iproute2", "less", "swtpm", "swtpm-tools")
 _BUILD = ("debhelper", "dh-python", "pybuild-plugin-pyproject", "python3-all", "python3-setuptools", "lintian",
           "fakeroot", "build-essential")
 
@@ -90,7 +90,8 @@ class Release:
 TRIXIE = Release(
     codename="trixie", version="13",
     packages=(*_BASE, *_BUILD, "python3-virt-firmware"),
-    backports=("libvirt-daemon-system", "libvirt-clients", "libvirt-daemon", "qemu-system-x86", "qemu-utils"),
+    backports=("libvirt-daemon-system", "libvirt-clients", "libvirt-daemon", "qemu-system-x86", "qemu-utils",
+               "qemu-system-modules-spice", "libxml2-utils"),
     pinned=("ovmf/trixie",),
     downloads=(("unstable", "ovmf"), ("unstable", "ovmf-generic"), ("unstable", "ovmf-amdsev"),
                ("unstable", "ovmf-inteltdx")),

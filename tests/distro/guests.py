@@ -15,7 +15,8 @@ from pathlib import Path
 import testbed
 from integration.guests import domain_xml, wait_for_serial
 
-BOOT_LINE = r"BdsDxe: (loading|starting|failed to load) Boot"
+# the Secure Boot builds have no EFI shell: with no disk their boot manager says so
+BOOT_LINE = r"BdsDxe: ((loading|starting|failed to load) Boot|No bootable option)"
 NVRAM_DIR = "/var/lib/libvirt/qemu/nvram"
 
 
@@ -30,11 +31,14 @@ class BedGuest:
         return f"{NVRAM_DIR}/{self.name}_VARS.fd"
 
 
-def define(bed: testbed.Bed, label: str, os_inner: str, **kwargs) -> BedGuest:
-    """Define a `varsd-test-*` guest with virsh inside the bed (as an admin would)."""
+def define(bed: testbed.Bed, label: str, os_inner: str, *, os_firmware: str | None = None, **kwargs) -> BedGuest:
+    """Define a `varsd-test-*` guest with virsh inside the bed (as an admin would);
+    `os_firmware='efi'` asks libvirt to autoselect the firmware."""
     name = f"varsd-test-{secrets.token_hex(3)}-{label}"
     serial = f"{testbed.SHARE}/{name}.serial.log"
     xml = domain_xml(name, os_inner, serial_log=serial, **kwargs)
+    if os_firmware:
+        xml = xml.replace("<os>", f"<os firmware='{os_firmware}'>", 1)
     (bed.share / f"{name}.xml").write_text(xml)
     bed.run("virsh", "-q", "define", f"{testbed.SHARE}/{name}.xml")
     return BedGuest(name, serial, bed.share / f"{name}.serial.log")
