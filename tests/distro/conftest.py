@@ -81,3 +81,20 @@ def argparse_docs():
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def install_deb(bed: testbed.Bed, deb: Path) -> str:
+    """`apt install ./varsd_*.deb` into `bed` (the .deb is a host path); apt's output."""
+    shutil.copyfile(deb, bed.share / deb.name)
+    r = bed.run("apt-get", "install", "-y", "-q", f"{testbed.SHARE}/{deb.name}", timeout=600,
+                env={"DEBIAN_FRONTEND": "noninteractive"})
+    assert "Setting up varsd" in r.stdout, r.stdout + r.stderr
+    return r.stdout
+
+
+@pytest.fixture(scope="session")
+def deb_file(debian13: testbed.Bed, deb: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built .deb, copied out of the session's bed."""
+    out = tmp_path_factory.mktemp("deb") / Path(deb).name
+    shutil.copyfile(debian13.path(deb), out)
+    return out

@@ -17,10 +17,12 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import testbed
 
+from .conftest import install_deb
 from .guests import BedGuest, define, inactive_xml, remove, status, wait_booted, wait_for
 
 EXPOSURE_LIMIT = 2.5
@@ -47,9 +49,8 @@ def bed_now(bed: testbed.Bed) -> str:
 
 
 @pytest.fixture(scope="module")
-def installed(debian13: testbed.Bed, deb: str) -> Iterator[testbed.Bed]:
-    r = debian13.run("apt-get", "install", "-y", "-q", deb, env={"DEBIAN_FRONTEND": "noninteractive"}, timeout=600)
-    assert "Setting up varsd" in r.stdout, r.stdout + r.stderr
+def installed(debian13: testbed.Bed, deb_file: Path) -> Iterator[testbed.Bed]:
+    install_deb(debian13, deb_file)
     try:
         yield debian13
     finally:
