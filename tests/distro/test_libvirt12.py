@@ -130,3 +130,22 @@ def test_explicit_split_xml_gets_libvirts_firmware_description_and_stays_bound(b
         assert "BdsDxe" in wait_booted(guest)
     finally:
         remove(bed, guest)
+
+
+def test_json_varstore_domain_is_its_own_class_and_never_rewritten(bed: testbed.Bed) -> None:
+    """libvirt 12.1+ <varstore> with a ROM loader (QEMU 11.1 has uefi-vars-x64; Debian ships no
+    qemuvars OVMF build, so this is defined, classified and reconciled, not booted)."""
+    guest = define(bed, "json-vars", "<loader type='rom'>/usr/share/OVMF/OVMF.qemuvars.fd</loader>"
+                   "<varstore template='/usr/share/OVMF/OVMF_VARS_4M.qemuvars.json'/>")
+    try:
+        before = inactive_xml(bed, guest)
+        path = f"/var/lib/libvirt/qemu/varstore/{guest.name}.json"
+        assert f"path='{path}'" in before, _os_element(before)  # libvirt assigned it at define
+        assert "uefi-vars-x64" in bed.run("qemu-system-x86_64", "-device", "help").stdout
+        entry = status(bed, guest.name, program=SOURCE_VARSCTL)
+        assert (entry["config"], entry["status"], entry["varstore"]) == ("uefi-vars", "ok", path), entry
+        r = varsctl(bed, "reconcile", guest.name, program=SOURCE_VARSCTL)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert inactive_xml(bed, guest) == before  # never rewritten into pflash
+    finally:
+        remove(bed, guest)

@@ -2,7 +2,7 @@
 
 Reading turns libvirt domain XML into a `DomainFirmware` record. Writing applies a
 `FirmwareEdit` and touches only the firmware elements: `<os firmware>` and
-`<os>/<firmware>`, `<os>/<loader>`, `<os>/<nvram>`, `<features>/<smm>`, a `-bios` pair
+`<os>/<firmware>`, `<os>/<loader>`, `<os>/<nvram>`, `<os>/<varstore>` (read only), `<features>/<smm>`, a `-bios` pair
 inside `<qemu:commandline>`, and varsd's own element inside `<metadata>`. Everything
 else is carried over untouched, so an admin's hand edits and other tools' metadata
 survive every repair (`outside_firmware` is the test of that promise).
@@ -174,6 +174,7 @@ def parse_domain(xml: str) -> DomainFirmware:
     type_el = os_el.find("type") if os_el is not None else None
     loader = os_el.find("loader") if os_el is not None else None
     nvram = os_el.find("nvram") if os_el is not None else None
+    varstore = os_el.find("varstore") if os_el is not None else None
     smm = root.find("features/smm")
     ls = root.find("launchSecurity")
     md = root.find(f"metadata/{{{VARSD_NS}}}{VARSD_KEY}")
@@ -195,6 +196,9 @@ def parse_domain(xml: str) -> DomainFirmware:
         smm=smm is not None and (_yesno(smm.get("state")) is not False),
         launch_security=((ls.get("type") or "unknown") if ls is not None else _cmdline_confidential(root)),
         cmdline_bios=_cmdline_bios(root),
+        host_varstore=varstore is not None,
+        host_varstore_path=varstore.get("path") if varstore is not None else None,
+        host_varstore_template=varstore.get("template") if varstore is not None else None,
         metadata=parse_metadata(md),
         booted_sha256=(boot.get("sha256") or None) if boot is not None else None,
     )
