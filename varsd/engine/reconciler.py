@@ -21,7 +21,7 @@ from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
 from varsd.config import Config
 from varsd.domain.classify import firmware_image_path
-from varsd.domain.xml import firmware_signature, parse_domain
+from varsd.domain.xml import firmware_formats, firmware_signature, parse_domain, with_raw_formats
 from varsd.engine.inspect import FileInspector
 from varsd.engine.lock import host_lock
 from varsd.engine.provision import provision_varstore
@@ -399,6 +399,8 @@ class Reconciler:
         overwritten with a plan made from the XML before it."""
         if self.hv.persistent_xml(ref.uuid) != old_xml:
             raise StaleDefinition(f"domain '{ref.name}' was redefined meanwhile; will look again")
+        # explicit format='raw' (and templateFormat) where this libvirt has the attributes
+        new_xml = with_raw_formats(new_xml, firmware_formats(self.hv.lib_version()))
         change = self.journal.record(
             at=self.clock(), uuid=ref.uuid, name=ref.name, actor=self.actor, reason=reason,
             old_xml=old_xml, new_xml=new_xml,
