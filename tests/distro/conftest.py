@@ -17,13 +17,12 @@ Contract of this tier:
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import signal
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import packaging_tools
 import pytest
 import testbed
 
@@ -72,15 +71,11 @@ def deb(debian13: testbed.Bed) -> str:
     return debs[0]
 
 
+
 @pytest.fixture(scope="session")
 def argparse_docs():
     """packaging/argparse_docs.py, the build-time generator of man pages and completion."""
-    spec = importlib.util.spec_from_file_location("varsd_argparse_docs", REPO / "packaging" / "argparse_docs.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return packaging_tools.argparse_docs()
 
 
 def install_deb(bed: testbed.Bed, deb: Path) -> str:

@@ -10,10 +10,8 @@ and `varsd.postinst`, with only the postinst's settings lines (`VARSCTL=`,
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -100,12 +98,3 @@ def purge(*names: str) -> None:
         r = dpkg("--purge", *known)
         assert r.returncode == 0, f"dpkg --purge {' '.join(known)} failed:\n{r.stdout}\n{r.stderr}"
 
-
-def argparse_docs():
-    """packaging/argparse_docs.py (the build-time man page and completion generator)."""
-    spec = importlib.util.spec_from_file_location("varsd_argparse_docs", REPO / "packaging" / "argparse_docs.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module

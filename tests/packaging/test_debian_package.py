@@ -9,7 +9,8 @@ import subprocess
 import tomllib
 from dataclasses import fields
 
-from debtools import DEBIAN_DIR, REPO, argparse_docs
+from debtools import DEBIAN_DIR, REPO
+from packaging_tools import argparse_docs
 
 from varsd.config import Config, parse_config
 
