@@ -41,6 +41,7 @@ from pathlib import Path
 CACHE = Path(os.environ.get("VARSD_TEST_CACHE", "/var/cache/varsd-tests")) / "beds"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SHARE = "/srv/share"  # bind-mounted host directory: the bed's /tmp is a private tmpfs
 SOURCE = "/srv/varsd"  # the repository, bound read-only
@@ -265,8 +266,11 @@ class Tree:
                              what=f"installing from {rel.codename}-backports")
             self._chroot(new, *install, *rel.packages, *rel.pinned, what="installing packages")
             if rel.pip:
+                # the host's CA bundle: PyPI may be reached through a TLS proxy only the host trusts
+                shutil.copyfile(HOST_CA_BUNDLE, new / "tmp/host-ca.crt")
                 self._chroot(new, "python3", "-m", "pip", "install", "--break-system-packages", "--no-cache-dir",
-                             *rel.pip, what="pip install")
+                             "--cert", "/tmp/host-ca.crt", *rel.pip, what="pip install")
+                (new / "tmp/host-ca.crt").unlink()
             self._download(new)
             self._chroot(new, "apt-get", "clean")
             _log(f"packages: {time.monotonic() - t0:.0f} s")
