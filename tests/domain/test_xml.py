@@ -371,3 +371,41 @@ def test_replace_loader_code_with_metadata_changes_nothing_else() -> None:
     assert (fw.loader_path, fw.metadata) == ("/archive/a.fd", md)
     assert (fw.loader_secure, fw.smm, fw.nvram_path, fw.nvram_template) == (True, True, "/n/v.fd", "/t.fd")
     assert outside_firmware(new) == outside_firmware(xml)
+
+
+# -- explicit formats (libvirt >= 9.2) -------------------------------------------------------
+
+from varsd.domain.xml import FormatSupport, firmware_formats, with_raw_formats  # noqa: E402
+
+_SPLIT = ("<domain type='kvm'><name>f</name><os><type arch='x86_64' machine='q35'>hvm</type>"
+          "<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>"
+          "<nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>/var/lib/libvirt/qemu/nvram/f_VARS.fd</nvram>"
+          "</os></domain>")
+
+
+def test_firmware_formats_follow_libvirts_versions():
+    assert firmware_formats(9_000_000) == FormatSupport(False, False)  # Debian 12: the schema refuses them
+    assert firmware_formats(9_002_000) == FormatSupport(True, False)
+    assert firmware_formats(10_010_000) == FormatSupport(True, True)
+    assert firmware_formats(12_009_000) == FormatSupport(True, True)  # Debian 13 backports
+
+
+def test_raw_formats_are_written_where_libvirt_has_them():
+    assert with_raw_formats(_SPLIT, firmware_formats(9_000_000)) == _SPLIT
+    out = with_raw_formats(_SPLIT, firmware_formats(12_009_000))
+    assert "<loader readonly='yes' type='pflash' format='raw'>" in out
+    assert "<nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd' templateFormat='raw' format='raw'>" in out
+    assert with_raw_formats(out, firmware_formats(12_009_000)) == out  # idempotent
+    mid = with_raw_formats(_SPLIT, firmware_formats(9_002_000))
+    assert "templateFormat" not in mid and mid.count("format='raw'") == 2
+
+
+def test_an_existing_format_and_non_file_varstores_are_left_alone():
+    qcow2 = _SPLIT.replace("type='pflash'>", "type='pflash' format='qcow2'>").replace(
+        "<nvram template", "<nvram format='qcow2' template")
+    out = with_raw_formats(qcow2, firmware_formats(12_009_000))
+    assert "format='raw'" not in out.replace("templateFormat='raw'", "")
+    network = ("<domain><name>n</name><os><loader readonly='yes' type='pflash'>/c.fd</loader>"
+               "<nvram type='network'><source protocol='iscsi' name='x'/></nvram></os></domain>")
+    out = with_raw_formats(network, firmware_formats(12_009_000))
+    assert "<nvram type='network'>" in out and out.count("format=") == 1

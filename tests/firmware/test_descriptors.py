@@ -241,3 +241,29 @@ def test_list_real_debian_dirs():
     assert list_descriptor_paths([DEBIAN_DIR, "/etc/qemu/firmware"]) == [
         os.path.join(DEBIAN_DIR, n) for n in sorted(DEBIAN)
     ]
+
+
+# Builds whose variables QEMU's uefi-vars device keeps (libvirt 12.1+ <varstore>): the shapes
+# in use while the spec still moves. Read without error, never a pflash build.
+@pytest.mark.parametrize(
+    "mapping, features",
+    [
+        # x86_64: OVMF.qemuvars.fd loaded as a ROM, the feature says where the variables are
+        ({"device": "memory", "filename": "/usr/share/OVMF/OVMF.qemuvars.fd"}, ["host-uefi-vars"]),
+        # aarch64: a stateless flash image, variables in the host
+        (_mapping(mode="stateless", nvram_template=None), ["host-uefi-vars", "verbose-static"]),
+        # a split-looking flash mapping that still asks for host variables is not split pflash
+        (_mapping(), ["host-uefi-vars", "secure-boot"]),
+        # early drafts: a device of its own
+        ({"device": "uefi-vars", "filename": "/usr/share/edk2/ovmf/OVMF.qemuvars.fd"}, []),
+    ],
+)
+def test_host_uefi_vars_builds_are_read_and_never_pflash(mapping, features):
+    d = parse_descriptor(_doc(mapping=mapping, features=features), "/x/50-edk2-x86_64-qemuvars.json")
+    assert d.uses_host_varstore
+    assert not d.is_uefi_flash
+
+
+def test_a_plain_flash_build_keeps_its_varstore_in_flash():
+    d = parse_descriptor(_doc(), "/x/t.json")
+    assert not d.uses_host_varstore and d.is_uefi_flash

@@ -97,3 +97,4 @@ def purge(*names: str) -> None:
     if known:
         r = dpkg("--purge", *known)
         assert r.returncode == 0, f"dpkg --purge {' '.join(known)} failed:\n{r.stdout}\n{r.stderr}"
+

@@ -140,6 +140,8 @@ CASES: tuple[Case, ...] = (
     Case("sev-snp-stateless", C.CONFIDENTIAL, S.UNMANAGED, skip_libvirt=NEWER_LIBVIRT + " (sev-snp: 10.5)"),
     Case("tdx", C.CONFIDENTIAL, S.UNMANAGED, skip_libvirt=NEWER_LIBVIRT + " (tdx: 11.2)"),
     Case("stateless", C.STATELESS, S.UNMANAGED),
+    # libvirt 12.1+ <varstore>: variables in a JSON file (QEMU uefi-vars), the ROM loader is right
+    Case("uefi-vars-json", C.HOST_VARSTORE, S.OK, skip_libvirt=NEWER_LIBVIRT + " (varstore: 12.1)"),
     Case("opt-out", C.SPLIT, S.UNMANAGED,
          files={STALE_CODE: copy_of(CODE_4M), f"{NV}/appliance-frozen_VARS.fd": used_varstore(VARS_4M)}),
     Case("pinned", C.SPLIT, S.PINNED,
@@ -366,7 +368,7 @@ def test_test_driver_accepts(name, which, test_driver) -> None:
 
 def test_cases_libvirt_cannot_judge() -> None:
     assert sorted(c.name for c in CASES if c.skip_libvirt) == [
-        "sev-snp-stateless", "tdx", "virt-install-libvirt92-resolved"]
+        "sev-snp-stateless", "tdx", "uefi-vars-json", "virt-install-libvirt92-resolved"]
 
 
 def _host_neutral(xml: str) -> str:
@@ -525,3 +527,16 @@ def test_missing_varstore_outside_nvram_dir_is_left_to_libvirt(catalogs, hostfs)
     assert [type(a) for a in plan.actions] == [Redefine]
     again = plan_repair(_facts(hostfs, plan.actions[0].xml, live=None), catalogs["4m"], NV, NOW)
     assert (again.status, again.actions) == (Status.OK, ())
+
+
+def test_a_json_varstore_domain_is_reported_with_its_file_and_never_rewritten(catalogs, hostfs) -> None:
+    """libvirt 12.1+ <varstore> + ROM loader: as bios-rom it would be 'repaired' into pflash,
+    and every variable in the JSON store would be left behind."""
+    case = next(c for c in CASES if c.name == "uefi-vars-json")
+    out = _run(case, catalogs, hostfs)
+    assert out.new_xml is None and not out.plan.actions
+    assert out.plan.varstore == "/var/lib/libvirt/qemu/varstore/qemuvars-guest.json"
+    assert out.plan.code == "/usr/share/edk2/ovmf/OVMF.qemuvars.fd"
+    assert "QEMU uefi-vars device" in out.plan.detail and "OVMF.qemuvars.json" in out.plan.detail
+    fw = parse_domain((CASES_DIR / case.name / "input.xml").read_text())
+    assert fw.host_varstore and fw.host_varstore_template == "/usr/share/edk2/ovmf/OVMF.qemuvars.json"

@@ -251,6 +251,11 @@ class Hypervisor:
             return None
         return xml
 
+    def lib_version(self) -> int:
+        """Version of the libvirt serving this connection (major * 1e6 + minor * 1e3 + micro)."""
+        with _translated("cannot read libvirt's version"):
+            return int(self.connection.getLibVersion())
+
     def define(self, xml: str) -> DomainRef:
         """Define or redefine a domain; a running one changes only at its next cold boot."""
         root = _xml_root(xml)

@@ -16,13 +16,19 @@ from varsd.daemon.service import Service
 from varsd.errors import VarsdError
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """varsd's options (also the source of its man page, generated at package build time)."""
     p = argparse.ArgumentParser(prog="varsd", description="Keep UEFI firmware of libvirt domains right.")
     p.add_argument("--config", help="config file (default $VARSD_CONFIG or /etc/varsd/varsd.toml)")
     p.add_argument("--connect", "-c", metavar="URI", help="libvirt URI (default from config: qemu:///system)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="least severe messages logged (default: info)")
     p.add_argument("--version", action="version", version=f"varsd {__version__}")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(levelname)s %(name)s: %(message)s",

@@ -5,7 +5,10 @@ Rules, first match wins:
    `<qemu:commandline>` (SNP/TDX on libvirt versions without an element for them)
    -> confidential, whatever the loader: measured firmware must never be split
    (QEMU measures only pflash unit 0).
-2. `<loader stateless='yes'>` -> stateless.
+2. `<os><varstore>` (libvirt 12.1+: variables in a JSON file QEMU's uefi-vars device
+   serves, the firmware a ROM) -> uefi-vars, its own class: a ROM loader here is right,
+   and rewriting it into pflash would abandon every variable.
+2b. `<loader stateless='yes'>` -> stateless.
 3. `-bios PATH` in `<qemu:commandline>`, or a loader of type rom or of no type (libvirt
    passes both as -bios, even with readonly='yes' or an `<nvram>` beside it): bios-rom
    when the image is OVMF, none otherwise (a custom SeaBIOS build).
@@ -45,6 +48,8 @@ def classify(fw: DomainFirmware, loader: FileFacts | None, catalog: Catalog) -> 
     """The configuration class of `fw`; `loader` are the facts of its firmware image."""
     if fw.launch_security:
         return FirmwareConfig.CONFIDENTIAL
+    if fw.host_varstore:
+        return FirmwareConfig.HOST_VARSTORE
     if fw.loader_stateless:
         return FirmwareConfig.STATELESS
     if fw.cmdline_bios:

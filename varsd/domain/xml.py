@@ -2,7 +2,7 @@
 
 Reading turns libvirt domain XML into a `DomainFirmware` record. Writing applies a
 `FirmwareEdit` and touches only the firmware elements: `<os firmware>` and
-`<os>/<firmware>`, `<os>/<loader>`, `<os>/<nvram>`, `<features>/<smm>`, a `-bios` pair
+`<os>/<firmware>`, `<os>/<loader>`, `<os>/<nvram>`, `<os>/<varstore>` (read only), `<features>/<smm>`, a `-bios` pair
 inside `<qemu:commandline>`, and varsd's own element inside `<metadata>`. Everything
 else is carried over untouched, so an admin's hand edits and other tools' metadata
 survive every repair (`outside_firmware` is the test of that promise).
@@ -13,6 +13,10 @@ libvirt facts this module relies on (checked against libvirt 9.0's QEMU driver):
 - `<nvram>` names its file either as text or, since 8.5, as
   `<nvram type='file'><source file='...'/></nvram>`; `type='block'` and
   `type='network'` put the varstore on a device or a remote server.
+- `format` on `<loader>` and `<nvram>` exists since libvirt 9.2 (9.0's schema refuses it),
+  `templateFormat` on `<nvram>` since 10.10; libvirt >= 9.2 fills both in itself at define
+  time. varsd writes them explicitly where the connected libvirt has them
+  (`firmware_formats`, `with_raw_formats`): its builds and varstores are raw.
 - libvirt < 9.2 refuses `<os firmware='efi'>` next to loader attributes; 9.2 and later
   keep it beside the paths they resolved. Writing explicit paths therefore drops the
   autoselection request (`firmware='efi'` and its `<firmware>` feature list).
@@ -183,6 +187,7 @@ def parse_domain(xml: str) -> DomainFirmware:
     type_el = os_el.find("type") if os_el is not None else None
     loader = os_el.find("loader") if os_el is not None else None
     nvram = os_el.find("nvram") if os_el is not None else None
+    varstore = os_el.find("varstore") if os_el is not None else None
     smm = root.find("features/smm")
     ls = root.find("launchSecurity")
     md = root.find(f"metadata/{{{VARSD_NS}}}{VARSD_KEY}")
@@ -205,6 +210,9 @@ def parse_domain(xml: str) -> DomainFirmware:
         launch_security=((ls.get("type") or "unknown") if ls is not None else _cmdline_confidential(root)),
         cmdline_bios=_cmdline_bios(root),
         tpm=_tpm(root),
+        host_varstore=varstore is not None,
+        host_varstore_path=varstore.get("path") if varstore is not None else None,
+        host_varstore_template=varstore.get("template") if varstore is not None else None,
         metadata=parse_metadata(md),
         booted_sha256=(boot.get("sha256") or None) if boot is not None else None,
     )
@@ -543,6 +551,47 @@ def outside_firmware(xml: str) -> bytes:
         else:
             el.tail = None
     return etree.tostring(root, method="c14n")
+
+
+@dataclass(frozen=True)
+class FormatSupport:
+    """Which firmware format attributes the connected libvirt understands."""
+
+    format: bool = False  # <loader format>, <nvram format>: 9.2
+    template_format: bool = False  # <nvram templateFormat>: 10.10
+
+
+def firmware_formats(libvirt_version: int) -> FormatSupport:
+    """From libvirt's version number (major * 1_000_000 + minor * 1000 + micro)."""
+    return FormatSupport(format=libvirt_version >= 9_002_000, template_format=libvirt_version >= 10_010_000)
+
+
+def with_raw_formats(xml: str, support: FormatSupport) -> str:
+    """`xml` with an explicit format='raw' on a file `<loader>` and `<nvram>` (and
+    templateFormat='raw' beside a template) where libvirt supports them and none is set.
+
+    Only for XML varsd writes, whose code and varstores are raw; an existing format
+    (qcow2 on a hand-made domain) is never changed, and block/network varstores have
+    theirs in `<source>`.
+    """
+    if not support.format:
+        return xml
+    root = _root(xml)
+    loader = root.find("os/loader")
+    nvram = root.find("os/nvram")
+    changed = False
+    if loader is not None and (loader.text or "").strip() and loader.get("format") is None:
+        loader.set("format", "raw")
+        _order_attributes(loader, _LOADER_ATTR_ORDER)
+        changed = True
+    if nvram is not None and nvram.get("type") in (None, "file"):
+        if nvram.get("template") and support.template_format and nvram.get("templateFormat") is None:
+            nvram.set("templateFormat", "raw")
+            changed = True
+        if nvram.get("format") is None:
+            nvram.set("format", "raw")
+            changed = True
+    return _serialize(root) if changed else xml
 
 
 SECRET_ATTRIBUTES = ("passwd", "password")  # what _SECRET removes

@@ -12,7 +12,8 @@ domain's XML the same way, in one transaction (`Writer.transaction(ref)`):
    but not `virsh edit`); the checks every write needs: an archived loader is verified
    before a definition points at it (its content must still have the digest its name
    promises: `undo` may restore an XML whose archived image was pruned or corrupted
-   since);
+   since); `format='raw'` made explicit on loader and nvram where the connected libvirt
+   has the attributes (9.2+; `templateFormat` 10.10+), since varsd's code and varstores are raw;
 4. the journal entry with the previous XML, *before* libvirt sees the change;
 5. the define (a running domain changes only at its next cold boot), and the journal
    entry settled as applied (with libvirt's normalised copy) or failed.
@@ -27,7 +28,7 @@ from contextlib import contextmanager
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.clock import Clock, stamp
-from varsd.domain.xml import parse_domain
+from varsd.domain.xml import firmware_formats, parse_domain, with_raw_formats
 from varsd.engine.lock import host_lock
 from varsd.errors import HypervisorError, VarsdError
 from varsd.firmware.archive import Archive, ArchiveError
@@ -81,6 +82,8 @@ class Writer:
         self.verify_archived_loader(ref, new_xml)
         if self.hv.persistent_xml(ref.uuid) != planned_from:
             raise StaleDefinition(f"domain '{ref.name}' was redefined meanwhile; will look again")
+        # explicit format='raw' (and templateFormat) where the connected libvirt has them
+        new_xml = with_raw_formats(new_xml, firmware_formats(self.hv.lib_version()))
         change = self.journal.record(
             at=stamp(self.clock.now()), uuid=ref.uuid, name=ref.name, actor=self.actor, reason=reason,
             old_xml=planned_from, new_xml=new_xml, kind=kind,

@@ -13,6 +13,11 @@ qemu_firmware.c) do:
   name an `nvram-template`, combined and stateless builds have none.
 - `memory` and `kernel` devices are valid descriptors but not flash, so varsd cannot
   use them; parsing them is not an error.
+- Builds whose variables live in the host (QEMU's `uefi-vars` device, libvirt 12.1+
+  `<varstore>`) are never pflash builds, whatever their mapping says: the feature
+  `host-uefi-vars` (x86: a `memory` mapping of a ROM; aarch64: a stateless flash), or
+  a `uefi-vars` device as early drafts of the spec named it. They are read, and kept
+  out of every pflash decision.
 - Unknown feature names are kept verbatim (new QEMU versions add features); `tags`
   is ignored.
 
@@ -30,7 +35,8 @@ from dataclasses import dataclass
 from varsd.errors import DescriptorError
 from varsd.model.firmware import MappingMode, Target
 
-DEVICES = ("flash", "memory", "kernel")
+DEVICES = ("flash", "memory", "kernel", "uefi-vars")
+HOST_UEFI_VARS = "host-uefi-vars"
 
 
 @dataclass(frozen=True)
@@ -50,9 +56,14 @@ class Descriptor:
     targets: tuple[Target, ...] = ()
 
     @property
+    def uses_host_varstore(self) -> bool:
+        """Variables kept by QEMU's uefi-vars device in a JSON file, not in a flash varstore."""
+        return HOST_UEFI_VARS in self.features or self.device == "uefi-vars"
+
+    @property
     def is_uefi_flash(self) -> bool:
-        """Whether varsd can use it at all: a UEFI build mapped as pflash."""
-        return "uefi" in self.interface_types and self.device == "flash"
+        """Whether varsd can use it at all: a UEFI build mapped as pflash, variables in flash."""
+        return "uefi" in self.interface_types and self.device == "flash" and not self.uses_host_varstore
 
 
 def _fail(path: str, msg: str) -> DescriptorError:

@@ -23,6 +23,9 @@ class FirmwareConfig(StrEnum):
     AUTOSELECT = "autoselect"  # <os firmware='efi'> left to libvirt
     STATELESS = "stateless"  # <loader stateless='yes'>
     CONFIDENTIAL = "confidential"  # SEV/SEV-ES/SNP/TDX: firmware must not be split
+    # libvirt 12.1+ <varstore>: variables in a JSON file served by QEMU's uefi-vars device,
+    # the firmware a ROM. Never rewritten into pflash (that would drop every variable).
+    HOST_VARSTORE = "uefi-vars"
     UNKNOWN = "unknown"  # not classified: reading or planning the domain failed (see its error)
 
 
@@ -109,6 +112,9 @@ class DomainFirmware:
     launch_security: str | None = None  # 'sev', 'sev-snp', 'tdx', ... when present
     cmdline_bios: str | None = None  # path passed as -bios through <qemu:commandline>
     tpm: str | None = None  # "<model>/<backend type>" of a <devices><tpm>, e.g. "tpm-crb/emulator"
+    host_varstore: bool = False  # an <os><varstore> element (libvirt 12.1+)
+    host_varstore_path: str | None = None  # <varstore path=...>: the JSON file
+    host_varstore_template: str | None = None  # <varstore template=...>
     metadata: VarsdMetadata = field(default_factory=VarsdMetadata)
     # From the live XML's boot record (varsd.engine.boots): the digest of the code file
     # this QEMU process opened at start, which a package upgrade does not change.

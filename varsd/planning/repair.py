@@ -11,6 +11,8 @@ the result of a plan's actions yields no actions.
 Rules, in order (early returns):
 - opted out, excluded, transient, SeaBIOS, confidential, stateless, autoselect, or a
   varstore on a block device or network storage: left alone, reported `unmanaged`;
+- a `<varstore>` JSON store (libvirt 12.1+, QEMU's uefi-vars device) with its ROM loader:
+  its own class, never rewritten into pflash, reported `ok` with the JSON file;
 - pinned (varsd metadata `<pin sha256 by>`): held on that build (`varsd.planning.upgrade`
   decides whether the hold stays; an admin's always does). The loader is the pinned
   build's file: kept when it is, else the central path or the verified archived copy;
@@ -239,6 +241,8 @@ def plan_repair(
             f"confidential guest (launchSecurity {fw.launch_security}): measured firmware is never split",
             fw,
         )
+    if config is FirmwareConfig.HOST_VARSTORE:
+        return _plan_host_varstore(fw)
     if config is FirmwareConfig.STATELESS:
         return _unmanaged(config, "stateless firmware: no varstore by design", fw)
     if config is FirmwareConfig.AUTOSELECT:
@@ -266,6 +270,15 @@ def plan_repair(
     if config is FirmwareConfig.UNIFIED:
         return _finish(facts, _plan_unified(facts, catalog, nvram_dir, now, secure))
     return _finish(facts, _plan_split(facts, catalog, nvram_dir, now, secure, upgrades))
+
+
+def _plan_host_varstore(fw: DomainFirmware) -> Plan:
+    """libvirt 12.1+ `<varstore>`: the ROM loader is right and stays; nothing is rewritten."""
+    where = fw.host_varstore_path or "the path libvirt assigns at define time"
+    source = f", made from {fw.host_varstore_template}" if fw.host_varstore_template else ""
+    return Plan(FirmwareConfig.HOST_VARSTORE, Status.OK,
+                f"variables in the JSON varstore {where} (QEMU uefi-vars device{source}); firmware {fw.loader_path} "
+                "kept as defined", code=fw.loader_path, varstore=fw.host_varstore_path)
 
 
 def _plan_pinned(facts: DomainFacts, config: FirmwareConfig, catalog: Catalog, ctx: UpgradeContext,
