@@ -81,3 +81,18 @@ def test_a_pin_on_a_unified_domain_never_repoints_its_loader(catalog, tmp_path) 
         "<varsd:pin sha256='" + "ab" * 32 + "' by='admin'/></varsd:firmware></metadata>"))
     p = plan(xml, catalog, str(tmp_path))
     assert (p.config, p.status, p.actions) == (FirmwareConfig.UNIFIED, Status.ERROR, ())
+
+
+@pytest.mark.parametrize("content", ["seabios", "random"])
+def test_writable_pflash_holding_no_ovmf_is_left_alone(catalog, tmp_path, content) -> None:
+    """#12 defect 2: SeaBIOS or random bytes as the only writable pflash is not code-only
+    OVMF; repointing it to OVMF_CODE_4M.fd would change the guest's firmware family."""
+    image = tmp_path / "flash.bin"
+    if content == "seabios":
+        shutil.copyfile("/usr/share/seabios/bios-256k.bin", image)
+    else:
+        image.write_bytes(bytes(range(256)) * 1024)
+    p = plan(domain(f"<loader readonly='no' type='pflash'>{image}</loader>", machine="pc-i440fx-7.2"),
+             catalog, str(tmp_path))
+    assert (p.config, p.status, p.actions) == (FirmwareConfig.NONE, Status.UNMANAGED, ())
+    assert f"{image} is not OVMF" in p.detail

@@ -233,6 +233,10 @@ def plan_repair(
     if facts.excluded:
         return _unmanaged(config, "excluded by the 'exclude' setting", fw)
     if config is FirmwareConfig.NONE:
+        image_path = firmware_image_path(fw)
+        if image_path:
+            return _unmanaged(config, f"firmware image {image_path} is not OVMF (SeaBIOS or a custom build): "
+                              "nothing to manage", fw)
         return _unmanaged(config, "no UEFI firmware (SeaBIOS): nothing to manage", fw)
     if config is FirmwareConfig.CONFIDENTIAL:
         return _unmanaged(
