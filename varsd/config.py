@@ -48,6 +48,13 @@ DEFAULT_FIRMWARE_DIRS: tuple[str, ...] = (
 
 UPGRADE_POLICIES = ("auto", "manual")
 
+# Upper bounds keep every value inside what the scheduler and date arithmetic accept
+# (99999999999999 s overflows APScheduler's timedelta; 10**9 days overflows datetime).
+INT_LIMITS: dict[str, tuple[int, str]] = {
+    "reconcile_interval": (30 * 86400, "seconds"),  # 30 days
+    "archive_retention_days": (36500, "days"),  # 100 years
+}
+
 T = TypeVar("T")
 
 
@@ -140,11 +147,11 @@ def parse_config(text: str, where: str = "<config>") -> Config:
         _expect(not relative, where, f"'firmware_dirs' must be absolute paths, not {', '.join(relative)}")
     if "exclude" in data:
         kw["exclude"] = _str_list(data["exclude"], where, "exclude")
-    for key in ("reconcile_interval", "archive_retention_days"):
+    for key, (limit, unit) in INT_LIMITS.items():
         if key in data:
             v = data[key]
-            ok = isinstance(v, int) and not isinstance(v, bool) and v > 0
-            _expect(ok, where, f"'{key}' must be a positive integer")
+            ok = isinstance(v, int) and not isinstance(v, bool) and 0 < v <= limit
+            _expect(ok, where, f"'{key}' must be a whole number of {unit} from 1 to {limit}, not {v!r}")
             kw[key] = v
     if "upgrade_policy" in kw:
         choices = ", ".join(UPGRADE_POLICIES)

@@ -324,3 +324,16 @@ def test_undo_of_a_migration_refuses_to_pair_old_code_with_the_migrated_store(ca
     rc, _, err = run(capsys, host, "undo", str(cid), uri=DEFAULT)
     assert rc == EXIT_ATTENTION and "migrated the varstore" in err and "backup" in err
     assert dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE) == current
+
+
+@pytest.mark.parametrize("args", [
+    ["undo", "99999999999999999999999"], ["journal", "--limit", "99999999999999999999"],
+    ["journal", "--limit", "-1"], ["firmware", "history", "--limit", "1" + "0" * 30],
+])
+def test_huge_numbers_are_usage_errors_not_tracebacks(capsys, host, args):
+    """#12 defect 9: out-of-range numbers on the command line are exit 2 with the range."""
+    with pytest.raises(SystemExit) as exc:
+        run(capsys, host, *args)
+    err = capsys.readouterr().err
+    assert exc.value.code == EXIT_USAGE
+    assert "out of range" in err and "Traceback" not in err

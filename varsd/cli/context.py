@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
+from collections.abc import Callable, Sequence
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
@@ -11,6 +12,26 @@ from varsd.engine.reconciler import Reconciler
 from varsd.firmware.catalog import load_configured
 
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE = 0, 1, 2
+
+SQLITE_MAX_INT = 2**63 - 1  # journal ids are SQLite integers
+MAX_LIMIT = 1_000_000
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high`, or a usage error (exit 2)
+    instead of an OverflowError deep in SQLite."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range ({low} to {high})")
+        return value
+
+    parse.__name__ = "number"
+    return parse
 
 
 class Context:

@@ -20,7 +20,7 @@ import logging
 import re
 import sys
 
-from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, Context
+from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, MAX_LIMIT, Context, bounded_int
 from varsd.config import qemu_owner
 from varsd.domain.xml import parse_domain, replace_loader_code, set_metadata
 from varsd.engine import firmware_sync
@@ -330,7 +330,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_list)
     h = fsub.add_parser("history", help="when each watched code image appeared, changed or was removed")
-    h.add_argument("--limit", type=int, default=50)
+    h.add_argument("--limit", type=bounded_int(1, MAX_LIMIT), default=50)
     h.add_argument("--json", action="store_true")
     h.set_defaults(func=cmd_history)
 

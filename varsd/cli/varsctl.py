@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from varsd.adapters.libvirt_api import NoSuchDomain
-from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, Context
+from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, MAX_LIMIT, SQLITE_MAX_INT, Context, bounded_int
 from varsd.config import load_config
 from varsd.engine.lock import host_lock
 from varsd.engine.migration import MIGRATION_REASON
@@ -132,12 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     j = sub.add_parser("journal", help="list journaled domain XML changes")
     j.add_argument("domain", nargs="?")
-    j.add_argument("--limit", type=int, default=50)
+    j.add_argument("--limit", type=bounded_int(1, MAX_LIMIT), default=50)
     j.add_argument("--json", action="store_true")
     j.set_defaults(func=cmd_journal)
 
     u = sub.add_parser("undo", help="restore the XML a journaled change replaced")
-    u.add_argument("change", type=int, metavar="ID")
+    u.add_argument("change", type=bounded_int(1, SQLITE_MAX_INT), metavar="ID")
     u.add_argument("--force", action="store_true", help="undo even if the domain changed since")
     u.set_defaults(func=cmd_undo)
 

@@ -62,7 +62,8 @@ def classify(fw: DomainFirmware, loader: FileFacts | None, catalog: Catalog) -> 
         return FirmwareConfig.SPLIT
     if loader is not None and loader.varstore_layout is not None:
         return FirmwareConfig.UNIFIED
-    if loader is not None and loader.exists and not loader.error and not looks_like_ovmf(loader, fw.loader_path, catalog):
+    readable = loader is not None and loader.exists and not loader.error
+    if readable and not looks_like_ovmf(loader, fw.loader_path, catalog):
         # SeaBIOS's bios-256k.bin or a custom image as writable pflash: not OVMF, so
         # "completing" it with OVMF code would change the guest's firmware family.
         return FirmwareConfig.NONE
