@@ -8,6 +8,7 @@ import stat
 import time
 
 import libvirt
+from ovmf_files import fit_code
 
 from varsd.adapters.journal import Journal
 from varsd.engine.boots import BOOT_NS
@@ -186,6 +187,7 @@ def test_firmware_change_is_noticed_archived_and_applied(conn, service_factory, 
     desc.mkdir()
 
     def install(code: bytes) -> str:
+        code = fit_code(code, "/usr/share/OVMF/OVMF_VARS_4M.fd")
         for data, name in ((code, "CODE.fd"), (open("/usr/share/OVMF/OVMF_VARS_4M.fd", "rb").read(), "VARS.fd")):
             (fw / f"{name}.new").write_bytes(data)
             os.rename(fw / f"{name}.new", fw / name)
