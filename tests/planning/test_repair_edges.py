@@ -96,3 +96,22 @@ def test_writable_pflash_holding_no_ovmf_is_left_alone(catalog, tmp_path, conten
              catalog, str(tmp_path))
     assert (p.config, p.status, p.actions) == (FirmwareConfig.NONE, Status.UNMANAGED, ())
     assert f"{image} is not OVMF" in p.detail
+
+
+def test_oversized_varstore_is_called_oversized_not_shared(catalog, tmp_path) -> None:
+    """#12 defect 16: the template plus 100000 junk bytes, used by nobody else."""
+    nvram = tmp_path / "edge_VARS.fd"
+    nvram.write_bytes(open("/usr/share/OVMF/OVMF_VARS_4M.fd", "rb").read() + b"\x00" * 100000)
+    p = plan(domain("<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>"
+                    f"<nvram>{nvram}</nvram>"), catalog, str(tmp_path))
+    assert "oversized" in p.detail and "640672 bytes, 100000 more" in p.detail
+    assert "shared" not in p.detail
+
+
+def test_manage_maybe_is_reported_as_written(catalog, tmp_path) -> None:
+    """#12 defect 16: an unknown manage= value opts out (safe) and is named, not called 'no'."""
+    xml = domain(f"<loader type='rom'>{'/usr/share/ovmf/OVMF.fd'}</loader>", extra=(
+        "<metadata><varsd:firmware xmlns:varsd='https://varsd.org/xmlns/firmware/1' manage='maybe'/></metadata>"))
+    p = plan(xml, catalog, str(tmp_path))
+    assert (p.status, p.actions) == (Status.UNMANAGED, ())
+    assert "manage='maybe' is neither 'yes' nor 'no'" in p.detail and "manage='no')" not in p.detail

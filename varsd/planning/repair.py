@@ -229,7 +229,7 @@ def plan_repair(
     if not facts.persistent:
         return _unmanaged(config, "transient domain: no persistent definition to repair", fw)
     if fw.metadata.opt_out:
-        return _unmanaged(config, "opted out (varsd metadata manage='no')", fw)
+        return _unmanaged(config, fw.metadata.opt_out_reason, fw)
     if facts.excluded:
         return _unmanaged(config, "excluded by the 'exclude' setting", fw)
     if config is FirmwareConfig.NONE:
@@ -559,6 +559,17 @@ def _plan_split(
                 code=code, varstore=nvram.path)
 
 
+def _why_not_private(facts: DomainFacts, nvram: FileFacts, layout: VarstoreLayout) -> str:
+    """What is wrong with a varstore that is not the domain's own, in the right words: only
+    a file another domain uses is "shared"; one with data past its varstore is oversized."""
+    if facts.nvram_shared_with:
+        return f"varstore {nvram.path} is shared: it is domain '{facts.nvram_shared_with}''s own"
+    if nvram.size > layout.size and nvram.varstore_layout is not None:
+        return (f"varstore {nvram.path} is oversized: {nvram.size} bytes, {nvram.size - layout.size} more than "
+                f"its {layout.size}-byte varstore")
+    return f"varstore {nvram.path} is a firmware package's file, not the domain's own"
+
+
 def _plan_shared_varstore(
     facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str, build: Build, nvram: FileFacts,
     layout: VarstoreLayout,
@@ -567,15 +578,13 @@ def _plan_shared_varstore(
     fw = facts.firmware
     if facts.running:
         return Plan(FirmwareConfig.SPLIT, Status.PENDING_COLD_BOOT,
-                    f"varstore {nvram.path} is not private"
-                    f"{f' (domain {facts.nvram_shared_with!r} uses it too)' if facts.nvram_shared_with else ''}; "
-                    "it will be copied once the domain is shut off "
+                    f"{_why_not_private(facts, nvram, layout)}; its variables will be copied to a private "
+                    "varstore once the domain is shut off "
                     "(the running guest may still write variables into it)",
                     build=build, code=fw.loader_path, varstore=nvram.path)
     target = new_varstore_path(nvram_dir, fw, {nvram.path, nvram.realpath})
     md = _provenance(fw.metadata, build, f"copy:{nvram.path}", now)
-    owner = f" (domain '{facts.nvram_shared_with}''s own)" if facts.nvram_shared_with else ""
-    reason = f"shared varstore {nvram.path}{owner} copied to private {target} ({build.label})"
+    reason = f"{_why_not_private(facts, nvram, layout)}: copied to private {target} ({build.label})"
     return Plan(
         FirmwareConfig.SPLIT, Status.OK, reason,
         actions=(
