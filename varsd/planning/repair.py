@@ -270,7 +270,7 @@ def plan_repair(
         return _finish(facts, _plan_new_varstore(facts, config, catalog, nvram_dir, now, secure))
     if config is FirmwareConfig.UNIFIED:
         return _finish(facts, _plan_unified(facts, catalog, nvram_dir, now, secure))
-    return _finish(facts, _plan_split(facts, catalog, nvram_dir, now, secure, upgrades))
+    return _outside_warning(_finish(facts, _plan_split(facts, catalog, nvram_dir, now, secure, upgrades)), nvram_dir)
 
 
 def _plan_pinned(facts: DomainFacts, config: FirmwareConfig, catalog: Catalog, ctx: UpgradeContext,
@@ -354,6 +354,19 @@ def _rewrite(facts: DomainFacts, catalog: Catalog, build: Build, nvram: str, md:
             metadata=md,
         ),
     )
+
+
+def in_nvram_dir(nvram_dir: str, path: str) -> bool:
+    """Whether `path` is a file directly in the configured nvram directory."""
+    return os.path.normpath(os.path.dirname(path)) == os.path.normpath(nvram_dir)
+
+
+def _outside_warning(plan: Plan, nvram_dir: str) -> Plan:
+    """An existing varstore outside nvram_dir works, but deserves a word in status."""
+    if plan.status is Status.OK and plan.varstore and not in_nvram_dir(nvram_dir, plan.varstore):
+        return replace(plan, detail=f"{plan.detail}; warning: varstore {plan.varstore} is outside nvram_dir "
+                       f"{nvram_dir} (move it there, or set nvram_dir)")
+    return plan
 
 
 def is_private_varstore(catalog: Catalog, nvram_dir: str, nvram: FileFacts) -> bool:
@@ -614,10 +627,16 @@ def _plan_missing_varstore(
     target = fw.nvram_path or varstore_path(nvram_dir, fw.name, fw.uuid)
     if fw.nvram_path and not is_private_varstore(catalog, nvram_dir, FileFacts(path=fw.nvram_path, exists=False)):
         target = varstore_path(nvram_dir, fw.name, fw.uuid)
+    elif not in_nvram_dir(nvram_dir, target):
+        # e.g. <nvram>/etc/NAME_VARS.fd</nvram>: libvirt would create it there at first start.
+        # varsd neither provisions it nor adds template= (which is what makes libvirt create it).
+        return Plan(config, Status.OK, f"warning: varstore {target} does not exist yet and is outside nvram_dir "
+                    f"{nvram_dir}; varsd does not provision a varstore there (libvirt may create it at first "
+                    f"start). Point <nvram> into {nvram_dir}, or set nvram_dir", build=build,
+                    code=fw.loader_path, varstore=target)
     actions: tuple[Action, ...] = ()
     md = _bind(fw.metadata, build)
-    # Outside nvram_dir libvirt creates the file at first start; we do not own that directory.
-    if os.path.normpath(os.path.dirname(target)) == os.path.normpath(nvram_dir):
+    if in_nvram_dir(nvram_dir, target):
         # The template the XML names when it fits (the Debian wiki's enrolled
         # OVMF_VARS_4M.ms.fd beside secboot code): the same file libvirt would copy.
         template = _template_for(catalog, fw, build) or build.template_path
