@@ -115,3 +115,23 @@ def test_manage_maybe_is_reported_as_written(catalog, tmp_path) -> None:
     p = plan(xml, catalog, str(tmp_path))
     assert (p.status, p.actions) == (Status.UNMANAGED, ())
     assert "manage='maybe' is neither 'yes' nor 'no'" in p.detail and "manage='no')" not in p.detail
+
+
+@pytest.mark.parametrize("machine", ["pc-q35-7.2", "pc-i440fx-7.2"])
+def test_a_pin_in_the_metadata_is_checked_for_fit(catalog, tmp_path, machine) -> None:
+    """#12 defect 6: a plain non-SMM domain pinned (hand edit, XML from another host) to the
+    Secure Boot build is not planned onto SMM-requiring code."""
+    from varsd.adapters import fsio
+
+    nvram = tmp_path / "edge_VARS.fd"
+    shutil.copyfile("/usr/share/OVMF/OVMF_VARS_4M.fd", nvram)
+    plain = fsio.sha256_file("/usr/share/OVMF/OVMF_CODE_4M.fd")
+    secure = fsio.sha256_file("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
+    xml = domain("<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>"
+                 f"<nvram>{nvram}</nvram>", machine=machine, extra=(
+                     "<metadata><varsd:firmware xmlns:varsd='https://varsd.org/xmlns/firmware/1'>"
+                     f"<varsd:build code='/usr/share/OVMF/OVMF_CODE_4M.fd' sha256='{plain}'/>"
+                     f"<varsd:pin sha256='{secure}' by='admin'/></varsd:firmware></metadata>"))
+    p = plan(xml, catalog, str(tmp_path))
+    assert (p.status, p.actions) == (Status.ERROR, ()), p.detail
+    assert "needs SMM" in p.detail and "varsctl unpin edge" in p.detail

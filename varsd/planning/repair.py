@@ -277,6 +277,12 @@ def _plan_pinned(facts: DomainFacts, config: FirmwareConfig, catalog: Catalog, c
                  now: str) -> Plan:
     fw = facts.firmware
     layout = facts.nvram.varstore_layout if facts.nvram is not None and facts.nvram.exists else None
+    problem = _pin_misfit(fw, catalog, layout, ctx)
+    if problem:
+        pin = upgrade.short(fw.metadata.pinned_sha256 or "")
+        return Plan(config, Status.ERROR, f"pinned to build {pin} (varsd metadata), but {problem}; left "
+                    f"untouched: 'varsctl unpin {fw.name}', or 'varsctl pin {fw.name} --build SHA' with a build "
+                    "that fits", code=firmware_image_path(fw), varstore=fw.nvram_path)
     decision = upgrade.decide_pinned(fw, catalog, layout, upgrade.had_secure_boot(fw, catalog, ctx), ctx.policy)
     if isinstance(decision, Track):
         build = decision.build
@@ -285,6 +291,30 @@ def _plan_pinned(facts: DomainFacts, config: FirmwareConfig, catalog: Catalog, c
         return _finish(facts, Plan(config, Status.OK, decision.note, actions=(Redefine(xml, decision.note),),
                                    build=build, code=build.code_path, varstore=fw.nvram_path))
     return _plan_hold(facts, config, decision, catalog, ctx, now)
+
+
+def _pin_misfit(fw: DomainFirmware, catalog: Catalog, layout: VarstoreLayout | None,
+                ctx: UpgradeContext) -> str | None:
+    """Why the build a pin in the metadata names cannot boot this domain (None: fits, or
+    nothing is known of it). The pin may come from a hand edit or another host's XML, so
+    it gets the checks `varsctl pin --build` makes; the domain's own XML, not the pin,
+    says whether it has Secure Boot and SMM."""
+    sha = fw.metadata.pinned_sha256 or ""
+    if sha == fw.metadata.build_code_sha256:
+        return None  # held on the build it is bound to (booted with this varstore): varsd's own holds
+    builds = [b for b in catalog.by_code_sha(sha) if b.mode is MappingMode.SPLIT]
+    features = builds[0].features if builds else ctx.features.get(sha)
+    if features is None:
+        return None
+    if "requires-smm" in features and not (fw.smm and machine_has_smm(fw.machine)):
+        return (f"that build needs SMM (Secure Boot), which the domain does not have (no <smm state='on'/> "
+                f"or machine type '{fw.machine}')")
+    if "secure-boot" in features and not fw.loader_secure:
+        return "that build is a Secure Boot build and the domain's firmware is not (no secure='yes')"
+    if layout is not None and builds and all(b.layout != layout for b in builds):
+        return f"that build expects a varstore of {builds[0].layout.describe() if builds[0].layout else 'none'}, " \
+               f"the domain's has {layout.describe()}"
+    return None
 
 
 def _plan_hold(facts: DomainFacts, config: FirmwareConfig, hold: Hold, catalog: Catalog, ctx: UpgradeContext,
