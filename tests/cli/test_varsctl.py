@@ -244,7 +244,12 @@ def test_journal_and_undo(capsys, host, default_conn):
     change_id = int(line.split()[0].lstrip("#"))
     assert f"  {name}  varsctl  applied  bios-rom -> split" in line
 
+    # #12 defect 8: the daemon would redo the repair at once: said, and nothing changed
     rc, out, err = run(capsys, host, "undo", str(change_id), uri=DEFAULT)
+    assert rc == EXIT_ATTENTION and "would change it again at its next look. Nothing was changed" in err
+    assert f"'varsctl undo {change_id} --opt-out'" in err
+    assert default_conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == repaired
+    rc, out, err = run(capsys, host, "undo", "--force", str(change_id), uri=DEFAULT)
     assert (rc, err) == (EXIT_OK, "")
     assert out == f"{name}: restored the definition from before journal #{change_id}\n"
     restored = default_conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
@@ -270,15 +275,17 @@ def test_undo_takes_the_domains_lock(capsys, host, default_conn, monkeypatch):
     change_id = json.loads(run(capsys, host, "journal", "--json", name, uri=DEFAULT)[1])[0]["id"]
     uuid = default_conn.lookupByName(name).UUIDString()
 
+    from varsd.engine import reconciler as rec_mod
+
     taken: list[str] = []
-    real = varsctl.host_lock
+    real = rec_mod.host_lock
 
     def spy(path, *a, **kw):
         taken.append(path)
         return real(path, *a, **kw)
 
-    monkeypatch.setattr(varsctl, "host_lock", spy)
-    rc, _, _ = run(capsys, host, "undo", str(change_id), uri=DEFAULT)
+    monkeypatch.setattr(rec_mod, "host_lock", spy)
+    rc, _, _ = run(capsys, host, "undo", "--opt-out", str(change_id), uri=DEFAULT)
     assert rc == EXIT_OK
     assert os.path.join(host["state"], "locks", f"{uuid}.lock") in taken
 
@@ -337,3 +344,52 @@ def test_huge_numbers_are_usage_errors_not_tracebacks(capsys, host, args):
     err = capsys.readouterr().err
     assert exc.value.code == EXIT_USAGE
     assert "out of range" in err and "Traceback" not in err
+
+
+def test_undo_with_opt_out_lasts(capsys, host, default_conn):
+    """#12 defect 8: the restored definition is opted out, so the next look leaves it."""
+    name, before = _define_rom(default_conn)
+    assert run(capsys, host, "reconcile", name, uri=DEFAULT)[0] == EXIT_OK
+    change_id = json.loads(run(capsys, host, "journal", "--json", name, uri=DEFAULT)[1])[0]["id"]
+    rc, out, _ = run(capsys, host, "undo", "--opt-out", str(change_id), uri=DEFAULT)
+    assert rc == EXIT_OK and "opted out" in out
+    restored = default_conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    rc, out, _ = run(capsys, host, "reconcile", name, uri=DEFAULT)
+    assert rc == EXIT_OK and "redefined" not in out
+    assert default_conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == restored
+    assert ET.fromstring(restored).find("os/loader").get("type") == "rom"
+
+
+@pytest.mark.parametrize("define_happened", [True, False])
+def test_an_interrupted_define_is_settled_at_the_next_look(capsys, host, default_conn, define_happened):
+    """#12 defect 7: varsctl got SIGTERM (or the daemon SIGKILL) during libvirt's define,
+    leaving the journal entry 'pending'. The next actor holding the domain's lock settles it
+    against the definition libvirt has, so undo is not refused with a false reason."""
+    name, before = _define_rom(default_conn)
+    assert run(capsys, host, "reconcile", "--dry-run", name, uri=DEFAULT)[0] == EXIT_ATTENTION
+    from varsd.cli.context import Context
+    from varsd.config import load_config
+
+    ctx = Context(load_config(host["config"], DEFAULT))
+    rec = ctx.reconciler()
+    ref = ctx.hv.lookup(name)
+    facts, plan = rec.examine(ref)
+    (redefine,) = [a for a in plan.actions if type(a).__name__ == "Redefine"]
+    cid = ctx.journal.record(at="2026-12-01T10:00:00Z", uuid=ref.uuid, name=name, actor="varsctl",
+                             reason="killed mid-define", old_xml=facts.xml, new_xml=redefine.xml)
+    if define_happened:
+        default_conn.defineXML(redefine.xml)
+    ctx.close()
+
+    rc, out, _ = run(capsys, host, "status", name, uri=DEFAULT)  # looking alone settles nothing
+    rc, out, _ = run(capsys, host, "journal", "--json", name, uri=DEFAULT)
+    assert json.loads(out)[0]["outcome"] == "pending"
+    run(capsys, host, "reconcile", name, uri=DEFAULT)
+    entry = next(c for c in json.loads(run(capsys, host, "journal", "--json", name, uri=DEFAULT)[1])
+                 if c["id"] == cid)
+    if define_happened:
+        assert entry["outcome"] == "applied (settled after an interrupted define)"
+        rc, _, err = run(capsys, host, "undo", "--force", str(cid), uri=DEFAULT)
+        assert rc == EXIT_OK and "changed after" not in err
+    else:
+        assert entry["outcome"] == "failed: interrupted before libvirt stored it (settled)"

@@ -20,7 +20,7 @@ import secrets
 import stat
 import time
 
-from varsd.errors import ProvisionError, VarsdError
+from varsd.errors import ProvisionError, StateDirError, VarsdError
 
 TEMP_MARKER = ".varsd-tmp."
 """Temp files are `.<name>.varsd-tmp.<random>`: hidden, and recognisably ours."""
@@ -59,6 +59,22 @@ def describe_oserror(exc: OSError) -> str:
     if exc.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
         return "operation not supported by this file system"
     return _REASONS.get(exc.errno or 0) or exc.strerror or str(exc)
+
+
+def state_dir_error(path: str, exc: OSError, what: str) -> StateDirError:
+    """The one message for a state directory varsd cannot use: what is wrong, what to do."""
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        why = f"{path} is not a directory (a file is in the way); move it away (varsd recreates the directory)"
+    elif exc.errno == errno.EROFS:
+        why = f"{path} is on a read-only file system; make it writable"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        why = f"{path}: permission denied; run varsd and varsctl as root, or fix the directory's owner and mode"
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = f"{path}: {describe_oserror(exc)}; free space there"
+    else:
+        why = f"{path}: {describe_oserror(exc)}"
+    return StateDirError(f"cannot use the varsd {what}: {why}, or set state_dir in the config to a directory "
+                         "varsd may write")
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -14,13 +14,16 @@ it, for retention).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from varsd.errors import VarsdError
+from varsd.adapters import fsio
+from varsd.errors import StateDirError, VarsdError
 from varsd.model.firmware import VarstoreLayout
 
 _SCHEMA = """
@@ -124,20 +127,51 @@ def _layout_of(text: str | None) -> VarstoreLayout | None:
     return VarstoreLayout(size, start, end)
 
 
+_READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 class Journal:
+    """The journal database. A state dir that cannot be written (read-only mount, wrong
+    owner) still serves reading commands from a read-only connection: `read_only` is then
+    True and every write raises StateDirError saying why."""
+
     def __init__(self, path: str) -> None:
         self.path = path
+        self.read_only = False
+        self._lock = threading.Lock()  # one connection, several worker threads
+        state = os.path.dirname(path)
         try:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            os.makedirs(state, mode=0o700, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             os.close(fd)
+        except OSError as exc:
+            if exc.errno not in _READ_ONLY_ERRNOS or not os.path.isdir(state):
+                raise fsio.state_dir_error(state, exc, "state directory") from None
+            self._why_read_only = fsio.state_dir_error(state, exc, "state directory")
+            self._open_read_only()
+            return
+        try:
             self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a journaled old XML survives a power cut
             self._db.executescript(_SCHEMA)
-            self._lock = threading.Lock()  # one connection, several worker threads
-        except (OSError, sqlite3.Error) as exc:
-            raise VarsdError(f"{path}: cannot open the varsd journal: {exc}") from None
+        except sqlite3.Error as exc:
+            raise StateDirError(f"{path}: cannot open the varsd journal ({exc}); if it is damaged, move it "
+                                "away (varsd starts a new one)") from None
+
+    def _open_read_only(self) -> None:
+        self.read_only = True
+        try:
+            if os.path.isfile(self.path):
+                # immutable: no -wal/-shm files are created (the directory cannot take them)
+                uri = f"file:{urllib.parse.quote(self.path)}?mode=ro&immutable=1"
+                self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+                self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            else:  # nothing journaled yet: an empty journal to read
+                self._db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+                self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StateDirError(f"{self.path}: cannot read the varsd journal ({exc})") from None
 
     def close(self) -> None:
         self._db.close()
@@ -147,6 +181,8 @@ class Journal:
         """Serialise use of the one connection; sqlite3 errors (disk full, I/O error,
         locked too long) become VarsdError naming the file, which callers handle."""
         with self._lock:
+            if self.read_only and what != "read":
+                raise self._why_read_only
             try:
                 yield
             except sqlite3.Error as exc:
@@ -213,6 +249,13 @@ class Journal:
         q += " ORDER BY id DESC LIMIT ?"
         with self._sql("read"):
             return [Change(*row) for row in self._db.execute(q, args + (limit,)).fetchall()]
+
+    def pending(self, uuid: str) -> list[Change]:
+        """Entries of `uuid` whose define never reported back (the actor died mid-define)."""
+        q = ("SELECT id, at, uuid, name, actor, reason, old_xml, new_xml, outcome FROM xml_changes "
+             "WHERE uuid=? AND outcome='pending' ORDER BY id")
+        with self._sql("read"):
+            return [Change(*row) for row in self._db.execute(q, (uuid,)).fetchall()]
 
     def change(self, change_id: int) -> Change | None:
         with self._sql("read"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
 
 from varsd.adapters.journal import Journal
@@ -56,7 +57,8 @@ class Context:
 
     def reconciler(self) -> Reconciler:
         catalog = load_configured(self.cfg)
-        return Reconciler(self.cfg, self.hv, catalog, self.journal, qemu_owner(self.cfg), actor="varsctl")
+        return Reconciler(self.cfg, self.hv, catalog, self.journal, qemu_owner(self.cfg), actor="varsctl",
+                          on_wait=lambda what: print(f"varsctl: {what}", file=sys.stderr, flush=True))
 
     def refs(self, names: Sequence[str]) -> list[DomainRef]:
         return [self.hv.lookup(n) for n in names] if names else self.hv.list_domains()

@@ -24,7 +24,6 @@ from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, MAX_LIMIT, Co
 from varsd.config import qemu_owner
 from varsd.domain.xml import parse_domain, replace_loader_code, set_metadata
 from varsd.engine import firmware_sync
-from varsd.engine.lock import host_lock
 from varsd.engine.reconciler import Outcome, Reconciler
 from varsd.errors import VarsdError
 from varsd.firmware.archive import Archive
@@ -195,7 +194,7 @@ def _check_fit(rec: Reconciler, ctx: Context, facts: DomainFacts, sha: str, forc
 def cmd_pin(ctx: Context, args: argparse.Namespace) -> int:
     rec = ctx.reconciler()
     ref = ctx.hv.lookup(args.domain)
-    with host_lock(ctx.cfg.domain_lock_path(ref.uuid)):
+    with rec.domain_lock(ref, "pinning"):
         xml = ctx.hv.persistent_xml(ref.uuid)
         facts, plan = rec.plan_xml(ref, xml)
         _managed(ref, facts, plan)
@@ -222,7 +221,7 @@ def cmd_pin(ctx: Context, args: argparse.Namespace) -> int:
 def cmd_unpin(ctx: Context, args: argparse.Namespace) -> int:
     rec = ctx.reconciler()
     ref = ctx.hv.lookup(args.domain)
-    with host_lock(ctx.cfg.domain_lock_path(ref.uuid)):
+    with rec.domain_lock(ref, "unpinning"):
         xml = ctx.hv.persistent_xml(ref.uuid)
         md = parse_domain(xml).metadata
         kind = md.pin_kind
@@ -246,7 +245,7 @@ def cmd_unpin(ctx: Context, args: argparse.Namespace) -> int:
 
 def _approve_one(rec: Reconciler, ctx: Context, ref, named: bool) -> Outcome | None:
     """Let a held-back build through to one domain; None when there is nothing to approve."""
-    with host_lock(ctx.cfg.domain_lock_path(ref.uuid)):
+    with rec.domain_lock(ref, "approving an upgrade of"):
         xml = ctx.hv.persistent_xml(ref.uuid)
         facts, _ = rec.plan_xml(ref, xml)
         fw = facts.firmware

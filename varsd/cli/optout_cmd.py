@@ -12,14 +12,13 @@ from dataclasses import replace
 
 from varsd.cli.context import EXIT_OK, Context
 from varsd.domain.xml import parse_domain, set_metadata
-from varsd.engine.lock import host_lock
 
 
 def _set(ctx: Context, names: list[str], opt_out: bool) -> int:
     rec = ctx.reconciler()
     for name in names:
         ref = ctx.hv.lookup(name)
-        with host_lock(ctx.cfg.domain_lock_path(ref.uuid)):
+        with rec.domain_lock(ref, "opting out/in"):
             xml = ctx.hv.persistent_xml(ref.uuid)
             md = parse_domain(xml).metadata
             if md.opt_out == opt_out:

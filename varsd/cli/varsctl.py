@@ -12,11 +12,12 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 from varsd.adapters.libvirt_api import NoSuchDomain
 from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, MAX_LIMIT, SQLITE_MAX_INT, Context, bounded_int
 from varsd.config import load_config
-from varsd.engine.lock import host_lock
+from varsd.domain.xml import parse_domain, set_metadata
 from varsd.engine.migration import MIGRATION_REASON
 from varsd.engine.reconciler import Outcome
 from varsd.errors import ConfigError, HypervisorError, VarsdError
@@ -85,7 +86,7 @@ def cmd_undo(ctx: Context, args: argparse.Namespace) -> int:
     ref = ctx.hv.lookup(change.uuid)
     # The domain's lock, like any write: a daemon acting on it at this moment must not
     # overwrite the restored definition, nor we its repair.
-    with host_lock(ctx.cfg.domain_lock_path(ref.uuid)):
+    with rec.domain_lock(ref, "undoing a change of"):
         current = ctx.hv.persistent_xml(ref.uuid)
         if current != change.new_xml and not args.force:
             print(
@@ -107,8 +108,26 @@ def cmd_undo(ctx: Context, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return EXIT_ATTENTION
-        rec.redefine(ref, current, change.old_xml, f"undo of journal #{change.id}")
-    print(f"{ref.name}: restored the definition from before journal #{change.id}")
+        restored = change.old_xml
+        if args.opt_out:
+            restored = set_metadata(restored, replace(parse_domain(restored).metadata, opt_out=True))
+        else:
+            _, again = rec.plan_xml(ref, restored)
+            if again.actions and not args.force:
+                # The daemon would redo the change within seconds: an undo that silently does not last.
+                print(
+                    f"varsctl: domain '{ref.name}': the definition from before journal #{change.id} is what varsd "
+                    f"repairs ({again.detail}); the daemon would change it again at its next look. Nothing was "
+                    f"changed. To restore it and keep it: 'varsctl undo {change.id} --opt-out' (varsd then leaves "
+                    f"the domain alone until 'varsctl opt-in {ref.name}'); to restore it only until the next "
+                    "repair: --force",
+                    file=sys.stderr,
+                )
+                return EXIT_ATTENTION
+        why = f"undo of journal #{change.id}" + (", domain opted out" if args.opt_out else "")
+        rec.redefine(ref, current, restored, why)
+    print(f"{ref.name}: restored the definition from before journal #{change.id}"
+          + ("; opted out, so varsd leaves it alone (varsctl opt-in to manage it again)" if args.opt_out else ""))
     return EXIT_OK
 
 
@@ -138,7 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("undo", help="restore the XML a journaled change replaced")
     u.add_argument("change", type=bounded_int(1, SQLITE_MAX_INT), metavar="ID")
-    u.add_argument("--force", action="store_true", help="undo even if the domain changed since")
+    u.add_argument("--force", action="store_true",
+                   help="undo even if the domain changed since, or if varsd will repair it again")
+    u.add_argument("--opt-out", action="store_true",
+                   help="also opt the domain out, so the restored definition lasts (varsctl opt-in undoes that)")
     u.set_defaults(func=cmd_undo)
 
     for register in _command_modules():

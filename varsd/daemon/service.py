@@ -60,6 +60,8 @@ RESTART_ONLY = ("state_dir", "qemu_user", "qemu_group")
 STOP_GRACE = 20.0  # seconds the domains in hand get at SIGTERM (systemd TimeoutStopSec=30)
 FIRMWARE_CHECK_INTERVAL = 30  # seconds between stat() checks of the firmware files
 ARCHIVE_PRUNE_INTERVAL = 24 * 3600
+LOCK_WAIT = 2.0  # seconds a worker waits for a domain another actor holds, before retrying later
+BUSY_RETRY = 3.0  # seconds until a busy domain is looked at again
 
 
 @dataclass(frozen=True)
@@ -249,7 +251,7 @@ class Service:
 
     def _new_reconciler(self, hv: Hypervisor, cfg: Config, catalog) -> Reconciler:
         return Reconciler(cfg, hv, catalog, self.journal, self.owner, actor="varsd", clock=self.clock,
-                          inspector=self.inspector, archive=self.archive)
+                          inspector=self.inspector, archive=self.archive, lock_wait=LOCK_WAIT)
 
     def _reload_in_background(self) -> None:
         try:
@@ -396,6 +398,10 @@ class Service:
                 record_boot(hv, ref.uuid, self.clock())
             with self._count_lock:
                 self.handled += 1
+            if outcome.busy:
+                # varsctl (or a frozen actor) holds the domain: a retry, not an error
+                self.queue.put_later(key, BUSY_RETRY)
+                return
             if outcome.retry:
                 delay = self._retry_delay(key)
                 log.warning("domain '%s': will look again in %.0f s", ref.name, delay)

@@ -50,7 +50,6 @@ log = logging.getLogger("varsd.firmware")
 
 EXIT_OK, EXIT_ATTENTION, EXIT_FAILED = 0, 1, 2
 ATTENTION = frozenset({Status.ERROR, Status.NEEDS_MIGRATION})
-LOCK_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -184,7 +183,7 @@ def refresh(
     inspector = inspector or FileInspector()
     problems = [p.message for p in catalog.problems]
     at = clock()
-    with host_lock(cfg.firmware_lock_path, timeout=LOCK_TIMEOUT):
+    with host_lock(cfg.firmware_lock_path, doing="firmware sync"):
         try:
             archive.prepare()
         except ArchiveError as exc:
@@ -320,7 +319,7 @@ def sync(
     archived, pruned = [], []
     at = clock()
     try:
-        with host_lock(cfg.firmware_lock_path, timeout=LOCK_TIMEOUT):
+        with host_lock(cfg.firmware_lock_path, doing="firmware sync"):
             for path, sha in sorted(images.items()):
                 try:
                     stored = archive.store_file(path, expect_sha256=sha)
@@ -364,7 +363,7 @@ def prune_daemon(
     now = _parse_at(at)
     if now is None:
         return []
-    with host_lock(rec.cfg.firmware_lock_path, timeout=LOCK_TIMEOUT):
+    with host_lock(rec.cfg.firmware_lock_path, doing="firmware sync"):
         journal.touch_archived(used, at)
         last_used = {s: t for s, b in journal.archived_builds().items() if (t := _parse_at(b.last_used))}
         pruned = rec.archive.prune(used, last_used, now, timedelta(days=rec.cfg.archive_retention_days))

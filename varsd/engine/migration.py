@@ -59,7 +59,6 @@ from varsd.adapters.virtfw import EfiVariable
 from varsd.config import Config
 from varsd.domain.classify import classify, firmware_image_path
 from varsd.domain.xml import FirmwareEdit, apply_edit, nvram_storage, parse_domain
-from varsd.engine.lock import host_lock
 from varsd.engine.reconciler import Reconciler
 from varsd.errors import VarsdError, VarstoreError
 from varsd.firmware.selection import explain_no_build, machine_has_smm, select_build, target_matches
@@ -551,7 +550,7 @@ class Migrator:
 
     def migrate(self, ref: DomainRef, *, to: str | None = None) -> MigrationResult:
         """Migrate one shut-off domain (module steps), under its lock."""
-        with host_lock(self.cfg.domain_lock_path(ref.uuid)):
+        with self.rec.domain_lock(ref, "migrating"):
             now = self.clock()
             facts, old_bytes, old_vars = self._facts(ref)
             plan = plan_migration(facts, self.rec.catalog, to=to, nvram_dir=self.cfg.nvram_dir, now=_iso(now))

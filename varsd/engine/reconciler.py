@@ -25,7 +25,7 @@ from varsd.domain.xml import firmware_signature, parse_domain
 from varsd.engine.inspect import FileInspector
 from varsd.engine.lock import host_lock
 from varsd.engine.provision import provision_varstore
-from varsd.errors import HypervisorError, VarsdError
+from varsd.errors import HypervisorError, LockBusy, VarsdError
 from varsd.firmware.archive import Archive, ArchiveError, ArchiveIndex, is_archive_path, sha_of_archive_path
 from varsd.model.domain import FirmwareConfig, Status
 from varsd.model.firmware import Build, Catalog
@@ -49,6 +49,7 @@ class Outcome:
     unrepaired: bool = False  # a firmware repair was planned but not made (dry run, status)
     retry: bool = False  # a transient libvirt failure on this domain: worth another look later
     boot_unrecorded: bool = False  # running, and its live XML has no boot record (varsd was not watching)
+    busy: bool = False  # another actor held the domain's lock: a retry, not a failure
 
     @property
     def status(self) -> Status:
@@ -119,6 +120,36 @@ def _changes_firmware(facts: DomainFacts, plan: Plan) -> bool:
     )
 
 
+def settle_outcome(old_xml: str, new_xml: str, current: str) -> tuple[str, str | None]:
+    """How an interrupted define ended, judged by the definition libvirt has now (pure):
+    the new firmware is there -> applied (with libvirt's copy, for undo); the old text is
+    there -> not applied; else someone changed it since (undo then rightly asks)."""
+    now, new, old = parse_domain(current), parse_domain(new_xml), parse_domain(old_xml)
+    if current == new_xml or (now == new and new != old):
+        return "applied (settled after an interrupted define)", current
+    if current == old_xml or now == old:
+        return "failed: interrupted before libvirt stored it (settled)", None
+    return "interrupted: the definition changed since (settled)", None
+
+
+class _SettlingLock:
+    """A domain lock that settles the domain's pending journal entries once taken."""
+
+    def __init__(self, lock, rec: Reconciler, ref: DomainRef) -> None:
+        self._lock, self._rec, self._ref = lock, rec, ref
+
+    def __enter__(self) -> None:
+        self._lock.__enter__()
+        try:
+            self._rec.settle_pending(self._ref)
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc) -> bool | None:
+        return self._lock.__exit__(*exc)
+
+
 class StaleDefinition(VarsdError):
     """The domain was redefined by someone else between our read and our write."""
 
@@ -140,6 +171,8 @@ class Reconciler:
         clock: Callable[[], str] = utc_now,
         inspector: FileInspector | None = None,
         archive: Archive | None = None,
+        lock_wait: float | None = None,
+        on_wait: Callable[[str], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.hv = hv
@@ -151,6 +184,10 @@ class Reconciler:
         self.inspector = inspector or FileInspector()
         self.archive = archive if archive is not None else Archive(cfg.archive_dir, state_dir=cfg.state_dir)
         self._memo: dict[str, _Memo] = {}
+        # None: wait as long as the holder of a domain's lock progresses (varsctl); a bound
+        # (the daemon) makes a busy domain a retry instead of a blocked worker.
+        self.lock_wait = lock_wait
+        self.on_wait = on_wait
         self._owners: dict[str, tuple[str, str]] = {}  # varstore path -> (uuid, name) whose own it is
         self._uses: dict[str, str | None] = {}  # uuid -> varstore path it names
         self._owners_lock = threading.Lock()
@@ -336,6 +373,13 @@ class Reconciler:
             if apply:
                 self.archive_build(outcome.plan.build)
             return outcome
+        except LockBusy as exc:
+            if self.lock_wait is None:
+                log.error("domain '%s': %s", ref.name, exc)
+                return _error(ref, str(exc))
+            # Another actor is on it (or its holder froze): look again soon, not an error.
+            log.info("domain '%s': %s; will look again", ref.name, exc)
+            return replace(_error(ref, f"busy: {exc}", retry=True), busy=True)
         except HypervisorError as exc:
             if exc.retryable and not self.hv.is_alive():
                 raise  # the connection is gone: the caller reconnects and looks again
@@ -347,17 +391,39 @@ class Reconciler:
             log.error("domain '%s': %s", ref.name, exc)
             return _error(ref, str(exc))
 
+    def domain_lock(self, ref: DomainRef, doing: str = "reconciling"):
+        """The domain's lock, recording for waiters who holds it and why (varsd.engine.lock).
+
+        Whoever holds it is the only actor on the domain, so a journal entry of it still
+        `pending` was left by an actor that died mid-define: it is settled here first."""
+        lock = host_lock(self.cfg.domain_lock_path(ref.uuid), doing=f"{self.actor}: {doing} domain '{ref.name}'",
+                         max_wait=self.lock_wait, on_wait=self.on_wait)
+        return _SettlingLock(lock, self, ref)
+
+    def settle_pending(self, ref: DomainRef) -> None:
+        """Settle entries an interrupted define left `pending` (SIGTERM to varsctl, SIGKILL to
+        the daemon) against the definition libvirt actually has. Call under the domain lock."""
+        pending = self.journal.pending(ref.uuid)
+        if not pending:
+            return
+        current = self.hv.persistent_xml(ref.uuid)
+        for change in pending:
+            outcome, stored = settle_outcome(change.old_xml, change.new_xml, current)
+            self.journal.settle(change.id, outcome, stored_xml=stored)
+            log.warning("domain '%s': journal #%d was interrupted mid-define; settled as %s", ref.name,
+                        change.id, outcome)
+
     def _reconcile(self, ref: DomainRef, apply: bool) -> Outcome:
         if apply and ref.uuid not in self._memo:
             # Not known compliant (a new domain, most likely to need work): look
             # once, under the lock, instead of looking twice.
-            with host_lock(self.cfg.domain_lock_path(ref.uuid)):
+            with self.domain_lock(ref):
                 facts, plan = self.examine(ref)
                 return _outcome(ref, facts, plan, self._execute(ref, facts, plan) if plan.actions else ())
         facts, plan = self.examine(ref)
         if not apply or not plan.actions:
             return _outcome(ref, facts, plan, (), unrepaired=bool(plan.actions) and _changes_firmware(facts, plan))
-        with host_lock(self.cfg.domain_lock_path(ref.uuid)):
+        with self.domain_lock(ref):
             if self.hv.persistent_xml(ref.uuid) != facts.xml:
                 # Another actor changed it since we looked: look again, under the lock.
                 facts, plan = self.examine(ref)
