@@ -16,7 +16,6 @@ import libvirt
 import pytest
 
 from varsd.adapters.journal import Journal
-from varsd.cli import varsctl
 from varsd.cli.varsctl import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, main
 
 from .common import (
@@ -393,3 +392,33 @@ def test_an_interrupted_define_is_settled_at_the_next_look(capsys, host, default
         assert rc == EXIT_OK and "changed after" not in err
     else:
         assert entry["outcome"] == "failed: interrupted before libvirt stored it (settled)"
+
+
+def _with_state(host, tmp_path, state: str) -> dict[str, str]:
+    text = open(host["config"]).read().replace(f'state_dir = "{host["state"]}"', f'state_dir = "{state}"')
+    config = tmp_path / "state-variant.toml"
+    config.write_text(text)
+    return {**host, "config": str(config), "state": state}
+
+
+@pytest.mark.parametrize("args", [["status"], ["journal"], ["firmware", "list"], ["reconcile"]])
+def test_a_state_dir_that_is_a_file_is_a_configuration_error_everywhere(capsys, host, tmp_path, args):
+    """#12 defect 11: exit 2 for every command, a message without errno text."""
+    (tmp_path / "state-file").write_text("")
+    h = _with_state(host, tmp_path, str(tmp_path / "state-file"))
+    rc, _, err = run(capsys, h, *args)
+    assert rc == EXIT_USAGE, err
+    assert f"{tmp_path}/state-file is not a directory (a file is in the way)" in err
+    assert "Errno" not in err and "Traceback" not in err
+
+
+def test_a_read_only_state_dir_still_serves_the_reading_commands(capsys, host, tmp_path, mount_tmpfs):
+    """#12 defect 11: status, journal and firmware list read; only writing is refused (exit 2)."""
+    ro = mount_tmpfs("size=1m,ro")
+    h = _with_state(host, tmp_path, ro)
+    rc, out, err = run(capsys, h, "status", "romguest")
+    assert rc == EXIT_ATTENTION and "romguest" in out and err == "", err  # needs repair: 1, not a state error
+    assert run(capsys, h, "journal")[0] == EXIT_OK
+    assert run(capsys, h, "firmware", "list")[0] == EXIT_OK
+    rc, _, err = run(capsys, h, "reconcile", "romguest")
+    assert rc == EXIT_USAGE and f"{ro}/locks is on a read-only file system" in err, err

@@ -217,3 +217,39 @@ def test_firmware_change_is_noticed_archived_and_applied(conn, service_factory, 
     assert svc.check_firmware() is True
     wait_until(lambda: bound() == new, what="rebinding to the new build")
     assert archive.index().verified == {old, new}
+
+
+def test_a_busy_domain_is_retried_not_failed(conn, service_factory, caplog) -> None:
+    """#12 defect 14: varsctl (here: this test) holds the domain's lock past the daemon's
+    bounded wait; the daemon logs no error and repairs the domain once the lock is free,
+    instead of waiting for the next full pass."""
+    import threading as th
+
+    from varsd.engine.lock import host_lock
+
+    svc = service_factory()  # its full pass is an hour away: only the retry can repair it
+    name = "evt-busy"
+    conn.created.append(name)
+    xml = bios_xml(name)
+    uuid = xml.split("<uuid>")[1].split("</uuid>")[0]
+    held, release = th.Event(), th.Event()
+
+    def hold() -> None:
+        with host_lock(svc.cfg.domain_lock_path(uuid), doing="varsctl: reconciling domain 'evt-busy'"):
+            held.set()
+            release.wait(30)
+
+    holder = th.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    try:
+        with caplog.at_level("INFO"):
+            conn.defineXML(xml)
+            time.sleep(6)  # longer than LOCK_WAIT plus a retry
+            assert not _repaired(conn, name)
+    finally:
+        release.set()
+        holder.join(10)
+    wait_until(lambda: _repaired(conn, name), timeout=20, what="repair once the lock was released")
+    assert not [r for r in caplog.records if r.levelname == "ERROR" and name in r.getMessage()]
+    assert any("busy" in r.getMessage() and name in r.getMessage() for r in caplog.records)

@@ -43,7 +43,7 @@ from varsd.engine import firmware_sync
 from varsd.engine.boots import record_boot
 from varsd.engine.inspect import FileInspector
 from varsd.engine.reconciler import Reconciler, utc_now
-from varsd.errors import HypervisorError, VarsdError
+from varsd.errors import HypervisorError, StateDirError, VarsdError
 from varsd.firmware.archive import Archive
 from varsd.firmware.catalog import load_configured
 from varsd.model.domain import Status
@@ -421,6 +421,11 @@ class Service:
                 log.warning("domain '%s': %s; will look again", self._names.get(key, key), exc)
             else:
                 log.error("domain '%s': %s", self._names.get(key, key), exc)
+        except StateDirError as exc:
+            # state_dir became unusable under us (remounted read-only, full): not this domain's
+            # fault; said once per look, and the domain is looked at again later.
+            log.error("domain '%s' not handled: %s", self._names.get(key, key), exc)
+            self.queue.put_later(key, self._retry_delay(key))
         finally:
             # Whatever happened, this domain no longer holds READY back.
             self.first_pass_pending.discard(key)

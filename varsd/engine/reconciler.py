@@ -25,7 +25,7 @@ from varsd.domain.xml import firmware_signature, parse_domain
 from varsd.engine.inspect import FileInspector
 from varsd.engine.lock import host_lock
 from varsd.engine.provision import provision_varstore
-from varsd.errors import HypervisorError, LockBusy, VarsdError
+from varsd.errors import HypervisorError, LockBusy, StateDirError, VarsdError
 from varsd.firmware.archive import Archive, ArchiveError, ArchiveIndex, is_archive_path, sha_of_archive_path
 from varsd.model.domain import FirmwareConfig, Status
 from varsd.model.firmware import Build, Catalog
@@ -373,6 +373,8 @@ class Reconciler:
             if apply:
                 self.archive_build(outcome.plan.build)
             return outcome
+        except StateDirError:
+            raise  # the host's configuration, not this domain: the caller says so once (exit 2)
         except LockBusy as exc:
             if self.lock_wait is None:
                 log.error("domain '%s': %s", ref.name, exc)
