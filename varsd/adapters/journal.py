@@ -130,6 +130,14 @@ def _layout_of(text: str | None) -> VarstoreLayout | None:
 _READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
+def _disk_full(directory: str) -> bool:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
+
+
 class Journal:
     """The journal database. A state dir that cannot be written (read-only mount, wrong
     owner) still serves reading commands from a read-only connection: `read_only` is then
@@ -150,12 +158,18 @@ class Journal:
             self._why_read_only = fsio.state_dir_error(state, exc, "state directory")
             self._open_read_only()
             return
+        db = None
         try:
-            self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")  # a journaled old XML survives a power cut
-            self._db.executescript(_SCHEMA)
+            db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # a journaled old XML survives a power cut
+            db.executescript(_SCHEMA)
+            self._db = db
         except sqlite3.Error as exc:
+            if db is not None:
+                db.close()  # no file left open on the state dir's file system
+            if _disk_full(state):  # SQLite says "disk I/O error" when it cannot grow its -wal/-shm files
+                raise fsio.state_dir_error(state, OSError(errno.ENOSPC, "full"), "state directory") from None
             raise StateDirError(f"{path}: cannot open the varsd journal ({exc}); if it is damaged, move it "
                                 "away (varsd starts a new one)") from None
 
