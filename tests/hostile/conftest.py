@@ -94,6 +94,12 @@ class Bed:
         path.write_bytes(text.encode() if isinstance(text, str) else text)
 
     def run(self, capsys, *args: str) -> tuple[int, str]:
+        if args and args[0] == "varsd":  # the daemon's start-up (it exits before serving on bad input)
+            from varsd.daemon.main import main as varsd_main
+
+            rc = varsd_main(["--config", str(self.config), "--connect", URI, *args[1:]])
+            out, err = capsys.readouterr()
+            return rc, out + err
         try:
             rc = main(["--config", str(self.config), "--connect", URI, *args])
         except SystemExit as exc:  # argparse usage errors

@@ -294,6 +294,20 @@ ROWS = [
         ("qemu user 'no-such-user-varsd' does not exist; set qemu_user",),
     ),
     Row("config: empty uri", config("uri = ''\n"), USAGE, ("'uri' must be a non-empty string",)),
+    Row(
+        "varsd start: reconcile_interval = 99999999999999",
+        config("reconcile_interval = 99999999999999\n", ("varsd",)),
+        USAGE,
+        ("varsd: {config}: 'reconcile_interval' must be a whole number of seconds",),
+        9,
+    ),
+    Row(
+        "varsd start: state_dir is a file",
+        state_file(("varsd",)),
+        USAGE,
+        ("varsd: cannot use the varsd state directory: {state} is not a directory",),
+        11,
+    ),
     # state directory, journal, locks
     Row(
         "state_dir is a file: status",
