@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 import time
@@ -177,7 +178,6 @@ def test_reload_applies_a_changed_config_without_restart(conn, tmp_path) -> None
 
 def test_firmware_change_is_noticed_archived_and_applied(conn, service_factory, tmp_path) -> None:
     """No package hook: the daemon's own check sees the rename, archives, rebinds."""
-    import json
 
     from varsd.domain.xml import parse_domain
     from varsd.firmware.archive import Archive

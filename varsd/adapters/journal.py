@@ -153,6 +153,9 @@ class Journal:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             os.close(fd)
         except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EISDIR):
+                raise StateDirError(f"{path}: the varsd journal is not a plain file (a symbolic link or "
+                                    "directory is in its place); move it away, varsd starts a new one") from None
             if exc.errno not in _READ_ONLY_ERRNOS or not os.path.isdir(state):
                 raise fsio.state_dir_error(state, exc, "state directory") from None
             self._why_read_only = fsio.state_dir_error(state, exc, "state directory")
