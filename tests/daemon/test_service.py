@@ -253,3 +253,22 @@ def test_a_busy_domain_is_retried_not_failed(conn, service_factory, caplog) -> N
     wait_until(lambda: _repaired(conn, name), timeout=20, what="repair once the lock was released")
     assert not [r for r in caplog.records if r.levelname == "ERROR" and name in r.getMessage()]
     assert any("busy" in r.getMessage() and name in r.getMessage() for r in caplog.records)
+
+
+def test_a_hostile_descriptor_neither_stops_the_daemon_nor_its_reload(conn, service_factory, tmp_path,
+                                                                      caplog) -> None:
+    """#12 defect 3: '[' * 1000 + ']' * 1000 among the descriptors killed varsd at start-up
+    (a systemd restart loop) and left tracebacks on SIGHUP and in the firmware check."""
+    bad = tmp_path / "hostile-descriptors"
+    bad.mkdir()
+    (bad / "10-deep.json").write_text("[" * 1000 + "]" * 1000)
+    with caplog.at_level("WARNING"):
+        svc = service_factory(firmware_dirs=("/usr/share/qemu/firmware", str(bad)))
+        name = "evt-hostile-desc"
+        conn.created.append(name)
+        conn.defineXML(bios_xml(name))
+        wait_until(lambda: _repaired(conn, name), what="repair with a hostile descriptor in the catalog")
+        svc._do_reload()  # what SIGHUP runs (off the main thread)
+        svc.check_firmware(force=True)
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert any("nested too deeply" in r.getMessage() for r in caplog.records)
