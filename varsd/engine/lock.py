@@ -40,6 +40,7 @@ HEARTBEAT = 1.0  # seconds between a holder's heartbeats
 STALE = 20.0  # a holder silent this long is frozen, not slow
 STEP_LIMIT = 900.0  # no one step under the lock (a slow define included) takes longer
 POLL = 0.05
+_RECORD = 4096  # bytes of the holder record (JSON, space-padded)
 
 
 def now() -> float:
@@ -64,7 +65,7 @@ class Holder:
 
 def read_holder(fd: int) -> Holder:
     try:
-        raw = os.pread(fd, 4096, 0)
+        raw = os.pread(fd, _RECORD, 0)
         doc = json.loads(raw) if raw.strip() else {}
         if not isinstance(doc, dict):
             return Holder()
@@ -107,9 +108,9 @@ class _Heart:
 
 
 def _write(fd: int, doing: str, since: float) -> None:
-    data = json.dumps({"pid": os.getpid(), "doing": doing, "since": since, "beat": now()}).encode()
+    data = json.dumps({"pid": os.getpid(), "doing": doing[:200], "since": since, "beat": now()}).encode()
     try:
-        os.pwrite(fd, data.ljust(256), 0)  # fixed width: a reader never sees a shorter tail
+        os.pwrite(fd, data.ljust(_RECORD), 0)  # fixed width: never a stale tail after a shorter record
     except OSError:
         pass  # a full disk must not break the holder; waiters then judge by time seen
 
