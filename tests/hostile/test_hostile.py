@@ -490,7 +490,32 @@ ROWS = [
         OK,
         ("/usr/share/qemu/firmware/50-edk2-x86_64-secure.json",),
     ),
+    Row(
+        "descriptor is a FIFO: skipped, never blocks",
+        lambda bed, env: (os.mkfifo(bed.etc / "10-fifo.json"), ["firmware", "list"])[1],
+        OK,
+        ("/usr/share/qemu/firmware/60-edk2-x86_64.json",),
+    ),
     # domains and their files
+    Row(
+        "varstore is a symlink to the package's template",
+        lambda bed, env: (
+            os.symlink(VARS_4M, bed.nvram / "link_VARS.fd"),
+            ["status", bed.domain(bed.split(str(bed.nvram / "link_VARS.fd")))],
+        )[1],
+        ATTENTION,
+        ("is a firmware package's file, not the domain's own",),
+    ),
+    Row(
+        "nvram_dir does not exist",
+        lambda bed, env: (
+            bed.write_config(extra=""),
+            bed.config.write_text(bed.config.read_text().replace(str(bed.nvram), str(bed.root / "no-nvram"))),
+            ["reconcile", bed.domain(f"<loader type='rom'>{UNIFIED}</loader>")],
+        )[2],
+        ATTENTION,
+        ("no-nvram: directory does not exist",),
+    ),
     Row(
         "writable pflash holding SeaBIOS",
         domain("<loader readonly='no' type='pflash'>/usr/share/seabios/bios-256k.bin</loader>"),
