@@ -3,9 +3,11 @@
 One `Reconciler` serves `varsctl reconcile` and the daemon alike. For each domain it
 re-reads the persistent (and live) XML from libvirt rather than trusting any event,
 gathers file facts, asks the pure planner, and executes the actions in order under
-the host lock. Every XML change is journaled with the previous XML before libvirt
-sees it. A failure in one domain becomes that domain's `error` outcome; it never
-stops the pass.
+the domain's lock. Every XML change is journaled with the previous XML before libvirt
+sees it, and whoever takes the lock first settles entries an actor killed mid-define
+left `pending`. A failure in one domain becomes that domain's `error` outcome (a busy
+lock, in the daemon, a retry); it never stops the pass. An unusable state dir is the
+host's problem, not the domain's: it is raised (exit 2).
 """
 
 from __future__ import annotations

@@ -11,7 +11,10 @@ the result of a plan's actions yields no actions.
 Rules, in order (early returns):
 - opted out, excluded, transient, SeaBIOS, confidential, stateless, autoselect, or a
   varstore on a block device or network storage: left alone, reported `unmanaged`;
-- pinned (varsd metadata `<pin sha256 by>`): held on that build (`varsd.planning.upgrade`
+- pinned (varsd metadata `<pin sha256 by>`) to a build other than the one the domain is
+  bound to: that build must fit the domain (SMM, Secure Boot, layout), as `varsctl pin
+  --build` checks; otherwise `error`, untouched (a hand edit, or XML from another host);
+- pinned: held on that build (`varsd.planning.upgrade`
   decides whether the hold stays; an admin's always does). The loader is the pinned
   build's file: kept when it is, else the central path or the verified archived copy;
   reported `pinned` (`needs-migration` for an `incompatible` hold); no usable copy:
@@ -39,7 +42,9 @@ Rules, in order (early returns):
   variable kept, to a new private file and `<nvram>` repointed; while the domain runs
   this waits, as the guest may still write the shared file;
 - a Secure Boot build needs SMM, which needs a q35 machine: otherwise `error`, and the
-  XML is not touched.
+  XML is not touched;
+- a varstore outside `nvram_dir` is never provisioned there (no file, no `template=`,
+  which is what makes libvirt create it); it gets a warning in the detail.
 A running domain whose persistent firmware differs from what it booted (the code
 path, the varstore, or the digest of the code its QEMU process opened, from the boot
 record in its live XML) is reported `pending-cold-boot`: changes apply at its next
