@@ -12,10 +12,11 @@ host's problem, not the domain's: it is raised (exit 2).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -132,24 +133,6 @@ def settle_outcome(old_xml: str, new_xml: str, current: str) -> tuple[str, str |
     if current == old_xml or now == old:
         return "failed: interrupted before libvirt stored it (settled)", None
     return "interrupted: the definition changed since (settled)", None
-
-
-class _SettlingLock:
-    """A domain lock that settles the domain's pending journal entries once taken."""
-
-    def __init__(self, lock, rec: Reconciler, ref: DomainRef) -> None:
-        self._lock, self._rec, self._ref = lock, rec, ref
-
-    def __enter__(self) -> None:
-        self._lock.__enter__()
-        try:
-            self._rec.settle_pending(self._ref)
-        except BaseException:
-            self._lock.__exit__(None, None, None)
-            raise
-
-    def __exit__(self, *exc) -> bool | None:
-        return self._lock.__exit__(*exc)
 
 
 class StaleDefinition(VarsdError):
@@ -395,14 +378,16 @@ class Reconciler:
             log.error("domain '%s': %s", ref.name, exc)
             return _error(ref, str(exc))
 
-    def domain_lock(self, ref: DomainRef, doing: str = "reconciling"):
+    @contextlib.contextmanager
+    def domain_lock(self, ref: DomainRef, doing: str = "reconciling") -> Iterator[None]:
         """The domain's lock, recording for waiters who holds it and why (varsd.engine.lock).
 
         Whoever holds it is the only actor on the domain, so a journal entry of it still
         `pending` was left by an actor that died mid-define: it is settled here first."""
-        lock = host_lock(self.cfg.domain_lock_path(ref.uuid), doing=f"{self.actor}: {doing} domain '{ref.name}'",
-                         max_wait=self.lock_wait, on_wait=self.on_wait)
-        return _SettlingLock(lock, self, ref)
+        with host_lock(self.cfg.domain_lock_path(ref.uuid), doing=f"{self.actor}: {doing} domain '{ref.name}'",
+                       max_wait=self.lock_wait, on_wait=self.on_wait):
+            self.settle_pending(ref)
+            yield
 
     def settle_pending(self, ref: DomainRef) -> None:
         """Settle entries an interrupted define left `pending` (SIGTERM to varsctl, SIGKILL to
