@@ -688,6 +688,12 @@ ROWS = [
         ATTENTION,
         ("cannot read persistent XML: internal error: unable to format this domain's XML", "opted out"),
     ),
+    Row(
+        "template replaced between plan and provisioning",
+        lambda bed, env: _template_swapped(bed, env),
+        ATTENTION,
+        ("{images}/VARS.fd: varstore layout", "does not match the layout the firmware code expects"),
+    ),
     # command line and undo
     Row(
         "undo 99999999999999999999999",
@@ -770,6 +776,27 @@ def _one_domain_fails(bed: Bed, env) -> list[str]:
     env["before"] = bed.snapshot()
     env["monkeypatch"].setattr(libvirt.virDomain, "XMLDesc", xmldesc)
     return ["status", bad, good]
+
+
+def _template_swapped(bed: Bed, env) -> list[str]:
+    """A package upgrade replaces the template (by rename) after varsd planned from it."""
+    code = bed.file("CODE.fd", like=CODE_4M)
+    template = bed.file("VARS.fd", like=VARS_4M)
+    bed.write_config(f'[[extra_firmware]]\ncode = "{code}"\ntemplate = "{template}"\n')
+    bed.config.write_text(bed.config.read_text().replace('"/usr/share/qemu/firmware", ', ""))  # the only build
+    name = bed.domain(f"<loader type='rom'>{UNIFIED}</loader>", machine="pc-i440fx-7.2")
+    from varsd.engine import reconciler
+
+    real = reconciler.Reconciler._execute
+
+    def swapped(self, ref, facts, plan):
+        new = bed.file("VARS.fd.dpkg-new", like=VARS_2M)
+        os.rename(new, template)
+        env["after"].update(bed.snapshot())
+        return real(self, ref, facts, plan)
+
+    env["monkeypatch"].setattr(reconciler.Reconciler, "_execute", swapped)
+    return ["reconcile", name]
 
 
 def _bound(bed: Bed, env) -> str:
