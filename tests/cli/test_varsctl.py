@@ -17,6 +17,7 @@ import pytest
 
 from varsd.adapters.journal import Journal
 from varsd.cli.varsctl import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, main
+from varsd.engine import transaction
 
 from .common import (
     CODE_4M,
@@ -173,8 +174,8 @@ def test_reconcile_dry_run_changes_nothing(capsys, host):
     rc, out, err = run(capsys, host, "reconcile", "--dry-run", "romguest", "seabiosguest")
     assert rc == EXIT_ATTENTION  # romguest is still wrong after a dry run
     target = os.path.join(host["nvram"], "romguest_VARS.fd")
-    assert f"romguest: would CreateVarstore: {target}" in out
-    assert "romguest: would Redefine: bios-rom -> split (" in out
+    assert f"romguest: would create varstore {target} from " in out
+    assert "romguest: would redefine the domain: bios-rom -> split (" in out
     assert "seabiosguest: would" not in out
     assert "DOMAIN" in out  # followed by the table
     assert os.listdir(host["nvram"]) == ["split_VARS.fd"]
@@ -207,7 +208,7 @@ def test_reconcile_on_node_file_repairs_and_journals(capsys, host):
     assert "romguest: redefined: bios-rom -> split (" in out
     assert os.path.exists(target)
     rc, out, _ = run(capsys, host, "journal", "--json")
-    (entry,) = json.loads(out)
+    (entry,) = json.loads(out)["changes"]
     assert (entry["uuid"], entry["name"], entry["actor"], entry["outcome"]) == (U_ROM, "romguest", "varsctl", "applied")
     assert f"<loader type='rom'>{UNIFIED}</loader>" in entry["old_xml"]
     new = ET.fromstring(entry["new_xml"])
@@ -256,7 +257,7 @@ def test_journal_and_undo(capsys, host, default_conn):
 
     # the undo is itself journaled, newest first
     rc, out, _ = run(capsys, host, "journal", "--json", name, uri=DEFAULT)
-    undo, original = json.loads(out)
+    undo, original = json.loads(out)["changes"]
     assert original["id"] == change_id
     assert undo["id"] > change_id and undo["reason"] == f"undo of journal #{change_id}"
     assert undo["outcome"] == "applied" and undo["new_xml"] == original["old_xml"]
@@ -271,19 +272,17 @@ def test_undo_takes_the_domains_lock(capsys, host, default_conn, monkeypatch):
     """undo writes a definition like reconcile does, so it must not race a daemon acting on it."""
     name, _ = _define_rom(default_conn)
     assert run(capsys, host, "reconcile", name, uri=DEFAULT)[0] == EXIT_OK
-    change_id = json.loads(run(capsys, host, "journal", "--json", name, uri=DEFAULT)[1])[0]["id"]
+    change_id = json.loads(run(capsys, host, "journal", "--json", name, uri=DEFAULT)[1])["changes"][0]["id"]
     uuid = default_conn.lookupByName(name).UUIDString()
 
-    from varsd.engine import reconciler as rec_mod
-
     taken: list[str] = []
-    real = rec_mod.host_lock
+    real = transaction.host_lock
 
     def spy(path, *a, **kw):
         taken.append(path)
         return real(path, *a, **kw)
 
-    monkeypatch.setattr(rec_mod, "host_lock", spy)
+    monkeypatch.setattr(transaction, "host_lock", spy)
     rc, _, _ = run(capsys, host, "undo", "--opt-out", str(change_id), uri=DEFAULT)
     assert rc == EXIT_OK
     assert os.path.join(host["state"], "locks", f"{uuid}.lock") in taken
@@ -293,7 +292,7 @@ def test_undo_refuses_when_the_domain_changed_since(capsys, host, default_conn):
     """An admin's edit after varsd's change must not be discarded silently by an undo."""
     name, before = _define_rom(default_conn)
     assert run(capsys, host, "reconcile", name, uri=DEFAULT)[0] == EXIT_OK
-    change_id = json.loads(run(capsys, host, "journal", "--json", name, uri=DEFAULT)[1])[0]["id"]
+    change_id = json.loads(run(capsys, host, "journal", "--json", name, uri=DEFAULT)[1])["changes"][0]["id"]
     dom = default_conn.lookupByName(name)
     edited = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).replace(
         "</name>", "</name>\n  <description>admin edit</description>", 1
@@ -338,10 +337,8 @@ def test_undo_of_a_migration_refuses_to_pair_old_code_with_the_migrated_store(ca
 ])
 def test_huge_numbers_are_usage_errors_not_tracebacks(capsys, host, args):
     """#12 defect 9: out-of-range numbers on the command line are exit 2 with the range."""
-    with pytest.raises(SystemExit) as exc:
-        run(capsys, host, *args)
-    err = capsys.readouterr().err
-    assert exc.value.code == EXIT_USAGE
+    rc, _, err = run(capsys, host, *args)
+    assert rc == EXIT_USAGE
     assert "out of range" in err and "Traceback" not in err
 
 
@@ -349,7 +346,7 @@ def test_undo_with_opt_out_lasts(capsys, host, default_conn):
     """#12 defect 8: the restored definition is opted out, so the next look leaves it."""
     name, before = _define_rom(default_conn)
     assert run(capsys, host, "reconcile", name, uri=DEFAULT)[0] == EXIT_OK
-    change_id = json.loads(run(capsys, host, "journal", "--json", name, uri=DEFAULT)[1])[0]["id"]
+    change_id = json.loads(run(capsys, host, "journal", "--json", name, uri=DEFAULT)[1])["changes"][0]["id"]
     rc, out, _ = run(capsys, host, "undo", "--opt-out", str(change_id), uri=DEFAULT)
     assert rc == EXIT_OK and "opted out" in out
     restored = default_conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
@@ -382,9 +379,9 @@ def test_an_interrupted_define_is_settled_at_the_next_look(capsys, host, default
 
     rc, out, _ = run(capsys, host, "status", name, uri=DEFAULT)  # looking alone settles nothing
     rc, out, _ = run(capsys, host, "journal", "--json", name, uri=DEFAULT)
-    assert json.loads(out)[0]["outcome"] == "pending"
+    assert json.loads(out)["changes"][0]["outcome"] == "pending"
     run(capsys, host, "reconcile", name, uri=DEFAULT)
-    entry = next(c for c in json.loads(run(capsys, host, "journal", "--json", name, uri=DEFAULT)[1])
+    entry = next(c for c in json.loads(run(capsys, host, "journal", "--json", name, uri=DEFAULT)[1])["changes"]
                  if c["id"] == cid)
     if define_happened:
         assert entry["outcome"] == "applied (settled after an interrupted define)"

@@ -1,4 +1,5 @@
-"""The hostile-input suite's test bed: a throw-away host on libvirt's test:/// driver.
+"""The hostile-input suite's test bed (tier 2: libvirt's test:/// driver, real OVMF files,
+real tmpfs mounts): a throw-away host per row.
 
 Contract: every row of `test_hostile.py` builds one bad input or fault in a fresh `Bed`
 (its own nvram, state and descriptor directories, its own config file, its own domains on

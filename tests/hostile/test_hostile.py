@@ -178,7 +178,7 @@ def _undo(kind: str):
     def make(bed: Bed, env) -> list[str]:
         name = bed.domain(f"<loader type='rom'>{UNIFIED}</loader>")
         assert bed.run(env["capsys"], "reconcile", name)[0] == OK
-        cid = json.loads(bed.run(env["capsys"], "journal", "--json", name)[1])[0]["id"]
+        cid = json.loads(bed.run(env["capsys"], "journal", "--json", name)[1])["changes"][0]["id"]
         if kind == "edited":
             dom = bed.conn.lookupByName(name)
             bed.conn.defineXML(dom.XMLDesc(0).replace("</name>", "</name><description>admin</description>", 1))
@@ -199,9 +199,9 @@ def _huge_xml(bed: Bed) -> str:
 def _clone(bed: Bed, env) -> list[str]:
     """Someone redefines the domain between varsd's plan and its write."""
     name = bed.domain(f"<loader type='rom'>{UNIFIED}</loader>")
-    from varsd.engine import reconciler
+    from varsd.engine import transaction
 
-    real = reconciler.Reconciler.redefine
+    real = transaction.Writer.write
 
     def racing(self, ref, old_xml, new_xml, reason):
         dom = bed.conn.lookupByName(ref.name)
@@ -211,7 +211,7 @@ def _clone(bed: Bed, env) -> list[str]:
         env["after"].update(bed.snapshot())
         return real(self, ref, old_xml, new_xml, reason)
 
-    env["monkeypatch"].setattr(reconciler.Reconciler, "redefine", racing)
+    env["monkeypatch"].setattr(transaction.Writer, "write", racing)
     return ["reconcile", name]
 
 
@@ -345,7 +345,7 @@ ROWS = [
         "journal is not SQLite",
         _journal_garbage,
         USAGE,
-        ("{state}/state.sqlite3: cannot open the varsd journal", "move it away"),
+        ("{state}/state.sqlite3: cannot read the varsd journal", "move it away"),
     ),
     Row("lock file is a symlink", _lock_symlink, ATTENTION, ("the varsd lock file is not a plain file",)),
     Row(
@@ -747,7 +747,7 @@ ROWS = [
         "migrate DOMAIN and --all",
         lambda bed, env: ["migrate", "x", "--all"],
         USAGE,
-        ("give either one DOMAIN or --all",),
+        ("argument --all: not allowed with argument DOMAIN",),
     ),
     Row(
         "pin --build with a 3-digit prefix",

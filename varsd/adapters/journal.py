@@ -138,16 +138,43 @@ def _disk_full(directory: str) -> bool:
     return st.f_bavail * st.f_frsize < 64 * 1024
 
 
-class Journal:
-    """The journal database. A state dir that cannot be written (read-only mount, wrong
-    owner) still serves reading commands from a read-only connection: `read_only` is then
-    True and every write raises StateDirError saying why."""
+def _connect_read_only(path: str) -> sqlite3.Connection:
+    """A read-only connection: `mode=ro` (sees a live writer's WAL), else `immutable=1` for a
+    file system that cannot take the -shm file (a read-only mount)."""
+    quoted = urllib.parse.quote(path)
+    for uri in (f"file:{quoted}?mode=ro", f"file:{quoted}?mode=ro&immutable=1"):
+        db = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return db
+        except sqlite3.Error:
+            db.close()  # nothing left open on the file system (it may be unmounted next)
+            if "immutable" in uri:
+                raise
+    raise AssertionError("unreachable")
 
-    def __init__(self, path: str) -> None:
+
+class Journal:
+    """The journal database. Reading commands open it `read_only` (never creating or
+    writing anything); a state dir that cannot be written (read-only mount, wrong owner)
+    then still serves them, and a writing open falls back to reading too: every write
+    raises StateDirError saying why."""
+
+    def __init__(self, path: str, *, read_only: bool = False) -> None:
+        """Open (creating it if need be) the journal; `read_only` opens an existing one
+        read-only and never creates anything (for status, journal and firmware list/history,
+        so an admin who may read the file need not be able to write it); a missing
+        journal then reads as empty."""
         self.path = path
         self.read_only = False
         self._lock = threading.Lock()  # one connection, several worker threads
         state = os.path.dirname(path)
+        if read_only:
+            if os.path.lexists(state) and not os.path.isdir(state):
+                raise fsio.state_dir_error(state, OSError(errno.ENOTDIR, "not a directory"), "state directory")
+            self._why_read_only = StateDirError(f"{path}: the varsd journal was opened read-only")
+            self._open_read_only()
+            return
         try:
             os.makedirs(state, mode=0o700, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -180,15 +207,13 @@ class Journal:
         self.read_only = True
         try:
             if os.path.isfile(self.path):
-                # immutable: no -wal/-shm files are created (the directory cannot take them)
-                uri = f"file:{urllib.parse.quote(self.path)}?mode=ro&immutable=1"
-                self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-                self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                self._db = _connect_read_only(self.path)
             else:  # nothing journaled yet: an empty journal to read
                 self._db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
                 self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
-            raise StateDirError(f"{self.path}: cannot read the varsd journal ({exc})") from None
+            raise StateDirError(f"{self.path}: cannot read the varsd journal ({exc}); if it is damaged, move it "
+                                "away (varsd starts a new one)") from None
 
     def close(self) -> None:
         self._db.close()

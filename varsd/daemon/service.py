@@ -28,7 +28,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -43,10 +43,12 @@ from varsd.engine import firmware_sync
 from varsd.engine.boots import record_boot
 from varsd.engine.inspect import FileInspector
 from varsd.engine.reconciler import Reconciler, utc_now
-from varsd.errors import HypervisorError, StateDirError, VarsdError
+from varsd.errors import HypervisorError, LockBusy, StateDirError, VarsdError
 from varsd.firmware.archive import Archive
 from varsd.firmware.catalog import load_configured
+from varsd.messages import about_domain
 from varsd.model.domain import Status
+from varsd.retry import SETTINGS, Action, Backoff, Purpose, RetrySettings, decide
 
 log = logging.getLogger("varsd")
 
@@ -60,23 +62,6 @@ RESTART_ONLY = ("state_dir", "qemu_user", "qemu_group")
 STOP_GRACE = 20.0  # seconds the domains in hand get at SIGTERM (systemd TimeoutStopSec=30)
 FIRMWARE_CHECK_INTERVAL = 30  # seconds between stat() checks of the firmware files
 ARCHIVE_PRUNE_INTERVAL = 24 * 3600
-LOCK_WAIT = 2.0  # seconds a worker waits for a domain another actor holds, before retrying later
-BUSY_RETRY = 3.0  # seconds until a busy domain is looked at again
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Reconnect delays: first, factor, cap (seconds). Configuration data, not code."""
-
-    first: float = 0.5
-    factor: float = 2.0
-    cap: float = 30.0
-
-    def delays(self):
-        d = self.first
-        while True:
-            yield d
-            d = min(self.cap, d * self.factor)
 
 
 class Service:
@@ -85,13 +70,13 @@ class Service:
         cfg: Config,
         *,
         reload_config: Callable[[], Config] | None = None,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff | None = None,
         clock: Callable[[], str] = utc_now,
         notify: Callable[..., bool] = sd_notify,
     ) -> None:
         self.cfg = cfg
         self.reload_config = reload_config  # how main() loaded it (file + --connect), for SIGHUP
-        self.backoff = backoff
+        self.retry = RetrySettings.for_reconnect(backoff) if backoff else SETTINGS  # every delay: varsd.retry
         self.clock = clock
         self.notify = notify
         self.queue = WorkQueue()
@@ -121,6 +106,7 @@ class Service:
         self.first_pass_pending: set[str] = set()
         self._names: dict[str, str] = {}
         self._retries: dict[str, int] = {}
+        self._busy: dict[str, int] = {}  # domain -> consecutive looks that found its lock held
 
     # -- public control ------------------------------------------------------------
 
@@ -159,7 +145,7 @@ class Service:
         self._scheduler.start()
         self.notify("STATUS=connecting to " + self.cfg.uri)
         wd = watchdog_interval()
-        delays = self.backoff.delays()
+        delays = self.retry.reconnect.delays()
         last_wd = last_status = 0.0
         last_handled = 0
         try:
@@ -174,7 +160,7 @@ class Service:
                     threading.Thread(target=self._reload_in_background, name="varsd-reload", daemon=True).start()
                 if self.hv is None or self._disconnected.is_set():
                     if self._connect():
-                        delays = self.backoff.delays()
+                        delays = self.retry.reconnect.delays()
                     else:
                         self._stop.wait(next(delays))
                     continue
@@ -251,7 +237,7 @@ class Service:
 
     def _new_reconciler(self, hv: Hypervisor, cfg: Config, catalog) -> Reconciler:
         return Reconciler(cfg, hv, catalog, self.journal, self.owner, actor="varsd", clock=self.clock,
-                          inspector=self.inspector, archive=self.archive, lock_wait=LOCK_WAIT)
+                          inspector=self.inspector, archive=self.archive, lock_wait=self.retry.lock_wait)
 
     def _reload_in_background(self) -> None:
         try:
@@ -399,9 +385,13 @@ class Service:
             with self._count_lock:
                 self.handled += 1
             if outcome.busy:
-                # varsctl (or a frozen actor) holds the domain: a retry, not an error
-                self.queue.put_later(key, BUSY_RETRY)
+                # varsctl (or a frozen actor) holds the domain: a retry, not an error (varsd.retry)
+                n = self._busy.get(key, 0)
+                self._busy[key] = n + 1
+                self.queue.put_later(key, decide(LockBusy(outcome.detail), attempt=n, purpose=Purpose.LOCK,
+                                                 settings=self.retry).delay)
                 return
+            self._busy.pop(key, None)
             if outcome.retry:
                 delay = self._retry_delay(key)
                 log.warning("domain '%s': will look again in %.0f s", ref.name, delay)
@@ -409,32 +399,33 @@ class Service:
             else:
                 self._retries.pop(key, None)
             if outcome.status is Status.ERROR:
-                log.error("domain '%s': %s", ref.name, outcome.detail)
+                log.error("%s", about_domain(ref.name, outcome.detail, ref.uuid))
             elif outcome.status is Status.NEEDS_MIGRATION:
-                log.warning("domain '%s': %s", ref.name, outcome.detail)
+                log.warning("%s", about_domain(ref.name, outcome.detail, ref.uuid))
         except HypervisorError as exc:
-            if exc.retryable and not hv.is_alive():
+            action = decide(exc, alive=not exc.retryable or hv.is_alive(), settings=self.retry).action
+            if action is Action.RECONNECT:
                 log.warning("%s: %s; reconnecting", self._names.get(key, key), exc)
                 self._disconnected.set()  # the reconnect re-lists and queues everything
-            elif exc.retryable:
+            elif action is Action.RETRY:
                 self.queue.put_later(key, self._retry_delay(key))
-                log.warning("domain '%s': %s; will look again", self._names.get(key, key), exc)
+                log.warning("%s; will look again", about_domain(self._names.get(key, key), exc, key))
             else:
-                log.error("domain '%s': %s", self._names.get(key, key), exc)
+                log.error("%s", about_domain(self._names.get(key, key), exc, key))
         except StateDirError as exc:
             # state_dir became unusable under us (remounted read-only, full): not this domain's
             # fault; said once per look, and the domain is looked at again later.
-            log.error("domain '%s' not handled: %s", self._names.get(key, key), exc)
+            log.error("%s", about_domain(self._names.get(key, key), f"not handled: {exc}", key))
             self.queue.put_later(key, self._retry_delay(key))
         finally:
             # Whatever happened, this domain no longer holds READY back.
             self.first_pass_pending.discard(key)
 
     def _retry_delay(self, key: str) -> float:
-        """Per-domain backoff for domain-level trouble, from the same Backoff data."""
+        """Per-domain backoff for domain-level trouble (`varsd.retry`: the domain row)."""
         n = self._retries.get(key, 0)
         self._retries[key] = n + 1
-        return min(self.backoff.cap, self.backoff.first * self.backoff.factor ** n) * 4
+        return self.retry.domain.delay(n)
 
     def _record_boot(self, hv: Hypervisor, uuid: str) -> None:
         boot = record_boot(hv, uuid, self.clock())

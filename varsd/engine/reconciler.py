@@ -12,28 +12,30 @@ host's problem, not the domain's: it is raised (exit 2).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from varsd.adapters.journal import Journal
-from varsd.adapters.libvirt_api import DomainRef, Hypervisor
+from varsd.adapters.libvirt_api import Hypervisor
 from varsd.config import Config
 from varsd.domain.classify import firmware_image_path
 from varsd.domain.xml import firmware_signature, parse_domain
 from varsd.engine.inspect import FileInspector
 from varsd.engine.lock import host_lock
 from varsd.engine.provision import provision_varstore
+from varsd.engine.transaction import Transaction, Writer
 from varsd.errors import HypervisorError, LockBusy, StateDirError, VarsdError
-from varsd.firmware.archive import Archive, ArchiveError, ArchiveIndex, is_archive_path, sha_of_archive_path
-from varsd.model.domain import FirmwareConfig, Status
-from varsd.model.firmware import Build, Catalog
+from varsd.firmware.archive import Archive, ArchiveError, ArchiveIndex
+from varsd.messages import about_domain
+from varsd.model.domain import DomainRef, FirmwareConfig, Status
+from varsd.model.firmware import Build, Catalog, UpgradePolicy
 from varsd.planning.repair import CreateVarstore, DomainFacts, Plan, Redefine, plan_repair, varstore_path
 from varsd.planning.upgrade import UpgradeContext
+from varsd.retry import SETTINGS, Action, Purpose, decide
 
 log = logging.getLogger("varsd.reconcile")
 
@@ -94,8 +96,10 @@ def _outcome(ref: DomainRef, facts: DomainFacts, plan: Plan, done: tuple[str, ..
                    boot_unrecorded=live is not None and live.booted_sha256 is None)
 
 
-def _error(ref: DomainRef, message: str, *, retry: bool = False) -> Outcome:
-    return Outcome(ref, Plan(FirmwareConfig.NONE, Status.ERROR, message), retry=retry)
+def _error(ref: DomainRef, exc: VarsdError, *, retry: bool = False) -> Outcome:
+    """A domain whose look or action failed: its class is not known (never `none`, which
+    means SeaBIOS), and the message names the domain once."""
+    return Outcome(ref, Plan(FirmwareConfig.UNKNOWN, Status.ERROR, about_domain(ref.name, exc, ref.uuid)), retry=retry)
 
 
 @dataclass(frozen=True)
@@ -123,24 +127,7 @@ def _changes_firmware(facts: DomainFacts, plan: Plan) -> bool:
     )
 
 
-def settle_outcome(old_xml: str, new_xml: str, current: str) -> tuple[str, str | None]:
-    """How an interrupted define ended, judged by the definition libvirt has now (pure):
-    the new firmware is there -> applied (with libvirt's copy, for undo); the old text is
-    there -> not applied; else someone changed it since (undo then rightly asks)."""
-    now, new, old = parse_domain(current), parse_domain(new_xml), parse_domain(old_xml)
-    if current == new_xml or (now == new and new != old):
-        return "applied (settled after an interrupted define)", current
-    if current == old_xml or now == old:
-        return "failed: interrupted before libvirt stored it (settled)", None
-    return "interrupted: the definition changed since (settled)", None
-
-
-class StaleDefinition(VarsdError):
-    """The domain was redefined by someone else between our read and our write."""
-
-
 ARCHIVE_RECHECK = 1.0  # seconds an archive snapshot serves the planner before it is re-listed
-ARCHIVE_RETRY = 60.0  # seconds before archiving a build that failed (e.g. changed under us) is tried again
 
 
 class Reconciler:
@@ -172,7 +159,6 @@ class Reconciler:
         # None: wait as long as the holder of a domain's lock progresses (varsctl); a bound
         # (the daemon) makes a busy domain a retry instead of a blocked worker.
         self.lock_wait = lock_wait
-        self.on_wait = on_wait
         self._owners: dict[str, tuple[str, str]] = {}  # varstore path -> (uuid, name) whose own it is
         self._uses: dict[str, str | None] = {}  # uuid -> varstore path it names
         self._owners_lock = threading.Lock()
@@ -180,10 +166,13 @@ class Reconciler:
         self._upgrades: tuple[float, UpgradeContext] | None = None
         self._archive_lock = threading.Lock()
         self._archive_tried: dict[str, float] = {}  # sha -> monotonic time of a failed attempt
+        self.retry = SETTINGS
+        self.writer = Writer(hv, journal, self.archive, cfg.domain_lock_path, actor=actor, clock=clock,
+                             on_corrupt_archive=self._invalidate_archive, lock_wait=lock_wait, on_wait=on_wait)
 
     # -- upgrade context -----------------------------------------------------------
 
-    def upgrade_context(self, *, policy: str | None = None) -> UpgradeContext:
+    def upgrade_context(self, *, policy: UpgradePolicy | None = None) -> UpgradeContext:
         """Policy and a verified archive snapshot for the planner, re-listed at most every
         ARCHIVE_RECHECK seconds (a full pass must not re-list the archive per domain)."""
         with self._archive_lock:
@@ -227,7 +216,8 @@ class Reconciler:
             return
         with self._archive_lock:
             tried = self._archive_tried.get(sha)
-            if tried is not None and time.monotonic() - tried < ARCHIVE_RETRY:
+            if tried is not None and time.monotonic() - tried < decide(
+                    ArchiveError(sha), purpose=Purpose.ARCHIVE, settings=self.retry).delay:
                 return
             self._archive_tried[sha] = time.monotonic()
         try:
@@ -325,7 +315,7 @@ class Reconciler:
             owner = self._owners.get(path)
             return owner[1] if owner is not None and owner[0] != fw.uuid else None
 
-    def plan_xml(self, ref: DomainRef, xml: str, *, policy: str | None = None) -> tuple[DomainFacts, Plan]:
+    def plan_xml(self, ref: DomainRef, xml: str, *, policy: UpgradePolicy | None = None) -> tuple[DomainFacts, Plan]:
         """Plan for a definition the domain does not have yet (what varsctl pin, unpin and
         approve are about to write), so their one redefinition is already what the planner
         wants and the daemon has nothing left to change. Never memoised."""
@@ -361,76 +351,45 @@ class Reconciler:
         except StateDirError:
             raise  # the host's configuration, not this domain: the caller says so once (exit 2)
         except LockBusy as exc:
-            if self.lock_wait is None:
-                log.error("domain '%s': %s", ref.name, exc)
-                return _error(ref, str(exc))
-            # Another actor is on it (or its holder froze): look again soon, not an error.
+            if self.lock_wait is None:  # varsctl waited as long as the holder lived and progressed
+                outcome = _error(ref, exc)
+                log.error("%s", outcome.detail)
+                return outcome
+            # The daemon: another actor is on it (or its holder froze); the retry policy
+            # (Purpose.LOCK) says when to look again. Not an error.
             log.info("domain '%s': %s; will look again", ref.name, exc)
-            return replace(_error(ref, f"busy: {exc}", retry=True), busy=True)
+            return replace(_error(ref, exc, retry=True), busy=True)
         except HypervisorError as exc:
-            if exc.retryable and not self.hv.is_alive():
+            action = decide(exc, alive=not exc.retryable or self.hv.is_alive(), settings=self.retry).action
+            if action is Action.RECONNECT:
                 raise  # the connection is gone: the caller reconnects and looks again
             # A domain-level failure (a hung QEMU's state-change lock, a refused define):
             # this domain's error, not the host's; `retry` tells the daemon to look again.
-            log.error("domain '%s': %s", ref.name, exc)
-            return _error(ref, str(exc), retry=exc.retryable)
+            outcome = _error(ref, exc, retry=action is Action.RETRY)
+            log.error("%s", outcome.detail)
+            return outcome
         except VarsdError as exc:
-            log.error("domain '%s': %s", ref.name, exc)
-            return _error(ref, str(exc))
-
-    @contextlib.contextmanager
-    def domain_lock(self, ref: DomainRef, doing: str = "reconciling") -> Iterator[None]:
-        """The domain's lock, recording for waiters who holds it and why (varsd.engine.lock).
-
-        Whoever holds it is the only actor on the domain, so a journal entry of it still
-        `pending` was left by an actor that died mid-define: it is settled here first."""
-        with host_lock(self.cfg.domain_lock_path(ref.uuid), doing=f"{self.actor}: {doing} domain '{ref.name}'",
-                       max_wait=self.lock_wait, on_wait=self.on_wait):
-            self.settle_pending(ref)
-            yield
-
-    def settle_pending(self, ref: DomainRef) -> None:
-        """Settle entries an interrupted define left `pending` (SIGTERM to varsctl, SIGKILL to
-        the daemon) against the definition libvirt actually has. Call under the domain lock."""
-        pending = self.journal.pending(ref.uuid)
-        if not pending:
-            return
-        current = self.hv.persistent_xml(ref.uuid)
-        for change in pending:
-            outcome, stored = settle_outcome(change.old_xml, change.new_xml, current)
-            self.journal.settle(change.id, outcome, stored_xml=stored)
-            log.warning("domain '%s': journal #%d was interrupted mid-define; settled as %s", ref.name,
-                        change.id, outcome)
+            outcome = _error(ref, exc)
+            log.error("%s", outcome.detail)
+            return outcome
 
     def _reconcile(self, ref: DomainRef, apply: bool) -> Outcome:
         if apply and ref.uuid not in self._memo:
             # Not known compliant (a new domain, most likely to need work): look
-            # once, under the lock, instead of looking twice.
-            with self.domain_lock(ref):
+            # once, in the write transaction, instead of looking twice.
+            with self.writer.transaction(ref) as tx:
                 facts, plan = self.examine(ref)
-                return _outcome(ref, facts, plan, self._execute(ref, facts, plan) if plan.actions else ())
+                return _outcome(ref, facts, plan, self._execute(tx, facts, plan) if plan.actions else ())
         facts, plan = self.examine(ref)
         if not apply or not plan.actions:
             return _outcome(ref, facts, plan, (), unrepaired=bool(plan.actions) and _changes_firmware(facts, plan))
-        with self.domain_lock(ref):
-            if self.hv.persistent_xml(ref.uuid) != facts.xml:
-                # Another actor changed it since we looked: look again, under the lock.
+        with self.writer.transaction(ref) as tx:
+            if tx.xml != facts.xml:
+                # Another actor changed it since we looked: look again, in the transaction.
                 facts, plan = self.examine(ref)
-            return _outcome(ref, facts, plan, self._execute(ref, facts, plan) if plan.actions else ())
+            return _outcome(ref, facts, plan, self._execute(tx, facts, plan) if plan.actions else ())
 
-    def verify_archived_loader(self, ref: DomainRef, xml: str) -> None:
-        """Verify-before-use: a definition about to boot an archived image gets it only if
-        the file's content still has the digest its name promises (ArchiveError if not)."""
-        loader = parse_domain(xml).loader_path
-        if not is_archive_path(self.archive.directory, loader):
-            return
-        sha = sha_of_archive_path(loader or "")
-        entry = self.archive.verify(sha or "")
-        if not entry.ok:
-            self._invalidate_archive()
-            raise ArchiveError(f"domain '{ref.name}': not pointed at {loader}: {entry.problem}")
-
-    def _execute(self, ref: DomainRef, facts: DomainFacts, plan: Plan) -> tuple[str, ...]:
+    def _execute(self, tx: Transaction, facts: DomainFacts, plan: Plan) -> tuple[str, ...]:
         done: list[str] = []
         for action in plan.actions:
             if isinstance(action, CreateVarstore):
@@ -439,36 +398,11 @@ class Reconciler:
                 )
                 what = "adopted existing identical" if result.adopted else "created"
                 done.append(f"{what} varstore {action.path}")
-                log.info("domain '%s': %s varstore %s from %s", ref.name, what, action.path, action.source)
+                log.info("domain '%s': %s varstore %s from %s", tx.ref.name, what, action.path, action.source)
             elif isinstance(action, Redefine):
-                self.verify_archived_loader(ref, action.xml)
-                self.redefine(ref, facts.xml, action.xml, action.reason)
+                tx.write(action.xml, action.reason, planned_from=facts.xml)
                 done.append(f"redefined: {action.reason}")
         return tuple(done)
-
-    def redefine(self, ref: DomainRef, old_xml: str, new_xml: str, reason: str) -> None:
-        """Check nobody redefined the domain meanwhile, journal, then define.
-
-        The domain lock keeps varsd and varsctl apart, but not `virsh edit`: the
-        re-read right before the define is what keeps an admin's edit from being
-        overwritten with a plan made from the XML before it."""
-        if self.hv.persistent_xml(ref.uuid) != old_xml:
-            raise StaleDefinition(f"domain '{ref.name}' was redefined meanwhile; will look again")
-        change = self.journal.record(
-            at=self.clock(), uuid=ref.uuid, name=ref.name, actor=self.actor, reason=reason,
-            old_xml=old_xml, new_xml=new_xml,
-        )
-        try:
-            self.hv.define(new_xml)
-        except VarsdError as exc:
-            self.journal.settle(change, f"failed: {exc}")
-            raise
-        try:
-            stored = self.hv.persistent_xml(ref.uuid)
-        except HypervisorError:
-            stored = None  # the change is made; only the normalised copy is missing
-        self.journal.settle(change, "applied", stored_xml=stored)
-        log.info("domain '%s': %s (journal #%d)", ref.name, reason, change)
 
     def reconcile_all(self, refs: Iterable[DomainRef] | None = None, *, apply: bool = True) -> list[Outcome]:
         """Every domain once, then again those a later domain's facts changed the view of

@@ -23,6 +23,7 @@ class FirmwareConfig(StrEnum):
     AUTOSELECT = "autoselect"  # <os firmware='efi'> left to libvirt
     STATELESS = "stateless"  # <loader stateless='yes'>
     CONFIDENTIAL = "confidential"  # SEV/SEV-ES/SNP/TDX: firmware must not be split
+    UNKNOWN = "unknown"  # not classified: reading or planning the domain failed (see its error)
 
 
 class PinKind(StrEnum):
@@ -49,6 +50,10 @@ class Status(StrEnum):
     NEEDS_MIGRATION = "needs-migration"
     UNMANAGED = "unmanaged"
     ERROR = "error"
+
+
+ATTENTION = frozenset({Status.ERROR, Status.NEEDS_MIGRATION})
+"""Statuses that need an admin: a command reporting one exits 1."""
 
 
 @dataclass(frozen=True)
@@ -139,3 +144,19 @@ class FileFacts:
     # planner can recognise which build the image was made from.
     trailing_sha256: str | None = None
     error: str | None = None  # unreadable, corrupt, ...
+
+
+@dataclass(frozen=True)
+class DomainRef:
+    """A snapshot of one domain's identity and run state at the time of the call."""
+
+    uuid: str
+    name: str
+    state: str
+    active: bool
+    persistent: bool
+
+    @property
+    def label(self) -> str:
+        """How messages name this domain."""
+        return f"domain '{self.name}' ({self.uuid})"
