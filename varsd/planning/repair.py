@@ -59,7 +59,7 @@ from dataclasses import dataclass, replace
 
 from varsd.domain.classify import classify, firmware_image_path
 from varsd.domain.xml import FirmwareEdit, apply_edit, nvram_storage, parse_domain, replace_loader_code, set_metadata
-from varsd.firmware.fit import Needs, machine_has_smm, why_not
+from varsd.firmware.fit import Needs, machine_has_smm, misfits, why_not
 from varsd.firmware.selection import explain_no_build, select_build
 from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig, Status, VarsdMetadata
 from varsd.model.firmware import Build, Catalog, MappingMode, VarstoreLayout
@@ -281,7 +281,7 @@ def _plan_pinned(facts: DomainFacts, config: FirmwareConfig, catalog: Catalog, c
                  now: str) -> Plan:
     fw = facts.firmware
     layout = facts.nvram.varstore_layout if facts.nvram is not None and facts.nvram.exists else None
-    problem = _pin_misfit(fw, catalog, layout, ctx)
+    problem = _pin_misfit(facts, catalog, layout)
     if problem:
         pin = upgrade.short(fw.metadata.pinned_sha256 or "")
         return Plan(config, Status.ERROR, f"pinned to build {pin} (varsd metadata), but {problem}; left "
@@ -297,28 +297,24 @@ def _plan_pinned(facts: DomainFacts, config: FirmwareConfig, catalog: Catalog, c
     return _plan_hold(facts, config, decision, catalog, ctx, now)
 
 
-def _pin_misfit(fw: DomainFirmware, catalog: Catalog, layout: VarstoreLayout | None,
-                ctx: UpgradeContext) -> str | None:
-    """Why the build a pin in the metadata names cannot boot this domain (None: fits, or
-    nothing is known of it). The pin may come from a hand edit or another host's XML, so
-    it gets the checks `varsctl pin --build` makes; the domain's own XML, not the pin,
-    says whether it has Secure Boot and SMM."""
+def _pin_misfit(facts: DomainFacts, catalog: Catalog, layout: VarstoreLayout | None) -> str | None:
+    """Why the build a pin in the metadata names cannot boot this domain (None: it fits, or
+    the catalog does not know it). The pin may come from a hand edit or another host's XML,
+    so it gets the fit check (`varsd.firmware.fit`) `varsctl pin --build` makes; a hold
+    changes only the loader path, so the domain's SMM and Secure Boot stay what they are."""
+    fw = facts.firmware
     sha = fw.metadata.pinned_sha256 or ""
     if sha == fw.metadata.build_code_sha256:
         return None  # held on the build it is bound to (booted with this varstore): varsd's own holds
-    builds = [b for b in catalog.by_code_sha(sha) if b.mode is MappingMode.SPLIT]
-    features = builds[0].features if builds else ctx.features.get(sha)
-    if features is None:
+    builds = catalog.by_code_sha(sha)
+    if not builds:
         return None
-    if "requires-smm" in features and not (fw.smm and machine_has_smm(fw.machine)):
-        return (f"that build needs SMM (Secure Boot), which the domain does not have (no <smm state='on'/> "
-                f"or machine type '{fw.machine}')")
-    if "secure-boot" in features and not fw.loader_secure:
-        return "that build is a Secure Boot build and the domain's firmware is not (no secure='yes')"
-    if layout is not None and builds and all(b.layout != layout for b in builds):
-        return f"that build expects a varstore of {builds[0].layout.describe() if builds[0].layout else 'none'}, " \
-               f"the domain's has {layout.describe()}"
-    return None
+    needs = replace(Needs.of(fw, secure_boot=wants_secure_boot(fw, facts.image, catalog), layout=layout),
+                    smm_allowed=fw.smm and machine_has_smm(fw.machine))
+    found = [misfits(b, needs) for b in builds]
+    if any(not m for m in found):
+        return None
+    return "; ".join(p.sentence for p in found[0])
 
 
 def _plan_hold(facts: DomainFacts, config: FirmwareConfig, hold: Hold, catalog: Catalog, ctx: UpgradeContext,
