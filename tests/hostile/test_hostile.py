@@ -694,6 +694,16 @@ ROWS = [
         ATTENTION,
         ("{images}/VARS.fd: varstore layout", "does not match the layout the firmware code expects"),
     ),
+    Row(
+        "an error outcome's class (full disk, missing nvram_dir) is unknown, not none",
+        lambda bed, env: (
+            bed.config.write_text(bed.config.read_text().replace(str(bed.nvram), str(bed.root / "no-nvram"))),
+            ["reconcile", "--json", bed.domain(f"<loader type='rom'>{UNIFIED}</loader>")],
+        )[1],
+        ATTENTION,
+        ('"config": "unknown"', '"status": "error"'),
+        13,
+    ),
     # command line and undo
     Row(
         "undo 99999999999999999999999",
@@ -859,7 +869,7 @@ def test_hostile(row: Row, bed: Bed, capsys, monkeypatch, mount_tmpfs) -> None:
 def test_the_table_has_the_classes_the_issue_asks_for() -> None:
     """Issue 12: every class of the issue plus at least 20 more, at least 86 in all."""
     assert len({r.cls for r in ROWS}) == len(ROWS) >= 86
-    assert {r.defect for r in ROWS} >= {2, 3, 4, 6, 8, 9, 10, 11, 12, 14, 15, 16, 17}
+    assert {r.defect for r in ROWS} >= {2, 3, 4, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17}
 
 
 def test_billion_laughs_does_not_expand() -> None:
