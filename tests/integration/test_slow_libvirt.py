@@ -65,7 +65,7 @@ def test_three_racing_reconciles_on_a_slow_libvirt(hv: Hypervisor, guest_factory
         assert f"{NVRAM_DIR}/{g.name}_VARS.fd" in xml
     journal = subprocess.run([sys.executable, "-m", "varsd.cli.varsctl", "--config", str(cfg), "journal", "--json"],
                              capture_output=True, text=True, timeout=120)
-    entries = json.loads(journal.stdout)
+    entries = json.loads(journal.stdout)["changes"]
     for name in names:
         mine = [e for e in entries if e["name"] == name]
         assert [e["outcome"] for e in mine] == ["applied"], mine  # exactly one repair, never two

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable, Sequence
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
-from varsd.cli.output import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE
+from varsd.cli.output import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, error
 from varsd.config import Config, qemu_owner
 from varsd.engine.reconciler import Reconciler
 from varsd.firmware.catalog import load_configured
@@ -61,7 +60,7 @@ class Context:
     def reconciler(self) -> Reconciler:
         catalog = load_configured(self.cfg)
         return Reconciler(self.cfg, self.hv, catalog, self.journal, qemu_owner(self.cfg), actor="varsctl",
-                          on_wait=lambda what: print(f"varsctl: {what}", file=sys.stderr, flush=True))
+                          on_wait=error)  # "varsctl: waiting for pid N (what it does, for S s)"
 
     def refs(self, names: Sequence[str]) -> list[DomainRef]:
         return [self.hv.lookup(n) for n in names] if names else self.hv.list_domains()
