@@ -203,13 +203,13 @@ def _clone(bed: Bed, env) -> list[str]:
 
     real = transaction.Writer.write
 
-    def racing(self, ref, old_xml, new_xml, reason):
+    def racing(self, ref, old_xml, new_xml, reason, *args, **kwargs):
         dom = bed.conn.lookupByName(ref.name)
         bed.conn.defineXML(dom.XMLDesc(0).replace("</name>", "</name><description>racer</description>", 1))
         # The racer's definition is what must survive; the varstore just made from the
         # template stays for the next look, which adopts it.
         env["after"].update(bed.snapshot())
-        return real(self, ref, old_xml, new_xml, reason)
+        return real(self, ref, old_xml, new_xml, reason, *args, **kwargs)
 
     env["monkeypatch"].setattr(transaction.Writer, "write", racing)
     return ["reconcile", name]

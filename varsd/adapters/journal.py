@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from varsd.adapters import fsio
 from varsd.errors import StateDirError, VarsdError
 from varsd.model.firmware import VarstoreLayout
+from varsd.model.journal import MIGRATION_REASON, ChangeKind
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS xml_changes (
@@ -36,7 +37,8 @@ CREATE TABLE IF NOT EXISTS xml_changes (
     reason TEXT NOT NULL,
     old_xml TEXT NOT NULL,
     new_xml TEXT NOT NULL,
-    outcome TEXT NOT NULL DEFAULT 'pending'
+    outcome TEXT NOT NULL DEFAULT 'pending',
+    kind TEXT NOT NULL DEFAULT 'edit'
 );
 CREATE INDEX IF NOT EXISTS xml_changes_uuid ON xml_changes(uuid);
 CREATE TABLE IF NOT EXISTS firmware_history (
@@ -89,6 +91,7 @@ class Change:
     old_xml: str
     new_xml: str
     outcome: str
+    kind: ChangeKind = ChangeKind.EDIT
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,10 @@ def _connect_read_only(path: str) -> sqlite3.Connection:
     raise AssertionError("unreachable")
 
 
+def _change(row: tuple) -> Change:
+    return Change(*row[:-1], kind=ChangeKind(row[-1]))
+
+
 class Journal:
     """The journal database. Reading commands open it `read_only` (never creating or
     writing anything); a state dir that cannot be written (read-only mount, wrong owner)
@@ -195,6 +202,9 @@ class Journal:
             db.execute("PRAGMA synchronous=FULL")  # a journaled old XML survives a power cut
             db.executescript(_SCHEMA)
             self._db = db
+            if not self._has_kind():
+                self._add_kind()
+            self._kind_column = True
         except sqlite3.Error as exc:
             if db is not None:
                 db.close()  # no file left open on the state dir's file system
@@ -202,6 +212,31 @@ class Journal:
                 raise fsio.state_dir_error(state, OSError(errno.ENOSPC, "full"), "state directory") from None
             raise StateDirError(f"{path}: cannot open the varsd journal ({exc}); if it is damaged, move it "
                                 "away (varsd starts a new one)") from None
+
+    def _has_kind(self) -> bool:
+        return any(row[1] == "kind" for row in self._db.execute("PRAGMA table_info(xml_changes)"))
+
+    def _add_kind(self) -> None:
+        """A journal from before entries had a kind: add it, classifying old entries by the
+        reason migrations were journaled with."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if not self._has_kind():
+                self._db.execute("ALTER TABLE xml_changes ADD COLUMN kind TEXT NOT NULL DEFAULT 'edit'")
+                self._db.execute("UPDATE xml_changes SET kind=? WHERE substr(reason, 1, ?) = ?",
+                                 (ChangeKind.MIGRATION.value, len(MIGRATION_REASON), MIGRATION_REASON))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def _kind_sql(self) -> str:
+        """The kind column; for an old journal opened read-only (not upgraded), the same
+        classification `_add_kind` makes."""
+        if self._kind_column:
+            return "kind"
+        return (f"CASE WHEN substr(reason, 1, {len(MIGRATION_REASON)}) = '{MIGRATION_REASON}' "
+                f"THEN '{ChangeKind.MIGRATION.value}' ELSE '{ChangeKind.EDIT.value}' END")
 
     def _open_read_only(self) -> None:
         self.read_only = True
@@ -211,6 +246,7 @@ class Journal:
             else:  # nothing journaled yet: an empty journal to read
                 self._db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
                 self._db.executescript(_SCHEMA)
+            self._kind_column = self._has_kind()
         except sqlite3.Error as exc:
             raise StateDirError(f"{self.path}: cannot read the varsd journal ({exc}); if it is damaged, move it "
                                 "away (varsd starts a new one)") from None
@@ -230,7 +266,8 @@ class Journal:
             except sqlite3.Error as exc:
                 raise VarsdError(f"{self.path}: cannot {what} the varsd journal: {exc}") from None
 
-    def record(self, *, at: str, uuid: str, name: str, actor: str, reason: str, old_xml: str, new_xml: str) -> int:
+    def record(self, *, at: str, uuid: str, name: str, actor: str, reason: str, old_xml: str, new_xml: str,
+               kind: ChangeKind = ChangeKind.EDIT) -> int:
         """Write the intent (old and new XML) before the change is made; returns its id.
 
         The first change to a domain also opens its record (see `close_record`)."""
@@ -241,8 +278,9 @@ class Journal:
                 (uuid, name, at),
             )
             cur = self._db.execute(
-                "INSERT INTO xml_changes (at, uuid, name, actor, reason, old_xml, new_xml) VALUES (?,?,?,?,?,?,?)",
-                (at, uuid, name, actor, reason, old_xml, new_xml),
+                "INSERT INTO xml_changes (at, uuid, name, actor, reason, old_xml, new_xml, kind) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (at, uuid, name, actor, reason, old_xml, new_xml, kind.value),
             )
         return int(cur.lastrowid)
 
@@ -283,29 +321,30 @@ class Journal:
                 self._db.execute("PRAGMA synchronous=FULL")
 
     def changes(self, uuid: str | None = None, limit: int = 100) -> list[Change]:
-        q = "SELECT id, at, uuid, name, actor, reason, old_xml, new_xml, outcome FROM xml_changes"
+        q = f"SELECT id, at, uuid, name, actor, reason, old_xml, new_xml, outcome, {self._kind_sql()} FROM xml_changes"
         args: tuple = ()
         if uuid:
             q += " WHERE uuid=?"
             args = (uuid,)
         q += " ORDER BY id DESC LIMIT ?"
         with self._sql("read"):
-            return [Change(*row) for row in self._db.execute(q, args + (limit,)).fetchall()]
+            return [_change(row) for row in self._db.execute(q, args + (limit,)).fetchall()]
 
     def pending(self, uuid: str) -> list[Change]:
         """Entries of `uuid` whose define never reported back (the actor died mid-define)."""
-        q = ("SELECT id, at, uuid, name, actor, reason, old_xml, new_xml, outcome FROM xml_changes "
-             "WHERE uuid=? AND outcome='pending' ORDER BY id")
+        q = (f"SELECT id, at, uuid, name, actor, reason, old_xml, new_xml, outcome, {self._kind_sql()} "
+             "FROM xml_changes WHERE uuid=? AND outcome='pending' ORDER BY id")
         with self._sql("read"):
-            return [Change(*row) for row in self._db.execute(q, (uuid,)).fetchall()]
+            return [_change(row) for row in self._db.execute(q, (uuid,)).fetchall()]
 
     def change(self, change_id: int) -> Change | None:
         with self._sql("read"):
             row = self._db.execute(
-                "SELECT id, at, uuid, name, actor, reason, old_xml, new_xml, outcome FROM xml_changes WHERE id=?",
+                f"SELECT id, at, uuid, name, actor, reason, old_xml, new_xml, outcome, {self._kind_sql()} "
+                "FROM xml_changes WHERE id=?",
                 (change_id,),
             ).fetchone()
-        return Change(*row) if row else None
+        return _change(row) if row else None
 
     # -- firmware history ------------------------------------------------------------
 

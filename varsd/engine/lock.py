@@ -1,7 +1,8 @@
-"""One actor at a time per domain: an advisory lock shared by varsd and varsctl.
+"""One actor at a time: advisory lock files shared by varsd and varsctl (one per domain,
+`Config.domain_lock_path`, and one for the firmware archive, `Config.firmware_lock_path`).
 
-Held only around one domain's read-plan-act step, so two actors never act on one
-domain at once, and neither acts on what it read before the other changed it.
+A domain's lock is held only around its read-plan-act step, so two actors never act on
+one domain at once, and neither acts on what it read before the other changed it.
 
 Theory of operation (why waiting follows the holder, not a timer):
 
@@ -18,7 +19,7 @@ Theory of operation (why waiting follows the holder, not a timer):
   means "busy, look again", which the daemon treats as a retry, not an error.
 
 Times are CLOCK_BOOTTIME: one clock for every process on the host, which wall-clock
-jumps (NTP, an admin's `date -s`) do not move.
+jumps (NTP, an admin's `date -s`) do not move (varsd.clock's monotonic() is per process).
 """
 
 from __future__ import annotations

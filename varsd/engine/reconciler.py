@@ -3,24 +3,24 @@
 One `Reconciler` serves `varsctl reconcile` and the daemon alike. For each domain it
 re-reads the persistent (and live) XML from libvirt rather than trusting any event,
 gathers file facts, asks the pure planner, and executes the actions in order under
-the domain's lock. Every XML change is journaled with the previous XML before libvirt
-sees it, and whoever takes the lock first settles entries an actor killed mid-define
-left `pending`. A failure in one domain becomes that domain's `error` outcome (a busy
-lock, in the daemon, a retry); it never stops the pass. An unusable state dir is the
-host's problem, not the domain's: it is raised (exit 2).
+the domain's lock, in the one write transaction (`engine.transaction`). Every XML
+change is journaled with the previous XML before libvirt sees it, and whoever takes the
+lock first settles entries an actor killed mid-define left `pending`. A failure in one
+domain becomes that domain's `error` outcome (a busy lock, in the daemon, a retry); it
+never stops the pass. An unusable state dir is the host's problem, not the domain's: it
+is raised (exit 2).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
+from varsd.clock import SYSTEM, Clock, stamp
 from varsd.config import Config
 from varsd.domain.classify import firmware_image_path
 from varsd.domain.xml import firmware_signature, parse_domain
@@ -38,10 +38,6 @@ from varsd.planning.upgrade import UpgradeContext
 from varsd.retry import SETTINGS, Action, Purpose, decide
 
 log = logging.getLogger("varsd.reconcile")
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -140,7 +136,7 @@ class Reconciler:
         owner: tuple[int, int],
         *,
         actor: str = "varsctl",
-        clock: Callable[[], str] = utc_now,
+        clock: Clock = SYSTEM,
         inspector: FileInspector | None = None,
         archive: Archive | None = None,
         lock_wait: float | None = None,
@@ -161,6 +157,8 @@ class Reconciler:
         self.lock_wait = lock_wait
         self._owners: dict[str, tuple[str, str]] = {}  # varstore path -> (uuid, name) whose own it is
         self._uses: dict[str, str | None] = {}  # uuid -> varstore path it names
+        self._users: dict[str, set[str]] = {}  # varstore path -> uuids naming it (the inverse of _uses)
+        self._owned: dict[str, str] = {}  # uuid -> the path in _owners it owns (the inverse of _owners)
         self._owners_lock = threading.Lock()
         self.rechecks: set[str] = set()  # domains to look at again (see _note_varstore)
         self._upgrades: tuple[float, UpgradeContext] | None = None
@@ -177,7 +175,7 @@ class Reconciler:
         ARCHIVE_RECHECK seconds (a full pass must not re-list the archive per domain)."""
         with self._archive_lock:
             cached = self._upgrades
-            if cached is None or time.monotonic() - cached[0] > ARCHIVE_RECHECK \
+            if cached is None or self.clock.monotonic() - cached[0] > ARCHIVE_RECHECK \
                     or cached[1].policy != self.cfg.upgrade_policy:
                 try:
                     index = self.archive.index()
@@ -193,7 +191,7 @@ class Reconciler:
                 fresh = UpgradeContext(policy=self.cfg.upgrade_policy, archive=index, features=features)
                 if cached is not None and cached[1] == fresh:
                     fresh = cached[1]  # the same object: memoised plans stay valid (they compare identity)
-                cached = (time.monotonic(), fresh)
+                cached = (self.clock.monotonic(), fresh)
                 self._upgrades = cached
         ctx = cached[1]
         return ctx if policy is None or policy == ctx.policy else replace(ctx, policy=policy)
@@ -216,14 +214,14 @@ class Reconciler:
             return
         with self._archive_lock:
             tried = self._archive_tried.get(sha)
-            if tried is not None and time.monotonic() - tried < decide(
+            if tried is not None and self.clock.monotonic() - tried < decide(
                     ArchiveError(sha), purpose=Purpose.ARCHIVE, settings=self.retry).delay:
                 return
-            self._archive_tried[sha] = time.monotonic()
+            self._archive_tried[sha] = self.clock.monotonic()
         try:
             with host_lock(self.cfg.firmware_lock_path):
                 stored = self.archive.store_file(build.code_path, expect_sha256=sha)
-                at = self.clock()
+                at = stamp(self.clock.now())
                 self.journal.note_archived(sha256=sha, code_path=build.code_path, size=stored.entry.size,
                                            at=at, layout=build.layout, features=build.features)
                 # The first sight of a build is history too, so a later sync reports a change
@@ -264,7 +262,7 @@ class Reconciler:
         ):
             return memo.facts, memo.plan
         facts = self.facts(xml, live_xml, excluded=excluded, persistent=ref.persistent)
-        plan = plan_repair(facts, self.catalog, self.cfg.nvram_dir, self.clock(), upgrades)
+        plan = plan_repair(facts, self.catalog, self.cfg.nvram_dir, stamp(self.clock.now()), upgrades)
         if plan.actions:
             self._memo.pop(ref.uuid, None)
         else:
@@ -298,22 +296,45 @@ class Reconciler:
         not matter.
         """
         with self._owners_lock:
-            for path, (uuid, _name) in list(self._owners.items()):
-                if uuid == fw.uuid and path != fw.nvram_path:
-                    del self._owners[path]  # its varstore moved
             path = fw.nvram_path
-            self._uses[fw.uuid] = path
+            owned = self._owned.get(fw.uuid)
+            if owned is not None and owned != path:
+                self._disown(fw.uuid)  # its varstore moved
+            self._use(fw.uuid, path)
             if not path:
                 return None
             if path == varstore_path(self.cfg.nvram_dir, fw.name, fw.uuid):
+                previous = self._owners.get(path)
+                if previous is not None and previous[0] != fw.uuid:
+                    self._owned.pop(previous[0], None)
                 self._owners[path] = (fw.uuid, fw.name)
-                for other, used in self._uses.items():
-                    if used == path and other != fw.uuid:
+                self._owned[fw.uuid] = path
+                for other in self._users.get(path, ()):
+                    if other != fw.uuid:
                         self._memo.pop(other, None)
                         self.rechecks.add(other)
                 return None
             owner = self._owners.get(path)
             return owner[1] if owner is not None and owner[0] != fw.uuid else None
+
+    # The two indexes keep each look O(1): a full pass over N domains must not cost N^2.
+    def _use(self, uuid: str, path: str | None) -> None:
+        """Record that `uuid` names `path` (None: no varstore), in `_uses` and its inverse."""
+        before = self._uses.get(uuid)
+        if before and before != path:
+            users = self._users.get(before, set())
+            users.discard(uuid)
+            if not users:
+                self._users.pop(before, None)
+        self._uses[uuid] = path
+        if path:
+            self._users.setdefault(path, set()).add(uuid)
+
+    def _disown(self, uuid: str) -> None:
+        """`uuid` no longer owns the path it owned."""
+        path = self._owned.pop(uuid, None)
+        if path is not None and self._owners.get(path, ("",))[0] == uuid:
+            del self._owners[path]
 
     def plan_xml(self, ref: DomainRef, xml: str, *, policy: UpgradePolicy | None = None) -> tuple[DomainFacts, Plan]:
         """Plan for a definition the domain does not have yet (what varsctl pin, unpin and
@@ -321,16 +342,15 @@ class Reconciler:
         wants and the daemon has nothing left to change. Never memoised."""
         live_xml = self.hv.live_xml(ref.uuid) if ref.active else None
         facts = self.facts(xml, live_xml, excluded=self.cfg.is_excluded(ref.name, ref.uuid), persistent=ref.persistent)
-        return facts, plan_repair(facts, self.catalog, self.cfg.nvram_dir, self.clock(),
+        return facts, plan_repair(facts, self.catalog, self.cfg.nvram_dir, stamp(self.clock.now()),
                                   self.upgrade_context(policy=policy))
 
     def forget(self, uuid: str) -> str | None:
         """Drop what is remembered of a domain that is gone; returns its last varstore path."""
         with self._owners_lock:
+            self._use(uuid, None)
             self._uses.pop(uuid, None)
-            for path, (owner, _name) in list(self._owners.items()):
-                if owner == uuid:
-                    del self._owners[path]
+            self._disown(uuid)
         memo = self._memo.pop(uuid, None)
         return memo.facts.firmware.nvram_path if memo is not None else None
 
