@@ -22,3 +22,13 @@ LAYOUT_2M = VarstoreLayout(size=131072, start=100, end=57344)
 LAYOUT_4M = VarstoreLayout(size=540672, start=100, end=262144)
 
 EFI_GLOBAL = "8be4df61-93ca-11d2-aa0d-00e098032b8c"  # the EFI global variable GUID
+
+
+def fit_code(code: bytes, template: str) -> bytes:
+    """`code` padded to what a real build's code is beside `template`: code and varstore of
+    one x86 build add up to its flash size (1, 2 or 4 MiB), which the catalog checks."""
+    tsize = len(open(template, "rb").read())
+    flash = 1 << 20
+    while flash < len(code) + tsize:
+        flash <<= 1
+    return code + b"\xff" * (flash - tsize - len(code))

@@ -56,6 +56,13 @@ DEFAULT_OFFLINE_DIR = "/run/varsd/offline"
 """Where offline varstore writes are announced to the libvirt QEMU hook (its fixed path)."""
 
 
+# Upper bounds keep every value inside what the scheduler and date arithmetic accept
+# (99999999999999 s overflows APScheduler's timedelta; 10**9 days overflows datetime).
+INT_LIMITS: dict[str, tuple[int, str]] = {
+    "reconcile_interval": (30 * 86400, "seconds"),  # 30 days
+    "archive_retention_days": (36500, "days"),  # 100 years
+}
+
 T = TypeVar("T")
 
 
@@ -165,12 +172,17 @@ def parse_config(text: str, where: str = "<config>") -> Config:
         _expect(not relative, where, f"'firmware_dirs' must be absolute paths, not {', '.join(relative)}")
     if "exclude" in data:
         kw["exclude"] = _str_list(data["exclude"], where, "exclude")
-    for key in ("reconcile_interval", "archive_retention_days", "start_wait"):
+    for key, (limit, unit) in INT_LIMITS.items():
         if key in data:
             v = data[key]
-            ok = isinstance(v, int) and not isinstance(v, bool) and v > 0
-            _expect(ok, where, f"'{key}' must be a positive integer")
+            ok = isinstance(v, int) and not isinstance(v, bool) and 0 < v <= limit
+            _expect(ok, where, f"'{key}' must be a whole number of {unit} from 1 to {limit}, not {v!r}")
             kw[key] = v
+    if "start_wait" in data:
+        v = data["start_wait"]
+        _expect(isinstance(v, int) and not isinstance(v, bool) and v > 0, where,
+                f"'start_wait' must be a positive integer (seconds), not {v!r}")
+        kw["start_wait"] = v
     if "start_wait" in kw:
         _expect(int(kw["start_wait"]) <= START_WAIT_CAP, where,  # type: ignore[call-overload]
                 f"'start_wait' must be at most {START_WAIT_CAP} (the hook never holds a start longer)")

@@ -15,6 +15,11 @@ class ConfigError(VarsdError):
     """The configuration file is unreadable or contains something invalid."""
 
 
+class StateDirError(ConfigError):
+    """`state_dir` (or a directory varsd keeps below it) cannot be used: a configuration
+    error (exit 2), whichever command or daemon step met it."""
+
+
 class DescriptorError(VarsdError):
     """A QEMU firmware descriptor is malformed or points at missing files."""
 

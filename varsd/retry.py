@@ -14,8 +14,8 @@ marks a `HypervisorError` retryable or not):
   a missing domain, permission denied): report it and wait for the next event or pass.
 
 Every delay and cap is in `RetrySettings`, one table of data. The daemon's reconnect
-and per-domain backoff and the reconciler's archive retry read it; a lock wait (issue
-12) plugs in as `Purpose.LOCK`.
+and per-domain backoff and the reconciler's archive retry read it; a busy domain lock in
+the daemon (issue 12) is `Purpose.LOCK`: wait `lock_wait`, then retry with the `lock` row.
 """
 
 from __future__ import annotations
@@ -72,7 +72,10 @@ class RetrySettings:
     reconnect: Backoff = Backoff(0.5, 2.0, 30.0)  # libvirtd gone: reconnect, then re-read everything
     domain: Backoff = Backoff(2.0, 2.0, 120.0)  # one domain's libvirt trouble (a hung QEMU's lock)
     archive: Backoff = Backoff(60.0, 1.0, 60.0)  # archiving a build failed (it changed under us)
-    lock: Backoff = Backoff(0.05, 2.0, 1.0)  # another varsd actor holds a lock
+    lock: Backoff = Backoff(0.05, 2.0, 1.0)  # another varsd actor holds a lock: look again after this
+    # The daemon waits this long for a domain lock another actor holds (varsd.engine.lock:
+    # varsctl waits as long as the holder progresses), then retries with `lock` (issue 12).
+    lock_wait: float = 2.0
     transient_errno: frozenset[int] = field(
         default=frozenset({errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ETIMEDOUT}))
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import subprocess
 import threading
 
 import pytest
 
 from varsd.adapters.journal import Change, Journal
-from varsd.errors import VarsdError
+from varsd.errors import StateDirError, VarsdError
 from varsd.model.journal import MIGRATION_REASON, ChangeKind
 
 U1 = "11111111-1111-1111-1111-111111111111"
@@ -115,28 +116,46 @@ def test_two_handles_see_each_others_writes(tmp_path):
         cli.close()
 
 
-def test_unwritable_state_dir_names_the_path(mount_tmpfs):
+def test_read_only_state_dir_reads_and_refuses_writes_naming_the_path(mount_tmpfs):
+    """#12 defect 11: reading commands work; a write says what is wrong and what to do."""
     ro = mount_tmpfs("size=64k,ro")
     path = os.path.join(ro, "state.sqlite3")
-    with pytest.raises(VarsdError) as info:
-        Journal(path)
+    journal = Journal(path)
+    try:
+        assert journal.read_only and journal.changes() == []
+        with pytest.raises(StateDirError) as info:
+            _record(journal, U1, 1)
+    finally:
+        journal.close()
     msg = str(info.value)
-    assert msg.startswith(f"{path}: cannot open the varsd journal")
-    assert "Read-only file system" in msg
+    assert f"{ro} is on a read-only file system; make it writable" in msg and "Errno" not in msg
     assert not os.path.exists(path)
+
+
+def test_read_only_state_dir_with_a_journal_reads_it(tmp_path, mount_tmpfs):
+    rw = mount_tmpfs("size=1m")
+    journal = Journal(os.path.join(rw, "state.sqlite3"))
+    cid = _record(journal, U1, 1)
+    journal.close()
+    subprocess.run(["mount", "-o", "remount,ro", rw], check=True)
+    journal = Journal(os.path.join(rw, "state.sqlite3"))
+    try:
+        assert journal.read_only and journal.change(cid).name == "vm1"
+    finally:
+        journal.close()
 
 
 def test_uncreatable_state_dir_names_the_path(mount_tmpfs):
     ro = mount_tmpfs("size=64k,ro")
     path = os.path.join(ro, "varsd", "state.sqlite3")
-    with pytest.raises(VarsdError, match=f"^{path}: cannot open the varsd journal"):
+    with pytest.raises(StateDirError, match=f"{ro}/varsd is on a read-only file system; make it writable"):
         Journal(path)
 
 
 def test_state_dir_that_is_a_file(tmp_path):
     (tmp_path / "state").write_text("not a directory")
     path = str(tmp_path / "state" / "state.sqlite3")
-    with pytest.raises(VarsdError, match=f"^{path}: cannot open the varsd journal"):
+    with pytest.raises(StateDirError, match=f"{tmp_path}/state is not a directory \\(a file is in the way\\)"):
         Journal(path)
 
 
@@ -144,7 +163,7 @@ def test_symlinked_journal_is_refused(tmp_path):
     target = tmp_path / "elsewhere.sqlite3"
     link = tmp_path / "state.sqlite3"
     link.symlink_to(target)
-    with pytest.raises(VarsdError, match=f"^{link}: cannot open the varsd journal"):
+    with pytest.raises(StateDirError, match=f"^{link}: the varsd journal is not a plain file"):
         Journal(str(link))
     assert not target.exists()
 

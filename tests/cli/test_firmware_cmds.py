@@ -16,6 +16,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from ovmf_files import fit_code
 
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE
@@ -26,9 +27,10 @@ from .common import DEFAULT, run
 
 VARS_2M = "/usr/share/OVMF/OVMF_VARS.fd"
 VARS_4M = "/usr/share/OVMF/OVMF_VARS_4M.fd"
-CODE_A = b"\x90" * 8192 + b"build A"
-CODE_B = b"\x90" * 8192 + b"build B"
+CODE_A = fit_code(b"\x90" * 8192 + b"build A", VARS_2M)  # 2 MiB builds' code size
+CODE_B = fit_code(b"\x90" * 8192 + b"build B", VARS_2M)
 A, B = hashlib.sha256(CODE_A).hexdigest(), hashlib.sha256(CODE_B).hexdigest()
+B4 = hashlib.sha256(fit_code(CODE_B, VARS_4M)).hexdigest()  # build B's code beside the 4 MiB template
 
 
 class FwHost(dict):
@@ -36,7 +38,7 @@ class FwHost(dict):
 
     def install(self, code: bytes, template: str = VARS_2M) -> None:
         fw = Path(self["fw"])
-        for data, name in ((code, "CODE.fd"), (Path(template).read_bytes(), "VARS.fd")):
+        for data, name in ((fit_code(code, template), "CODE.fd"), (Path(template).read_bytes(), "VARS.fd")):
             (fw / f"{name}.new").write_bytes(data)
             os.rename(fw / f"{name}.new", fw / name)
         Path(self["descriptor"]).write_text(json.dumps({
@@ -199,12 +201,12 @@ def test_pin_refusals(capsys, fw, default_conn, tmp_path) -> None:
     run(capsys, other, "firmware", "sync", "no-such-domain")
     shutil.copytree(os.path.join(other["state"], "archive"), os.path.join(fw["state"], "archive"),
                     dirs_exist_ok=True)
-    rc, _, err = run(capsys, fw, "pin", name, "--build", B)
+    rc, _, err = run(capsys, fw, "pin", name, "--build", B4)
     assert rc == EXIT_ATTENTION and "is not known" in err  # this host never saw it in a catalog
     assert xml_of(default_conn, name).metadata.pinned_sha256 is None
     fw.install(CODE_B, template=VARS_4M)  # now it did: and its layout is not the varstore's
     sync(capsys, fw, name)
-    rc, _, err = run(capsys, fw, "pin", name, "--build", B)
+    rc, _, err = run(capsys, fw, "pin", name, "--build", B4)
     assert rc == EXIT_ATTENTION and "expects a varstore of 540672 bytes" in err, err
     assert xml_of(default_conn, name).metadata.pin_by == "incompatible"
 

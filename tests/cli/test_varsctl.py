@@ -245,7 +245,12 @@ def test_journal_and_undo(capsys, host, default_conn):
     change_id = int(line.split()[0].lstrip("#"))
     assert f"  {name}  varsctl  applied  bios-rom -> split" in line
 
+    # #12 defect 8: the daemon would redo the repair at once: said, and nothing changed
     rc, out, err = run(capsys, host, "undo", str(change_id), uri=DEFAULT)
+    assert rc == EXIT_ATTENTION and "would change it again at its next look. Nothing was changed" in err
+    assert f"'varsctl undo {change_id} --opt-out'" in err
+    assert default_conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == repaired
+    rc, out, err = run(capsys, host, "undo", "--force", str(change_id), uri=DEFAULT)
     assert (rc, err) == (EXIT_OK, "")
     assert out == f"{name}: restored the definition from before journal #{change_id}\n"
     restored = default_conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
@@ -279,7 +284,7 @@ def test_undo_takes_the_domains_lock(capsys, host, default_conn, monkeypatch):
         return real(path, *a, **kw)
 
     monkeypatch.setattr(transaction, "host_lock", spy)
-    rc, _, _ = run(capsys, host, "undo", str(change_id), uri=DEFAULT)
+    rc, _, _ = run(capsys, host, "undo", "--opt-out", str(change_id), uri=DEFAULT)
     assert rc == EXIT_OK
     assert os.path.join(host["state"], "locks", f"{uuid}.lock") in taken
 
@@ -325,3 +330,93 @@ def test_undo_of_a_migration_refuses_to_pair_old_code_with_the_migrated_store(ca
     rc, _, err = run(capsys, host, "undo", str(cid), uri=DEFAULT)
     assert rc == EXIT_ATTENTION and "migrated the varstore" in err and "backup" in err
     assert dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE) == current
+
+
+@pytest.mark.parametrize("args", [
+    ["undo", "99999999999999999999999"], ["journal", "--limit", "99999999999999999999"],
+    ["journal", "--limit", "-1"], ["firmware", "history", "--limit", "1" + "0" * 30],
+])
+def test_huge_numbers_are_usage_errors_not_tracebacks(capsys, host, args):
+    """#12 defect 9: out-of-range numbers on the command line are exit 2 with the range."""
+    rc, _, err = run(capsys, host, *args)
+    assert rc == EXIT_USAGE
+    assert "out of range" in err and "Traceback" not in err
+
+
+def test_undo_with_opt_out_lasts(capsys, host, default_conn):
+    """#12 defect 8: the restored definition is opted out, so the next look leaves it."""
+    name, before = _define_rom(default_conn)
+    assert run(capsys, host, "reconcile", name, uri=DEFAULT)[0] == EXIT_OK
+    change_id = json.loads(run(capsys, host, "journal", "--json", name, uri=DEFAULT)[1])["changes"][0]["id"]
+    rc, out, _ = run(capsys, host, "undo", "--opt-out", str(change_id), uri=DEFAULT)
+    assert rc == EXIT_OK and "opted out" in out
+    restored = default_conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    rc, out, _ = run(capsys, host, "reconcile", name, uri=DEFAULT)
+    assert rc == EXIT_OK and "redefined" not in out
+    assert default_conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == restored
+    assert ET.fromstring(restored).find("os/loader").get("type") == "rom"
+
+
+@pytest.mark.parametrize("define_happened", [True, False])
+def test_an_interrupted_define_is_settled_at_the_next_look(capsys, host, default_conn, define_happened):
+    """#12 defect 7: varsctl got SIGTERM (or the daemon SIGKILL) during libvirt's define,
+    leaving the journal entry 'pending'. The next actor holding the domain's lock settles it
+    against the definition libvirt has, so undo is not refused with a false reason."""
+    name, before = _define_rom(default_conn)
+    assert run(capsys, host, "reconcile", "--dry-run", name, uri=DEFAULT)[0] == EXIT_ATTENTION
+    from varsd.cli.context import Context
+    from varsd.config import load_config
+
+    ctx = Context(load_config(host["config"], DEFAULT))
+    rec = ctx.reconciler()
+    ref = ctx.hv.lookup(name)
+    facts, plan = rec.examine(ref)
+    (redefine,) = [a for a in plan.actions if type(a).__name__ == "Redefine"]
+    cid = ctx.journal.record(at="2026-12-01T10:00:00Z", uuid=ref.uuid, name=name, actor="varsctl",
+                             reason="killed mid-define", old_xml=facts.xml, new_xml=redefine.xml)
+    if define_happened:
+        default_conn.defineXML(redefine.xml)
+    ctx.close()
+
+    rc, out, _ = run(capsys, host, "status", name, uri=DEFAULT)  # looking alone settles nothing
+    rc, out, _ = run(capsys, host, "journal", "--json", name, uri=DEFAULT)
+    assert json.loads(out)["changes"][0]["outcome"] == "pending"
+    run(capsys, host, "reconcile", name, uri=DEFAULT)
+    entry = next(c for c in json.loads(run(capsys, host, "journal", "--json", name, uri=DEFAULT)[1])["changes"]
+                 if c["id"] == cid)
+    if define_happened:
+        assert entry["outcome"] == "applied (settled after an interrupted define)"
+        rc, _, err = run(capsys, host, "undo", "--force", str(cid), uri=DEFAULT)
+        assert rc == EXIT_OK and "changed after" not in err
+    else:
+        assert entry["outcome"] == "failed: interrupted before libvirt stored it (settled)"
+
+
+def _with_state(host, tmp_path, state: str) -> dict[str, str]:
+    text = open(host["config"]).read().replace(f'state_dir = "{host["state"]}"', f'state_dir = "{state}"')
+    config = tmp_path / "state-variant.toml"
+    config.write_text(text)
+    return {**host, "config": str(config), "state": state}
+
+
+@pytest.mark.parametrize("args", [["status"], ["journal"], ["firmware", "list"], ["reconcile"]])
+def test_a_state_dir_that_is_a_file_is_a_configuration_error_everywhere(capsys, host, tmp_path, args):
+    """#12 defect 11: exit 2 for every command, a message without errno text."""
+    (tmp_path / "state-file").write_text("")
+    h = _with_state(host, tmp_path, str(tmp_path / "state-file"))
+    rc, _, err = run(capsys, h, *args)
+    assert rc == EXIT_USAGE, err
+    assert f"{tmp_path}/state-file is not a directory (a file is in the way)" in err
+    assert "Errno" not in err and "Traceback" not in err
+
+
+def test_a_read_only_state_dir_still_serves_the_reading_commands(capsys, host, tmp_path, mount_tmpfs):
+    """#12 defect 11: status, journal and firmware list read; only writing is refused (exit 2)."""
+    ro = mount_tmpfs("size=1m,ro")
+    h = _with_state(host, tmp_path, ro)
+    rc, out, err = run(capsys, h, "status", "romguest")
+    assert rc == EXIT_ATTENTION and "romguest" in out and err == "", err  # needs repair: 1, not a state error
+    assert run(capsys, h, "journal")[0] == EXIT_OK
+    assert run(capsys, h, "firmware", "list")[0] == EXIT_OK
+    rc, _, err = run(capsys, h, "reconcile", "romguest")
+    assert rc == EXIT_USAGE and f"{ro}/locks is on a read-only file system" in err, err

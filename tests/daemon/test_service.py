@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 import time
 
 import libvirt
+from ovmf_files import fit_code
 
 from varsd.adapters.journal import Journal
 from varsd.engine.boots import BOOT_NS
@@ -176,7 +178,6 @@ def test_reload_applies_a_changed_config_without_restart(conn, tmp_path) -> None
 
 def test_firmware_change_is_noticed_archived_and_applied(conn, service_factory, tmp_path) -> None:
     """No package hook: the daemon's own check sees the rename, archives, rebinds."""
-    import json
 
     from varsd.domain.xml import parse_domain
     from varsd.firmware.archive import Archive
@@ -186,6 +187,7 @@ def test_firmware_change_is_noticed_archived_and_applied(conn, service_factory, 
     desc.mkdir()
 
     def install(code: bytes) -> str:
+        code = fit_code(code, "/usr/share/OVMF/OVMF_VARS_4M.fd")
         for data, name in ((code, "CODE.fd"), (open("/usr/share/OVMF/OVMF_VARS_4M.fd", "rb").read(), "VARS.fd")):
             (fw / f"{name}.new").write_bytes(data)
             os.rename(fw / f"{name}.new", fw / name)
@@ -215,3 +217,58 @@ def test_firmware_change_is_noticed_archived_and_applied(conn, service_factory, 
     assert svc.check_firmware() is True
     wait_until(lambda: bound() == new, what="rebinding to the new build")
     assert archive.index().verified == {old, new}
+
+
+def test_a_busy_domain_is_retried_not_failed(conn, service_factory, caplog) -> None:
+    """#12 defect 14: varsctl (here: this test) holds the domain's lock past the daemon's
+    bounded wait; the daemon logs no error and repairs the domain once the lock is free,
+    instead of waiting for the next full pass."""
+    import threading as th
+
+    from varsd.engine.lock import host_lock
+
+    svc = service_factory()  # its full pass is an hour away: only the retry can repair it
+    name = "evt-busy"
+    conn.created.append(name)
+    xml = bios_xml(name)
+    uuid = xml.split("<uuid>")[1].split("</uuid>")[0]
+    held, release = th.Event(), th.Event()
+
+    def hold() -> None:
+        with host_lock(svc.cfg.domain_lock_path(uuid), doing="varsctl: reconciling domain 'evt-busy'"):
+            held.set()
+            release.wait(30)
+
+    holder = th.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    try:
+        with caplog.at_level("INFO"):
+            conn.defineXML(xml)
+            time.sleep(6)  # longer than LOCK_WAIT plus a retry
+            assert not _repaired(conn, name)
+    finally:
+        release.set()
+        holder.join(10)
+    wait_until(lambda: _repaired(conn, name), timeout=20, what="repair once the lock was released")
+    assert not [r for r in caplog.records if r.levelname == "ERROR" and name in r.getMessage()]
+    assert any("busy" in r.getMessage() and name in r.getMessage() for r in caplog.records)
+
+
+def test_a_hostile_descriptor_neither_stops_the_daemon_nor_its_reload(conn, service_factory, tmp_path,
+                                                                      caplog) -> None:
+    """#12 defect 3: '[' * 1000 + ']' * 1000 among the descriptors killed varsd at start-up
+    (a systemd restart loop) and left tracebacks on SIGHUP and in the firmware check."""
+    bad = tmp_path / "hostile-descriptors"
+    bad.mkdir()
+    (bad / "10-deep.json").write_text("[" * 1000 + "]" * 1000)
+    with caplog.at_level("WARNING"):
+        svc = service_factory(firmware_dirs=("/usr/share/qemu/firmware", str(bad)))
+        name = "evt-hostile-desc"
+        conn.created.append(name)
+        conn.defineXML(bios_xml(name))
+        wait_until(lambda: _repaired(conn, name), what="repair with a hostile descriptor in the catalog")
+        svc._do_reload()  # what SIGHUP runs (off the main thread)
+        svc.check_firmware(force=True)
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert any("nested too deeply" in r.getMessage() for r in caplog.records)

@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from ovmf_files import fit_code
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
@@ -32,8 +33,8 @@ from varsd.firmware.catalog import load_catalog
 URI = "test:///default"
 VARS_2M = "/usr/share/OVMF/OVMF_VARS.fd"
 VARS_4M = "/usr/share/OVMF/OVMF_VARS_4M.fd"
-CODE_A = b"\x90" * 8192 + b"build A"
-CODE_B = b"\x90" * 8192 + b"build B"
+CODE_A = fit_code(b"\x90" * 8192 + b"build A", VARS_2M)  # 2 MiB builds' code size
+CODE_B = fit_code(b"\x90" * 8192 + b"build B", VARS_2M)
 
 
 def sha(data: bytes) -> str:
@@ -68,7 +69,7 @@ class Tree:
         })
 
     def install(self, code: bytes, template: str = VARS_2M) -> None:
-        for data, dst in ((code, self.code), (Path(template).read_bytes(), self.vars)):
+        for data, dst in ((fit_code(code, template), self.code), (Path(template).read_bytes(), self.vars)):
             Path(dst + ".dpkg-new").write_bytes(data)
             os.rename(dst + ".dpkg-new", dst)
         self.descriptor.write_text(self.descriptor_text())

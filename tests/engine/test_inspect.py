@@ -253,3 +253,30 @@ def test_stat_key(tmp_path):
     st = os.stat(path)
     assert FileInspector.stat_key(path) == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     assert FileInspector.stat_key(str(tmp_path / "gone")) is None
+
+
+def test_a_big_varstore_is_not_read_whole_and_an_impossible_one_not_at_all(tmp_path) -> None:
+    """#12 defect 17: only the varstore volume is read and digests are streamed; a file
+    larger than any firmware file (the cap) is refused before reading."""
+    import tracemalloc
+
+    big = tmp_path / "big_VARS.fd"
+    with open(big, "wb") as f:
+        f.write(open(VARS_4M, "rb").read())
+        f.truncate(48 * 1024 * 1024)  # template + 47 MiB junk, under the cap
+    tracemalloc.start()
+    try:
+        facts = FileInspector().inspect(str(big), digest=True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert facts.varstore_layout == LAYOUT_4M and facts.size == 48 * 1024 * 1024
+    assert facts.sha256 == _sha(big) and facts.trailing_sha256 is not None
+    assert peak < 8 * 1024 * 1024, f"inspecting a 48 MiB file took {peak} bytes"
+
+    huge = tmp_path / "huge_VARS.fd"
+    with open(huge, "wb") as f:
+        f.write(open(VARS_4M, "rb").read())
+        f.truncate(200 * 1000 * 1000)
+    facts = FileInspector().inspect(str(huge), digest=False)
+    assert facts.varstore_layout is None and "more than the 67108864 any firmware file or varstore is" in facts.error

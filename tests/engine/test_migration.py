@@ -181,7 +181,6 @@ REFUSALS = [
     ("bios-rom has no variables", _xml("g", f"<loader type='rom'>{UNIFIED_2M}</loader>"), {}, None,
      ["no variables to migrate", "varsctl reconcile"]),
     ("seabios", _xml("g", ""), {}, None, ["'none'"]),
-    ("varstore not there yet", _xml("g", SB2), {"source": None}, None, ["does not exist yet"]),
     ("varstore is a symlink", _xml("g", SB2), {"source": VarstoreFacts(path=G, size=10, symlink=True)}, None,
      ["symbolic link"]),
     ("varstore is garbage", _xml("g", SB2),
@@ -224,6 +223,12 @@ def test_already_on_the_target_is_nothing_to_migrate(catalog) -> None:
     with pytest.raises(NothingToMigrate, match="already uses"):
         plan_migration(_facts(xml, source=_src(G, keys=False, layout=LAYOUT_4M)), catalog, to=None,
                        nvram_dir=NVRAM, now=NOW)
+
+
+def test_a_varstore_not_created_yet_is_nothing_to_migrate(catalog) -> None:
+    """#12: nothing to do is exit 0 (README), so it is NothingToMigrate, not a refusal."""
+    with pytest.raises(NothingToMigrate, match="does not exist yet"):
+        plan_migration(_facts(_xml("g", SB2), source=None), catalog, to=None, nvram_dir=NVRAM, now=NOW)
 
 
 def test_varsds_own_incompatible_pin_is_lifted(catalog) -> None:

@@ -219,7 +219,7 @@ def test_broken_descriptors_are_problems_and_good_ones_still_load(fw_dirs):
         "12-no-executable.json": "missing 'mapping.executable'",
         "13-split-no-template.json": "split flash mapping without 'mapping.nvram-template'",
         "14-bad-targets.json": "'targets[0]' must be a JSON object",
-        "15-dangling-descriptor.json": "cannot read descriptor: No such file or directory",
+        "15-dangling-descriptor.json": "cannot read descriptor: cannot open: no such file or directory",
         "20-dangling-code.json": f"code image {img}/missing_CODE.fd does not exist",
         "21-dangling-template.json": f"varstore template {img}/missing_VARS.fd does not exist",
         "22-code-as-template.json": "not usable as a varstore template",
@@ -291,3 +291,44 @@ def test_qcow2_builds_are_skipped_quietly_not_problems(tmp_path):
     assert catalog.problems == ()
     assert [b.origin.rsplit("/", 1)[1] for b in catalog.builds] == [
         "40-edk2-x86_64-secure-enrolled.json", "50-edk2-x86_64-secure.json", "60-edk2-x86_64.json"]
+
+
+# -- issue 12: hostile descriptors ---------------------------------------------------
+
+
+def _one_problem(tmp_path, name: str, text: str, extra=()):
+    d = tmp_path / "fw"
+    d.mkdir()
+    (d / name).write_text(text)
+    cat = load_catalog([str(d)], list(extra))
+    return cat, {os.path.basename(p.source): p.message for p in cat.problems}
+
+
+def test_mismatched_code_and_template_is_a_catalog_problem(tmp_path):
+    """#12 defect 4: 4 MiB code with the 2 MiB OVMF_VARS.fd is no build's pair, never used."""
+    cat, problems = _one_problem(tmp_path, "50-bad-pair.json",
+                                 descriptor(f"{OVMF}/OVMF_CODE_4M.fd", f"{OVMF}/OVMF_VARS.fd"))
+    assert cat.builds == ()
+    assert "are not one build's pair" in problems["50-bad-pair.json"]
+    assert "fix the descriptor" in problems["50-bad-pair.json"]
+    # the same for an extra_firmware pair the other way round
+    cat = load_catalog([], [ExtraFirmware(f"{OVMF}/OVMF_CODE.fd", f"{OVMF}/OVMF_VARS_4M.fd")])
+    assert cat.builds == () and "not one build's pair" in cat.problems[0].message
+
+
+def test_deeply_nested_descriptor_is_a_problem_not_a_recursion_error(tmp_path):
+    """#12 defect 3: '[' * 1000 + ']' * 1000 among the descriptors."""
+    cat, problems = _one_problem(tmp_path, "10-deep.json", "[" * 1000 + "]" * 1000)
+    assert "nested too deeply" in problems["10-deep.json"]
+    (tmp_path / "x").mkdir()
+    cat, problems = _one_problem(tmp_path / "x", "10-bigint.json", "[" + "9" * 5000 + "]")
+    assert "not a usable JSON document" in problems["10-bigint.json"]
+
+
+def test_nul_in_filename_is_a_plain_descriptor_error(tmp_path, caplog):
+    """#12 defect 10: caught before any os call, with no traceback logged."""
+    text = descriptor(f"{OVMF}/OVMF_CODE_4M.fd\0evil", f"{OVMF}/OVMF_VARS_4M.fd")
+    with caplog.at_level("DEBUG"):
+        cat, problems = _one_problem(tmp_path, "20-nul.json", text)
+    assert "contains a NUL byte" in problems["20-nul.json"]
+    assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"]

@@ -519,14 +519,14 @@ def test_template_of_another_layout_is_corrected(catalogs, hostfs) -> None:
     assert (fw.loader_path, fw.nvram_template) == (CODE_4M, VARS_4M)
 
 
-def test_missing_varstore_outside_nvram_dir_is_left_to_libvirt(catalogs, hostfs) -> None:
-    """libvirt creates it at first start; varsd binds the domain once and then has nothing to do."""
+@pytest.mark.parametrize("path", ["/srv/vms/fedora40/VARS.fd", "/etc/fedora40_VARS.fd"])
+def test_missing_varstore_outside_nvram_dir_is_never_provisioned(catalogs, hostfs, path) -> None:
+    """#12 defect 15: no file, no template= (what makes libvirt create it there), a warning."""
     xml = (CASES_DIR / "virt-manager-split-unstarted" / "input.xml").read_text().replace(
-        f"{NV}/fedora40_VARS.fd", "/srv/vms/fedora40/VARS.fd")
+        f"{NV}/fedora40_VARS.fd", path)
     plan = plan_repair(_facts(hostfs, xml, live=None), catalogs["4m"], NV, NOW)
-    assert [type(a) for a in plan.actions] == [Redefine]
-    again = plan_repair(_facts(hostfs, plan.actions[0].xml, live=None), catalogs["4m"], NV, NOW)
-    assert (again.status, again.actions) == (Status.OK, ())
+    assert (plan.status, plan.actions) == (Status.OK, ())
+    assert plan.detail.startswith(f"warning: varstore {path} does not exist yet and is outside nvram_dir")
 
 
 def test_a_json_varstore_domain_is_reported_with_its_file_and_never_rewritten(catalogs, hostfs) -> None:

@@ -81,3 +81,57 @@ def test_a_pin_on_a_unified_domain_never_repoints_its_loader(catalog, tmp_path) 
         "<varsd:pin sha256='" + "ab" * 32 + "' by='admin'/></varsd:firmware></metadata>"))
     p = plan(xml, catalog, str(tmp_path))
     assert (p.config, p.status, p.actions) == (FirmwareConfig.UNIFIED, Status.ERROR, ())
+
+
+@pytest.mark.parametrize("content", ["seabios", "random"])
+def test_writable_pflash_holding_no_ovmf_is_left_alone(catalog, tmp_path, content) -> None:
+    """#12 defect 2: SeaBIOS or random bytes as the only writable pflash is not code-only
+    OVMF; repointing it to OVMF_CODE_4M.fd would change the guest's firmware family."""
+    image = tmp_path / "flash.bin"
+    if content == "seabios":
+        shutil.copyfile("/usr/share/seabios/bios-256k.bin", image)
+    else:
+        image.write_bytes(bytes(range(256)) * 1024)
+    p = plan(domain(f"<loader readonly='no' type='pflash'>{image}</loader>", machine="pc-i440fx-7.2"),
+             catalog, str(tmp_path))
+    assert (p.config, p.status, p.actions) == (FirmwareConfig.NONE, Status.UNMANAGED, ())
+    assert f"{image} is not OVMF" in p.detail
+
+
+def test_oversized_varstore_is_called_oversized_not_shared(catalog, tmp_path) -> None:
+    """#12 defect 16: the template plus 100000 junk bytes, used by nobody else."""
+    nvram = tmp_path / "edge_VARS.fd"
+    nvram.write_bytes(open("/usr/share/OVMF/OVMF_VARS_4M.fd", "rb").read() + b"\x00" * 100000)
+    p = plan(domain("<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>"
+                    f"<nvram>{nvram}</nvram>"), catalog, str(tmp_path))
+    assert "oversized" in p.detail and "640672 bytes, 100000 more" in p.detail
+    assert "shared" not in p.detail
+
+
+def test_manage_maybe_is_reported_as_written(catalog, tmp_path) -> None:
+    """#12 defect 16: an unknown manage= value opts out (safe) and is named, not called 'no'."""
+    xml = domain(f"<loader type='rom'>{'/usr/share/ovmf/OVMF.fd'}</loader>", extra=(
+        "<metadata><varsd:firmware xmlns:varsd='https://varsd.org/xmlns/firmware/1' manage='maybe'/></metadata>"))
+    p = plan(xml, catalog, str(tmp_path))
+    assert (p.status, p.actions) == (Status.UNMANAGED, ())
+    assert "manage='maybe' is neither 'yes' nor 'no'" in p.detail and "manage='no')" not in p.detail
+
+
+@pytest.mark.parametrize("machine", ["pc-q35-7.2", "pc-i440fx-7.2"])
+def test_a_pin_in_the_metadata_is_checked_for_fit(catalog, tmp_path, machine) -> None:
+    """#12 defect 6: a plain non-SMM domain pinned (hand edit, XML from another host) to the
+    Secure Boot build is not planned onto SMM-requiring code."""
+    from varsd.adapters import fsio
+
+    nvram = tmp_path / "edge_VARS.fd"
+    shutil.copyfile("/usr/share/OVMF/OVMF_VARS_4M.fd", nvram)
+    plain = fsio.sha256_file("/usr/share/OVMF/OVMF_CODE_4M.fd")
+    secure = fsio.sha256_file("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
+    xml = domain("<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>"
+                 f"<nvram>{nvram}</nvram>", machine=machine, extra=(
+                     "<metadata><varsd:firmware xmlns:varsd='https://varsd.org/xmlns/firmware/1'>"
+                     f"<varsd:build code='/usr/share/OVMF/OVMF_CODE_4M.fd' sha256='{plain}'/>"
+                     f"<varsd:pin sha256='{secure}' by='admin'/></varsd:firmware></metadata>"))
+    p = plan(xml, catalog, str(tmp_path))
+    assert (p.status, p.actions) == (Status.ERROR, ()), p.detail
+    assert "needs SMM" in p.detail and "varsctl unpin edge" in p.detail

@@ -20,13 +20,14 @@ import secrets
 import stat
 import time
 
-from varsd.errors import ProvisionError, VarsdError
+from varsd.errors import ProvisionError, StateDirError, VarsdError
 
 TEMP_MARKER = ".varsd-tmp."
 """Temp files are `.<name>.varsd-tmp.<random>`: hidden, and recognisably ours."""
 
-DEFAULT_MAX_READ = 256 * 1024 * 1024
-"""Largest file `read_file` accepts: firmware images are a few MiB (AAVMF: 64 MiB)."""
+DEFAULT_MAX_READ = 64 * 1024 * 1024
+"""Largest file `read_file` accepts, and the largest firmware file or varstore varsd looks
+at: x86 images are a few MiB, the largest any distro ships (AAVMF/QEMU_EFI pflash) 64 MiB."""
 
 _REASONS = {
     errno.ENOSPC: "no space left on device",
@@ -60,6 +61,22 @@ def describe_oserror(exc: OSError) -> str:
     return _REASONS.get(exc.errno or 0) or exc.strerror or str(exc)
 
 
+def state_dir_error(path: str, exc: OSError, what: str) -> StateDirError:
+    """The one message for a state directory varsd cannot use: what is wrong, what to do."""
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        why = f"{path} is not a directory (a file is in the way); move it away (varsd recreates the directory)"
+    elif exc.errno == errno.EROFS:
+        why = f"{path} is on a read-only file system; make it writable"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        why = f"{path}: permission denied; run varsd and varsctl as root, or fix the directory's owner and mode"
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = f"{path}: {describe_oserror(exc)}; free space there"
+    else:
+        why = f"{path}: {describe_oserror(exc)}"
+    return StateDirError(f"cannot use the varsd {what}: {why}, or set state_dir in the config to a directory "
+                         "varsd may write")
+
+
 def sha256_bytes(data: bytes) -> str:
     """Hex sha256 of `data`."""
     return hashlib.sha256(data).hexdigest()
@@ -81,6 +98,44 @@ def sha256_file(path: str) -> str:
         return h.hexdigest()
     finally:
         os.close(fd)
+
+
+def sha256_split(path: str, split: int | None = None) -> tuple[str, str | None]:
+    """Hex sha256 of the whole regular file and, with `split`, of its bytes from `split` on,
+    streamed in one pass (a firmware image is never held in memory to digest it)."""
+    fd, _ = _open_regular(path, True)
+    whole = hashlib.sha256()
+    tail = hashlib.sha256() if split is not None else None
+    pos = 0
+    try:
+        while chunk := os.read(fd, 1 << 20):
+            whole.update(chunk)
+            if tail is not None and pos + len(chunk) > split:  # type: ignore[operator]
+                tail.update(chunk[max(0, split - pos):])  # type: ignore[operator]
+            pos += len(chunk)
+    except OSError as exc:
+        raise ReadError(f"{path}: cannot read: {describe_oserror(exc)}") from None
+    finally:
+        os.close(fd)
+    return whole.hexdigest(), tail.hexdigest() if tail is not None and pos > split else None  # type: ignore[operator]
+
+
+def read_head(path: str, length: int, *, max_size: int = DEFAULT_MAX_READ) -> bytes:
+    """Up to the first `length` bytes of the regular file `path` (following symlinks);
+    ReadError for a file over `max_size`, refused before anything is read."""
+    fd, st = _open_regular(path, True)
+    try:
+        if st.st_size > max_size:
+            raise ReadError(too_big(path, st.st_size, max_size))
+        return _read_upto(fd, path, length)
+    finally:
+        os.close(fd)
+
+
+def too_big(path: str, size: int, max_size: int = DEFAULT_MAX_READ) -> str:
+    """The one message for a file larger than any firmware file or varstore."""
+    return (f"{path}: file is {size} bytes, more than the {max_size} any firmware file or varstore is; "
+            "not read")
 
 
 def _open_regular(path: str, follow_symlinks: bool) -> tuple[int, os.stat_result]:
@@ -141,7 +196,7 @@ def read_file(path: str, *, follow_symlinks: bool = True, max_size: int = DEFAUL
     fd, st = _open_regular(path, follow_symlinks)
     try:
         if st.st_size > max_size:
-            raise ReadError(f"{path}: file is {st.st_size} bytes, more than the {max_size} a firmware file can be")
+            raise ReadError(too_big(path, st.st_size, max_size))
         data = _read_upto(fd, path, max_size + 1)
     finally:
         os.close(fd)

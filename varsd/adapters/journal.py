@@ -19,10 +19,12 @@ import os
 import re
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from varsd.errors import VarsdError
+from varsd.adapters import fsio
+from varsd.errors import StateDirError, VarsdError
 from varsd.model.firmware import VarstoreLayout
 from varsd.model.journal import MIGRATION_REASON, ChangeKind
 
@@ -171,70 +173,115 @@ def _layout_of(text: str | None) -> VarstoreLayout | None:
     return VarstoreLayout(size, start, end)
 
 
-def open_state_db(path: str, schema: str) -> sqlite3.Connection:
-    """The state database (0600, WAL, synchronous=FULL) with `schema` applied.
+_READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
-    One file holds the journal and the backup index (`varsd.adapters.backup_index`);
-    each opens its own connection through here."""
+
+def _disk_full(directory: str) -> bool:
     try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        # Create it 0600 first, but never open and close an *existing* database file here:
-        # closing any fd of a file drops every POSIX lock this process holds on it, and a
-        # process with another connection open (journal and backup index) would lose the
-        # locks SQLite's WAL mode relies on; another process closing then deletes the WAL
-        # under it and its writes vanish.
-        if not os.path.lexists(path):
-            try:
-                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
-            except FileExistsError:
-                pass
-        if os.path.islink(path):
-            raise OSError(errno.ELOOP, "is a symbolic link", path)
-        db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")  # a journaled old XML survives a power cut
-        db.executescript(schema)
-    except (OSError, sqlite3.Error) as exc:
-        raise VarsdError(f"{path}: cannot open the varsd journal: {exc}") from None
-    return db
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
+
+
+def _connect_read_only(path: str) -> sqlite3.Connection:
+    """A read-only connection: `mode=ro` (sees a live writer's WAL), else `immutable=1` for a
+    file system that cannot take the -shm file (a read-only mount)."""
+    quoted = urllib.parse.quote(path)
+    for uri in (f"file:{quoted}?mode=ro", f"file:{quoted}?mode=ro&immutable=1"):
+        db = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return db
+        except sqlite3.Error:
+            db.close()  # nothing left open on the file system (it may be unmounted next)
+            if "immutable" in uri:
+                raise
+    raise AssertionError("unreachable")
 
 
 _CREATE_TABLE = re.compile(r"(CREATE TABLE IF NOT EXISTS (\w+) \(.*?\);)", re.S)
 
 
-def open_state_db_read_only(path: str, schema: str) -> sqlite3.Connection:
-    """An existing state database read-only, never creating anything (status, journal and
-    firmware list/history, so an admin who may read the file need not be able to write it);
-    a missing one reads as empty."""
-    try:
-        if os.path.exists(path):
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, isolation_level=None,
-                                 check_same_thread=False)
-            have = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()}
-            # Tables an older varsd (or one that never backed anything up) did not create read
-            # as empty: temporary tables, only where the file has none (a temp table would
-            # shadow the real one).
-            for stmt in _CREATE_TABLE.findall(schema):
-                if stmt[1] not in have:
-                    db.execute(stmt[0].replace("CREATE TABLE", "CREATE TEMP TABLE", 1))
-        else:
-            db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-            db.executescript(schema)
-    except sqlite3.Error as exc:
-        raise VarsdError(f"{path}: cannot open the varsd journal read-only: {exc}") from None
-    return db
-
-
 class StateDB:
-    """One connection to the state database, shared by worker threads."""
+    """One connection to the state database (0600, WAL, synchronous=FULL), shared by worker
+    threads. One file holds the journal and the backup index (`varsd.adapters.backup_index`);
+    each opens its own connection through here.
+
+    Reading commands open it `read_only` (never creating or writing anything; a missing
+    database reads as empty, and tables an older varsd did not create read as empty). A state
+    dir that cannot be written (read-only mount, wrong owner) still serves them, and a writing
+    open falls back to reading too: every write then raises StateDirError saying why."""
 
     SCHEMA = ""
 
     def __init__(self, path: str, *, read_only: bool = False) -> None:
-        """Open (creating it if need be) the state database; `read_only`: see open_state_db_read_only."""
         self.path = path
-        self._db = open_state_db_read_only(path, self.SCHEMA) if read_only else open_state_db(path, self.SCHEMA)
+        self.read_only = False
         self._lock = threading.RLock()  # one connection, several worker threads; `batch` nests
+        state = os.path.dirname(path)
+        if read_only:
+            if os.path.lexists(state) and not os.path.isdir(state):
+                raise fsio.state_dir_error(state, OSError(errno.ENOTDIR, "not a directory"), "state directory")
+            self._why_read_only = StateDirError(f"{path}: the varsd journal was opened read-only")
+            self._open_read_only()
+            return
+        try:
+            os.makedirs(state, mode=0o700, exist_ok=True)
+            # Create it 0600 first, but never open and close an *existing* database file here:
+            # closing any fd of a file drops every POSIX lock this process holds on it, and a
+            # process with another connection open (journal and backup index) would lose the
+            # locks SQLite's WAL mode relies on; another process closing then deletes the WAL
+            # under it and its writes vanish.
+            if not os.path.lexists(path):
+                try:
+                    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+                except FileExistsError:
+                    pass
+            if os.path.islink(path) or os.path.isdir(path):
+                raise OSError(errno.ELOOP, "not a plain file", path)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EISDIR):
+                raise StateDirError(f"{path}: the varsd journal is not a plain file (a symbolic link or "
+                                    "directory is in its place); move it away, varsd starts a new one") from None
+            if exc.errno not in _READ_ONLY_ERRNOS or not os.path.isdir(state):
+                raise fsio.state_dir_error(state, exc, "state directory") from None
+            self._why_read_only = fsio.state_dir_error(state, exc, "state directory")
+            self._open_read_only()
+            return
+        db = None
+        try:
+            db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # a journaled old XML survives a power cut
+            db.executescript(self.SCHEMA)
+            self._db = db
+        except sqlite3.Error as exc:
+            if db is not None:
+                db.close()  # no file left open on the state dir's file system
+            if _disk_full(state):  # SQLite says "disk I/O error" when it cannot grow its -wal/-shm files
+                raise fsio.state_dir_error(state, OSError(errno.ENOSPC, "full"), "state directory") from None
+            raise StateDirError(f"{path}: cannot open the varsd journal ({exc}); if it is damaged, move it "
+                                "away (varsd starts a new one)") from None
+
+    def _open_read_only(self) -> None:
+        self.read_only = True
+        try:
+            if os.path.isfile(self.path):
+                self._db = _connect_read_only(self.path)
+                have = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                # Tables an older varsd (or one that never backed anything up) did not create
+                # read as empty: temporary tables, only where the file has none (a temp table
+                # would shadow the real one).
+                for stmt, table in _CREATE_TABLE.findall(self.SCHEMA):
+                    if table not in have:
+                        self._db.execute(stmt.replace("CREATE TABLE", "CREATE TEMP TABLE", 1))
+            else:  # nothing journaled yet: an empty database to read
+                self._db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+                self._db.executescript(self.SCHEMA)
+        except sqlite3.Error as exc:
+            raise StateDirError(f"{self.path}: cannot read the varsd journal ({exc}); if it is damaged, move it "
+                                "away (varsd starts a new one)") from None
 
     def close(self) -> None:
         self._db.close()
@@ -244,6 +291,8 @@ class StateDB:
         """Serialise use of the one connection; sqlite3 errors (disk full, I/O error,
         locked too long) become VarsdError naming the file, which callers handle."""
         with self._lock:
+            if self.read_only and what != "read":
+                raise self._why_read_only
             try:
                 yield
             except sqlite3.Error as exc:
@@ -267,20 +316,24 @@ def _change(row: tuple) -> Change:
 
 
 class Journal(StateDB):
+    """The journal of XML changes (plus firmware history, archived builds, domain records and
+    the Secure Boot update queue), on the shared state database."""
+
     SCHEMA = _SCHEMA + _SECUREBOOT_SCHEMA
 
     def __init__(self, path: str, *, read_only: bool = False) -> None:
-        """Open (creating it if need be) the journal; `read_only`: see open_state_db_read_only."""
+        """Open (creating it if need be) the journal; `read_only`: see StateDB."""
         super().__init__(path, read_only=read_only)
         try:
-            if read_only:
+            if self.read_only:
                 self._kind_column = self._has_kind()
             else:
                 if not self._has_kind():
                     self._add_kind()
                 self._kind_column = True
         except sqlite3.Error as exc:
-            raise VarsdError(f"{path}: cannot open the varsd journal: {exc}") from None
+            raise StateDirError(f"{path}: cannot open the varsd journal ({exc}); if it is damaged, move it "
+                                "away (varsd starts a new one)") from None
 
     def _has_kind(self) -> bool:
         return any(row[1] == "kind" for row in self._db.execute("PRAGMA table_info(xml_changes)"))
@@ -370,6 +423,13 @@ class Journal(StateDB):
         q += " ORDER BY id DESC LIMIT ?"
         with self._sql("read"):
             return [_change(row) for row in self._db.execute(q, args + (limit,)).fetchall()]
+
+    def pending(self, uuid: str) -> list[Change]:
+        """Entries of `uuid` whose define never reported back (the actor died mid-define)."""
+        q = (f"SELECT id, at, uuid, name, actor, reason, old_xml, new_xml, outcome, {self._kind_sql()} "
+             "FROM xml_changes WHERE uuid=? AND outcome='pending' ORDER BY id")
+        with self._sql("read"):
+            return [_change(row) for row in self._db.execute(q, (uuid,)).fetchall()]
 
     def change(self, change_id: int) -> Change | None:
         with self._sql("read"):

@@ -279,14 +279,29 @@ def layout_of_bytes(data: bytes, name: str) -> VarstoreLayout:
     return _parse(data, name).layout
 
 
+_HEAD = 1 << 20  # where a varstore's NvData volume header must start (OVMF, AAVMF: at 0)
+
+
 def read_layout(path: str) -> VarstoreLayout:
     """Layout of the varstore at the start of `path` (a varstore or unified image).
 
     For a unified image, `size` is the varstore part only: the end of the NvData
     firmware volume that holds the variables (in OVMF its length covers variables,
     FTW working block and spare: 0x20000 for 2 MiB builds, 0x84000 for 4 MiB ones).
+    Only the volume is read (found in the first MiB, then read to its end): a 200 MB
+    file costs what its varstore does, and a file larger than any firmware file is
+    refused before anything is read.
     """
-    return layout_of_bytes(_read(path, None), path)
+    try:
+        head = fsio.read_head(path, _HEAD)
+        offset = _find_nvdata(head)
+        if offset is not None and offset + 40 <= len(head):
+            (vlen,) = struct.unpack_from("<Q", head, offset + 32)
+            if offset + vlen > len(head):
+                head = fsio.read_head(path, min(offset + vlen, fsio.DEFAULT_MAX_READ))
+    except fsio.ReadError as exc:
+        raise VarstoreError(str(exc)) from None
+    return layout_of_bytes(head, path)
 
 
 def variables_of_bytes(data: bytes, name: str) -> dict[str, EfiVariable]:

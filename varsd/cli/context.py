@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
+from collections.abc import Callable, Sequence
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
-from varsd.cli.output import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE
+from varsd.cli.output import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, error
 from varsd.config import Config, qemu_owner
 from varsd.engine.reconciler import Reconciler
 from varsd.firmware.catalog import load_configured
 from varsd.model.domain import DomainRef
 
 __all__ = ["EXIT_ATTENTION", "EXIT_OK", "EXIT_USAGE", "Context"]
+
+SQLITE_MAX_INT = 2**63 - 1  # journal ids are SQLite integers
+MAX_LIMIT = 1_000_000
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high`, or a usage error (exit 2)
+    instead of an OverflowError deep in SQLite."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range ({low} to {high})")
+        return value
+
+    parse.__name__ = "number"
+    return parse
 
 
 class Context:
@@ -38,7 +59,8 @@ class Context:
 
     def reconciler(self) -> Reconciler:
         catalog = load_configured(self.cfg)
-        return Reconciler(self.cfg, self.hv, catalog, self.journal, qemu_owner(self.cfg), actor="varsctl")
+        return Reconciler(self.cfg, self.hv, catalog, self.journal, qemu_owner(self.cfg), actor="varsctl",
+                          on_wait=error)  # "varsctl: waiting for pid N (what it does, for S s)"
 
     def secureboot(self):
         """The Secure Boot audit/rollout engine over this context's libvirt, catalog and journal."""

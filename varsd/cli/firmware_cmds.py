@@ -20,7 +20,7 @@ import re
 import sys
 from dataclasses import replace
 
-from varsd.cli.context import Context
+from varsd.cli.context import MAX_LIMIT, Context, bounded_int
 from varsd.cli.output import (
     ATTENTION,
     EXIT_ATTENTION,
@@ -211,7 +211,7 @@ def _check_fit(rec: Reconciler, ctx: Context, facts: DomainFacts, sha: str, forc
 def cmd_pin(ctx: Context, args: argparse.Namespace) -> int:
     rec = ctx.reconciler()
     ref = ctx.hv.lookup(args.domain)
-    with rec.writer.transaction(ref) as tx:
+    with rec.writer.transaction(ref, "pinning") as tx:
         xml = tx.xml
         facts, plan = rec.plan_xml(ref, xml)
         _managed(ref, facts, plan)
@@ -239,7 +239,7 @@ def cmd_pin(ctx: Context, args: argparse.Namespace) -> int:
 def cmd_unpin(ctx: Context, args: argparse.Namespace) -> int:
     rec = ctx.reconciler()
     ref = ctx.hv.lookup(args.domain)
-    with rec.writer.transaction(ref) as tx:
+    with rec.writer.transaction(ref, "unpinning") as tx:
         xml = tx.xml
         md = parse_domain(xml).metadata
         kind = md.pin_kind
@@ -263,7 +263,7 @@ def cmd_unpin(ctx: Context, args: argparse.Namespace) -> int:
 
 def _approve_one(rec: Reconciler, ctx: Context, ref, named: bool, out: Report) -> Outcome | None:
     """Let a held-back build through to one domain; None when there is nothing to approve."""
-    with rec.writer.transaction(ref) as tx:
+    with rec.writer.transaction(ref, "approving an upgrade of") as tx:
         xml = tx.xml
         facts, _ = rec.plan_xml(ref, xml)
         fw = facts.firmware
@@ -360,7 +360,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json(ls)
     ls.set_defaults(func=cmd_list, read_only=True)
     h = fsub.add_parser("history", help="when each watched code image appeared, changed or was removed")
-    h.add_argument("--limit", type=int, default=50, help="at most this many events, newest first (default 50)")
+    h.add_argument("--limit", type=bounded_int(1, MAX_LIMIT), default=50,
+                   help="at most this many events, newest first (default 50)")
     add_json(h)
     h.set_defaults(func=cmd_history, read_only=True)
 

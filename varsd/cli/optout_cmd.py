@@ -21,7 +21,7 @@ def _set(ctx: Context, names: list[str], opt_out: bool, as_json: bool) -> int:
     out = Report("results", as_json)
     for name in names:
         ref = ctx.hv.lookup(name)
-        with rec.writer.transaction(ref) as tx:
+        with rec.writer.transaction(ref, "opting out/in") as tx:
             md = parse_domain(tx.xml).metadata
             if md.opt_out == opt_out:
                 out.line(f"{ref.name}: already {'opted out' if opt_out else 'managed'}", domain=ref.name,

@@ -11,10 +11,11 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 from varsd import __version__
 from varsd.adapters.libvirt_api import NoSuchDomain
-from varsd.cli.context import Context
+from varsd.cli.context import MAX_LIMIT, SQLITE_MAX_INT, Context, bounded_int
 from varsd.cli.output import (
     EXIT_ATTENTION,
     EXIT_OK,
@@ -27,6 +28,7 @@ from varsd.cli.output import (
     outcome_table,
 )
 from varsd.config import load_config
+from varsd.domain.xml import parse_domain, set_metadata
 from varsd.engine.backups import backup_status, domain_targets, open_store
 from varsd.errors import ConfigError, HypervisorError, VarsdError
 from varsd.model.domain import Status
@@ -93,7 +95,7 @@ def cmd_undo(ctx: Context, args: argparse.Namespace) -> int:
     # The one write transaction (the domain's lock, a fresh read, an archived loader
     # verified): a daemon acting on it at this moment must not overwrite the restored
     # definition, nor we its repair.
-    with rec.writer.transaction(ref) as tx:
+    with rec.writer.transaction(ref, "undoing a change of") as tx:
         if tx.xml != change.new_xml and not args.force:
             error(f"domain '{ref.name}' changed after journal #{change.id} (a later repair or an "
                   "admin's edit); undoing would discard that. See 'varsctl journal', or use --force")
@@ -108,8 +110,22 @@ def cmd_undo(ctx: Context, args: argparse.Namespace) -> int:
                   "old code with a varstore of another layout loses every variable change. Copy the migration's "
                   "backup back over the varstore first (see 'varsctl migrate' in the README), then use --force")
             return EXIT_ATTENTION
-        tx.write(change.old_xml, f"undo of journal #{change.id}")
-    text = f"{ref.name}: restored the definition from before journal #{change.id}"
+        restored = change.old_xml
+        if args.opt_out:
+            restored = set_metadata(restored, replace(parse_domain(restored).metadata, opt_out=True))
+        else:
+            _, again = rec.plan_xml(ref, restored)
+            if again.actions and not args.force:
+                # The daemon would redo the change within seconds: an undo that silently does not last.
+                error(f"domain '{ref.name}': the definition from before journal #{change.id} is what varsd "
+                      f"repairs ({again.detail}); the daemon would change it again at its next look. Nothing was "
+                      f"changed. To restore it and keep it: 'varsctl undo {change.id} --opt-out' (varsd then "
+                      f"leaves the domain alone until 'varsctl opt-in {ref.name}'); to restore it only until the "
+                      "next repair: --force")
+                return EXIT_ATTENTION
+        tx.write(restored, f"undo of journal #{change.id}" + (", domain opted out" if args.opt_out else ""))
+    text = f"{ref.name}: restored the definition from before journal #{change.id}" + (
+        "; opted out, so varsd leaves it alone (varsctl opt-in to manage it again)" if args.opt_out else "")
     if args.json:
         emit_json({"result": {"domain": ref.name, "uuid": ref.uuid, "undone": change.id, "message": text}})
     else:
@@ -153,13 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     j = sub.add_parser("journal", help="list journaled domain XML changes")
     j.add_argument("domain", nargs="?", metavar="DOMAIN", help="only this domain's changes (name or UUID)")
-    j.add_argument("--limit", type=int, default=50, help="at most this many, newest first (default 50)")
+    j.add_argument("--limit", type=bounded_int(1, MAX_LIMIT), default=50,
+                   help="at most this many, newest first (default 50)")
     add_json(j)
     j.set_defaults(func=cmd_journal, read_only=True)
 
     u = sub.add_parser("undo", help="restore the XML a journaled change replaced")
-    u.add_argument("change", type=int, metavar="ID", help="the journal entry's number (see 'varsctl journal')")
-    u.add_argument("--force", action="store_true", help="undo even if the domain changed since")
+    u.add_argument("change", type=bounded_int(1, SQLITE_MAX_INT), metavar="ID",
+                   help="the journal entry's number (see 'varsctl journal')")
+    u.add_argument("--force", action="store_true",
+                   help="undo even if the domain changed since, or if varsd will repair it again")
+    u.add_argument("--opt-out", action="store_true",
+                   help="also opt the domain out, so the restored definition lasts (varsctl opt-in undoes that)")
     add_json(u)
     u.set_defaults(func=cmd_undo)
 

@@ -54,13 +54,13 @@ from varsd.engine.lifecycle import Lifecycle
 from varsd.engine.metrics import Exporter, take_snapshot
 from varsd.engine.reconciler import Reconciler
 from varsd.engine.secureboot import SecureBoot, for_reconciler
-from varsd.errors import HypervisorError, VarsdError
+from varsd.errors import HypervisorError, LockBusy, StateDirError, VarsdError
 from varsd.firmware.archive import Archive
 from varsd.firmware.catalog import load_configured
 from varsd.messages import about_domain, for_row
 from varsd.model.backup import BackupReason
 from varsd.model.domain import Status
-from varsd.retry import SETTINGS, Action, Backoff, RetrySettings, decide
+from varsd.retry import SETTINGS, Action, Backoff, Purpose, RetrySettings, decide
 
 log = logging.getLogger("varsd")
 
@@ -127,6 +127,7 @@ class Service:
         self._secureboot: tuple[Reconciler, SecureBoot] | None = None
         listen = parse_listen(cfg.metrics_listen) if cfg.metrics_listen else None
         self.exporter = Exporter(cfg.metrics_textfile, listen) if cfg.metrics_textfile or listen else None
+        self._busy: dict[str, int] = {}  # domain -> consecutive looks that found its lock held
 
     # -- public control ------------------------------------------------------------
 
@@ -277,7 +278,7 @@ class Service:
 
     def _new_reconciler(self, hv: Hypervisor, cfg: Config, catalog) -> Reconciler:
         return Reconciler(cfg, hv, catalog, self.journal, self.owner, actor="varsd", clock=self.clock,
-                          inspector=self.inspector, archive=self.archive)
+                          inspector=self.inspector, archive=self.archive, lock_wait=self.retry.lock_wait)
 
     def _reload_in_background(self) -> None:
         try:
@@ -451,6 +452,14 @@ class Service:
                 self._errors_since.pop(ref.uuid, None)
             with self._count_lock:
                 self.handled += 1
+            if outcome.busy:
+                # varsctl (or a frozen actor) holds the domain: a retry, not an error (varsd.retry)
+                n = self._busy.get(key, 0)
+                self._busy[key] = n + 1
+                self.queue.put_later(key, decide(LockBusy(outcome.detail), attempt=n, purpose=Purpose.LOCK,
+                                                 settings=self.retry).delay)
+                return
+            self._busy.pop(key, None)
             if outcome.retry:
                 delay = self._retry_delay(key)
                 log.warning("domain '%s': will look again in %.0f s", ref.name, delay)
@@ -471,6 +480,11 @@ class Service:
                 log.warning("%s; will look again", about_domain(self._names.get(key, key), exc, key))
             else:
                 log.error("%s", about_domain(self._names.get(key, key), exc, key))
+        except StateDirError as exc:
+            # state_dir became unusable under us (remounted read-only, full): not this domain's
+            # fault; said once per look, and the domain is looked at again later.
+            log.error("%s", about_domain(self._names.get(key, key), f"not handled: {exc}", key))
+            self.queue.put_later(key, self._retry_delay(key))
         finally:
             # Whatever happened, this domain no longer holds READY back.
             self.first_pass_pending.discard(key)

@@ -17,7 +17,8 @@ Rules, first match wins:
    paths rule, so such a domain is classified by them like any other.
 5. pflash with `<nvram>`: split. A read-only pflash without one is split too: libvirt
    fills in `<nvram>` when it defines the domain.
-6. A single writable pflash: unified when the image begins with a varstore, else
+6. A single writable pflash: unified when the image begins with a varstore, none when
+   the image is readable and not OVMF (SeaBIOS or a custom build as pflash), else
    code-only (the varstore range is backed by nothing persistent). A missing or
    unreadable image is classified code-only; the planner must not act on that guess.
 """
@@ -66,6 +67,11 @@ def classify(fw: DomainFirmware, loader: FileFacts | None, catalog: Catalog) -> 
         return FirmwareConfig.SPLIT
     if loader is not None and loader.varstore_layout is not None:
         return FirmwareConfig.UNIFIED
+    readable = loader is not None and loader.exists and not loader.error
+    if readable and not looks_like_ovmf(loader, fw.loader_path, catalog):
+        # SeaBIOS's bios-256k.bin or a custom image as writable pflash: not OVMF, so
+        # "completing" it with OVMF code would change the guest's firmware family.
+        return FirmwareConfig.NONE
     return FirmwareConfig.CODE_ONLY
 
 

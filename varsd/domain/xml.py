@@ -138,6 +138,7 @@ def parse_metadata(el: etree._Element | None) -> VarsdMetadata:
 
     return VarsdMetadata(
         opt_out=_yesno(el.get("manage")) is False,
+        manage=el.get("manage"),
         build_code_path=attr("build", "code"),
         build_code_sha256=attr("build", "sha256"),
         template_path=attr("varstore", "template"),

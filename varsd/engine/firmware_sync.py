@@ -52,7 +52,6 @@ from varsd.model.firmware import Catalog
 log = logging.getLogger("varsd.firmware")
 
 EXIT_OK, EXIT_ATTENTION, EXIT_FAILED = Exit.OK, Exit.ATTENTION, Exit.USAGE  # README: exit codes
-LOCK_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -186,7 +185,7 @@ def refresh(
     inspector = inspector or FileInspector()
     problems = [p.message for p in catalog.problems]
     at = stamp(clock.now())
-    with host_lock(cfg.firmware_lock_path, timeout=LOCK_TIMEOUT):
+    with host_lock(cfg.firmware_lock_path, doing="firmware sync"):
         try:
             archive.prepare()
         except ArchiveError as exc:
@@ -322,7 +321,7 @@ def sync(
     archived, pruned = [], []
     at = stamp(clock.now())
     try:
-        with host_lock(cfg.firmware_lock_path, timeout=LOCK_TIMEOUT):
+        with host_lock(cfg.firmware_lock_path, doing="firmware sync"):
             for path, sha in sorted(images.items()):
                 try:
                     stored = archive.store_file(path, expect_sha256=sha)
@@ -366,7 +365,7 @@ def prune_daemon(
     now = _parse_at(at)
     if now is None:
         return []
-    with host_lock(rec.cfg.firmware_lock_path, timeout=LOCK_TIMEOUT):
+    with host_lock(rec.cfg.firmware_lock_path, doing="firmware sync"):
         journal.touch_archived(used, at)
         last_used = {s: t for s, b in journal.archived_builds().items() if (t := _parse_at(b.last_used))}
         pruned = rec.archive.prune(used, last_used, now, timedelta(days=rec.cfg.archive_retention_days))

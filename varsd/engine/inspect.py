@@ -8,7 +8,6 @@ over hundreds of compliant domains costs one stat per file, and a file that chan
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 from varsd.adapters import fsio, virtfw
@@ -38,22 +37,21 @@ class FileInspector:
         return self._cache.get((path, digest), stat_key(st), lambda: self._read(path, st.st_size, digest))
 
     def _read(self, path: str, size: int, digest: bool) -> FileFacts:
+        if size > fsio.DEFAULT_MAX_READ:  # no firmware file is this large: refused unread
+            return FileFacts(path=path, exists=True, size=size, error=fsio.too_big(path, size))
         try:
-            layout = virtfw.read_layout(path)
+            layout = virtfw.read_layout(path)  # reads the varstore volume only
             error = None
         except VarstoreError as exc:
             layout, error = None, str(exc)
         sha = trailing = None
         if digest:
             # fsio refuses anything but a regular file and never blocks in open(): a FIFO
-            # or /dev/zero at a loader path must not hang the daemon or exhaust memory.
+            # or /dev/zero at a loader path must not hang the daemon. Digests are streamed.
             try:
-                data = fsio.read_file(path)
+                sha, trailing = fsio.sha256_split(path, layout.size if layout is not None else None)
             except fsio.ReadError as exc:
                 return FileFacts(path=path, exists=True, size=size, error=str(exc))
-            sha = hashlib.sha256(data).hexdigest()
-            if layout is not None and layout.size < len(data):
-                trailing = hashlib.sha256(data[layout.size :]).hexdigest()
         return FileFacts(
             path=path,
             exists=True,

@@ -186,7 +186,7 @@ class Migrator:
 
     def migrate(self, ref: DomainRef, *, to: str | None = None) -> MigrationResult:
         """Migrate one shut-off domain (module steps), under its lock."""
-        with self.rec.writer.transaction(ref) as tx, \
+        with self.rec.writer.transaction(ref, "migrating") as tx, \
                 InHand(self.cfg.offline_dir, ref.uuid, op="migrate", wait=self.cfg.start_wait) as hand:
             now = self.clock.now()
             facts, old_bytes, old_vars = self._facts(ref)

@@ -4,15 +4,18 @@ One `Reconciler` serves `varsctl reconcile` and the daemon alike. For each domai
 re-reads the persistent (and live) XML from libvirt rather than trusting any event,
 gathers file facts, asks the pure planner, and executes the actions in order under
 the domain's lock, in the one write transaction (`engine.transaction`). Every XML
-change is journaled with the previous XML before libvirt sees it. A failure in one
-domain becomes that domain's `error` outcome; it never stops the pass.
+change is journaled with the previous XML before libvirt sees it, and whoever takes the
+lock first settles entries an actor killed mid-define left `pending`. A failure in one
+domain becomes that domain's `error` outcome (a busy lock, in the daemon, a retry); it
+never stops the pass. An unusable state dir is the host's problem, not the domain's: it
+is raised (exit 2).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from varsd.adapters.journal import Journal
@@ -25,7 +28,7 @@ from varsd.engine.inspect import FileInspector
 from varsd.engine.lock import host_lock
 from varsd.engine.provision import provision_varstore
 from varsd.engine.transaction import Transaction, Writer
-from varsd.errors import HypervisorError, VarsdError
+from varsd.errors import HypervisorError, LockBusy, StateDirError, VarsdError
 from varsd.firmware.archive import Archive, ArchiveError, ArchiveIndex
 from varsd.messages import about_domain
 from varsd.model.domain import DomainRef, FirmwareConfig, Status
@@ -47,6 +50,7 @@ class Outcome:
     unrepaired: bool = False  # a firmware repair was planned but not made (dry run, status)
     retry: bool = False  # a transient libvirt failure on this domain: worth another look later
     boot_unrecorded: bool = False  # running, and its live XML has no boot record (varsd was not watching)
+    busy: bool = False  # another actor held the domain's lock: a retry, not a failure
 
     @property
     def status(self) -> Status:
@@ -135,6 +139,8 @@ class Reconciler:
         clock: Clock = SYSTEM,
         inspector: FileInspector | None = None,
         archive: Archive | None = None,
+        lock_wait: float | None = None,
+        on_wait: Callable[[str], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.hv = hv
@@ -146,6 +152,9 @@ class Reconciler:
         self.inspector = inspector or FileInspector()
         self.archive = archive if archive is not None else Archive(cfg.archive_dir, state_dir=cfg.state_dir)
         self._memo: dict[str, _Memo] = {}
+        # None: wait as long as the holder of a domain's lock progresses (varsctl); a bound
+        # (the daemon) makes a busy domain a retry instead of a blocked worker.
+        self.lock_wait = lock_wait
         self._owners: dict[str, tuple[str, str]] = {}  # varstore path -> (uuid, name) whose own it is
         self._uses: dict[str, str | None] = {}  # uuid -> varstore path it names
         self._users: dict[str, set[str]] = {}  # varstore path -> uuids naming it (the inverse of _uses)
@@ -157,7 +166,7 @@ class Reconciler:
         self._archive_tried: dict[str, float] = {}  # sha -> monotonic time of a failed attempt
         self.retry = SETTINGS
         self.writer = Writer(hv, journal, self.archive, cfg.domain_lock_path, actor=actor, clock=clock,
-                             on_corrupt_archive=self._invalidate_archive)
+                             on_corrupt_archive=self._invalidate_archive, lock_wait=lock_wait, on_wait=on_wait)
 
     # -- upgrade context -----------------------------------------------------------
 
@@ -359,6 +368,17 @@ class Reconciler:
             if apply:
                 self.archive_build(outcome.plan.build)
             return outcome
+        except StateDirError:
+            raise  # the host's configuration, not this domain: the caller says so once (exit 2)
+        except LockBusy as exc:
+            if self.lock_wait is None:  # varsctl waited as long as the holder lived and progressed
+                outcome = _error(ref, exc)
+                log.error("%s", outcome.detail)
+                return outcome
+            # The daemon: another actor is on it (or its holder froze); the retry policy
+            # (Purpose.LOCK) says when to look again. Not an error.
+            log.info("domain '%s': %s; will look again", ref.name, exc)
+            return replace(_error(ref, exc, retry=True), busy=True)
         except HypervisorError as exc:
             action = decide(exc, alive=not exc.retryable or self.hv.is_alive(), settings=self.retry).action
             if action is Action.RECONNECT:

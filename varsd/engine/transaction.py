@@ -4,7 +4,9 @@ Reconcile, undo, opt-out/opt-in, pin/unpin, upgrade approve and migrate all chan
 domain's XML the same way, in one transaction (`Writer.transaction(ref)`):
 
 1. the domain's lock (`host_lock` on `<state_dir>/locks/<uuid>.lock`), so varsd and
-   varsctl never act on one domain at once;
+   varsctl never act on one domain at once; the holder records what it does for waiters
+   (`varsd.engine.lock`), and first settles journal entries an actor killed mid-define
+   left `pending`, against the definition libvirt actually has (issue 12);
 2. a fresh read of the persistent definition (`Transaction.xml`, read on first use),
    which the caller plans from;
 3. per write (`Transaction.write`): refusal (`StaleDefinition`) when the definition is
@@ -39,6 +41,18 @@ from varsd.model.journal import ChangeKind
 log = logging.getLogger("varsd.reconcile")
 
 
+def settle_outcome(old_xml: str, new_xml: str, current: str) -> tuple[str, str | None]:
+    """How an interrupted define ended, judged by the definition libvirt has now (pure):
+    the new firmware is there -> applied (with libvirt's copy, for undo); the old one is
+    there -> not applied; else someone changed it since (undo then rightly asks)."""
+    now, new, old = parse_domain(current), parse_domain(new_xml), parse_domain(old_xml)
+    if current == new_xml or (now == new and new != old):
+        return "applied (settled after an interrupted define)", current
+    if current == old_xml or now == old:
+        return "failed: interrupted before libvirt stored it (settled)", None
+    return "interrupted: the definition changed since (settled)", None
+
+
 class StaleDefinition(VarsdError):
     """The domain was redefined by someone else between our read and our write."""
 
@@ -49,6 +63,7 @@ class Writer:
     def __init__(
         self, hv: Hypervisor, journal: Journal, archive: Archive, lock_path: Callable[[str], str], *,
         actor: str, clock: Clock, on_corrupt_archive: Callable[[], None] = lambda: None,
+        lock_wait: float | None = None, on_wait: Callable[[str], None] | None = None,
     ) -> None:
         self.hv = hv
         self.journal = journal
@@ -57,12 +72,30 @@ class Writer:
         self.actor = actor
         self.clock = clock
         self.on_corrupt_archive = on_corrupt_archive
+        self.lock_wait = lock_wait  # None: wait while the holder progresses (varsctl); the daemon bounds it
+        self.on_wait = on_wait
 
     @contextmanager
-    def transaction(self, ref: DomainRef) -> Iterator[Transaction]:
-        """The domain's lock and a fresh read of its persistent definition (module steps 1-2)."""
-        with host_lock(self.lock_path(ref.uuid)):
+    def transaction(self, ref: DomainRef, doing: str = "reconciling") -> Iterator[Transaction]:
+        """The domain's lock and a fresh read of its persistent definition (module steps 1-2);
+        `doing` is what waiters are told (e.g. "varsctl: pinning domain 'web'")."""
+        with host_lock(self.lock_path(ref.uuid), doing=f"{self.actor}: {doing} domain '{ref.name}'",
+                       max_wait=self.lock_wait, on_wait=self.on_wait):
+            self.settle_pending(ref)
             yield Transaction(self, ref)
+
+    def settle_pending(self, ref: DomainRef) -> None:
+        """Settle entries an interrupted define left `pending` (SIGTERM to varsctl, SIGKILL to
+        the daemon). Only under the domain's lock: whoever holds it is the only actor."""
+        pending = self.journal.pending(ref.uuid)
+        if not pending:
+            return
+        current = self.hv.persistent_xml(ref.uuid)
+        for change in pending:
+            outcome, stored = settle_outcome(change.old_xml, change.new_xml, current)
+            self.journal.settle(change.id, outcome, stored_xml=stored)
+            log.warning("domain '%s': journal #%d was interrupted mid-define; settled as %s", ref.name,
+                        change.id, outcome)
 
     def verify_archived_loader(self, ref: DomainRef, xml: str) -> None:
         """Verify-before-use: a definition about to boot an archived image gets it only if

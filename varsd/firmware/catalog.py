@@ -98,7 +98,9 @@ class _Reader:
         return self._layouts.get(key, key, read)
 
 
-def _split_parts(reader: _Reader, code: str, template: str) -> tuple[_Image, _Image, VarstoreLayout]:
+def _split_parts(
+    reader: _Reader, code: str, template: str, architectures: Sequence[str]
+) -> tuple[_Image, _Image, VarstoreLayout]:
     code_img = reader.image(code, "code image")
     tmpl_img = reader.image(template, "varstore template")
     layout = reader.layout(template, "varstore template")
@@ -108,13 +110,31 @@ def _split_parts(reader: _Reader, code: str, template: str) -> tuple[_Image, _Im
             f"varstore template {template} is {tmpl_img.size} bytes but its varstore is "
             f"{layout.size} bytes; a template must be a varstore file only"
         )
+    if any(a in X86_ARCHITECTURES for a in architectures) and not _is_flash_size(code_img.size + layout.size):
+        # OVMF's code finds its variables at 4 GiB minus the whole flash (varstore + code), so
+        # code and varstore of one build always add up to the build's flash size (1, 2 or 4 MiB).
+        raise _Skip(
+            f"code {code} ({code_img.size} bytes) and varstore template {template} ({layout.size} bytes) "
+            "are not one build's pair: they add up to no flash size (a 2 MiB varstore behind 4 MiB code "
+            "loses every variable change); fix the descriptor to name the template of the code's build"
+        )
     return code_img, tmpl_img, layout
+
+
+X86_ARCHITECTURES = frozenset({"x86_64", "i686"})
+
+
+def _is_flash_size(n: int) -> bool:
+    """A whole flash device: a power of two of at least 1 MiB."""
+    return n >= 1 << 20 and n & (n - 1) == 0
 
 
 def _descriptor_build(desc: Descriptor, reader: _Reader) -> Build:
     mode = desc.mode or MappingMode.SPLIT
     if mode is MappingMode.SPLIT and desc.template_path is not None:
-        code_img, tmpl_img, layout = _split_parts(reader, desc.executable_path, desc.template_path)
+        code_img, tmpl_img, layout = _split_parts(
+            reader, desc.executable_path, desc.template_path, [t.architecture for t in desc.targets]
+        )
         tmpl_sha: str | None = tmpl_img.sha256
     else:
         code_img, tmpl_sha, layout = reader.image(desc.executable_path, "code image"), None, None
@@ -138,7 +158,7 @@ def _descriptor_build(desc: Descriptor, reader: _Reader) -> Build:
 
 def _extra_build(index: int, extra: ExtraFirmware, reader: _Reader) -> Build:
     origin = f"config:extra_firmware[{index}]"
-    code_img, tmpl_img, layout = _split_parts(reader, extra.code, extra.template)
+    code_img, tmpl_img, layout = _split_parts(reader, extra.code, extra.template, [extra.architecture])
     return Build(
         origin=origin,
         code_path=extra.code,
@@ -158,14 +178,11 @@ def _extra_build(index: int, extra: ExtraFirmware, reader: _Reader) -> Build:
 
 
 def _read_descriptor(path: str) -> bytes:
+    # fsio refuses FIFOs and devices without blocking (one swapped in after the listing).
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_DESCRIPTOR_SIZE + 1)
-    except OSError as exc:
-        raise _Skip(f"cannot read descriptor: {exc.strerror}") from None
-    if len(data) > MAX_DESCRIPTOR_SIZE:
-        raise _Skip(f"descriptor is larger than {MAX_DESCRIPTOR_SIZE} bytes")
-    return data
+        return fsio.read_file(path, max_size=MAX_DESCRIPTOR_SIZE)
+    except fsio.ReadError as exc:
+        raise _Skip(f"cannot read descriptor: {str(exc).removeprefix(f'{path}: ')}") from None
 
 
 def _listing(directory: str) -> list[tuple[str, int]]:

@@ -100,6 +100,8 @@ def _file(mapping: Mapping[str, object], key: str, path: str) -> tuple[str, str]
         raise _fail(path, f"missing 'mapping.{key}'")
     obj = _object(mapping[key], path, f"'mapping.{key}'")
     filename = _str(obj, "filename", path, f"'mapping.{key}'")
+    if "\0" in filename:
+        raise _fail(path, f"'mapping.{key}.filename' contains a NUL byte, which no file name can hold")
     if not os.path.isabs(filename):
         raise _fail(path, f"'mapping.{key}.filename' must be an absolute path, got {filename!r}")
     return filename, _str(obj, "format", path, f"'mapping.{key}'")
@@ -131,6 +133,11 @@ def parse_descriptor(text: str | bytes, path: str) -> Descriptor:
         raise _fail(path, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except UnicodeDecodeError as exc:
         raise _fail(path, f"not valid UTF-8 text: {exc.reason}") from None
+    except RecursionError:
+        # e.g. '[' * 1000 + ']' * 1000: no real descriptor nests more than a few levels
+        raise _fail(path, "nested too deeply to be a firmware descriptor") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise _fail(path, f"not a usable JSON document: {exc}") from None
     doc = _object(doc, path, "the document")
 
     description = doc.get("description", "")
@@ -163,6 +170,8 @@ def parse_descriptor(text: str | bytes, path: str) -> Descriptor:
             template = _file(mapping, "nvram-template", path)
     else:
         exe_path = _str(mapping, "filename", path, "'mapping'")
+        if "\0" in exe_path:
+            raise _fail(path, "'mapping.filename' contains a NUL byte, which no file name can hold")
         exe_format = None
 
     features = _str_list(doc, "features", path, "the document")

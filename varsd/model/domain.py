@@ -75,6 +75,18 @@ class VarsdMetadata:
     pin_reason: str | None = None
     pinned_at: str | None = None
     booted_sha256: str | None = None  # live metadata: what this QEMU process runs
+    # The manage= value as written, for messages: anything but 'yes' opts out (the safe
+    # reading of a typo), and the admin is told which value it was.
+    manage: str | None = field(default=None, compare=False)
+
+    @property
+    def opt_out_reason(self) -> str:
+        """Why a domain is opted out, in the words of its own XML."""
+        value = (self.manage or "no").strip().lower()
+        if value in ("no", "off", "false", "0"):
+            return f"opted out (varsd metadata manage='{self.manage or 'no'}')"
+        return (f"opted out: varsd metadata manage='{self.manage}' is neither 'yes' nor 'no', so varsd leaves the "
+                "domain alone; write manage='no' to keep it so, or run 'varsctl opt-in' to manage it")
 
     @property
     def pin_kind(self) -> PinKind | None:

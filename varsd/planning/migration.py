@@ -291,8 +291,9 @@ def plan_migration(
 
     source = facts.source
     if source is None:
-        raise _refuse(fw, f"varstore {fw.nvram_path} does not exist yet (never started?): nothing to migrate; "
-                      "'varsctl reconcile' or libvirt creates it")
+        # Nothing to do is exit 0 (README), not a refusal.
+        raise NothingToMigrate(f"domain '{fw.name}': varstore {fw.nvram_path} does not exist yet (never "
+                               "started?): nothing to migrate; 'varsctl reconcile' or libvirt creates it")
     if source.symlink:
         raise _refuse(fw, f"varstore {source.path} is a symbolic link; varsd does not rewrite through links")
     if source.layout is None:

@@ -13,7 +13,10 @@ Rules, in order (early returns):
   varstore on a block device or network storage: left alone, reported `unmanaged`;
 - a `<varstore>` JSON store (libvirt 12.1+, QEMU's uefi-vars device) with its ROM loader:
   its own class, never rewritten into pflash, reported `ok` with the JSON file;
-- pinned (varsd metadata `<pin sha256 by>`): held on that build (`varsd.planning.upgrade`
+- pinned (varsd metadata `<pin sha256 by>`) to a build other than the one the domain is
+  bound to: that build must fit the domain (SMM, Secure Boot, layout), as `varsctl pin
+  --build` checks; otherwise `error`, untouched (a hand edit, or XML from another host);
+- pinned: held on that build (`varsd.planning.upgrade`
   decides whether the hold stays; an admin's always does). The loader is the pinned
   build's file: kept when it is, else the central path or the verified archived copy;
   reported `pinned` (`needs-migration` for an `incompatible` hold); no usable copy:
@@ -41,7 +44,9 @@ Rules, in order (early returns):
   variable kept, to a new private file and `<nvram>` repointed; while the domain runs
   this waits, as the guest may still write the shared file;
 - a Secure Boot build needs SMM, which needs a q35 machine: otherwise `error`, and the
-  XML is not touched.
+  XML is not touched;
+- a varstore outside `nvram_dir` is never provisioned there (no file, no `template=`,
+  which is what makes libvirt create it); it gets a warning in the detail.
 A running domain whose persistent firmware differs from what it booted (the code
 path, the varstore, or the digest of the code its QEMU process opened, from the boot
 record in its live XML) is reported `pending-cold-boot`: changes apply at its next
@@ -56,7 +61,7 @@ from dataclasses import dataclass, replace
 
 from varsd.domain.classify import classify, firmware_image_path
 from varsd.domain.xml import FirmwareEdit, apply_edit, nvram_storage, parse_domain, replace_loader_code, set_metadata
-from varsd.firmware.fit import Needs, machine_has_smm, why_not
+from varsd.firmware.fit import Needs, machine_has_smm, misfits, why_not
 from varsd.firmware.selection import explain_no_build, select_build
 from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig, Status, VarsdMetadata
 from varsd.model.firmware import Build, Catalog, MappingMode, VarstoreLayout
@@ -230,10 +235,14 @@ def plan_repair(
     if not facts.persistent:
         return _unmanaged(config, "transient domain: no persistent definition to repair", fw)
     if fw.metadata.opt_out:
-        return _unmanaged(config, "opted out (varsd metadata manage='no')", fw)
+        return _unmanaged(config, fw.metadata.opt_out_reason, fw)
     if facts.excluded:
         return _unmanaged(config, "excluded by the 'exclude' setting", fw)
     if config is FirmwareConfig.NONE:
+        image_path = firmware_image_path(fw)
+        if image_path:
+            return _unmanaged(config, f"firmware image {image_path} is not OVMF (SeaBIOS or a custom build): "
+                              "nothing to manage", fw)
         return _unmanaged(config, "no UEFI firmware (SeaBIOS): nothing to manage", fw)
     if config is FirmwareConfig.CONFIDENTIAL:
         return _unmanaged(
@@ -269,7 +278,7 @@ def plan_repair(
         return _finish(facts, _plan_new_varstore(facts, config, catalog, nvram_dir, now, secure))
     if config is FirmwareConfig.UNIFIED:
         return _finish(facts, _plan_unified(facts, catalog, nvram_dir, now, secure))
-    return _finish(facts, _plan_split(facts, catalog, nvram_dir, now, secure, upgrades))
+    return _outside_warning(_finish(facts, _plan_split(facts, catalog, nvram_dir, now, secure, upgrades)), nvram_dir)
 
 
 def _plan_host_varstore(fw: DomainFirmware) -> Plan:
@@ -285,6 +294,12 @@ def _plan_pinned(facts: DomainFacts, config: FirmwareConfig, catalog: Catalog, c
                  now: str) -> Plan:
     fw = facts.firmware
     layout = facts.nvram.varstore_layout if facts.nvram is not None and facts.nvram.exists else None
+    problem = _pin_misfit(facts, catalog, layout)
+    if problem:
+        pin = upgrade.short(fw.metadata.pinned_sha256 or "")
+        return Plan(config, Status.ERROR, f"pinned to build {pin} (varsd metadata), but {problem}; left "
+                    f"untouched: 'varsctl unpin {fw.name}', or 'varsctl pin {fw.name} --build SHA' with a build "
+                    "that fits", code=firmware_image_path(fw), varstore=fw.nvram_path)
     decision = upgrade.decide_pinned(fw, catalog, layout, upgrade.had_secure_boot(fw, catalog, ctx), ctx.policy)
     if isinstance(decision, Track):
         build = decision.build
@@ -293,6 +308,26 @@ def _plan_pinned(facts: DomainFacts, config: FirmwareConfig, catalog: Catalog, c
         return _finish(facts, Plan(config, Status.OK, decision.note, actions=(Redefine(xml, decision.note),),
                                    build=build, code=build.code_path, varstore=fw.nvram_path))
     return _plan_hold(facts, config, decision, catalog, ctx, now)
+
+
+def _pin_misfit(facts: DomainFacts, catalog: Catalog, layout: VarstoreLayout | None) -> str | None:
+    """Why the build a pin in the metadata names cannot boot this domain (None: it fits, or
+    the catalog does not know it). The pin may come from a hand edit or another host's XML,
+    so it gets the fit check (`varsd.firmware.fit`) `varsctl pin --build` makes; a hold
+    changes only the loader path, so the domain's SMM and Secure Boot stay what they are."""
+    fw = facts.firmware
+    sha = fw.metadata.pinned_sha256 or ""
+    if sha == fw.metadata.build_code_sha256:
+        return None  # held on the build it is bound to (booted with this varstore): varsd's own holds
+    builds = catalog.by_code_sha(sha)
+    if not builds:
+        return None
+    needs = replace(Needs.of(fw, secure_boot=wants_secure_boot(fw, facts.image, catalog), layout=layout),
+                    smm_allowed=fw.smm and machine_has_smm(fw.machine))
+    found = [misfits(b, needs) for b in builds]
+    if any(not m for m in found):
+        return None
+    return "; ".join(p.sentence for p in found[0])
 
 
 def _plan_hold(facts: DomainFacts, config: FirmwareConfig, hold: Hold, catalog: Catalog, ctx: UpgradeContext,
@@ -362,6 +397,19 @@ def _rewrite(facts: DomainFacts, catalog: Catalog, build: Build, nvram: str, md:
             metadata=md,
         ),
     )
+
+
+def in_nvram_dir(nvram_dir: str, path: str) -> bool:
+    """Whether `path` is a file directly in the configured nvram directory."""
+    return os.path.normpath(os.path.dirname(path)) == os.path.normpath(nvram_dir)
+
+
+def _outside_warning(plan: Plan, nvram_dir: str) -> Plan:
+    """An existing varstore outside nvram_dir works, but deserves a word in status."""
+    if plan.status is Status.OK and plan.varstore and not in_nvram_dir(nvram_dir, plan.varstore):
+        return replace(plan, detail=f"{plan.detail}; warning: varstore {plan.varstore} is outside nvram_dir "
+                       f"{nvram_dir} (move it there, or set nvram_dir)")
+    return plan
 
 
 def is_private_varstore(catalog: Catalog, nvram_dir: str, nvram: FileFacts) -> bool:
@@ -570,6 +618,17 @@ def _plan_split(
                 code=code, varstore=nvram.path)
 
 
+def _why_not_private(facts: DomainFacts, nvram: FileFacts, layout: VarstoreLayout) -> str:
+    """What is wrong with a varstore that is not the domain's own, in the right words: only
+    a file another domain uses is "shared"; one with data past its varstore is oversized."""
+    if facts.nvram_shared_with:
+        return f"varstore {nvram.path} is shared: it is domain '{facts.nvram_shared_with}''s own"
+    if nvram.size > layout.size and nvram.varstore_layout is not None:
+        return (f"varstore {nvram.path} is oversized: {nvram.size} bytes, {nvram.size - layout.size} more than "
+                f"its {layout.size}-byte varstore")
+    return f"varstore {nvram.path} is a firmware package's file, not the domain's own"
+
+
 def _plan_shared_varstore(
     facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str, build: Build, nvram: FileFacts,
     layout: VarstoreLayout,
@@ -578,15 +637,13 @@ def _plan_shared_varstore(
     fw = facts.firmware
     if facts.running:
         return Plan(FirmwareConfig.SPLIT, Status.PENDING_COLD_BOOT,
-                    f"varstore {nvram.path} is not private"
-                    f"{f' (domain {facts.nvram_shared_with!r} uses it too)' if facts.nvram_shared_with else ''}; "
-                    "it will be copied once the domain is shut off "
+                    f"{_why_not_private(facts, nvram, layout)}; its variables will be copied to a private "
+                    "varstore once the domain is shut off "
                     "(the running guest may still write variables into it)",
                     build=build, code=fw.loader_path, varstore=nvram.path)
     target = new_varstore_path(nvram_dir, fw, {nvram.path, nvram.realpath})
     md = _provenance(fw.metadata, build, f"copy:{nvram.path}", now)
-    owner = f" (domain '{facts.nvram_shared_with}''s own)" if facts.nvram_shared_with else ""
-    reason = f"shared varstore {nvram.path}{owner} copied to private {target} ({build.label})"
+    reason = f"{_why_not_private(facts, nvram, layout)}: copied to private {target} ({build.label})"
     return Plan(
         FirmwareConfig.SPLIT, Status.OK, reason,
         actions=(
@@ -616,10 +673,16 @@ def _plan_missing_varstore(
     target = fw.nvram_path or varstore_path(nvram_dir, fw.name, fw.uuid)
     if fw.nvram_path and not is_private_varstore(catalog, nvram_dir, FileFacts(path=fw.nvram_path, exists=False)):
         target = varstore_path(nvram_dir, fw.name, fw.uuid)
+    elif not in_nvram_dir(nvram_dir, target):
+        # e.g. <nvram>/etc/NAME_VARS.fd</nvram>: libvirt would create it there at first start.
+        # varsd neither provisions it nor adds template= (which is what makes libvirt create it).
+        return Plan(config, Status.OK, f"warning: varstore {target} does not exist yet and is outside nvram_dir "
+                    f"{nvram_dir}; varsd does not provision a varstore there (libvirt may create it at first "
+                    f"start). Point <nvram> into {nvram_dir}, or set nvram_dir", build=build,
+                    code=fw.loader_path, varstore=target)
     actions: tuple[Action, ...] = ()
     md = _bind(fw.metadata, build)
-    # Outside nvram_dir libvirt creates the file at first start; we do not own that directory.
-    if os.path.normpath(os.path.dirname(target)) == os.path.normpath(nvram_dir):
+    if in_nvram_dir(nvram_dir, target):
         # The template the XML names when it fits (the Debian wiki's enrolled
         # OVMF_VARS_4M.ms.fd beside secboot code): the same file libvirt would copy.
         template = _template_for(catalog, fw, build) or build.template_path
