@@ -240,6 +240,11 @@ class StateDB:
                     pass
             if os.path.islink(path) or os.path.isdir(path):
                 raise OSError(errno.ELOOP, "not a plain file", path)
+            # An existing file is not opened here (see above), so ask whether it could be written.
+            if os.statvfs(state).f_flag & os.ST_RDONLY:
+                raise OSError(errno.EROFS, "read-only file system", state)
+            if not (os.access(path, os.W_OK) and os.access(state, os.W_OK)):
+                raise OSError(errno.EACCES, "permission denied", path)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.EISDIR):
                 raise StateDirError(f"{path}: the varsd journal is not a plain file (a symbolic link or "

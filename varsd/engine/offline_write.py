@@ -122,7 +122,7 @@ class InHand:
     @contextlib.contextmanager
     def commit(self) -> Iterator[None]:
         """The moment the file is replaced: refused if a start gave up waiting (StartBegan)."""
-        with host_lock(self._path("commit"), timeout=COMMIT_LOCK_WAIT):
+        with host_lock(self._path("commit"), doing=f"{self.op}: committing", max_wait=COMMIT_LOCK_WAIT):
             if os.path.lexists(self._path("gaveup")):
                 raise StartBegan(
                     f"a start of domain {self.uuid} waited {self.wait}s for this {self.op} and went on; "
@@ -189,7 +189,7 @@ class VarstoreWriter:
         the new content is in place and verified; if it fails the old content is put
         back. `on_stage` sees "in-hand" and "before-commit" (tests use it to race a start).
         Raises WriteRefused (nothing changed) or WriteFailed."""
-        with host_lock(self.cfg.domain_lock_path(ref.uuid)):
+        with host_lock(self.cfg.domain_lock_path(ref.uuid), doing=f"{op} of the varstore of domain {ref.name!r}"):
             with InHand(self.cfg.offline_dir, ref.uuid, op=op, wait=self.cfg.start_wait) as hand:
                 if on_stage:
                     on_stage("in-hand")
