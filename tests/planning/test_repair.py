@@ -112,6 +112,21 @@ CASES: tuple[Case, ...] = (
          check=_firmware(CODE_4M, secure=False, smm=False, nvram=f"{NV}/pgsql-01_VARS.fd")),
     Case("bios-loader-rom", C.BIOS_ROM, S.OK, CREATE_AND_REDEFINE,
          check=_firmware(CODE_4M, secure=False, smm=False, nvram=f"{NV}/legacy-uefi_VARS.fd")),
+    # firmware handed over in <qemu:commandline>: moved into <loader>/<nvram>, other arguments kept
+    Case("cmdline-bios-and-pflash", C.CODE_ONLY, S.OK, CREATE_AND_REDEFINE,  # issue 12 defect 1
+         check=_firmware(CODE_4M, secure=False, smm=False, nvram=f"{NV}/bios-and-pflash_VARS.fd")),
+    Case("cmdline-pflash-code-only", C.CODE_ONLY, S.OK, CREATE_AND_REDEFINE,
+         check=_firmware(CODE_4M, secure=False, smm=False, nvram=f"{NV}/old-pflash_VARS.fd")),
+    Case("cmdline-drive-pair", C.SPLIT, S.OK, (Redefine,),
+         files={"/var/lib/libvirt/images/drive-pair_VARS.fd": used_varstore(VARS_4M)},
+         check=_firmware(CODE_4M, secure=False, smm=False, nvram="/var/lib/libvirt/images/drive-pair_VARS.fd")),
+    Case("cmdline-drive-unified", C.UNIFIED, S.OK, CREATE_AND_REDEFINE, catalog="2m",
+         files={"/var/lib/libvirt/images/drive-unified-OVMF.fd": used_varstore(VARS_2M, tail=CODE_2M)},
+         check=_firmware(CODE_2M, secure=False, smm=False, nvram=f"{NV}/drive-unified_VARS.fd")),
+    Case("cmdline-blockdev-secure", C.SPLIT, S.OK, (Redefine,),
+         files={"/var/lib/libvirt/images/blockdev-secure_VARS.fd": used_varstore(VARS_4M)},
+         check=_firmware(CODE_4M_SECBOOT, secure=True, nvram="/var/lib/libvirt/images/blockdev-secure_VARS.fd")),
+    Case("cmdline-not-understood", C.UNKNOWN, S.ERROR),
     # one pflash
     Case("code-only-4m", C.CODE_ONLY, S.OK, CREATE_AND_REDEFINE, check=_firmware(CODE_4M, secure=False, smm=False)),
     Case("unified-private-2m", C.UNIFIED, S.OK, CREATE_AND_REDEFINE, catalog="2m",

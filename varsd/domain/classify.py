@@ -6,15 +6,18 @@ Rules, first match wins:
    -> confidential, whatever the loader: measured firmware must never be split
    (QEMU measures only pflash unit 0).
 2. `<loader stateless='yes'>` -> stateless.
-3. `-bios PATH` in `<qemu:commandline>`, or a loader of type rom or of no type (libvirt
+3. Firmware arguments in `<qemu:commandline>` that varsd does not fully understand
+   (`varsd.domain.cmdline`) -> unknown: reported, never rewritten.
+4. `-bios PATH` in `<qemu:commandline>`, or a loader of type rom or of no type (libvirt
    passes both as -bios, even with readonly='yes' or an `<nvram>` beside it): bios-rom
    when the image is OVMF, none otherwise (a custom SeaBIOS build).
-4. No loader: autoselect with `<os firmware='efi'>`, otherwise none (SeaBIOS). A loader
+5. No loader: autoselect with `<os firmware='efi'>`, otherwise none (SeaBIOS). A loader
    path next to `firmware='efi'` is what libvirt >= 9.2 resolved at define time: the
    paths rule, so such a domain is classified by them like any other.
-5. pflash with `<nvram>`: split. A read-only pflash without one is split too: libvirt
-   fills in `<nvram>` when it defines the domain.
-6. A single writable pflash: unified when the image begins with a varstore, else
+6. pflash with `<nvram>`: split. A read-only pflash without one is split too: libvirt
+   fills in `<nvram>` when it defines the domain (not for flash on the command line:
+   unit 0 alone there is code-only or unified, as nobody adds unit 1).
+7. A single writable pflash: unified when the image begins with a varstore, else
    code-only (the varstore range is backed by nothing persistent). A missing or
    unreadable image is classified code-only; the planner must not act on that guess.
 """
@@ -47,6 +50,8 @@ def classify(fw: DomainFirmware, loader: FileFacts | None, catalog: Catalog) -> 
         return FirmwareConfig.CONFIDENTIAL
     if fw.loader_stateless:
         return FirmwareConfig.STATELESS
+    if fw.cmdline_problem:
+        return FirmwareConfig.UNKNOWN
     if fw.cmdline_bios:
         if looks_like_ovmf(loader, fw.cmdline_bios, catalog):
             return FirmwareConfig.BIOS_ROM
@@ -57,7 +62,7 @@ def classify(fw: DomainFirmware, loader: FileFacts | None, catalog: Catalog) -> 
         if looks_like_ovmf(loader, fw.loader_path, catalog):
             return FirmwareConfig.BIOS_ROM
         return FirmwareConfig.NONE
-    if fw.nvram_path or fw.loader_readonly:
+    if fw.nvram_path or (fw.loader_readonly and not fw.cmdline_pflash):
         return FirmwareConfig.SPLIT
     if loader is not None and loader.varstore_layout is not None:
         return FirmwareConfig.UNIFIED

@@ -23,6 +23,7 @@ class FirmwareConfig(StrEnum):
     AUTOSELECT = "autoselect"  # <os firmware='efi'> left to libvirt
     STATELESS = "stateless"  # <loader stateless='yes'>
     CONFIDENTIAL = "confidential"  # SEV/SEV-ES/SNP/TDX: firmware must not be split
+    UNKNOWN = "unknown"  # firmware arguments in <qemu:commandline> varsd does not fully understand
 
 
 class PinKind(StrEnum):
@@ -102,7 +103,12 @@ class DomainFirmware:
     nvram_template: str | None = None
     smm: bool = False
     launch_security: str | None = None  # 'sev', 'sev-snp', 'tdx', ... when present
-    cmdline_bios: str | None = None  # path passed as -bios through <qemu:commandline>
+    cmdline_bios: str | None = None  # the -bios image QEMU uses from <qemu:commandline> (last one wins)
+    # Firmware arguments in <qemu:commandline> that a repair moves into <loader>/<nvram>;
+    # with `cmdline_pflash` the loader_*/nvram_path fields above were read from them.
+    cmdline_firmware: bool = False
+    cmdline_pflash: bool = False
+    cmdline_problem: str | None = None  # firmware arguments varsd does not fully understand
     metadata: VarsdMetadata = field(default_factory=VarsdMetadata)
     # From the live XML's boot record (varsd.engine.boots): the digest of the code file
     # this QEMU process opened at start, which a package upgrade does not change.

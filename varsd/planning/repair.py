@@ -242,6 +242,10 @@ def plan_repair(
         )
     if config is FirmwareConfig.STATELESS:
         return _unmanaged(config, "stateless firmware: no varstore by design", fw)
+    if config is FirmwareConfig.UNKNOWN:
+        return Plan(config, Status.ERROR, f"firmware in <qemu:commandline> not understood: {fw.cmdline_problem}; "
+                    "left untouched. Move the firmware into <loader>/<nvram> by hand, or opt the domain out",
+                    code=firmware_image_path(fw), varstore=fw.nvram_path)
     if config is FirmwareConfig.AUTOSELECT:
         return _unmanaged(config, "firmware='efi' autoselection is left to libvirt", fw)
     storage = nvram_storage(facts.xml)
@@ -540,7 +544,9 @@ def _plan_split(
         or fw.loader_readonly is not True
         or _template_wrong(catalog, fw, build)
     )
-    if reason is None and needs_attrs:
+    if reason is None and fw.cmdline_firmware:
+        reason = "firmware moved from <qemu:commandline> into <loader>/<nvram>"
+    elif reason is None and needs_attrs:
         reason = "Secure Boot/SMM/read-only/template attributes completed"
     if reason is not None:
         new_xml = _rewrite(facts, catalog, build, nvram.path, md)
