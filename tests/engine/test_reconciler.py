@@ -401,3 +401,19 @@ def test_a_clone_sharing_its_originals_varstore_gets_its_own_copy(rec, hv, cfg, 
     finally:
         for ref in refs.values():
             hv.connection.lookupByUUIDString(ref.uuid).undefine()
+
+
+def test_a_refused_define_leaves_no_varstore_behind(rec, define, hv, cfg, journal, monkeypatch):
+    """libvirt refusing the repaired XML (issue 7: 'UEFI requires ACPI') must not orphan the new varstore."""
+    ref = define("rom-refused", ROM)
+    before = set(os.listdir(cfg.nvram_dir))
+
+    def refuse(xml: str):
+        raise HypervisorError(f"domain '{ref.name}': cannot define: unsupported configuration: refused")
+
+    monkeypatch.setattr(hv, "define", refuse)
+    out = rec.reconcile(ref)
+    assert out.status is Status.ERROR and "refused" in out.plan.detail
+    assert set(os.listdir(cfg.nvram_dir)) == before
+    (change,) = journal.changes(ref.uuid)
+    assert change.outcome.startswith("failed: ")

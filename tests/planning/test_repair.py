@@ -86,6 +86,11 @@ def _firmware(code: str, *, secure: bool, smm: bool = True, nvram: str | None = 
     return check
 
 
+def _acpi_added(fw: DomainFirmware, plan: Plan) -> None:
+    assert fw.acpi and "UEFI on x86 needs ACPI" in plan.detail and "next cold boot" in plan.detail
+    assert all("needs ACPI" in a.reason for a in plan.actions if isinstance(a, Redefine))
+
+
 def _bound(code: str):
     def check(fw: DomainFirmware, plan: Plan) -> None:
         assert fw.loader_path == code and fw.metadata.build_code_path == code
@@ -127,6 +132,8 @@ CASES: tuple[Case, ...] = (
          files={"/var/lib/libvirt/images/blockdev-secure_VARS.fd": used_varstore(VARS_4M)},
          check=_firmware(CODE_4M_SECBOOT, secure=True, nvram="/var/lib/libvirt/images/blockdev-secure_VARS.fd")),
     Case("cmdline-not-understood", C.UNKNOWN, S.ERROR),
+    # libvirt refuses UEFI pflash on x86 without ACPI: the repair adds <acpi/> and says so
+    Case("bios-no-features", C.BIOS_ROM, S.OK, CREATE_AND_REDEFINE, check=_acpi_added),
     # one pflash
     Case("code-only-4m", C.CODE_ONLY, S.OK, CREATE_AND_REDEFINE, check=_firmware(CODE_4M, secure=False, smm=False)),
     Case("unified-private-2m", C.UNIFIED, S.OK, CREATE_AND_REDEFINE, catalog="2m",

@@ -2,8 +2,9 @@
 
 Reading turns libvirt domain XML into a `DomainFirmware` record. Writing applies a
 `FirmwareEdit` and touches only the firmware elements: `<os firmware>` and
-`<os>/<firmware>`, `<os>/<loader>`, `<os>/<nvram>`, `<features>/<smm>`, a `-bios` pair
-inside `<qemu:commandline>`, and varsd's own element inside `<metadata>`. Everything
+`<os>/<firmware>`, `<os>/<loader>`, `<os>/<nvram>`, `<features>/<smm>` and `<acpi>`
+(what libvirt requires beside UEFI), the firmware arguments inside `<qemu:commandline>`
+(`varsd.domain.cmdline` says which), and varsd's own element inside `<metadata>`. Everything
 else is carried over untouched, so an admin's hand edits and other tools' metadata
 survive every repair (`outside_firmware` is the test of that promise).
 
@@ -201,6 +202,7 @@ def parse_domain(xml: str) -> DomainFirmware:
         loader_stateless=_yesno(loader.get("stateless")) if loader is not None else None,
         nvram_template=nvram.get("template") if nvram is not None else None,
         smm=smm is not None and (_yesno(smm.get("state")) is not False),
+        acpi=root.find("features/acpi") is not None,
         launch_security=((ls.get("type") or "unknown") if ls is not None else _cmdline_confidential(root)),
         cmdline_bios=cmd.bios,
         cmdline_firmware=cmd.present,
@@ -222,6 +224,7 @@ class FirmwareEdit:
     secure: bool
     smm: bool
     metadata: VarsdMetadata
+    acpi: bool = False  # add <features><acpi/> (libvirt requires ACPI for UEFI on x86)
 
 
 # -- writing -------------------------------------------------------------------------
@@ -298,6 +301,15 @@ def _append(parent: etree._Element, el: etree._Element) -> etree._Element:
         else:
             parent.text, el.tail = inner, outer
     _pretty(el)
+    return el
+
+
+def _prepend(parent: etree._Element, el: etree._Element) -> etree._Element:
+    """Insert `el` as `parent`'s first child, indented like libvirt's own output."""
+    if len(parent) == 0:
+        return _append(parent, el)
+    parent.insert(0, el)
+    el.tail = parent.text if parent.text is None or not parent.text.strip() else None
     return el
 
 
@@ -463,6 +475,11 @@ def apply_edit(xml: str, edit: FirmwareEdit) -> str:
         loader.attrib.pop("secure", None)
     _order_attributes(loader, _LOADER_ATTR_ORDER)
     _set_nvram(os_el, loader, edit)
+    if edit.acpi and root.find("features/acpi") is None:
+        features = root.find("features")
+        if features is None:
+            features = _insert_after(os_el, etree.Element("features"))
+        _prepend(features, etree.Element("acpi"))  # libvirt lists <acpi/> first
     if edit.smm:
         features = root.find("features")
         if features is None:
@@ -503,7 +520,7 @@ def firmware_signature(xml: str) -> tuple:
     """The parts of a domain XML that decide what firmware a cold boot maps."""
     fw = parse_domain(xml)
     return (fw.loader_path, fw.loader_type, fw.loader_readonly, fw.loader_secure, fw.nvram_path, fw.smm,
-            fw.cmdline_firmware)
+            fw.cmdline_firmware, fw.acpi)
 
 
 def outside_firmware(xml: str) -> bytes:
@@ -515,7 +532,7 @@ def outside_firmware(xml: str) -> bytes:
         for tag in ("loader", "nvram", "firmware"):
             for el in os_el.findall(tag):
                 os_el.remove(el)
-    for el in root.findall("features/smm"):
+    for el in root.findall("features/smm") + root.findall("features/acpi"):
         el.getparent().remove(el)
     feats = root.find("features")
     if feats is not None and len(feats) == 0:

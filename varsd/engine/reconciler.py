@@ -11,6 +11,8 @@ stops the pass.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -117,6 +119,18 @@ def _changes_firmware(facts: DomainFacts, plan: Plan) -> bool:
         isinstance(a, CreateVarstore) or (isinstance(a, Redefine) and firmware_signature(a.xml) != before)
         for a in plan.actions
     )
+
+
+def _discard_unused_varstore(ref: DomainRef, path: str) -> None:
+    """Remove a varstore this plan just created from a template when the change that was to
+    use it failed: no definition names it and no guest ever ran on it, so nothing is lost,
+    and no orphan is left for the next pass to trip over."""
+    try:
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            os.unlink(path)
+            log.info("domain '%s': removed %s again (the change that was to use it failed)", ref.name, path)
+    except OSError as exc:
+        log.warning("domain '%s': could not remove unused varstore %s: %s", ref.name, path, exc.strerror)
 
 
 class StaleDefinition(VarsdError):
@@ -377,18 +391,28 @@ class Reconciler:
 
     def _execute(self, ref: DomainRef, facts: DomainFacts, plan: Plan) -> tuple[str, ...]:
         done: list[str] = []
-        for action in plan.actions:
-            if isinstance(action, CreateVarstore):
-                result = provision_varstore(
-                    action.path, action.source, expected_layout=action.layout, owner=self.owner, length=action.length
-                )
-                what = "adopted existing identical" if result.adopted else "created"
-                done.append(f"{what} varstore {action.path}")
-                log.info("domain '%s': %s varstore %s from %s", ref.name, what, action.path, action.source)
-            elif isinstance(action, Redefine):
-                self.verify_archived_loader(ref, action.xml)
-                self.redefine(ref, facts.xml, action.xml, action.reason)
-                done.append(f"redefined: {action.reason}")
+        created: list[str] = []  # varstores made for this plan that nothing names yet
+        named = {parse_domain(facts.xml).nvram_path}
+        try:
+            for action in plan.actions:
+                if isinstance(action, CreateVarstore):
+                    result = provision_varstore(
+                        action.path, action.source, expected_layout=action.layout, owner=self.owner,
+                        length=action.length,
+                    )
+                    what = "adopted existing identical" if result.adopted else "created"
+                    if not result.adopted and action.path not in named:
+                        created.append(action.path)
+                    done.append(f"{what} varstore {action.path}")
+                    log.info("domain '%s': %s varstore %s from %s", ref.name, what, action.path, action.source)
+                elif isinstance(action, Redefine):
+                    self.verify_archived_loader(ref, action.xml)
+                    self.redefine(ref, facts.xml, action.xml, action.reason)
+                    done.append(f"redefined: {action.reason}")
+        except BaseException:
+            for path in created:
+                _discard_unused_varstore(ref, path)
+            raise
         return tuple(done)
 
     def redefine(self, ref: DomainRef, old_xml: str, new_xml: str, reason: str) -> None:

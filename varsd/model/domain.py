@@ -102,6 +102,7 @@ class DomainFirmware:
     nvram_path: str | None = None
     nvram_template: str | None = None
     smm: bool = False
+    acpi: bool = False  # <features><acpi/>: libvirt refuses UEFI pflash on x86 without it
     launch_security: str | None = None  # 'sev', 'sev-snp', 'tdx', ... when present
     cmdline_bios: str | None = None  # the -bios image QEMU uses from <qemu:commandline> (last one wins)
     # Firmware arguments in <qemu:commandline> that a repair moves into <loader>/<nvram>;

@@ -54,7 +54,7 @@ from dataclasses import dataclass, replace
 
 from varsd.domain.classify import classify, firmware_image_path
 from varsd.domain.xml import FirmwareEdit, apply_edit, nvram_storage, parse_domain, replace_loader_code, set_metadata
-from varsd.firmware.selection import explain_no_build, machine_has_smm, select_build
+from varsd.firmware.selection import explain_no_build, machine_has_smm, select_build, uefi_needs_acpi
 from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig, Status, VarsdMetadata
 from varsd.model.firmware import Build, Catalog, MappingMode, VarstoreLayout
 from varsd.planning import upgrade
@@ -267,10 +267,24 @@ def plan_repair(
         return Plan(config, Status.ERROR, f"firmware image {fw.loader_path} cannot be read ({why}): it may be a "
                     "unified image holding the guest's variables; left untouched", code=fw.loader_path)
     if config in (FirmwareConfig.BIOS_ROM, FirmwareConfig.CODE_ONLY):
-        return _finish(facts, _plan_new_varstore(facts, config, catalog, nvram_dir, now, secure))
-    if config is FirmwareConfig.UNIFIED:
-        return _finish(facts, _plan_unified(facts, catalog, nvram_dir, now, secure))
-    return _finish(facts, _plan_split(facts, catalog, nvram_dir, now, secure, upgrades))
+        plan = _plan_new_varstore(facts, config, catalog, nvram_dir, now, secure)
+    elif config is FirmwareConfig.UNIFIED:
+        plan = _plan_unified(facts, catalog, nvram_dir, now, secure)
+    else:
+        plan = _plan_split(facts, catalog, nvram_dir, now, secure, upgrades)
+    return _finish(facts, _explain_acpi(fw, plan))
+
+
+ACPI_NOTE = "adds <acpi/>: UEFI on x86 needs ACPI (the guest sees ACPI tables from its next cold boot)"
+
+
+def _explain_acpi(fw: DomainFirmware, plan: Plan) -> Plan:
+    """Say so when a rewrite adds ACPI: it changes what the guest sees, not only its firmware."""
+    if fw.acpi or not any(isinstance(a, Redefine) and parse_domain(a.xml).acpi for a in plan.actions):
+        return plan
+    actions = tuple(replace(a, reason=f"{a.reason}; {ACPI_NOTE}") if isinstance(a, Redefine) else a
+                    for a in plan.actions)
+    return replace(plan, detail=f"{plan.detail}; {ACPI_NOTE}", actions=actions)
 
 
 def _plan_pinned(facts: DomainFacts, config: FirmwareConfig, catalog: Catalog, ctx: UpgradeContext,
@@ -352,6 +366,7 @@ def _rewrite(facts: DomainFacts, catalog: Catalog, build: Build, nvram: str, md:
             secure=build.secure_boot,
             smm=build.requires_smm or facts.firmware.smm,
             metadata=md,
+            acpi=uefi_needs_acpi(facts.firmware.arch),
         ),
     )
 
