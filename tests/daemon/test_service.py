@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 import time
 
@@ -215,3 +216,35 @@ def test_firmware_change_is_noticed_archived_and_applied(conn, service_factory, 
     assert svc.check_firmware() is True
     wait_until(lambda: bound() == new, what="rebinding to the new build")
     assert archive.index().verified == {old, new}
+
+
+def test_a_failure_is_logged_when_it_first_happens_and_when_it_clears(conn, service_factory, caplog) -> None:
+    """Not on every pass: the daemon retries each pass, the log says it once (issue 7 item 4)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="varsd")
+    svc = service_factory()
+    name = "evt-fail-once"
+    target = os.path.join(svc.cfg.nvram_dir, f"{name}_VARS.fd")
+    os.symlink("/nonexistent/elsewhere_VARS.fd", target)
+    conn.created.append(name)
+    uuid = conn.defineXML(bios_xml(name)).UUIDString()
+
+    def errors() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and name in r.getMessage()]
+
+    wait_until(lambda: errors(), what="the first failure logged")
+    for _ in range(3):
+        seen = svc.handled
+        svc.queue.put(uuid)
+        wait_until(lambda seen=seen: svc.handled > seen, what="another pass over the domain")
+    assert len(errors()) == 1 and "symbolic link" in errors()[0], errors()
+
+    os.unlink(target)
+    svc.queue.put(uuid)
+    wait_until(lambda: _repaired(conn, name), what="the repair once the link is gone")
+    cleared = [r.getMessage() for r in caplog.records if "is cleared" in r.getMessage() and name in r.getMessage()]
+    assert len(cleared) == 1, cleared
+    count = re.search(r"seen (\d+) time", cleared[0])
+    assert count and int(count.group(1)) >= 4, cleared  # every failed pass was counted
+    assert len(errors()) == 1

@@ -244,7 +244,7 @@ def test_redefined_by_someone_else_between_read_and_write(rec, define, hv, conn,
     out = rec.reconcile(ref)
 
     assert out.status is Status.ERROR
-    assert "redefined meanwhile" in out.plan.detail
+    assert "redefined meanwhile" in out.detail
     assert out.done == ()
     now = hv.persistent_xml(ref.uuid)
     root = ET.fromstring(now)
@@ -267,7 +267,7 @@ def test_redefined_by_someone_else_while_provisioning(rec, define, hv, conn, cfg
     monkeypatch.setattr(reconciler_mod, "provision_varstore", provision_while_admin_edits)
     out = rec.reconcile(ref)
 
-    assert out.status is Status.ERROR and "redefined meanwhile" in out.plan.detail
+    assert out.status is Status.ERROR and "redefined meanwhile" in out.detail
     root = ET.fromstring(hv.persistent_xml(ref.uuid))
     assert root.findtext("memory") == foreign[-1]
     assert root.find("os/loader").get("type") == "rom"
@@ -317,7 +317,7 @@ def test_reconcile_all_goes_on_after_a_domain_error(rec, define, hv, journal, mo
 
     monkeypatch.setattr(Hypervisor, "define", refuse_bad)
     outs = {o.ref.name: o for o in rec.reconcile_all([bad, good])}
-    assert outs[bad.name].status is Status.ERROR and "refused" in outs[bad.name].plan.detail
+    assert outs[bad.name].status is Status.ERROR and "refused" in outs[bad.name].detail
     assert outs[good.name].status is Status.OK and outs[good.name].changed
     assert journal.changes(bad.uuid)[0].outcome.startswith("failed: ")
     assert journal.changes(good.uuid)[0].outcome == "applied"
@@ -413,7 +413,51 @@ def test_a_refused_define_leaves_no_varstore_behind(rec, define, hv, cfg, journa
 
     monkeypatch.setattr(hv, "define", refuse)
     out = rec.reconcile(ref)
-    assert out.status is Status.ERROR and "refused" in out.plan.detail
+    assert out.status is Status.ERROR and "refused" in out.detail
     assert set(os.listdir(cfg.nvram_dir)) == before
     (change,) = journal.changes(ref.uuid)
     assert change.outcome.startswith("failed: ")
+
+
+def test_status_tells_the_truth_about_a_failed_repair_until_it_succeeds(rec, define, hv, cfg, journal):
+    """issue 7 item 4: a symlink where the new varstore goes. status says why before any attempt,
+    each failed attempt is kept (when, what, why, how often), and a success clears it."""
+    ref = define("rom-link", ROM)
+    target = os.path.join(cfg.nvram_dir, f"{ref.name}_VARS.fd")
+    os.symlink("/nonexistent/elsewhere_VARS.fd", target)
+
+    looked = rec.reconcile(ref, apply=False)
+    assert looked.status is Status.ERROR and looked.failure is None
+    assert looked.detail.startswith("cannot be repaired: ") and "symbolic link" in looked.detail
+    assert "the daemon does" not in looked.detail
+
+    first = rec.reconcile(ref)
+    assert first.status is Status.ERROR and first.failure is not None and first.failure.count == 1
+    assert first.failure.action.startswith(f"create varstore {target}")
+    assert "symbolic link" in first.failure.error
+    assert first.as_dict()["last_error"] == {"at": first.failure.at, "first_at": first.failure.at,
+                                             "action": first.failure.action, "error": first.failure.error,
+                                             "count": 1}
+    second = rec.reconcile(hv.lookup(ref.uuid))
+    assert second.failure is not None and second.failure.count == 2
+    status = rec.reconcile(hv.lookup(ref.uuid), apply=False)
+    assert status.status is Status.ERROR and status.failure == second.failure
+    assert status.detail.startswith("last attempt failed at ") and "2 attempts since" in status.detail
+    assert journal.failure(ref.uuid) == second.failure  # in the state database, for every varsctl
+
+    os.unlink(target)
+    fixed = rec.reconcile(hv.lookup(ref.uuid))
+    assert fixed.status is Status.OK and fixed.cleared is not None and fixed.cleared.count == 2
+    assert journal.failure(ref.uuid) is None
+    assert rec.reconcile(hv.lookup(ref.uuid), apply=False).as_dict()["last_error"] is None
+
+
+def test_a_changed_definition_retires_the_last_failure(rec, define, hv, conn, cfg, journal):
+    ref = define("rom-link2", ROM)
+    target = os.path.join(cfg.nvram_dir, f"{ref.name}_VARS.fd")
+    os.symlink("/nonexistent/x", target)
+    assert rec.reconcile(ref).failure is not None
+    _foreign_redefine(conn, ref.uuid)  # an admin edits the domain
+    os.unlink(target)
+    after = rec.reconcile(hv.lookup(ref.uuid), apply=False)
+    assert after.failure is None and after.as_dict()["last_error"] is None

@@ -119,6 +119,7 @@ class Service:
         self.first_pass_pending: set[str] = set()
         self._names: dict[str, str] = {}
         self._retries: dict[str, int] = {}
+        self._reported: dict[str, tuple[str, str]] = {}  # uuid -> the problem last logged for it
 
     # -- public control ------------------------------------------------------------
 
@@ -402,10 +403,7 @@ class Service:
                 self.queue.put_later(key, delay)
             else:
                 self._retries.pop(key, None)
-            if outcome.status is Status.ERROR:
-                log.error("domain '%s': %s", ref.name, outcome.detail)
-            elif outcome.status is Status.NEEDS_MIGRATION:
-                log.warning("domain '%s': %s", ref.name, outcome.detail)
+            self._report(ref.uuid, ref.name, outcome)
         except HypervisorError as exc:
             if exc.retryable and not hv.is_alive():
                 log.warning("%s: %s; reconnecting", self._names.get(key, key), exc)
@@ -418,6 +416,23 @@ class Service:
         finally:
             # Whatever happened, this domain no longer holds READY back.
             self.first_pass_pending.discard(key)
+
+    def _report(self, uuid: str, name: str, outcome) -> None:
+        """Log a domain's problem when it appears or changes, and once when it clears."""
+        problem, before = outcome.problem, self._reported.get(uuid)
+        if outcome.cleared is not None:
+            log.info("domain '%s': %s succeeded; the failure seen %d time(s) since %s is cleared", name,
+                     outcome.done[-1] if outcome.done else "the attempt", outcome.cleared.count,
+                     outcome.cleared.first_at)
+        elif before is not None and problem is None:
+            log.info("domain '%s': %s now; cleared: %s", name, outcome.status.value, before[1])
+        if problem is not None and problem != before:
+            level = logging.WARNING if outcome.status is Status.NEEDS_MIGRATION else logging.ERROR
+            log.log(level, "domain '%s': %s", name, outcome.detail)
+        if problem is None:
+            self._reported.pop(uuid, None)
+        else:
+            self._reported[uuid] = problem
 
     def _retry_delay(self, key: str) -> float:
         """Per-domain backoff for domain-level trouble, from the same Backoff data."""

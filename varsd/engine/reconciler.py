@@ -10,6 +10,7 @@ stops the pass.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import stat
@@ -26,10 +27,10 @@ from varsd.domain.classify import firmware_image_path
 from varsd.domain.xml import firmware_signature, parse_domain
 from varsd.engine.inspect import FileInspector
 from varsd.engine.lock import host_lock
-from varsd.engine.provision import provision_varstore
+from varsd.engine.provision import preflight, provision_varstore
 from varsd.errors import HypervisorError, VarsdError
 from varsd.firmware.archive import Archive, ArchiveError, ArchiveIndex, is_archive_path, sha_of_archive_path
-from varsd.model.domain import FirmwareConfig, Status
+from varsd.model.domain import AttemptFailure, FirmwareConfig, Status
 from varsd.model.firmware import Build, Catalog
 from varsd.planning.repair import CreateVarstore, DomainFacts, Plan, Redefine, plan_repair, varstore_path
 from varsd.planning.upgrade import UpgradeContext
@@ -51,16 +52,24 @@ class Outcome:
     unrepaired: bool = False  # a firmware repair was planned but not made (dry run, status)
     retry: bool = False  # a transient libvirt failure on this domain: worth another look later
     boot_unrecorded: bool = False  # running, and its live XML has no boot record (varsd was not watching)
+    failure: AttemptFailure | None = None  # the last attempt to carry out this plan failed
+    blocked: str | None = None  # why the planned repair cannot be made now (checked before acting)
+    cleared: AttemptFailure | None = None  # a failure this attempt's success put an end to
 
     @property
     def status(self) -> Status:
         """A repair that was planned but not (yet) done is not ok: the domain is wrong now."""
-        if self.unrepaired:
+        if self.unrepaired or self.failure is not None or self.blocked:
             return Status.ERROR
         return self.plan.status
 
     @property
     def detail(self) -> str:
+        """What the admin reads: never a promise the daemon has already failed to keep."""
+        if self.failure is not None:
+            return f"{self.failure.describe()} (planned: {self.plan.detail})"
+        if self.blocked:
+            return f"cannot be repaired: {self.blocked} (planned: {self.plan.detail})"
         if self.unrepaired:
             return f"needs repair, which 'varsctl reconcile' or the daemon does: {self.plan.detail}"
         return self.plan.detail
@@ -68,6 +77,16 @@ class Outcome:
     @property
     def changed(self) -> bool:
         return bool(self.done)
+
+    @property
+    def problem(self) -> tuple[str, str] | None:
+        """What is wrong, stable from pass to pass (no times, no counts): the daemon logs a
+        problem when it first appears and when it goes away, not on every pass."""
+        if self.failure is not None:
+            return (self.failure.action, self.failure.error)
+        if self.status in (Status.ERROR, Status.NEEDS_MIGRATION):
+            return (self.status.value, self.detail)
+        return None
 
     def as_dict(self) -> dict:
         return {
@@ -82,6 +101,7 @@ class Outcome:
             "build": self.plan.build.code_sha256 if self.plan.build else None,
             "code_sha256": self.plan.next_boot_sha256,
             "changes": list(self.done),
+            "last_error": self.failure.as_dict() if self.failure is not None else None,
         }
 
 
@@ -90,6 +110,10 @@ def _outcome(ref: DomainRef, facts: DomainFacts, plan: Plan, done: tuple[str, ..
     live = facts.live
     return Outcome(ref, plan, done, unrepaired=unrepaired,
                    boot_unrecorded=live is not None and live.booted_sha256 is None)
+
+
+def _definition_sha(xml: str) -> str:
+    return hashlib.sha256(xml.encode("utf-8")).hexdigest()
 
 
 def _error(ref: DomainRef, message: str, *, retry: bool = False) -> Outcome:
@@ -172,6 +196,7 @@ class Reconciler:
         self._upgrades: tuple[float, UpgradeContext] | None = None
         self._archive_lock = threading.Lock()
         self._archive_tried: dict[str, float] = {}  # sha -> monotonic time of a failed attempt
+        self._failed: set[str] | None = None  # uuids with a recorded failed attempt (loaded lazily)
 
     # -- upgrade context -----------------------------------------------------------
 
@@ -355,10 +380,10 @@ class Reconciler:
                 raise  # the connection is gone: the caller reconnects and looks again
             # A domain-level failure (a hung QEMU's state-change lock, a refused define):
             # this domain's error, not the host's; `retry` tells the daemon to look again.
-            log.error("domain '%s': %s", ref.name, exc)
+            log.debug("domain '%s': %s", ref.name, exc)  # the outcome carries it; callers report it once
             return _error(ref, str(exc), retry=exc.retryable)
         except VarsdError as exc:
-            log.error("domain '%s': %s", ref.name, exc)
+            log.debug("domain '%s': %s", ref.name, exc)
             return _error(ref, str(exc))
 
     def _reconcile(self, ref: DomainRef, apply: bool) -> Outcome:
@@ -367,15 +392,75 @@ class Reconciler:
             # once, under the lock, instead of looking twice.
             with host_lock(self.cfg.domain_lock_path(ref.uuid)):
                 facts, plan = self.examine(ref)
-                return _outcome(ref, facts, plan, self._execute(ref, facts, plan) if plan.actions else ())
+                return self._act(ref, facts, plan)
         facts, plan = self.examine(ref)
         if not apply or not plan.actions:
-            return _outcome(ref, facts, plan, (), unrepaired=bool(plan.actions) and _changes_firmware(facts, plan))
+            if not plan.actions:
+                return _outcome(ref, facts, plan, ())
+            return self._look(ref, facts, plan)
         with host_lock(self.cfg.domain_lock_path(ref.uuid)):
             if self.hv.persistent_xml(ref.uuid) != facts.xml:
                 # Another actor changed it since we looked: look again, under the lock.
                 facts, plan = self.examine(ref)
-            return _outcome(ref, facts, plan, self._execute(ref, facts, plan) if plan.actions else ())
+            return self._act(ref, facts, plan)
+
+    def _look(self, ref: DomainRef, facts: DomainFacts, plan: Plan) -> Outcome:
+        """A plan with actions that is not carried out now (status, dry run): report what
+        stands in its way (its last failure, or what would make it fail), not a promise."""
+        unrepaired = _changes_firmware(facts, plan)
+        failure = self.journal.failure(ref.uuid)
+        if failure is not None and failure.definition_sha256 != _definition_sha(facts.xml):
+            failure = None  # the definition changed since: that attempt is history
+        blocked = None
+        for action in plan.actions:
+            if isinstance(action, CreateVarstore):
+                blocked = preflight(action.path, action.source, length=action.length)
+                if blocked:
+                    break
+        out = _outcome(ref, facts, plan, (), unrepaired=unrepaired)
+        return replace(out, failure=failure, blocked=blocked)
+
+    def _act(self, ref: DomainRef, facts: DomainFacts, plan: Plan) -> Outcome:
+        """Carry the plan out; a failure is recorded in the state database (and reported)
+        until an attempt succeeds or the definition changes."""
+        if not plan.actions:
+            return replace(_outcome(ref, facts, plan, ()), cleared=self._clear_failure(ref.uuid))
+        attempt: list[str] = []
+        try:
+            done = self._execute(ref, facts, plan, attempt)
+        except VarsdError as exc:
+            if isinstance(exc, HypervisorError) and exc.retryable and not self.hv.is_alive():
+                raise  # the connection is gone: the caller reconnects and looks again
+            failure = self.journal.note_failure(
+                uuid=ref.uuid, name=ref.name, at=self.clock(), action=attempt[-1] if attempt else "plan",
+                error=str(exc), definition_sha256=_definition_sha(facts.xml))
+            self._failed_uuids().add(ref.uuid)
+            retry = isinstance(exc, HypervisorError | StaleDefinition) and getattr(exc, "retryable", True)
+            return replace(_outcome(ref, facts, plan, ()), failure=failure, retry=retry)
+        return replace(_outcome(ref, facts, plan, done), cleared=self._clear_failure(ref.uuid, force=True))
+
+    def _failed_uuids(self) -> set[str]:
+        if self._failed is None:
+            try:
+                self._failed = self.journal.failed_uuids()
+            except VarsdError as exc:
+                log.error("%s", exc)
+                self._failed = set()
+        return self._failed
+
+    def _clear_failure(self, uuid: str, *, force: bool = False) -> AttemptFailure | None:
+        """An attempt succeeded (or there was nothing left to do): the failure is over.
+        Without `force` only a failure this process knows of is looked up (no write per
+        compliant domain per pass)."""
+        failed = self._failed_uuids()
+        if not force and uuid not in failed:
+            return None
+        failed.discard(uuid)
+        try:
+            return self.journal.clear_failure(uuid)
+        except VarsdError as exc:
+            log.error("%s", exc)
+            return None
 
     def verify_archived_loader(self, ref: DomainRef, xml: str) -> None:
         """Verify-before-use: a definition about to boot an archived image gets it only if
@@ -389,13 +474,17 @@ class Reconciler:
             self._invalidate_archive()
             raise ArchiveError(f"domain '{ref.name}': not pointed at {loader}: {entry.problem}")
 
-    def _execute(self, ref: DomainRef, facts: DomainFacts, plan: Plan) -> tuple[str, ...]:
+    def _execute(self, ref: DomainRef, facts: DomainFacts, plan: Plan,
+                 attempt: list[str] | None = None) -> tuple[str, ...]:
+        """Carry out the actions in order; `attempt` collects what was being done (for the record)."""
+        attempt = [] if attempt is None else attempt
         done: list[str] = []
         created: list[str] = []  # varstores made for this plan that nothing names yet
         named = {parse_domain(facts.xml).nvram_path}
         try:
             for action in plan.actions:
                 if isinstance(action, CreateVarstore):
+                    attempt.append(f"create varstore {action.path} from {action.source}")
                     result = provision_varstore(
                         action.path, action.source, expected_layout=action.layout, owner=self.owner,
                         length=action.length,
@@ -406,6 +495,7 @@ class Reconciler:
                     done.append(f"{what} varstore {action.path}")
                     log.info("domain '%s': %s varstore %s from %s", ref.name, what, action.path, action.source)
                 elif isinstance(action, Redefine):
+                    attempt.append(f"redefine ({action.reason})")
                     self.verify_archived_loader(ref, action.xml)
                     self.redefine(ref, facts.xml, action.xml, action.reason)
                     done.append(f"redefined: {action.reason}")

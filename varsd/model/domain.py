@@ -134,3 +134,29 @@ class FileFacts:
     # planner can recognise which build the image was made from.
     trailing_sha256: str | None = None
     error: str | None = None  # unreadable, corrupt, ...
+
+
+@dataclass(frozen=True)
+class AttemptFailure:
+    """A domain's last failed attempt to act, as the state database keeps it.
+
+    It stands until an attempt succeeds or the domain's definition changes
+    (`definition_sha256` is the persistent XML the attempt was planned from).
+    """
+
+    uuid: str
+    name: str
+    first_at: str  # first failure of this run of failures (ISO 8601 UTC)
+    at: str  # the latest one
+    action: str  # what was being done, e.g. "create varstore /var/lib/.../x_VARS.fd"
+    error: str
+    count: int
+    definition_sha256: str
+
+    def as_dict(self) -> dict:
+        return {"at": self.at, "first_at": self.first_at, "action": self.action, "error": self.error,
+                "count": self.count}
+
+    def describe(self) -> str:
+        times = f"{self.count} attempts since {self.first_at}" if self.count > 1 else "once"
+        return f"last attempt failed at {self.at} ({times}): {self.action}: {self.error}"
