@@ -28,11 +28,13 @@ from varsd.domain.xml import firmware_signature, parse_domain
 from varsd.engine.inspect import FileInspector
 from varsd.engine.lock import host_lock
 from varsd.engine.provision import preflight, provision_varstore
-from varsd.errors import HypervisorError, VarsdError
+from varsd.engine.varstore_users import VarstoreIndex
+from varsd.errors import HypervisorError, ProvisionError, VarsdError
 from varsd.firmware.archive import Archive, ArchiveError, ArchiveIndex, is_archive_path, sha_of_archive_path
-from varsd.model.domain import AttemptFailure, FirmwareConfig, Status
+from varsd.model.domain import AttemptFailure, DomainFirmware, FirmwareConfig, Status
 from varsd.model.firmware import Build, Catalog
 from varsd.planning.repair import CreateVarstore, DomainFacts, Plan, Redefine, plan_repair, varstore_path
+from varsd.planning.sharing import Sharing, decide
 from varsd.planning.upgrade import UpgradeContext
 
 log = logging.getLogger("varsd.reconcile")
@@ -189,10 +191,11 @@ class Reconciler:
         self.inspector = inspector or FileInspector()
         self.archive = archive if archive is not None else Archive(cfg.archive_dir, state_dir=cfg.state_dir)
         self._memo: dict[str, _Memo] = {}
-        self._owners: dict[str, tuple[str, str]] = {}  # varstore path -> (uuid, name) whose own it is
-        self._uses: dict[str, str | None] = {}  # uuid -> varstore path it names
-        self._owners_lock = threading.Lock()
-        self.rechecks: set[str] = set()  # domains to look at again (see _note_varstore)
+        self.varstores = VarstoreIndex(
+            hv, lambda fw: varstore_path(cfg.nvram_dir, fw.name, fw.uuid),
+            lambda fw, persistent: persistent and not fw.metadata.opt_out and not cfg.is_excluded(fw.name, fw.uuid))
+        self._rechecks_lock = threading.Lock()
+        self.rechecks: set[str] = set()  # domains to look at again (see _sharing)
         self._upgrades: tuple[float, UpgradeContext] | None = None
         self._archive_lock = threading.Lock()
         self._archive_tried: dict[str, float] = {}  # sha -> monotonic time of a failed attempt
@@ -292,7 +295,7 @@ class Reconciler:
             return memo.facts, memo.plan
         facts = self.facts(xml, live_xml, excluded=excluded, persistent=ref.persistent)
         plan = plan_repair(facts, self.catalog, self.cfg.nvram_dir, self.clock(), upgrades)
-        if plan.actions:
+        if plan.actions or facts.sharing is not None:  # a sharer's plan follows the others' state
             self._memo.pop(ref.uuid, None)
         else:
             fw = facts.firmware
@@ -312,35 +315,22 @@ class Reconciler:
         nvram = self.inspector.inspect(fw.nvram_path, digest=False) if fw.nvram_path else None
         return DomainFacts(
             xml=xml, firmware=fw, live=live, image=image, nvram=nvram, excluded=excluded, persistent=persistent,
-            nvram_shared_with=self._note_varstore(fw),
+            sharing=self._sharing(fw, running=live is not None, persistent=persistent),
+            other_varstores=self.varstores.other_paths(fw.uuid),
         )
 
-    def _note_varstore(self, fw) -> str | None:
-        """Track which domain's own varstore each path is; the name of *another* domain
-        whose own file `fw` names, if any.
-
-        A domain owns the `<name>_VARS.fd` libvirt's naming gives it. When an owner shows
-        up after a domain that uses its file was judged fine, that domain's memo is
-        dropped (and it is listed in `rechecks`), so the order domains are seen in does
-        not matter.
-        """
-        with self._owners_lock:
-            for path, (uuid, _name) in list(self._owners.items()):
-                if uuid == fw.uuid and path != fw.nvram_path:
-                    del self._owners[path]  # its varstore moved
-            path = fw.nvram_path
-            self._uses[fw.uuid] = path
-            if not path:
-                return None
-            if path == varstore_path(self.cfg.nvram_dir, fw.name, fw.uuid):
-                self._owners[path] = (fw.uuid, fw.name)
-                for other, used in self._uses.items():
-                    if used == path and other != fw.uuid:
-                        self._memo.pop(other, None)
-                        self.rechecks.add(other)
-                return None
-            owner = self._owners.get(path)
-            return owner[1] if owner is not None and owner[0] != fw.uuid else None
+    def _sharing(self, fw: DomainFirmware, *, running: bool, persistent: bool) -> Sharing | None:
+        """Who else uses this domain's varstore file (by identity, host-wide, whatever the
+        order domains are seen in). A sharer whose compliant plan is memoised did not know:
+        its memo is dropped and it is listed in `rechecks`."""
+        me, others = self.varstores.note(fw, running=running, persistent=persistent)
+        if me is None or not others:
+            return None
+        for o in others:
+            if self._memo.pop(o.uuid, None) is not None:
+                with self._rechecks_lock:
+                    self.rechecks.add(o.uuid)
+        return decide(me, others)
 
     def plan_xml(self, ref: DomainRef, xml: str, *, policy: str | None = None) -> tuple[DomainFacts, Plan]:
         """Plan for a definition the domain does not have yet (what varsctl pin, unpin and
@@ -353,13 +343,9 @@ class Reconciler:
 
     def forget(self, uuid: str) -> str | None:
         """Drop what is remembered of a domain that is gone; returns its last varstore path."""
-        with self._owners_lock:
-            self._uses.pop(uuid, None)
-            for path, (owner, _name) in list(self._owners.items()):
-                if owner == uuid:
-                    del self._owners[path]
+        path = self.varstores.forget(uuid)
         memo = self._memo.pop(uuid, None)
-        return memo.facts.firmware.nvram_path if memo is not None else None
+        return memo.facts.firmware.nvram_path if memo is not None else path
 
     # -- acting ------------------------------------------------------------------
 
@@ -485,6 +471,12 @@ class Reconciler:
             for action in plan.actions:
                 if isinstance(action, CreateVarstore):
                     attempt.append(f"create varstore {action.path} from {action.source}")
+                    user = self.varstores.user_of(action.path, ref.uuid)
+                    keeps = facts.sharing is not None and facts.sharing.keeps \
+                        and action.path == facts.firmware.nvram_path
+                    if user is not None and not keeps:  # never adopt or share another domain's varstore
+                        raise ProvisionError(f"{action.path} is the varstore of domain '{user}'; varsd never "
+                                             f"gives it to domain '{ref.name}' as well")
                     result = provision_varstore(
                         action.path, action.source, expected_layout=action.layout, owner=self.owner,
                         length=action.length,
@@ -539,7 +531,7 @@ class Reconciler:
         return [self.reconcile(ref, apply=apply) if ref.uuid in again else o for ref, o in pairs]
 
     def take_rechecks(self) -> set[str]:
-        with self._owners_lock:
+        with self._rechecks_lock:
             again, self.rechecks = self.rechecks, set()
         return again
 

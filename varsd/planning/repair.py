@@ -58,6 +58,7 @@ from varsd.firmware.selection import explain_no_build, machine_has_smm, select_b
 from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig, Status, VarsdMetadata
 from varsd.model.firmware import Build, Catalog, MappingMode, VarstoreLayout
 from varsd.planning import upgrade
+from varsd.planning.sharing import Sharing
 from varsd.planning.upgrade import Hold, Track, UpgradeContext, Wait
 
 
@@ -72,9 +73,11 @@ class DomainFacts:
     nvram: FileFacts | None = None  # the varstore named by <nvram>
     excluded: bool = False
     persistent: bool = True
-    # Another domain whose own `<name>_VARS.fd` this domain's <nvram> names (a hand-made
-    # clone): two guests writing one varstore corrupt each other's variables.
-    nvram_shared_with: str | None = None
+    # Other domains whose <nvram> resolves to the same file (varsd.planning.sharing): two
+    # guests writing one varstore corrupt each other's variables.
+    sharing: Sharing | None = None
+    # Varstore paths other domains name: a new varstore never goes there.
+    other_varstores: frozenset[str] = frozenset()
 
     @property
     def running(self) -> bool:
@@ -134,17 +137,24 @@ def varstore_path(nvram_dir: str, name: str, uuid: str) -> str:
     return os.path.join(nvram_dir, f"{stem}_VARS.fd")
 
 
-def new_varstore_path(nvram_dir: str, fw: DomainFirmware, taken: set[str | None]) -> str:
-    """`varstore_path`, or a sibling name when that path is the very file being replaced.
+def new_varstore_path(nvram_dir: str, fw: DomainFirmware, taken: set[str | None] | frozenset[str]) -> str:
+    """`varstore_path`, or a sibling name when that path is taken: the very file being
+    replaced, or a file another domain uses (a renamed domain's `<old>_VARS.fd`).
 
     (Guides tell people to keep a private OVMF.fd as `<name>_VARS.fd`; provisioning
     never overwrites, so the copy needs a name of its own.)
     """
     path = varstore_path(nvram_dir, fw.name, fw.uuid)
-    if path in taken:
-        path = path.removesuffix("_VARS.fd") + "-varsd_VARS.fd"
+    stem, n = path.removesuffix("_VARS.fd"), 1
+    while path in taken:
+        path = f"{stem}-varsd{'' if n == 1 else n}_VARS.fd"
+        n += 1
     return path
 
+
+def _shared(facts: DomainFacts) -> bool:
+    """Whether another domain keeps (or also uses, with no keeper) this domain's varstore file."""
+    return facts.sharing is not None and not facts.sharing.keeps
 
 
 def wants_secure_boot(fw: DomainFirmware, image: FileFacts | None, catalog: Catalog) -> bool:
@@ -392,7 +402,8 @@ def _plan_new_varstore(
     query = dict(arch=fw.arch, machine=fw.machine, secure_boot=secure, smm_allowed=machine_has_smm(fw.machine))
     # A varstore the XML already names (left from before the domain lost its pflash) is kept.
     kept = None
-    if nvram is not None and nvram.exists and nvram.varstore_layout and is_private_varstore(catalog, nvram_dir, nvram):
+    if nvram is not None and nvram.exists and nvram.varstore_layout and not _shared(facts) \
+            and is_private_varstore(catalog, nvram_dir, nvram):
         kept = select_build(catalog, **query, layout=nvram.varstore_layout)
     if kept is not None and not _smm_problem(kept, fw):
         assert nvram is not None
@@ -413,7 +424,7 @@ def _plan_new_varstore(
         return Plan(config, Status.ERROR, problem, code=firmware_image_path(fw))
     assert build.template_path and build.layout
     taken = {firmware_image_path(fw)} | ({nvram.path} if nvram is not None and nvram.exists else set())
-    target = new_varstore_path(nvram_dir, fw, taken)
+    target = new_varstore_path(nvram_dir, fw, taken | facts.other_varstores)
     md = _provenance(fw.metadata, build, "template", now)
     return Plan(
         config,
@@ -457,7 +468,7 @@ def _plan_unified(facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str
             build=build,
             code=fw.loader_path,
         )
-    target = new_varstore_path(nvram_dir, fw, {fw.loader_path, image.realpath})
+    target = new_varstore_path(nvram_dir, fw, {fw.loader_path, image.realpath} | facts.other_varstores)
     md = _provenance(fw.metadata, build, f"unified:{fw.loader_path}", now)
     return Plan(
         FirmwareConfig.UNIFIED,
@@ -549,7 +560,7 @@ def _plan_split(
     if problem:
         return Plan(config, Status.ERROR, problem, code=fw.loader_path, varstore=nvram.path)
 
-    if facts.nvram_shared_with or not is_private_varstore(catalog, nvram_dir, nvram):
+    if _shared(facts) or not is_private_varstore(catalog, nvram_dir, nvram):
         return _plan_shared_varstore(facts, catalog, nvram_dir, now, build, nvram, layout)
 
     md = _bind(fw.metadata, build)
@@ -581,17 +592,21 @@ def _plan_shared_varstore(
     layout: VarstoreLayout,
 ) -> Plan:
     """Give the domain its own copy of the varstore it shares, every variable kept."""
-    fw = facts.firmware
+    fw, sharing = facts.firmware, facts.sharing
+    users = f" (used by domain(s) {', '.join(repr(n) for n in sharing.others)} too)" if sharing else ""
     if facts.running:
         return Plan(FirmwareConfig.SPLIT, Status.PENDING_COLD_BOOT,
-                    f"varstore {nvram.path} is not private"
-                    f"{f' (domain {facts.nvram_shared_with!r} uses it too)' if facts.nvram_shared_with else ''}; "
-                    "it will be copied once the domain is shut off "
+                    f"varstore {nvram.path} is not private{users}; it will be copied once the domain is shut off "
                     "(the running guest may still write variables into it)",
                     build=build, code=fw.loader_path, varstore=nvram.path)
-    target = new_varstore_path(nvram_dir, fw, {nvram.path, nvram.realpath})
+    if sharing is not None and sharing.running:
+        return Plan(FirmwareConfig.SPLIT, Status.PENDING_COLD_BOOT,
+                    f"varstore {nvram.path} is not private{users}; it will be copied once "
+                    f"{', '.join(repr(n) for n in sharing.running)} is shut off (a running guest may be writing it)",
+                    build=build, code=fw.loader_path, varstore=nvram.path)
+    target = new_varstore_path(nvram_dir, fw, {nvram.path, nvram.realpath} | facts.other_varstores)
     md = _provenance(fw.metadata, build, f"copy:{nvram.path}", now)
-    owner = f" (domain '{facts.nvram_shared_with}''s own)" if facts.nvram_shared_with else ""
+    owner = f" (domain '{sharing.keeper}' keeps it)" if sharing and sharing.keeper else users
     reason = f"shared varstore {nvram.path}{owner} copied to private {target} ({build.label})"
     return Plan(
         FirmwareConfig.SPLIT, Status.OK, reason,
@@ -619,9 +634,10 @@ def _plan_missing_varstore(
     problem = _smm_problem(build, fw)
     if problem:
         return Plan(config, Status.ERROR, problem, code=fw.loader_path, varstore=fw.nvram_path)
-    target = fw.nvram_path or varstore_path(nvram_dir, fw.name, fw.uuid)
-    if fw.nvram_path and not is_private_varstore(catalog, nvram_dir, FileFacts(path=fw.nvram_path, exists=False)):
-        target = varstore_path(nvram_dir, fw.name, fw.uuid)
+    target = fw.nvram_path or new_varstore_path(nvram_dir, fw, facts.other_varstores)
+    if fw.nvram_path and (_shared(facts) or not is_private_varstore(
+            catalog, nvram_dir, FileFacts(path=fw.nvram_path, exists=False))):
+        target = new_varstore_path(nvram_dir, fw, facts.other_varstores | {fw.nvram_path})
     actions: tuple[Action, ...] = ()
     md = _bind(fw.metadata, build)
     # Outside nvram_dir libvirt creates the file at first start; we do not own that directory.
