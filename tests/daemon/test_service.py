@@ -198,7 +198,7 @@ def test_firmware_change_is_noticed_archived_and_applied(conn, service_factory, 
         return hashlib.sha256(code).hexdigest()
 
     old = install(b"\x90" * 4096 + b"old build")
-    svc = service_factory(firmware_dirs=(str(desc),))
+    svc = service_factory(firmware_dirs=(str(desc),), firmware_search_dirs=())
     archive = Archive(svc.cfg.archive_dir)
     assert archive.index().verified == {old}, "the catalog's build was not archived at start-up"
     name = "evt-fw-upgrade"
