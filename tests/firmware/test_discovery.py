@@ -34,11 +34,13 @@ def _summary(builds) -> list[tuple[str, str, tuple[str, ...]]]:
 def test_debian12_2mib_builds_are_found_beside_the_descriptor_ones() -> None:
     described = load_catalog([FW_DIR])
     builds = discover([OVMF, "/usr/share/ovmf", "/usr/share/qemu"], {b.code_sha256 for b in described.builds})
-    assert _summary(builds) == [
+    sb, enrolled = ("requires-smm", "secure-boot"), ("enrolled-keys", "requires-smm", "secure-boot")
+    assert _summary(builds) == [  # the symlink OVMF_CODE.ms.fd is a name of the Secure Boot build too
         ("OVMF_CODE.fd", "OVMF_VARS.fd", ()),
-        ("OVMF_CODE.secboot.fd", "OVMF_VARS.ms.fd", ("enrolled-keys", "requires-smm", "secure-boot")),
-        ("OVMF_CODE.secboot.fd", "OVMF_VARS.fd", ("requires-smm", "secure-boot")),
+        ("OVMF_CODE.ms.fd", "OVMF_VARS.ms.fd", enrolled), ("OVMF_CODE.ms.fd", "OVMF_VARS.fd", sb),
+        ("OVMF_CODE.secboot.fd", "OVMF_VARS.ms.fd", enrolled), ("OVMF_CODE.secboot.fd", "OVMF_VARS.fd", sb),
     ]
+    assert len({b.code_sha256 for b in builds if "secure-boot" in b.features}) == 1
     assert all(b.layout and b.layout.size == 131072 for b in builds)
     assert all(b.origin == f"discovered:{b.code_path}" for b in builds)
 
@@ -47,8 +49,8 @@ def test_descriptor_builds_come_first_and_are_not_listed_twice() -> None:
     catalog = load_catalog([FW_DIR], search_dirs=[OVMF])
     origins = [b.origin for b in catalog.builds]
     assert [o for o in origins if not o.startswith("discovered:")] == origins[:3]
-    shas = [(b.code_sha256, b.template_path) for b in catalog.builds]
-    assert len(shas) == len(set(shas))
+    pairs = [(b.code_path, b.template_path) for b in catalog.builds]
+    assert len(pairs) == len(set(pairs))
     assert not any(b.origin.startswith("discovered:") and "_4M" in b.code_path for b in catalog.builds)
 
 
@@ -58,9 +60,10 @@ def test_symlinks_are_resolved_and_names_mean_nothing(tmp_path: Path) -> None:
                          "c.fd": f"{OVMF}/OVMF_VARS.ms.fd", "OVMF_CODE.ms.fd": "->a.fd",
                          "bios-256k.bin": "/usr/share/seabios/bios-256k.bin"})
     builds = discover([str(d)], set())
-    assert _summary(builds) == [("a.fd", "c.fd", ("enrolled-keys", "requires-smm", "secure-boot")),
-                                ("a.fd", "b.fd", ("requires-smm", "secure-boot"))]
-    assert {b.code_path for b in builds} == {str(d / "a.fd")}
+    sb, enrolled = ("requires-smm", "secure-boot"), ("enrolled-keys", "requires-smm", "secure-boot")
+    assert _summary(builds) == [("OVMF_CODE.ms.fd", "c.fd", enrolled), ("OVMF_CODE.ms.fd", "b.fd", sb),
+                                ("a.fd", "c.fd", enrolled), ("a.fd", "b.fd", sb)]
+    assert len({b.code_sha256 for b in builds}) == 1  # one build, two names; bios-256k.bin is none
 
 
 def test_a_path_whose_target_changes_is_a_new_build(tmp_path: Path) -> None:

@@ -6,8 +6,10 @@ package upgrade that removes it leaves those guests unbootable. So every code im
 the firmware directories is looked at, and paired with its varstore template by what
 the files *are*, never by their names:
 
-- Every regular file (symlinks resolved: Debian's `OVMF_CODE.ms.fd` is one; the build is
-  the file it points at, so a path whose target changes is a new build) is read once:
+- Every regular file (symlinks resolved: Debian's `OVMF_CODE.ms.fd` is one) is read once,
+  whatever names it has; each name is listed as a build path, as Debian's descriptors
+  list `OVMF_CODE_4M.ms.fd`, and identified by the content it names (a path whose target
+  changes is a new build):
   a file that is exactly an edk2 varstore is a template; one that begins with a varstore
   and goes on is a unified image; an edk2 x86 code image (its firmware volumes, read
   with virt-firmware, hold OVMF's modules) is a code image; anything else is skipped.
@@ -78,9 +80,8 @@ def pair_builds(probes: Sequence[Probe], known_code: set[str]) -> list[Build]:
         by_dir.setdefault(os.path.dirname(p.path), []).append(p)
     unified_layout = {p.trailing_sha256: p.layout for p in probes if p.is_unified and p.trailing_sha256}
     builds: list[Build] = []
-    seen: set[str] = set(known_code)
     for code in sorted((p for p in probes if p.is_code), key=lambda p: p.path):
-        if code.sha256 in seen:
+        if code.sha256 in known_code:
             continue
         templates = [t for t in by_dir.get(os.path.dirname(code.path), []) if t.is_template]
         layout = unified_layout.get(code.sha256)
@@ -97,8 +98,6 @@ def pair_builds(probes: Sequence[Probe], known_code: set[str]) -> list[Build]:
             choices += [t for t in same if t.enrolled][:1]
         for tmpl in choices:
             builds.append(_build(code, tmpl, layout, secure))
-        if choices:
-            seen.add(code.sha256)
     # Enrolled first among a code's builds, as Debian's descriptors order them (40- before 50-).
     return sorted(builds, key=lambda b: (b.code_path, "enrolled-keys" not in b.features))
 
@@ -120,9 +119,10 @@ def _build(code: Probe, tmpl: Probe, layout: VarstoreLayout, secure: bool) -> Bu
 # -- reading (the impure edge) --------------------------------------------------------
 
 
-def _files(dirs: Sequence[str]) -> list[str]:
-    """Regular files (symlinks resolved, each once) in `dirs` and their direct subdirectories."""
-    out: dict[str, None] = {}
+def _files(dirs: Sequence[str]) -> dict[str, str]:
+    """Paths of regular files (after resolving symlinks) in `dirs` and their direct
+    subdirectories -> the file each resolves to."""
+    out: dict[str, str] = {}
     for top in dirs:
         for d in [top] + sorted(os.path.join(top, n) for n in _listdir(top) if os.path.isdir(os.path.join(top, n))):
             for name in sorted(_listdir(d)):
@@ -132,8 +132,8 @@ def _files(dirs: Sequence[str]) -> list[str]:
                 except OSError:
                     continue
                 if stat.S_ISREG(st.st_mode) and MIN_SIZE <= st.st_size <= MAX_SIZE:
-                    out.setdefault(real)
-    return list(out)
+                    out.setdefault(os.path.join(d, name), real)
+    return out
 
 
 def _listdir(d: str) -> list[str]:
@@ -180,15 +180,16 @@ def discover(dirs: Sequence[str], known_code: set[str], *, modules_cache: Module
              probe_file: Callable[[str], Probe | None] = probe) -> list[Build]:
     """Builds found in `dirs` whose code no descriptor or extra pair lists (never raises)."""
     cache = modules_cache if modules_cache is not None else {}
-    probes = []
-    for path in _files(dirs):
-        try:
-            p = probe_file(path)
-        except Exception as exc:  # one odd file never takes the catalog down
-            log.debug("firmware discovery: %s: %s", path, exc)
-            continue
-        if p is not None:
-            probes.append(p)
+    probes, read = [], {}
+    for path, real in _files(dirs).items():
+        if real not in read:  # each file read once, whatever names it has
+            try:
+                read[real] = probe_file(real)
+            except Exception as exc:  # one odd file never takes the catalog down
+                log.debug("firmware discovery: %s: %s", path, exc)
+                read[real] = None
+        if read[real] is not None:
+            probes.append(replace(read[real], path=path))
     sizes = {p.size for p in probes if p.is_template}
     trailing = {p.trailing_sha256 for p in probes if p.is_unified}
     out = []
