@@ -11,8 +11,6 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-
 from varsd.adapters import virtfw
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.domain.xml import QEMU_NS, parse_domain
@@ -35,13 +33,6 @@ SB_CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
 VENDOR_GUID = "0f7d2c3a-9b1e-4d6f-8a25-3c4b5d6e7f80"
 PROOF = f"{VENDOR_GUID}:VarsdProof"
 KEEP = ["-global", "ICH9-LPC.disable_s3=1"]  # an unrelated argument every guest carries
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
-    cfg = tmp_path / "varsd.toml"
-    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\nnvram_dir = "{NVRAM_DIR}"\n')
-    return cfg
 
 
 def _qemu_file(path: Path, data: bytes, mode: int = 0o600) -> str:

@@ -13,7 +13,6 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
 from generated import BOOTABLE, CODE_4M, FORMS, VARS_4M, random_shape
 
 from varsd.adapters import virtfw
@@ -23,13 +22,6 @@ from .guests import NVRAM_DIR, open_files, qemu_pid, varsctl, wait_for_serial
 
 SEED = int(os.environ.get("VARSD_GEN_SEED", "20261201"))
 SAMPLE = 3
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
-    cfg = tmp_path / "varsd.toml"
-    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\nnvram_dir = "{NVRAM_DIR}"\n')
-    return cfg
 
 
 def test_a_seeded_sample_of_generated_configurations_boots(hv: Hypervisor, guest_factory, config, tmp_path) -> None:

@@ -12,8 +12,6 @@ import json
 import os
 from pathlib import Path
 
-import pytest
-
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.domain.xml import parse_domain
 
@@ -21,13 +19,6 @@ from .guests import CODE_4M, NVRAM_DIR, domain_xml, open_files, qemu_pid, varsct
 
 OVMF_2M_UNIFIED = "/usr/share/ovmf/OVMF.fd"
 SB_CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
-    cfg = tmp_path / "varsd.toml"
-    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\nnvram_dir = "{NVRAM_DIR}"\n')
-    return cfg
 
 
 def _no_features(name: str, args: list[str], machine: str = "q35") -> str:

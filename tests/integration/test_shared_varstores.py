@@ -14,8 +14,6 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
-
 from varsd.adapters import virtfw
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.domain.xml import parse_domain
@@ -25,13 +23,6 @@ from .guests import CODE_4M, NVRAM_DIR, VARS_4M, domain_xml, open_files, qemu_pi
 VENDOR_GUID = "2d7c9a41-5e3b-4f1a-9c8d-6b5a4e3d2c1f"
 PROOF = f"{VENDOR_GUID}:VarsdProof"
 BOOT_LINE = r"BdsDxe: (loading|starting) Boot"
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
-    cfg = tmp_path / "varsd.toml"
-    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\nnvram_dir = "{NVRAM_DIR}"\n')
-    return cfg
 
 
 def _varstore(path: Path) -> None:

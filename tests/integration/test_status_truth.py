@@ -11,20 +11,11 @@ import json
 import os
 from pathlib import Path
 
-import pytest
-
 from varsd.adapters.libvirt_api import Hypervisor
 
 from .guests import CODE_4M, NVRAM_DIR, domain_xml, open_files, qemu_pid, varsctl, wait_for_serial, with_cmdline
 
 OVMF_2M_UNIFIED = "/usr/share/ovmf/OVMF.fd"
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
-    cfg = tmp_path / "varsd.toml"
-    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\nnvram_dir = "{NVRAM_DIR}"\n')
-    return cfg
 
 
 def _status(config: Path, name: str) -> tuple[int, dict, str]:
