@@ -82,8 +82,8 @@ class VarstoreIndex:
         with self._lock:
             if self._filled:
                 return
-            self._filled = True
-        for ref in self.hv.list_domains():
+        refs = self.hv.list_domains()  # libvirt gone: raises, and the next look fills it
+        for ref in refs:
             try:
                 entry = self._read(ref.uuid)
             except VarsdError as exc:  # one unreadable domain does not hide the others
@@ -92,6 +92,8 @@ class VarstoreIndex:
             with self._lock:
                 if entry is not None:
                     self._entries.setdefault(ref.uuid, entry)
+        with self._lock:
+            self._filled = True
 
     def note(self, fw: DomainFirmware, *, running: bool, persistent: bool) -> tuple[VarstoreUser | None,
                                                                                     list[VarstoreUser]]:
