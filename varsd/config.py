@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from varsd.errors import ConfigError
+from varsd.model.firmware import UpgradePolicy
 
 DEFAULT_CONFIG_PATH = "/etc/varsd/varsd.toml"
 QEMU_CONF = "/etc/libvirt/qemu.conf"
@@ -50,7 +51,7 @@ DEFAULT_SEARCH_DIRS: tuple[str, ...] = (
     "/usr/share/OVMF", "/usr/share/ovmf", "/usr/share/edk2", "/usr/share/AAVMF", "/usr/share/qemu",
 )
 
-UPGRADE_POLICIES = ("auto", "manual")
+UPGRADE_POLICIES = tuple(p.value for p in UpgradePolicy)
 
 T = TypeVar("T")
 
@@ -79,7 +80,7 @@ class Config:
     qemu_group: str | None = None
     exclude: tuple[str, ...] = ()  # domain name globs or UUIDs
     reconcile_interval: int = 300  # seconds between safety-net full passes
-    upgrade_policy: str = "auto"
+    upgrade_policy: UpgradePolicy = UpgradePolicy.AUTO
     archive_retention_days: int = 30
     source: str | None = field(default=None, compare=False)  # file it came from
 
@@ -159,6 +160,7 @@ def parse_config(text: str, where: str = "<config>") -> Config:
     if "upgrade_policy" in kw:
         choices = ", ".join(UPGRADE_POLICIES)
         _expect(kw["upgrade_policy"] in UPGRADE_POLICIES, where, f"'upgrade_policy' must be one of {choices}")
+        kw["upgrade_policy"] = UpgradePolicy(kw["upgrade_policy"])
     if "extra_firmware" in data:
         items = data["extra_firmware"]
         _expect(isinstance(items, list), where, "'extra_firmware' must be an array of tables ([[extra_firmware]])")

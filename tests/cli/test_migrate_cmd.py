@@ -153,7 +153,7 @@ def test_all_migrates_what_it_can_reports_the_rest_and_exits_1(capsys, bed) -> N
     assert lines[0] == "migrate --all: 4 domain(s) need migration"
     # one progress line per domain, in name order: i440, plain, run, sb2
     assert lines[1].startswith("[1/4] i440: migrating (")
-    assert lines[2].startswith("[1/4] i440: FAILED: domain 'i440': no catalog build to migrate to")
+    assert lines[2].startswith("[1/4] i440: FAILED: no catalog build to migrate to")
     assert lines[3].startswith("[2/4] plain: migrating (")
     assert lines[4].startswith("[2/4] plain: migrated ")
     assert lines[5].startswith("[3/4] run: skipped: is running; shut it down, then run 'varsctl migrate run'")
@@ -173,7 +173,7 @@ def test_all_migrates_what_it_can_reports_the_rest_and_exits_1(capsys, bed) -> N
 def test_all_dry_run_shows_the_plan_and_changes_nothing(capsys, bed) -> None:
     rc, out, _ = run(capsys, bed, "--all", "--dry-run")
     lines = out.splitlines()
-    assert lines[1].startswith("[1/4] i440: FAILED: domain 'i440': no catalog build to migrate to")
+    assert lines[1].startswith("[1/4] i440: FAILED: no catalog build to migrate to")
     assert lines[2].startswith("[2/4] plain: would migrate: domain 'plain': variables of ")
     assert lines[3].startswith("[3/4] run: skipped: is running")
     assert lines[4].startswith("[4/4] sb2: would migrate: ") and "OVMF_VARS_4M.ms.fd" in lines[4]

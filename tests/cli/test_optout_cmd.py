@@ -36,5 +36,5 @@ def test_opt_out_is_respected_and_reversible(capsys, host, default_conn):
     assert d["status"] == "ok" and d["changes"], d
 
     rc, out, _ = run(capsys, host, "journal", "--json", name, uri=DEFAULT)
-    reasons = [c["reason"] for c in json.loads(out)]
+    reasons = [c["reason"] for c in json.loads(out)["changes"]]
     assert reasons[1:] == ["opted back in by the admin", "opted out by the admin"]

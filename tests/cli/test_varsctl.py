@@ -16,8 +16,8 @@ import libvirt
 import pytest
 
 from varsd.adapters.journal import Journal
-from varsd.cli import varsctl
 from varsd.cli.varsctl import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, main
+from varsd.engine import transaction
 
 from .common import (
     CODE_4M,
@@ -174,8 +174,8 @@ def test_reconcile_dry_run_changes_nothing(capsys, host):
     rc, out, err = run(capsys, host, "reconcile", "--dry-run", "romguest", "seabiosguest")
     assert rc == EXIT_ATTENTION  # romguest is still wrong after a dry run
     target = os.path.join(host["nvram"], "romguest_VARS.fd")
-    assert f"romguest: would CreateVarstore: {target}" in out
-    assert "romguest: would Redefine: bios-rom -> split (" in out
+    assert f"romguest: would create varstore {target} from " in out
+    assert "romguest: would redefine the domain: bios-rom -> split (" in out
     assert "seabiosguest: would" not in out
     assert "DOMAIN" in out  # followed by the table
     assert os.listdir(host["nvram"]) == ["split_VARS.fd"]
@@ -208,7 +208,7 @@ def test_reconcile_on_node_file_repairs_and_journals(capsys, host):
     assert "romguest: redefined: bios-rom -> split (" in out
     assert os.path.exists(target)
     rc, out, _ = run(capsys, host, "journal", "--json")
-    (entry,) = json.loads(out)
+    (entry,) = json.loads(out)["changes"]
     assert (entry["uuid"], entry["name"], entry["actor"], entry["outcome"]) == (U_ROM, "romguest", "varsctl", "applied")
     assert f"<loader type='rom'>{UNIFIED}</loader>" in entry["old_xml"]
     new = ET.fromstring(entry["new_xml"])
@@ -252,7 +252,7 @@ def test_journal_and_undo(capsys, host, default_conn):
 
     # the undo is itself journaled, newest first
     rc, out, _ = run(capsys, host, "journal", "--json", name, uri=DEFAULT)
-    undo, original = json.loads(out)
+    undo, original = json.loads(out)["changes"]
     assert original["id"] == change_id
     assert undo["id"] > change_id and undo["reason"] == f"undo of journal #{change_id}"
     assert undo["outcome"] == "applied" and undo["new_xml"] == original["old_xml"]
@@ -267,17 +267,17 @@ def test_undo_takes_the_domains_lock(capsys, host, default_conn, monkeypatch):
     """undo writes a definition like reconcile does, so it must not race a daemon acting on it."""
     name, _ = _define_rom(default_conn)
     assert run(capsys, host, "reconcile", name, uri=DEFAULT)[0] == EXIT_OK
-    change_id = json.loads(run(capsys, host, "journal", "--json", name, uri=DEFAULT)[1])[0]["id"]
+    change_id = json.loads(run(capsys, host, "journal", "--json", name, uri=DEFAULT)[1])["changes"][0]["id"]
     uuid = default_conn.lookupByName(name).UUIDString()
 
     taken: list[str] = []
-    real = varsctl.host_lock
+    real = transaction.host_lock
 
     def spy(path, *a, **kw):
         taken.append(path)
         return real(path, *a, **kw)
 
-    monkeypatch.setattr(varsctl, "host_lock", spy)
+    monkeypatch.setattr(transaction, "host_lock", spy)
     rc, _, _ = run(capsys, host, "undo", str(change_id), uri=DEFAULT)
     assert rc == EXIT_OK
     assert os.path.join(host["state"], "locks", f"{uuid}.lock") in taken
@@ -287,7 +287,7 @@ def test_undo_refuses_when_the_domain_changed_since(capsys, host, default_conn):
     """An admin's edit after varsd's change must not be discarded silently by an undo."""
     name, before = _define_rom(default_conn)
     assert run(capsys, host, "reconcile", name, uri=DEFAULT)[0] == EXIT_OK
-    change_id = json.loads(run(capsys, host, "journal", "--json", name, uri=DEFAULT)[1])[0]["id"]
+    change_id = json.loads(run(capsys, host, "journal", "--json", name, uri=DEFAULT)[1])["changes"][0]["id"]
     dom = default_conn.lookupByName(name)
     edited = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).replace(
         "</name>", "</name>\n  <description>admin edit</description>", 1

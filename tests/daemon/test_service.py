@@ -243,7 +243,11 @@ def test_a_failure_is_logged_when_it_first_happens_and_when_it_clears(conn, serv
     os.unlink(target)
     svc.queue.put(uuid)
     wait_until(lambda: _repaired(conn, name), what="the repair once the link is gone")
-    cleared = [r.getMessage() for r in caplog.records if "is cleared" in r.getMessage() and name in r.getMessage()]
+    def cleared() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "is cleared" in r.getMessage() and name in r.getMessage()]
+
+    wait_until(cleared, what="the clearing logged")
+    cleared = cleared()
     assert len(cleared) == 1, cleared
     count = re.search(r"seen (\d+) time", cleared[0])
     assert count and int(count.group(1)) >= 4, cleared  # every failed pass was counted

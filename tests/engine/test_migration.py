@@ -26,24 +26,23 @@ from varsd.config import Config, ExtraFirmware
 from varsd.domain.xml import parse_domain
 from varsd.engine import migration
 from varsd.engine.inspect import FileInspector
-from varsd.engine.migration import (
-    MigrationFacts,
-    MigrationFailed,
-    MigrationRefused,
-    Migrator,
-    NothingToMigrate,
-    VarstoreFacts,
-    compare_variables,
-    enrolled_keys,
-    plan_migration,
-    replace_file,
-    resolve_build,
-)
+from varsd.engine.migration import MigrationFailed, Migrator, replace_file
 from varsd.engine.reconciler import Reconciler
 from varsd.errors import HypervisorError
 from varsd.firmware.catalog import load_catalog
 from varsd.model.domain import FirmwareConfig, Status
 from varsd.model.firmware import Catalog, VarstoreLayout
+from varsd.planning import migration as planned
+from varsd.planning.migration import (
+    MigrationFacts,
+    MigrationRefused,
+    NothingToMigrate,
+    VarstoreFacts,
+    compare_variables,
+    enrolled_keys,
+    plan_migration,
+    resolve_build,
+)
 
 OVMF = "/usr/share/OVMF"
 FW_DIR = "/usr/share/qemu/firmware"
@@ -57,7 +56,7 @@ LAYOUT_4M = VarstoreLayout(size=540672, start=100, end=262144)
 NVRAM = "/var/lib/libvirt/qemu/nvram"
 NOW = "2025-06-01T12:00:00Z"
 VENDOR = "5b3c9c5e-1f6a-4b8e-9d2a-7a1f0e6d4c21"
-EFI_GLOBAL = migration.EFI_GLOBAL
+EFI_GLOBAL = planned.EFI_GLOBAL
 ENROLLED = "40-edk2-x86_64-secure-enrolled.json"
 SECURE = "50-edk2-x86_64-secure.json"
 PLAIN = "60-edk2-x86_64.json"
@@ -273,7 +272,7 @@ def test_compare_variables_names_what_differs() -> None:
     key = f"{EFI_GLOBAL}:BootOrder"
     changed[f"{EFI_GLOBAL}:PK"] = dataclasses.replace(old[f"{EFI_GLOBAL}:PK"], data=b"x")
     changed[key] = virtfw.EfiVariable("BootOrder", EFI_GLOBAL, 7, b"\x01\x00")
-    del changed[f"{migration.EFI_IMAGE_SECURITY_DATABASE}:dbx"]
+    del changed[f"{planned.EFI_IMAGE_SECURITY_DATABASE}:dbx"]
     report = compare_variables(old, changed)
     assert report is not None
     assert "missing: d719b2cb-3d3a-4596-a3bc-dad00e67656f:dbx" in report

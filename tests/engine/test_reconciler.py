@@ -21,6 +21,7 @@ from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
 from varsd.config import Config
 from varsd.engine import reconciler as reconciler_mod
+from varsd.engine import transaction
 from varsd.engine.reconciler import Reconciler
 from varsd.errors import HypervisorError
 from varsd.firmware.catalog import load_catalog
@@ -283,12 +284,12 @@ def test_redefined_by_someone_else_while_provisioning(rec, define, hv, conn, cfg
 
 
 def test_stale_undo_style_redefine_raises(rec, define, hv, conn, journal):
-    """redefine() with an old XML that is no longer current refuses and journals nothing."""
+    """A write with an old XML that is no longer current refuses and journals nothing."""
     ref = define("rom", ROM)
     old = hv.persistent_xml(ref.uuid)
     _foreign_redefine(conn, ref.uuid)
-    with pytest.raises(reconciler_mod.StaleDefinition, match=f"domain '{ref.name}' was redefined meanwhile"):
-        rec.redefine(ref, old, old.replace("262144", "131072"), "test")
+    with pytest.raises(transaction.StaleDefinition, match=f"domain '{ref.name}' was redefined meanwhile"):
+        rec.writer.write(ref, old, old.replace("262144", "131072"), "test")
     assert journal.changes(ref.uuid) == []
 
 
@@ -298,7 +299,7 @@ def test_failed_define_is_journaled_as_failed(rec, define, hv, journal):
     broken = old.replace("<memory unit='KiB'>", "<memory unit='parsecs'>")
     assert broken != old
     with pytest.raises(HypervisorError, match=f"domain '{ref.name}': cannot define"):
-        rec.redefine(ref, old, broken, "deliberately invalid")
+        rec.writer.write(ref, old, broken, "deliberately invalid")
     (change,) = journal.changes(ref.uuid)
     assert change.outcome.startswith("failed: ")
     assert hv.persistent_xml(ref.uuid) == old
@@ -368,7 +369,27 @@ def test_a_corrupt_archived_image_is_never_written_into_a_definition(rec, define
         f.write(b"rot")
     xml = rec.hv.persistent_xml(ref.uuid).replace(CODE_4M, path)
     with pytest.raises(VarsdError, match="corrupt"):
-        rec.verify_archived_loader(ref, xml)
+        rec.writer.verify_archived_loader(ref, xml)
+
+
+def test_every_write_verifies_an_archived_loader_first(rec, define, cfg, journal):
+    """The one write path checks what undo would restore: a loader at an archived image that
+    was pruned since is refused before the journal or libvirt see anything."""
+    from varsd.errors import VarsdError
+    from varsd.firmware.archive import Archive
+
+    ref = define("rom", ROM)
+    rec.reconcile(ref)
+    before = journal.changes(ref.uuid)
+    archive = Archive(cfg.archive_dir)
+    (sha,) = archive.index().verified
+    os.unlink(archive.path_for(sha))
+    with rec.writer.transaction(ref) as tx:
+        pruned = tx.xml.replace(CODE_4M, archive.path_for(sha))
+        with pytest.raises(VarsdError, match="not archived"):
+            tx.write(pruned, "undo-like restore")
+    assert journal.changes(ref.uuid) == before
+    assert CODE_4M in rec.hv.persistent_xml(ref.uuid)
 
 
 @pytest.mark.parametrize("clone_first", [False, True])

@@ -8,9 +8,9 @@ import os
 import pytest
 
 from varsd.errors import DescriptorError
+from varsd.firmware.catalog import list_descriptor_paths
 from varsd.firmware.descriptors import (
     Descriptor,
-    list_descriptor_paths,
     ordered_descriptor_paths,
     parse_descriptor,
 )

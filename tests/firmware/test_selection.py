@@ -8,7 +8,7 @@ import pytest
 
 from varsd.config import ExtraFirmware
 from varsd.firmware.catalog import load_catalog
-from varsd.firmware.selection import explain_no_build, select_build, target_matches
+from varsd.firmware.selection import explain_no_build, select_build
 from varsd.model.firmware import Build, Catalog, MappingMode, Target, VarstoreLayout
 
 LAYOUT_4M = VarstoreLayout(size=540672, start=100, end=262144)
@@ -102,29 +102,6 @@ def test_mode_selects_among_combined_and_stateless():
     for mode, origin in ((MappingMode.COMBINED, "c"), (MappingMode.STATELESS, "s")):
         assert select_build(cat, arch="x86_64", machine=FX, secure_boot=False, mode=mode).origin == origin
 
-
-@pytest.mark.parametrize(
-    "glob, machine, expected",
-    [
-        ("pc-q35-*", "pc-q35-7.2", True),
-        ("pc-q35-*", "pc-i440fx-7.2", False),
-        ("pc-q35-7.*", "pc-q35-6.2", False),
-        ("pc-q35-?.2", "pc-q35-7.2", True),
-        ("pc-q35-*", "q35", True),
-        ("pc-q35-7.*", "q35", True),
-        ("pc-*", "q35", True),
-        ("*", "q35", True),
-        ("pc-i440fx-*", "q35", False),
-        ("pc-i440fx-*", "pc", True),
-        ("pc-q35-*", "pc", False),
-        ("pc", "pc", True),
-        ("pc-*", "pc", True),
-        ("pc-q35-*", "Q35", False),
-    ],
-)
-def test_target_globs_and_aliases(glob, machine, expected):
-    assert target_matches(Target("x86_64", (glob,)), "x86_64", machine) is expected
-    assert target_matches(Target("aarch64", (glob,)), "x86_64", machine) is False
 
 
 def test_explain_names_the_request_and_every_rejection(catalog):

@@ -239,7 +239,7 @@ def test_real_ovmf_upgrade_through_the_dpkg_trigger(hv: Hypervisor, guest_factor
         assert "varsd: firmware sync done (triggered by: " in out, out
         history = varsctl(config, "firmware", "history", "--json")
         assert history.returncode == 0, history.stderr
-        code_events = [e for e in json.loads(history.stdout) if e["code_path"] == CODE_4M]
+        code_events = [e for e in json.loads(history.stdout)["events"] if e["code_path"] == CODE_4M]
         assert code_events and code_events[0]["event"] == "changed" and code_events[0]["sha256"] == u2[CODE_4M], \
             code_events[:3]
 

@@ -168,4 +168,4 @@ def test_migration_onto_a_too_small_template_changes_nothing(hv: Hypervisor, gue
     assert hv.persistent_xml(guest.uuid) == xml
     assert not (tmp_path / "state" / "backups").exists()
     journal = varsctl(config, "journal", name, "--json")
-    assert journal.returncode == 0 and json.loads(journal.stdout) == []
+    assert journal.returncode == 0 and json.loads(journal.stdout) == {"changes": []}

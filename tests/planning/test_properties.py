@@ -23,7 +23,6 @@ from hypothesis import strategies as st
 from lxml import etree
 
 from varsd.adapters import virtfw
-from varsd.adapters.libvirt_events import start_event_loop
 from varsd.domain.classify import firmware_image_path
 from varsd.domain.xml import QEMU_NS, outside_firmware, parse_domain
 from varsd.model.domain import FirmwareConfig, Status
@@ -48,15 +47,9 @@ def shapes(draw) -> Shape:
 names = st.from_regex(r"[a-z][a-z0-9-]{0,10}", fullmatch=True)
 
 
-@pytest.fixture(scope="module")
-def drivers(tmp_path_factory):
-    start_event_loop()
-    libvirt.registerErrorHandler(lambda *_: None, None)
-    test = libvirt.open("test:///default")
-    qemu = libvirt.open(f"qemu:///embed?root={tmp_path_factory.mktemp('qemu-embed-gen')}")
-    yield test, qemu
-    test.close()
-    qemu.close()
+@pytest.fixture
+def drivers(test_driver, qemu_driver):
+    return test_driver, qemu_driver
 
 
 def _facts(hostfs: HostFS, xml: str) -> DomainFacts:

@@ -18,7 +18,6 @@ import pytest
 from lxml import etree
 
 from varsd.adapters import virtfw
-from varsd.adapters.libvirt_events import start_event_loop
 from varsd.domain.classify import firmware_image_path
 from varsd.domain.xml import outside_firmware, parse_domain
 from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig, Status
@@ -338,25 +337,6 @@ def test_variables_survive(case, catalogs, hostfs) -> None:
 
 
 # -- libvirt's verdict ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def test_driver():
-    libvirt.registerErrorHandler(lambda *_: None, None)
-    conn = libvirt.open("test:///default")
-    yield conn
-    conn.close()
-
-
-@pytest.fixture(scope="module")
-def qemu_driver(tmp_path_factory):
-    """libvirt's real QEMU driver, embedded in this process with all state in a tmp dir."""
-    start_event_loop()
-    libvirt.registerErrorHandler(lambda *_: None, None)
-    root = tmp_path_factory.mktemp("qemu-embed")
-    conn = libvirt.open(f"qemu:///embed?root={root}")
-    yield conn
-    conn.close()
 
 
 def _case(name: str) -> Case:

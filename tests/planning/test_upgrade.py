@@ -17,6 +17,7 @@ import pytest
 
 from varsd.domain.xml import parse_domain
 from varsd.firmware.archive import ArchiveIndex, archive_path
+from varsd.firmware.fit import Needs, why_not
 from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig, PinKind, Status
 from varsd.model.firmware import Build, Catalog, MappingMode, Target, VarstoreLayout
 from varsd.planning.repair import DomainFacts, Plan, Redefine, plan_repair
@@ -27,7 +28,6 @@ from varsd.planning.upgrade import (
     Wait,
     decide_pinned,
     decide_tracking,
-    misfit,
     place_hold,
 )
 
@@ -320,8 +320,8 @@ FW = DomainFirmware(name="web", uuid="u", arch="x86_64", machine="pc-q35-7.2", l
     (BUILD_B_Q35_ONLY, "pc-i440fx-7.2", False, "does not support"),
     (build(B, code_format="qcow2"), "pc-q35-7.2", False, "qcow2/raw format"),
 ])
-def test_misfit(candidate, machine, secure, why) -> None:
-    got = misfit(candidate, replace(FW, machine=machine), L2M, secure)
+def test_upgrade_misfit_sentences(candidate, machine, secure, why) -> None:
+    got = why_not(candidate, Needs.of(replace(FW, machine=machine), secure_boot=secure, layout=L2M))
     assert (got is None) if why is None else (got is not None and why in got), got
 
 

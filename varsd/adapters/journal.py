@@ -137,8 +137,15 @@ def _layout_of(text: str | None) -> VarstoreLayout | None:
 
 
 class Journal:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, read_only: bool = False) -> None:
+        """Open (creating it if need be) the journal; `read_only` opens an existing one
+        read-only and never creates anything (for status, journal and firmware list/history,
+        so an admin who may read the file need not be able to write it); a missing
+        journal then reads as empty."""
         self.path = path
+        if read_only:
+            self._open_read_only(path)
+            return
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -150,6 +157,19 @@ class Journal:
             self._lock = threading.Lock()  # one connection, several worker threads
         except (OSError, sqlite3.Error) as exc:
             raise VarsdError(f"{path}: cannot open the varsd journal: {exc}") from None
+
+    def _open_read_only(self, path: str) -> None:
+        try:
+            if os.path.exists(path):
+                self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, isolation_level=None,
+                                           check_same_thread=False)
+                self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            else:
+                self._db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+                self._db.executescript(_SCHEMA)
+            self._lock = threading.Lock()
+        except sqlite3.Error as exc:
+            raise VarsdError(f"{path}: cannot open the varsd journal read-only: {exc}") from None
 
     def close(self) -> None:
         self._db.close()

@@ -18,12 +18,12 @@ import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from types import TracebackType
 
 import libvirt
 
 from varsd.errors import HypervisorError
+from varsd.model.domain import DomainRef
 
 __all__ = [
     "DomainRef",
@@ -124,22 +124,6 @@ def _xml_root(xml: str) -> ET.Element | None:
         return ET.fromstring(xml)
     except ET.ParseError:
         return None
-
-
-@dataclass(frozen=True)
-class DomainRef:
-    """A snapshot of one domain's identity and run state at the time of the call."""
-
-    uuid: str
-    name: str
-    state: str
-    active: bool
-    persistent: bool
-
-    @property
-    def label(self) -> str:
-        """How messages name this domain."""
-        return f"domain '{self.name}' ({self.uuid})"
 
 
 class Hypervisor:

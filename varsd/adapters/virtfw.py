@@ -32,6 +32,7 @@ from virt.firmware.varstore import edk2
 from varsd.adapters import fsio
 from varsd.errors import VarstoreError
 from varsd.model.firmware import VarstoreLayout
+from varsd.model.varstore import EfiVariable
 
 log = logging.getLogger("varsd.virtfw")
 
@@ -45,20 +46,6 @@ _FV_HEADER_MIN = 0x48  # EFI_FIRMWARE_VOLUME_HEADER with one block map entry + t
 
 ATTR_NV_BS_RT = 0x7
 """NON_VOLATILE | BOOTSERVICE_ACCESS | RUNTIME_ACCESS: what BootOrder and Boot#### use."""
-
-
-@dataclass(frozen=True)
-class EfiVariable:
-    """One live UEFI variable: what a guest sees through GetVariable()."""
-
-    name: str
-    guid: str
-    attr: int
-    data: bytes
-
-    @property
-    def key(self) -> str:
-        return f"{self.guid}:{self.name}"
 
 
 class _LibraryLog:

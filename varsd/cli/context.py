@@ -5,19 +5,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from varsd.adapters.journal import Journal
-from varsd.adapters.libvirt_api import DomainRef, Hypervisor
+from varsd.adapters.libvirt_api import Hypervisor
+from varsd.cli.output import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE
 from varsd.config import Config, qemu_owner
 from varsd.engine.reconciler import Reconciler
 from varsd.firmware.catalog import load_configured
+from varsd.model.domain import DomainRef
 
-EXIT_OK, EXIT_ATTENTION, EXIT_USAGE = 0, 1, 2
+__all__ = ["EXIT_ATTENTION", "EXIT_OK", "EXIT_USAGE", "Context"]
 
 
 class Context:
     """What every subcommand needs, opened lazily and closed once."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, *, read_only: bool = False) -> None:
         self.cfg = cfg
+        self.read_only = read_only  # the command only reads: the journal is opened read-only
         self._hv: Hypervisor | None = None
         self._journal: Journal | None = None
 
@@ -30,7 +33,7 @@ class Context:
     @property
     def journal(self) -> Journal:
         if self._journal is None:
-            self._journal = Journal(self.cfg.journal_path)
+            self._journal = Journal(self.cfg.journal_path, read_only=self.read_only)
         return self._journal
 
     def reconciler(self) -> Reconciler:

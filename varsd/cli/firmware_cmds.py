@@ -15,23 +15,36 @@ only libvirt is missing). It never prints a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import sys
+from dataclasses import replace
 
-from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, Context
+from varsd.cli.context import Context
+from varsd.cli.output import (
+    ATTENTION,
+    EXIT_ATTENTION,
+    EXIT_OK,
+    EXIT_USAGE,
+    Report,
+    add_json,
+    emit_json,
+    error,
+    outcome_table,
+)
 from varsd.config import qemu_owner
 from varsd.domain.xml import parse_domain, replace_loader_code, set_metadata
 from varsd.engine import firmware_sync
-from varsd.engine.lock import host_lock
 from varsd.engine.reconciler import Outcome, Reconciler
 from varsd.errors import VarsdError
 from varsd.firmware.archive import Archive
 from varsd.firmware.catalog import load_configured
+from varsd.firmware.fit import Needs, misfits
+from varsd.messages import line
 from varsd.model.domain import FirmwareConfig, PinKind, Status
+from varsd.model.firmware import Build, UpgradePolicy
 from varsd.planning.repair import DomainFacts, Plan, Redefine
-from varsd.planning.upgrade import admin_pin, central_at, short, tracks_central
+from varsd.planning.upgrade import admin_pin, central_at, had_secure_boot, short, tracks_central
 
 log = logging.getLogger("varsd.cli")
 _HEX = re.compile(r"^[0-9a-f]+$")
@@ -42,8 +55,6 @@ MIN_PREFIX = 6
 
 
 def _print_sync(report: firmware_sync.SyncReport) -> None:
-    from varsd.cli.varsctl import _table
-
     if report.refresh is not None:
         for change in report.refresh.changes:
             print(f"firmware: {change.describe()}")
@@ -58,7 +69,7 @@ def _print_sync(report: firmware_sync.SyncReport) -> None:
         for o in report.outcomes:
             for d in o.done:
                 print(f"{o.ref.name}: {d}")
-        print(_table(list(report.outcomes)))
+        print(outcome_table(list(report.outcomes)))
 
 
 def cmd_sync(ctx: Context, args: argparse.Namespace) -> int:
@@ -73,7 +84,7 @@ def cmd_sync(ctx: Context, args: argparse.Namespace) -> int:
         log.debug("firmware sync failed", exc_info=True)
         report = firmware_sync.SyncReport(error=f"unexpected error: {exc!r}")
     if args.json:
-        print(json.dumps(report.as_dict(), indent=2))
+        emit_json(report.as_dict())
     else:
         _print_sync(report)
     if report.error:
@@ -92,10 +103,10 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
     archived = [{"sha256": e.sha256, "path": e.path, "size": e.size, "ok": e.ok, "problem": e.problem,
                  "from": known[e.sha256].code_path if e.sha256 in known else None,
                  "last_used": known[e.sha256].last_used if e.sha256 in known else None} for e in entries]
+    status = EXIT_OK if all(a["ok"] for a in archived) else EXIT_ATTENTION
     if args.json:
-        print(json.dumps({"catalog": builds, "archive": archived,
-                          "problems": [p.message for p in catalog.problems]}, indent=2))
-        return EXIT_OK
+        emit_json({"catalog": builds, "archive": archived, "problems": [p.message for p in catalog.problems]})
+        return status
     print("CATALOG (first match first)")
     for b in builds:
         print(f"  {b['sha256'][:12]}  {b['code']}  ({b['origin']})")
@@ -106,13 +117,13 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
               f"{state}")
     for p in catalog.problems:
         print(f"problem: {p.message}")
-    return EXIT_OK if all(a["ok"] for a in archived) else EXIT_ATTENTION
+    return status
 
 
 def cmd_history(ctx: Context, args: argparse.Namespace) -> int:
     events = ctx.journal.firmware_history(limit=args.limit)
     if args.json:
-        print(json.dumps([e.__dict__ for e in events], indent=2))
+        emit_json({"events": [e.__dict__ for e in events]})
         return EXIT_OK
     for e in events:
         print(f"#{e.id}  {e.at}  {e.event:<8}  {e.sha256[:12]}  {e.code_path}")
@@ -132,11 +143,6 @@ def _final_xml(plan: Plan, xml: str) -> str:
         if isinstance(action, Redefine):
             return action.xml
     return xml
-
-
-def _write(rec: Reconciler, ref, old_xml: str, new_xml: str, reason: str) -> None:
-    rec.verify_archived_loader(ref, new_xml)
-    rec.redefine(ref, old_xml, new_xml, reason)
 
 
 def _when(facts: DomainFacts) -> str:
@@ -170,7 +176,9 @@ def _resolve_build(rec: Reconciler, facts: DomainFacts, spec: str) -> str:
 
 
 def _check_fit(rec: Reconciler, ctx: Context, facts: DomainFacts, sha: str, force: bool) -> None:
-    """A build the domain never ran must be known to fit its varstore (layout and Secure Boot)."""
+    """A build the domain never ran must be known to fit it (`varsd.firmware.fit`: layout,
+    Secure Boot, SMM, machine; an archived build no descriptor lists any more is judged by
+    what was recorded when it was archived: its layout and features)."""
     fw = facts.firmware
     md = fw.metadata
     ran = {s for s in (md.build_code_sha256, md.pinned_sha256, fw.booted_sha256) if s}
@@ -179,24 +187,31 @@ def _check_fit(rec: Reconciler, ctx: Context, facts: DomainFacts, sha: str, forc
     if sha in ran or force:
         return
     layout = facts.nvram.varstore_layout if facts.nvram is not None else None
-    known = [b.layout for b in rec.catalog.by_code_sha(sha)]
+    needs = Needs.of(fw, secure_boot=had_secure_boot(fw, rec.catalog, rec.upgrade_context()), layout=layout)
+    candidates = [(b, needs) for b in rec.catalog.by_code_sha(sha)]
     archived = ctx.journal.archived_builds().get(sha)
     if archived is not None and archived.layout is not None:
-        known.append(archived.layout)
-    if not known:
+        # Its targets were not recorded: only what was is judged.
+        candidates.append((Build(origin="archive", code_path=archived.code_path, code_format="raw", code_sha256=sha,
+                                 code_size=archived.size, layout=archived.layout, features=archived.features),
+                           replace(needs, arch=None)))
+    if not candidates:
         raise Refused(f"the varstore layout build {sha[:12]} expects is not known, so its fit with "
                       f"{fw.nvram_path} cannot be checked; use --force if you know it fits")
-    if layout not in known:
-        raise Refused(f"build {sha[:12]} expects a varstore of {known[0].describe() if known[0] else '?'}, "
-                      f"{fw.nvram_path} has {layout.describe() if layout else 'no readable layout'}; "
-                      f"it would not boot this domain correctly ('varsctl migrate' moves the variables)")
+    if layout is None:
+        raise Refused(f"{fw.nvram_path} has no readable layout, so build {sha[:12]}'s fit cannot be checked; "
+                      "use --force if you know it fits")
+    problems = [misfits(b, n) for b, n in candidates]
+    if all(problems):
+        raise Refused(f"{problems[0][0].sentence} ({fw.nvram_path}); it would not boot this domain correctly "
+                      "('varsctl migrate' moves the variables)")
 
 
 def cmd_pin(ctx: Context, args: argparse.Namespace) -> int:
     rec = ctx.reconciler()
     ref = ctx.hv.lookup(args.domain)
-    with host_lock(ctx.cfg.domain_lock_path(ref.uuid)):
-        xml = ctx.hv.persistent_xml(ref.uuid)
+    with rec.writer.transaction(ref) as tx:
+        xml = tx.xml
         facts, plan = rec.plan_xml(ref, xml)
         _managed(ref, facts, plan)
         md = facts.firmware.metadata
@@ -214,20 +229,21 @@ def cmd_pin(ctx: Context, args: argparse.Namespace) -> int:
         if new_plan.status is not Status.PINNED:
             raise Refused(f"cannot pin domain '{ref.name}' to build {sha[:12]}: {new_plan.detail}")
         final = _final_xml(new_plan, pinned)
-        _write(rec, ref, xml, final, f"pinned to build {sha[:12]} by the admin")
-    print(f"{ref.name}: pinned to build {sha[:12]} ({new_plan.code}){_when(facts)}")
+        tx.write(final, f"pinned to build {sha[:12]} by the admin")
+    _say(args, ref, f"{ref.name}: pinned to build {sha[:12]} ({new_plan.code}){_when(facts)}",
+         status=new_plan.status.value, build=sha)
     return EXIT_OK
 
 
 def cmd_unpin(ctx: Context, args: argparse.Namespace) -> int:
     rec = ctx.reconciler()
     ref = ctx.hv.lookup(args.domain)
-    with host_lock(ctx.cfg.domain_lock_path(ref.uuid)):
-        xml = ctx.hv.persistent_xml(ref.uuid)
+    with rec.writer.transaction(ref) as tx:
+        xml = tx.xml
         md = parse_domain(xml).metadata
         kind = md.pin_kind
         if kind is None:
-            print(f"{ref.name}: not pinned")
+            _say(args, ref, f"{ref.name}: not pinned", status=None)
             return EXIT_OK
         if kind is PinKind.POLICY:
             raise Refused(f"domain '{ref.name}' is held back by upgrade_policy = \"manual\", not by an admin pin; "
@@ -239,15 +255,15 @@ def cmd_unpin(ctx: Context, args: argparse.Namespace) -> int:
         unpinned = (replace_loader_code(xml, md.build_code_path, released) if md.build_code_path
                     else set_metadata(xml, released))
         facts, plan = rec.plan_xml(ref, unpinned)
-        _write(rec, ref, xml, _final_xml(plan, unpinned), f"unpinned from build {short(md.pinned_sha256)} by the admin")
-    print(f"{ref.name}: unpinned; now {plan.status.value}: {plan.detail}")
-    return EXIT_ATTENTION if plan.status in (Status.ERROR, Status.NEEDS_MIGRATION) else EXIT_OK
+        tx.write(_final_xml(plan, unpinned), f"unpinned from build {short(md.pinned_sha256)} by the admin")
+    _say(args, ref, f"{ref.name}: unpinned; now {plan.status.value}: {plan.detail}", status=plan.status.value)
+    return EXIT_ATTENTION if plan.status in ATTENTION else EXIT_OK
 
 
-def _approve_one(rec: Reconciler, ctx: Context, ref, named: bool) -> Outcome | None:
+def _approve_one(rec: Reconciler, ctx: Context, ref, named: bool, out: Report) -> Outcome | None:
     """Let a held-back build through to one domain; None when there is nothing to approve."""
-    with host_lock(ctx.cfg.domain_lock_path(ref.uuid)):
-        xml = ctx.hv.persistent_xml(ref.uuid)
+    with rec.writer.transaction(ref) as tx:
+        xml = tx.xml
         facts, _ = rec.plan_xml(ref, xml)
         fw = facts.firmware
         md = fw.metadata
@@ -257,7 +273,7 @@ def _approve_one(rec: Reconciler, ctx: Context, ref, named: bool) -> Outcome | N
                 why = (f"pinned by an admin to build {short(md.pinned_sha256)}; 'varsctl unpin {ref.name}' first"
                        if kind is PinKind.ADMIN else
                        f"the central build does not fit its varstore; 'varsctl migrate {ref.name}' resolves that")
-                print(f"{ref.name}: not approved: {why}")
+                out.line(f"{ref.name}: not approved: {why}", domain=ref.name, approved=False)
             return None
         if kind is PinKind.POLICY and md.build_code_path:
             candidate = replace_loader_code(xml, md.build_code_path, md.without_pin())
@@ -266,42 +282,53 @@ def _approve_one(rec: Reconciler, ctx: Context, ref, named: bool) -> Outcome | N
             if not (tracks_central(fw, facts.image) and central is not None
                     and central.code_sha256 != md.build_code_sha256):
                 if named:
-                    print(f"{ref.name}: nothing held back")
+                    out.line(f"{ref.name}: nothing held back", domain=ref.name, approved=False)
                 return None
             candidate = xml
-        _, plan = rec.plan_xml(ref, candidate, policy="auto")
+        _, plan = rec.plan_xml(ref, candidate, policy=UpgradePolicy.AUTO)
         final = _final_xml(plan, candidate)
         if final == xml:
             if named:
-                print(f"{ref.name}: nothing held back")
+                out.line(f"{ref.name}: nothing held back", domain=ref.name, approved=False)
             return None
-        _write(rec, ref, xml, final, "firmware upgrade approved by the admin")
+        tx.write(final, "firmware upgrade approved by the admin")
     outcome = rec.reconcile(ref, apply=False)
-    print(f"{ref.name}: approved; now {outcome.status.value}: {outcome.detail}")
+    out.line(f"{ref.name}: approved; now {outcome.status.value}: {outcome.detail}", domain=ref.name, approved=True,
+             status=outcome.status.value)
     return outcome
 
 
 def cmd_approve(ctx: Context, args: argparse.Namespace) -> int:
     if bool(args.domains) == bool(args.all):
-        print("varsctl upgrade approve: name domains or give --all (not both)", file=sys.stderr)
+        error("name domains or give --all (not both)", prog="varsctl upgrade approve")
         return EXIT_USAGE
     rec = ctx.reconciler()
     refs = ctx.refs(args.domains)
+    out = Report("results", args.json)
     outcomes = []
     failed = False
     for ref in refs:
         try:
-            outcome = _approve_one(rec, ctx, ref, named=bool(args.domains))
+            outcome = _approve_one(rec, ctx, ref, bool(args.domains), out)
         except VarsdError as exc:
-            print(f"{ref.name}: {exc}", file=sys.stderr)
+            out.line(line(ref.name, exc, ref.uuid), problem=True, domain=ref.name, approved=False)
             failed = True
             continue
         if outcome is not None:
             outcomes.append(outcome)
     if args.all and not outcomes and not failed:
-        print("upgrade approve --all: no domain has a held-back build")
-    attention = failed or any(o.status in (Status.ERROR, Status.NEEDS_MIGRATION) for o in outcomes)
+        out.line("upgrade approve --all: no domain has a held-back build")
+    attention = failed or any(o.status in ATTENTION for o in outcomes)
+    out.close()
     return EXIT_ATTENTION if attention else EXIT_OK
+
+
+def _say(args: argparse.Namespace, ref, text: str, **fields) -> None:
+    """A one-domain command's result: its sentence, or with --json `{"result": {...}}`."""
+    if args.json:
+        emit_json({"result": {"domain": ref.name, "uuid": ref.uuid, **fields, "message": text}})
+    else:
+        print(text)
 
 
 def _refusing(func):
@@ -311,7 +338,9 @@ def _refusing(func):
         try:
             return func(ctx, args)
         except Refused as exc:
-            print(f"varsctl: {exc}", file=sys.stderr)
+            error(exc)
+            if getattr(args, "json", False):
+                emit_json({"result": None, "error": str(exc)})
             return EXIT_ATTENTION
 
     return run
@@ -320,33 +349,37 @@ def _refusing(func):
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to varsctl's parser."""
     fw = sub.add_parser("firmware", help="firmware builds: sync after package changes, list, history")
-    fsub = fw.add_subparsers(dest="firmware_command", required=True)
+    fsub = fw.add_subparsers(dest="firmware_command", required=True, metavar="COMMAND")
     s = fsub.add_parser("sync", help="notice firmware package changes, archive builds, plan every domain "
                         "(for package hooks; exit 0 done, 1 attention, 2 could not run)")
-    s.add_argument("--json", action="store_true")
+    add_json(s)
     s.add_argument("domains", nargs="*", metavar="DOMAIN", help="only these domains (default: all)")
     s.set_defaults(func=cmd_sync)
     ls = fsub.add_parser("list", help="catalog builds and archived builds (digests for 'pin --build')")
-    ls.add_argument("--json", action="store_true")
-    ls.set_defaults(func=cmd_list)
+    add_json(ls)
+    ls.set_defaults(func=cmd_list, read_only=True)
     h = fsub.add_parser("history", help="when each watched code image appeared, changed or was removed")
-    h.add_argument("--limit", type=int, default=50)
-    h.add_argument("--json", action="store_true")
-    h.set_defaults(func=cmd_history)
+    h.add_argument("--limit", type=int, default=50, help="at most this many events, newest first (default 50)")
+    add_json(h)
+    h.set_defaults(func=cmd_history, read_only=True)
 
     p = sub.add_parser("pin", help="hold a domain on a build (default: the one it runs / is bound to)")
-    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("domain", metavar="DOMAIN", help="name or UUID")
     p.add_argument("--build", metavar="SHA", help="code sha256 (or a prefix) of a catalog or archived build")
     p.add_argument("--reason", help="why (kept in the domain's metadata)")
-    p.add_argument("--force", action="store_true", help="pin to a build whose varstore layout is not known")
+    p.add_argument("--force", action="store_true", help="pin to a build whose fit with the varstore is not known")
+    add_json(p)
     p.set_defaults(func=_refusing(cmd_pin))
     u = sub.add_parser("unpin", help="release an admin's pin (the domain follows the central build again)")
-    u.add_argument("domain", metavar="DOMAIN")
+    u.add_argument("domain", metavar="DOMAIN", help="name or UUID")
+    add_json(u)
     u.set_defaults(func=_refusing(cmd_unpin))
 
     up = sub.add_parser("upgrade", help="firmware upgrades held back by upgrade_policy = \"manual\"")
-    upsub = up.add_subparsers(dest="upgrade_command", required=True)
+    upsub = up.add_subparsers(dest="upgrade_command", required=True, metavar="COMMAND")
     a = upsub.add_parser("approve", help="let the new central build through (applies at the next cold boot)")
-    a.add_argument("domains", nargs="*", metavar="DOMAIN")
+    # Not an argparse group: Python 3.11's counts an empty nargs='*' positional as given.
+    a.add_argument("domains", nargs="*", metavar="DOMAIN", help="these domains (name or UUID); or --all")
     a.add_argument("--all", action="store_true", help="every domain with a held-back build")
+    add_json(a)
     a.set_defaults(func=_refusing(cmd_approve))

@@ -11,16 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, Context
-from varsd.engine.migration import (
-    MigrationFailed,
-    MigrationRefused,
-    MigrationResult,
-    Migrator,
-    NothingToMigrate,
-    needs_migration,
-)
+from varsd.cli.context import Context
+from varsd.cli.output import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, Report, add_json
+from varsd.engine.migration import MigrationFailed, MigrationResult, Migrator, needs_migration
 from varsd.errors import HypervisorError, VarsdError
+from varsd.messages import for_row, line
+from varsd.planning.migration import MigrationRefused, NothingToMigrate
 
 
 def _done_text(result: MigrationResult) -> str:
@@ -35,76 +31,81 @@ def _done_text(result: MigrationResult) -> str:
     )
 
 
-def _one(migrator: Migrator, ctx: Context, args: argparse.Namespace) -> int:
+def _one(migrator: Migrator, ctx: Context, args: argparse.Namespace, out: Report) -> int:
     ref = ctx.hv.lookup(args.domain)
     try:
         if args.dry_run:
-            print(f"{ref.name}: would migrate: {migrator.plan(ref, to=args.to).describe()}")
+            out.line(f"{ref.name}: would migrate: {migrator.plan(ref, to=args.to).describe()}", domain=ref.name,
+                     migrated=False)
             return EXIT_OK
         result = migrator.migrate(ref, to=args.to)
     except NothingToMigrate as exc:
-        print(f"{ref.name}: {exc}")
+        out.line(line(ref.name, exc, ref.uuid), domain=ref.name, migrated=False)
         return EXIT_OK
     except (MigrationRefused, MigrationFailed) as exc:
-        print(f"varsctl: {exc}", file=sys.stderr)
+        out.line(f"varsctl: {exc}", problem=True, domain=ref.name, migrated=False)
         return EXIT_ATTENTION
-    print(f"{ref.name}: {_done_text(result)}")
+    out.line(f"{ref.name}: {_done_text(result)}", domain=ref.name, migrated=True, backup=result.backup)
     return EXIT_OK
 
 
-def _all(migrator: Migrator, ctx: Context, args: argparse.Namespace) -> int:
+def _all(migrator: Migrator, ctx: Context, args: argparse.Namespace, out: Report) -> int:
     candidates, errors = needs_migration(migrator.rec, ctx.hv.list_domains())
     for ref, message in errors:
-        print(f"{ref.name}: cannot read: {message}", file=sys.stderr)
+        out.line(f"{ref.name}: cannot read: {message}", problem=True, domain=ref.name, migrated=False)
     if not candidates:
-        print("migrate --all: no domain needs migration")
+        out.line("migrate --all: no domain needs migration")
         return EXIT_ATTENTION if errors else EXIT_OK
     total = len(candidates)
-    print(f"migrate --all: {total} domain(s) need migration")
+    out.line(f"migrate --all: {total} domain(s) need migration")
     migrated = failed = skipped = 0
     for i, cand in enumerate(candidates, 1):
         head = f"[{i}/{total}] {cand.ref.name}"
         if cand.skip:
             skipped += 1
-            print(f"{head}: skipped: {cand.skip}")
+            out.line(f"{head}: skipped: {cand.skip}", domain=cand.ref.name, migrated=False)
             continue
         try:
             if args.dry_run:
-                print(f"{head}: would migrate: {migrator.plan(cand.ref).describe()}")
+                out.line(f"{head}: would migrate: {migrator.plan(cand.ref).describe()}", domain=cand.ref.name,
+                         migrated=False)
                 migrated += 1
                 continue
-            print(f"{head}: migrating ({cand.detail})", flush=True)
+            out.line(f"{head}: migrating ({cand.detail})", domain=cand.ref.name, migrated=False)
             result = migrator.migrate(cand.ref)
         except NothingToMigrate as exc:
-            print(f"{head}: {exc}")
+            out.line(f"{head}: {for_row(cand.ref.name, exc, cand.ref.uuid)}", domain=cand.ref.name, migrated=False)
             continue
         except HypervisorError as exc:
             if exc.retryable:
                 raise  # libvirtd went away: the rest would fail the same way
             failed += 1
-            print(f"{head}: FAILED: {exc}")
+            out.line(f"{head}: FAILED: {for_row(cand.ref.name, exc, cand.ref.uuid)}", domain=cand.ref.name,
+                     migrated=False)
             continue
         except VarsdError as exc:
             failed += 1
-            print(f"{head}: FAILED: {exc}")
+            out.line(f"{head}: FAILED: {for_row(cand.ref.name, exc, cand.ref.uuid)}", domain=cand.ref.name,
+                     migrated=False)
             continue
         migrated += 1
-        print(f"{head}: {_done_text(result)}", flush=True)
+        out.line(f"{head}: {_done_text(result)}", domain=cand.ref.name, migrated=True, backup=result.backup)
     verb = "would be migrated (dry run)" if args.dry_run else "migrated"
-    print(f"migrate --all: {migrated} {verb}, {failed} failed, {skipped} skipped (running)")
+    out.line(f"migrate --all: {migrated} {verb}, {failed} failed, {skipped} skipped (running)")
     return EXIT_ATTENTION if failed or skipped or errors else EXIT_OK
 
 
 def cmd_migrate(ctx: Context, args: argparse.Namespace) -> int:
-    if args.all == bool(args.domain):
-        print("varsctl migrate: give either one DOMAIN or --all", file=sys.stderr)
-        return EXIT_USAGE
     if args.all and args.to:
         print("varsctl migrate: --to names one build for one domain; it cannot be used with --all",
               file=sys.stderr)
         return EXIT_USAGE
     migrator = Migrator(ctx.reconciler())
-    return _all(migrator, ctx, args) if args.all else _one(migrator, ctx, args)
+    out = Report("results", args.json)
+    try:
+        return _all(migrator, ctx, args, out) if args.all else _one(migrator, ctx, args, out)
+    finally:
+        out.close()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -119,11 +120,13 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Exit 0 done, 1 refused or failed (--all: any failed, or a running domain still needs it), 2 usage."
         ),
     )
-    m.add_argument("domain", nargs="?", metavar="DOMAIN", help="name or UUID")
-    m.add_argument("--all", action="store_true", help="every shut-off domain whose status is needs-migration")
+    which = m.add_mutually_exclusive_group(required=True)
+    which.add_argument("domain", nargs="?", metavar="DOMAIN", help="name or UUID")
+    which.add_argument("--all", action="store_true", help="every shut-off domain whose status is needs-migration")
     m.add_argument(
         "--to", metavar="BUILD",
         help="target build: descriptor path or file name, code path or file name, or a code sha256 prefix",
     )
-    m.add_argument("--dry-run", action="store_true", help="show what would be done")
+    m.add_argument("--dry-run", action="store_true", help="say what would be done, change nothing")
+    add_json(m)
     m.set_defaults(func=cmd_migrate)

@@ -1,74 +1,77 @@
 """varsctl: the admin's tool. Thin: parse arguments, call the engine, print.
 
-Exit codes (documented in README): 0 all fine, 1 something needs attention (a domain
-in `error` or `needs-migration`, or an action failed), 2 usage, configuration or
-connection error.
+What is printed, the JSON shapes and the exit codes are `varsd.cli.output`'s (README:
+"Output"). Exit codes: 0 all fine, 1 something needs attention (a domain in `error` or
+`needs-migration`, or an action failed), 2 usage, configuration or connection error.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
 
+from varsd import __version__
 from varsd.adapters.libvirt_api import NoSuchDomain
-from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, Context
+from varsd.cli.context import Context
+from varsd.cli.output import (
+    EXIT_ATTENTION,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_json,
+    change_dict,
+    emit_json,
+    error,
+    exit_for,
+    outcome_table,
+)
 from varsd.config import load_config
-from varsd.engine.lock import host_lock
-from varsd.engine.migration import MIGRATION_REASON
-from varsd.engine.reconciler import Outcome
 from varsd.errors import ConfigError, HypervisorError, VarsdError
 from varsd.model.domain import Status
-
-ATTENTION = {Status.ERROR, Status.NEEDS_MIGRATION}
-
-
-def _table(outcomes: list[Outcome]) -> str:
-    rows = [("DOMAIN", "STATE", "CONFIG", "STATUS", "DETAIL")]
-    rows += [(o.ref.name, o.ref.state, o.plan.config.value, o.status.value, o.detail) for o in outcomes]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join(
-        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r[:4])) + "  " + r[4] for r in rows
-    )
-
-
-def _exit_for(outcomes: list[Outcome]) -> int:
-    return EXIT_ATTENTION if any(o.status in ATTENTION for o in outcomes) else EXIT_OK
+from varsd.planning.migration import MIGRATION_REASON
+from varsd.planning.repair import Action, CreateVarstore
 
 
 def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
     rec = ctx.reconciler()
     outcomes = [rec.reconcile(ref, apply=False) for ref in ctx.refs(args.domains)]
     if args.json:
-        print(json.dumps({"domains": [o.as_dict() for o in outcomes]}, indent=2))
+        emit_json({"domains": [o.as_dict() for o in outcomes]})
     else:
-        print(_table(outcomes))
-    return _exit_for(outcomes)
+        print(outcome_table(outcomes))
+    return exit_for(outcomes)
+
+
+def describe_action(action: Action) -> str:
+    """What a planned action would do, as a sentence (reconcile --dry-run)."""
+    if isinstance(action, CreateVarstore):
+        what = f"the first {action.length} bytes of {action.source}" if action.length else action.source
+        return f"create varstore {action.path} from {what} ({action.layout.describe()})"
+    return f"redefine the domain: {action.reason}"
 
 
 def cmd_reconcile(ctx: Context, args: argparse.Namespace) -> int:
     rec = ctx.reconciler()
     outcomes = [rec.reconcile(ref, apply=not args.dry_run) for ref in ctx.refs(args.domains)]
     if args.json:
-        print(json.dumps({"domains": [o.as_dict() for o in outcomes]}, indent=2))
+        emit_json({"domains": [o.as_dict() for o in outcomes]})
     else:
         for o in outcomes:
-            if args.dry_run and o.plan.actions:
+            if args.dry_run:
                 for a in o.plan.actions:
-                    print(f"{o.ref.name}: would {type(a).__name__}: {getattr(a, 'reason', getattr(a, 'path', ''))}")
+                    print(f"{o.ref.name}: would {describe_action(a)}")
             for d in o.done:
                 print(f"{o.ref.name}: {d}")
-        print(_table(outcomes))
-    return _exit_for(outcomes)
+        print(outcome_table(outcomes))
+    return exit_for(outcomes)
 
 
 def cmd_journal(ctx: Context, args: argparse.Namespace) -> int:
     uuid = ctx.hv.lookup(args.domain).uuid if args.domain else None
     changes = ctx.journal.changes(uuid, limit=args.limit)
     if args.json:
-        print(json.dumps([c.__dict__ for c in changes], indent=2))
+        emit_json({"changes": [change_dict(c) for c in changes]})
         return EXIT_OK
     for c in changes:
         print(f"#{c.id}  {c.at}  {c.name}  {c.actor}  {c.outcome}  {c.reason}")
@@ -79,66 +82,81 @@ def cmd_undo(ctx: Context, args: argparse.Namespace) -> int:
     """Put back the XML a journaled change replaced (itself journaled)."""
     change = ctx.journal.change(args.change)
     if change is None:
-        print(f"varsctl: no journal entry #{args.change}", file=sys.stderr)
+        error(f"no journal entry #{args.change}")
         return EXIT_USAGE
     rec = ctx.reconciler()
     ref = ctx.hv.lookup(change.uuid)
-    # The domain's lock, like any write: a daemon acting on it at this moment must not
-    # overwrite the restored definition, nor we its repair.
-    with host_lock(ctx.cfg.domain_lock_path(ref.uuid)):
-        current = ctx.hv.persistent_xml(ref.uuid)
-        if current != change.new_xml and not args.force:
-            print(
-                f"varsctl: domain '{ref.name}' changed after journal #{change.id} (a later repair or an "
-                "admin's edit); undoing would discard that. See 'varsctl journal', or use --force",
-                file=sys.stderr,
-            )
+    # The one write transaction (the domain's lock, a fresh read, an archived loader
+    # verified): a daemon acting on it at this moment must not overwrite the restored
+    # definition, nor we its repair.
+    with rec.writer.transaction(ref) as tx:
+        if tx.xml != change.new_xml and not args.force:
+            error(f"domain '{ref.name}' changed after journal #{change.id} (a later repair or an "
+                  "admin's edit); undoing would discard that. See 'varsctl journal', or use --force")
             return EXIT_ATTENTION
         _, plan = rec.plan_xml(ref, change.old_xml)
         migrated = change.reason.startswith(MIGRATION_REASON)
         if (migrated or plan.status is Status.NEEDS_MIGRATION) and not args.force:
             # e.g. undoing a migration's XML change while the varstore is already migrated:
             # old code with a varstore of another layout silently loses every variable change.
-            print(
-                f"varsctl: the definition from before journal #{change.id} does not fit domain '{ref.name}''s "
-                f"varstore as it is now ({'that change migrated the varstore' if migrated else plan.detail}): "
-                "old code with a varstore of another layout loses every variable change. Copy the migration's "
-                "backup back over the varstore first (see 'varsctl migrate' in the README), then use --force",
-                file=sys.stderr,
-            )
+            error(f"the definition from before journal #{change.id} does not fit domain '{ref.name}''s "
+                  f"varstore as it is now ({'that change migrated the varstore' if migrated else plan.detail}): "
+                  "old code with a varstore of another layout loses every variable change. Copy the migration's "
+                  "backup back over the varstore first (see 'varsctl migrate' in the README), then use --force")
             return EXIT_ATTENTION
-        rec.redefine(ref, current, change.old_xml, f"undo of journal #{change.id}")
-    print(f"{ref.name}: restored the definition from before journal #{change.id}")
+        tx.write(change.old_xml, f"undo of journal #{change.id}")
+    text = f"{ref.name}: restored the definition from before journal #{change.id}"
+    if args.json:
+        emit_json({"result": {"domain": ref.name, "uuid": ref.uuid, "undone": change.id, "message": text}})
+    else:
+        print(text)
     return EXIT_OK
 
 
+class UsageError(Exception):
+    """A subcommand's arguments are wrong (exit 2, with argparse's message)."""
+
+
+class _SubcommandParser(argparse.ArgumentParser):
+    """Subcommand parsers report usage errors to `main` (exit code 2) instead of exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        raise UsageError(f"{self.prog}: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="varsctl", description="Inspect and repair UEFI firmware of libvirt domains.")
+    p = argparse.ArgumentParser(
+        prog="varsctl", description="Inspect and repair UEFI firmware of libvirt domains.",
+        epilog="Exit codes: 0 fine, 1 something needs attention, 2 usage, configuration or connection error.",
+    )
     p.add_argument("--config", help="config file (default $VARSD_CONFIG or /etc/varsd/varsd.toml)")
     p.add_argument("--connect", "-c", metavar="URI", help="libvirt URI (default from config: qemu:///system)")
-    p.add_argument("--verbose", "-v", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--verbose", "-v", action="store_true", help="log what is done (INFO) to stderr")
+    p.add_argument("--version", action="version", version=f"varsctl {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_SubcommandParser)
 
     s = sub.add_parser("status", help="report every domain's firmware configuration and status")
-    s.add_argument("--json", action="store_true")
-    s.add_argument("domains", nargs="*", metavar="DOMAIN")
-    s.set_defaults(func=cmd_status)
+    add_json(s)
+    s.add_argument("domains", nargs="*", metavar="DOMAIN", help="domain names or UUIDs (default: all)")
+    s.set_defaults(func=cmd_status, read_only=True)
 
     r = sub.add_parser("reconcile", help="repair domains now, without the daemon")
-    r.add_argument("--dry-run", action="store_true", help="show what would change")
-    r.add_argument("--json", action="store_true")
-    r.add_argument("domains", nargs="*", metavar="DOMAIN")
+    r.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
+    add_json(r)
+    r.add_argument("domains", nargs="*", metavar="DOMAIN", help="domain names or UUIDs (default: all)")
     r.set_defaults(func=cmd_reconcile)
 
     j = sub.add_parser("journal", help="list journaled domain XML changes")
-    j.add_argument("domain", nargs="?")
-    j.add_argument("--limit", type=int, default=50)
-    j.add_argument("--json", action="store_true")
-    j.set_defaults(func=cmd_journal)
+    j.add_argument("domain", nargs="?", metavar="DOMAIN", help="only this domain's changes (name or UUID)")
+    j.add_argument("--limit", type=int, default=50, help="at most this many, newest first (default 50)")
+    add_json(j)
+    j.set_defaults(func=cmd_journal, read_only=True)
 
     u = sub.add_parser("undo", help="restore the XML a journaled change replaced")
-    u.add_argument("change", type=int, metavar="ID")
+    u.add_argument("change", type=int, metavar="ID", help="the journal entry's number (see 'varsctl journal')")
     u.add_argument("--force", action="store_true", help="undo even if the domain changed since")
+    add_json(u)
     u.set_defaults(func=cmd_undo)
 
     for register in _command_modules():
@@ -155,7 +173,11 @@ def _command_modules():
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="varsctl: %(levelname)s: %(message)s",
@@ -164,20 +186,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.connect)
     except ConfigError as exc:
-        print(f"varsctl: {exc}", file=sys.stderr)
+        error(exc)
         return EXIT_USAGE
-    ctx = Context(cfg)
+    ctx = Context(cfg, read_only=getattr(args, "read_only", False))
     try:
         return args.func(ctx, args)
     except (ConfigError, NoSuchDomain) as exc:  # e.g. no qemu user; a domain name that does not exist
-        print(f"varsctl: {exc}", file=sys.stderr)
+        error(exc)
         return EXIT_USAGE
     except HypervisorError as exc:
-        print(f"varsctl: {exc}", file=sys.stderr)
+        error(exc)
         # libvirt unreachable is a connection error (2); libvirt refusing an action is 1.
         return EXIT_USAGE if exc.retryable else EXIT_ATTENTION
     except VarsdError as exc:
-        print(f"varsctl: {exc}", file=sys.stderr)
+        error(exc)
         return EXIT_ATTENTION
     finally:
         ctx.close()

@@ -28,7 +28,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -42,11 +42,13 @@ from varsd.daemon.workqueue import WorkQueue
 from varsd.engine import firmware_sync
 from varsd.engine.boots import record_boot
 from varsd.engine.inspect import FileInspector
-from varsd.engine.reconciler import Reconciler, utc_now
+from varsd.engine.reconciler import Outcome, Reconciler, utc_now
 from varsd.errors import HypervisorError, VarsdError
 from varsd.firmware.archive import Archive
 from varsd.firmware.catalog import load_configured
-from varsd.model.domain import Status
+from varsd.messages import about_domain
+from varsd.model.domain import DomainRef, Status
+from varsd.retry import SETTINGS, Action, Backoff, RetrySettings, decide
 
 log = logging.getLogger("varsd")
 
@@ -62,34 +64,19 @@ FIRMWARE_CHECK_INTERVAL = 30  # seconds between stat() checks of the firmware fi
 ARCHIVE_PRUNE_INTERVAL = 24 * 3600
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Reconnect delays: first, factor, cap (seconds). Configuration data, not code."""
-
-    first: float = 0.5
-    factor: float = 2.0
-    cap: float = 30.0
-
-    def delays(self):
-        d = self.first
-        while True:
-            yield d
-            d = min(self.cap, d * self.factor)
-
-
 class Service:
     def __init__(
         self,
         cfg: Config,
         *,
         reload_config: Callable[[], Config] | None = None,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff | None = None,
         clock: Callable[[], str] = utc_now,
         notify: Callable[..., bool] = sd_notify,
     ) -> None:
         self.cfg = cfg
         self.reload_config = reload_config  # how main() loaded it (file + --connect), for SIGHUP
-        self.backoff = backoff
+        self.retry = RetrySettings.for_reconnect(backoff) if backoff else SETTINGS  # every delay: varsd.retry
         self.clock = clock
         self.notify = notify
         self.queue = WorkQueue()
@@ -158,7 +145,7 @@ class Service:
         self._scheduler.start()
         self.notify("STATUS=connecting to " + self.cfg.uri)
         wd = watchdog_interval()
-        delays = self.backoff.delays()
+        delays = self.retry.reconnect.delays()
         last_wd = last_status = 0.0
         last_handled = 0
         try:
@@ -173,7 +160,7 @@ class Service:
                     threading.Thread(target=self._reload_in_background, name="varsd-reload", daemon=True).start()
                 if self.hv is None or self._disconnected.is_set():
                     if self._connect():
-                        delays = self.backoff.delays()
+                        delays = self.retry.reconnect.delays()
                     else:
                         self._stop.wait(next(delays))
                     continue
@@ -403,42 +390,43 @@ class Service:
                 self.queue.put_later(key, delay)
             else:
                 self._retries.pop(key, None)
-            self._report(ref.uuid, ref.name, outcome)
+            self._report(ref, outcome)
         except HypervisorError as exc:
-            if exc.retryable and not hv.is_alive():
+            action = decide(exc, alive=not exc.retryable or hv.is_alive(), settings=self.retry).action
+            if action is Action.RECONNECT:
                 log.warning("%s: %s; reconnecting", self._names.get(key, key), exc)
                 self._disconnected.set()  # the reconnect re-lists and queues everything
-            elif exc.retryable:
+            elif action is Action.RETRY:
                 self.queue.put_later(key, self._retry_delay(key))
-                log.warning("domain '%s': %s; will look again", self._names.get(key, key), exc)
+                log.warning("%s; will look again", about_domain(self._names.get(key, key), exc, key))
             else:
-                log.error("domain '%s': %s", self._names.get(key, key), exc)
+                log.error("%s", about_domain(self._names.get(key, key), exc, key))
         finally:
             # Whatever happened, this domain no longer holds READY back.
             self.first_pass_pending.discard(key)
 
-    def _report(self, uuid: str, name: str, outcome) -> None:
+    def _report(self, ref: DomainRef, outcome: Outcome) -> None:
         """Log a domain's problem when it appears or changes, and once when it clears."""
-        problem, before = outcome.problem, self._reported.get(uuid)
+        problem, before = outcome.problem, self._reported.get(ref.uuid)
         if outcome.cleared is not None:
-            log.info("domain '%s': %s succeeded; the failure seen %d time(s) since %s is cleared", name,
-                     outcome.done[-1] if outcome.done else "the attempt", outcome.cleared.count,
-                     outcome.cleared.first_at)
+            done = outcome.done[-1] if outcome.done else "the attempt"
+            log.info("%s", about_domain(ref.name, f"{done} succeeded; the failure seen {outcome.cleared.count} "
+                                                  f"time(s) since {outcome.cleared.first_at} is cleared", ref.uuid))
         elif before is not None and problem is None:
-            log.info("domain '%s': %s now; cleared: %s", name, outcome.status.value, before[1])
+            log.info("%s", about_domain(ref.name, f"{outcome.status.value} now; cleared: {before[1]}", ref.uuid))
         if problem is not None and problem != before:
             level = logging.WARNING if outcome.status is Status.NEEDS_MIGRATION else logging.ERROR
-            log.log(level, "domain '%s': %s", name, outcome.detail)
+            log.log(level, "%s", about_domain(ref.name, outcome.detail, ref.uuid))
         if problem is None:
-            self._reported.pop(uuid, None)
+            self._reported.pop(ref.uuid, None)
         else:
-            self._reported[uuid] = problem
+            self._reported[ref.uuid] = problem
 
     def _retry_delay(self, key: str) -> float:
-        """Per-domain backoff for domain-level trouble, from the same Backoff data."""
+        """Per-domain backoff for domain-level trouble (`varsd.retry`: the domain row)."""
         n = self._retries.get(key, 0)
         self._retries[key] = n + 1
-        return min(self.backoff.cap, self.backoff.first * self.backoff.factor ** n) * 4
+        return self.retry.domain.delay(n)
 
     def _record_boot(self, hv: Hypervisor, uuid: str) -> None:
         boot = record_boot(hv, uuid, self.clock())

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from varsd.adapters.journal import Journal
-from varsd.adapters.libvirt_api import DomainRef, Hypervisor
+from varsd.adapters.libvirt_api import Hypervisor
 from varsd.config import Config
 from varsd.domain.classify import firmware_image_path
 from varsd.engine.boots import record_boot
@@ -43,13 +43,14 @@ from varsd.engine.reconciler import Outcome, Reconciler, utc_now
 from varsd.errors import HypervisorError, VarsdError
 from varsd.firmware.archive import Archive, ArchiveError, is_archive_path
 from varsd.firmware.catalog import load_configured
-from varsd.model.domain import FirmwareConfig, Status
+from varsd.messages import about_domain, for_row
+from varsd.model.domain import ATTENTION, DomainRef, FirmwareConfig, Status
+from varsd.model.exit import Exit
 from varsd.model.firmware import Catalog
 
 log = logging.getLogger("varsd.firmware")
 
-EXIT_OK, EXIT_ATTENTION, EXIT_FAILED = 0, 1, 2
-ATTENTION = frozenset({Status.ERROR, Status.NEEDS_MIGRATION})
+EXIT_OK, EXIT_ATTENTION, EXIT_FAILED = Exit.OK, Exit.ATTENTION, Exit.USAGE  # README: exit codes
 LOCK_TIMEOUT = 60.0
 
 
@@ -296,7 +297,7 @@ def sync(
             if live is not None and live.booted_sha256 is None:
                 record_boot(hv, ref.uuid, clock())
         except VarsdError as exc:
-            problems.append(f"domain '{ref.name}': cannot record what it booted: {exc}")
+            problems.append(about_domain(ref.name, f"cannot record what it booted: {for_row(ref.name, exc, ref.uuid)}"))
     done: list[Outcome] = []
     for ref in refs:
         try:
@@ -313,7 +314,7 @@ def sync(
             shas, imgs = _in_use(rec, ref)
         except VarsdError as exc:
             complete = False  # a domain we could not read may use anything: prune nothing
-            problems.append(f"domain '{ref.name}': {exc}")
+            problems.append(about_domain(ref.name, exc, ref.uuid))
             continue
         used |= shas
         images.update(imgs)

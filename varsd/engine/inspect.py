@@ -12,25 +12,17 @@ import hashlib
 import os
 
 from varsd.adapters import fsio, virtfw
+from varsd.adapters.filecache import ContentCache, stat_key, stat_key_of
 from varsd.errors import VarstoreError
 from varsd.model.domain import FileFacts
 
 
 class FileInspector:
     def __init__(self) -> None:
-        # (path, digest) -> (stat signature, facts): one entry per file, replaced when
-        # the file changes, so a daemon watching varstores rewritten at every boot
-        # does not keep every version it ever saw.
-        self._cache: dict[tuple[str, bool], tuple[tuple, FileFacts]] = {}
+        # (path, digest) -> facts, per stat key (varsd.adapters.filecache)
+        self._cache: ContentCache[FileFacts] = ContentCache()
 
-    @staticmethod
-    def stat_key(path: str) -> tuple | None:
-        """What identifies a file's content cheaply: device, inode, size, mtime."""
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    stat_key = staticmethod(stat_key_of)
 
     def inspect(self, path: str, *, digest: bool) -> FileFacts:
         """Facts of `path`: existence, size, realpath, leading varstore layout, digests.
@@ -45,13 +37,7 @@ class FileInspector:
             return FileFacts(path=path, exists=False, realpath=os.path.realpath(path))
         except OSError as exc:
             return FileFacts(path=path, exists=False, error=f"cannot stat: {exc.strerror}")
-        sig = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        hit = self._cache.get((path, digest))
-        if hit is not None and hit[0] == sig:
-            return hit[1]
-        facts = self._read(path, st.st_size, digest)
-        self._cache[(path, digest)] = (sig, facts)
-        return facts
+        return self._cache.get((path, digest), stat_key(st), lambda: self._read(path, st.st_size, digest))
 
     def _read(self, path: str, size: int, digest: bool) -> FileFacts:
         try:

@@ -12,19 +12,9 @@ varstore, and only on request.
 
 Theory of operation:
 
-- `plan_migration(facts, catalog, ...)` is pure. From the domain's XML, run state and
-  what its varstore holds (`MigrationFacts`, gathered by the shell) it chooses the
-  target build and checks everything that can be checked without touching a file:
-  shut off, managed, a file-backed private varstore, a build that supports the
-  machine, keeps Secure Boot as it is and gets the SMM it needs. It returns a
-  `MigrationPlan` (target, template, the new XML) or raises `MigrationRefused`.
-- Default target: the build the domain tracks (its metadata's central code path) if
-  it fits, else the first catalog build that matches the domain's needs: Secure Boot
-  or not (its code, else its XML), enrolled keys or not (PK, KEK and db set in its
-  varstore). `--to` names a build by descriptor path or file name, code path or code
-  file name, or a code sha256 prefix; it may not switch Secure Boot either, except
-  when the domain's code is unknown and only its XML's `secure='yes'` spoke for it.
-- `migrate_domain(rec, ref, ...)` is the shell, under the domain's lock:
+- What to migrate to, and whether at all, is decided by the pure planner
+  (`varsd.planning.migration.plan_migration`); this module carries it out.
+- `Migrator.migrate(ref)` is the shell, under the domain's lock:
   1. read the varstore (never through a symlink) and plan;
   2. build the new store's bytes with virt-firmware and verify them in memory
      (every old variable present with equal attributes and data, nothing else, the
@@ -47,373 +37,36 @@ Theory of operation:
 from __future__ import annotations
 
 import os
-import re
 import stat
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from varsd.adapters import fsio, virtfw
-from varsd.adapters.libvirt_api import DomainRef
-from varsd.adapters.virtfw import EfiVariable
 from varsd.config import Config
 from varsd.domain.classify import classify, firmware_image_path
-from varsd.domain.xml import FirmwareEdit, apply_edit, nvram_storage, parse_domain
-from varsd.engine.lock import host_lock
+from varsd.domain.xml import parse_domain
 from varsd.engine.reconciler import Reconciler
+from varsd.engine.transaction import Transaction
 from varsd.errors import VarsdError, VarstoreError
-from varsd.firmware.selection import explain_no_build, machine_has_smm, select_build, target_matches
-from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig, PinKind, Status, VarsdMetadata
-from varsd.model.firmware import Build, Catalog, MappingMode, VarstoreLayout
-from varsd.planning.repair import is_private_varstore, new_varstore_path, varstore_path, wants_secure_boot
+from varsd.model.domain import DomainFirmware, DomainRef, FileFacts, FirmwareConfig, Status
+from varsd.model.firmware import VarstoreLayout
+from varsd.model.varstore import EfiVariable
+from varsd.planning.migration import (
+    MigrationFacts,
+    MigrationPlan,
+    VarstoreFacts,
+    compare_variables,
+    enrolled_keys,
+    plan_migration,
+)
+from varsd.planning.repair import varstore_path
 
-EFI_GLOBAL = "8be4df61-93ca-11d2-aa0d-00e098032b8c"
-EFI_IMAGE_SECURITY_DATABASE = "d719b2cb-3d3a-4596-a3bc-dad00e67656f"
-KEY_VARIABLES = (f"{EFI_GLOBAL}:PK", f"{EFI_GLOBAL}:KEK", f"{EFI_IMAGE_SECURITY_DATABASE}:db")
-"""A varstore with all three set has enrolled keys (Secure Boot in user mode)."""
-
-MIN_SHA_PREFIX = 6
-"""Shortest code digest prefix `--to` accepts: shorter ones match by accident."""
-
-MIGRATION_REASON = "migrated varstore"  # journal reasons start with it; undo recognises them
 BACKUP_DIR = "backups"
-
-_HEX = re.compile(r"^[0-9a-fA-F]+$")
-
-
-class MigrationRefused(VarsdError):
-    """The migration was not started: the domain or the target is not fit for it. Nothing changed."""
-
-
-class NothingToMigrate(MigrationRefused):
-    """The domain already uses the target build with a varstore of its layout."""
 
 
 class MigrationFailed(VarsdError):
     """A step failed; the message says what was restored (and what was not)."""
-
-
-# -- facts and plan (pure) --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VarstoreFacts:
-    """What the shell read from the file holding the domain's variables.
-
-    For a unified image `path` is the image and `layout.size` the length of its
-    leading varstore; `size` is always the whole file's size.
-    """
-
-    path: str
-    size: int
-    layout: VarstoreLayout | None = None
-    variables: int = 0
-    enrolled_keys: bool = False
-    symlink: bool = False
-    error: str | None = None  # unreadable, not a varstore, ...
-
-
-@dataclass(frozen=True)
-class MigrationFacts:
-    """Everything `plan_migration` may look at, gathered by the shell."""
-
-    xml: str  # persistent definition
-    firmware: DomainFirmware  # parsed from `xml`
-    state: str  # libvirt run state ("shut off", "running", "paused", ...)
-    active: bool
-    persistent: bool = True
-    excluded: bool = False
-    image: FileFacts | None = None  # the loader image
-    source: VarstoreFacts | None = None  # None: the XML names a varstore file that does not exist
-
-
-@dataclass(frozen=True)
-class MigrationPlan:
-    """What `migrate_domain` will do for one domain."""
-
-    name: str
-    uuid: str
-    config: FirmwareConfig
-    source: str  # file holding the variables now
-    source_layout: VarstoreLayout
-    target: Build
-    template: str  # the target template the variables go into
-    target_layout: VarstoreLayout
-    varstore: str  # the new store's path: `source` itself for a split domain
-    in_place: bool  # True: `source` is replaced; False: `varstore` is created (unified source)
-    new_xml: str
-    reason: str
-
-    def describe(self) -> str:
-        where = f"{self.varstore} (in place)" if self.in_place else f"new varstore {self.varstore}"
-        return (
-            f"domain '{self.name}': variables of {self.source} ({self.source_layout.describe()}) -> "
-            f"{where} from {self.template} ({self.target_layout.describe()}); code {self.target.label} "
-            f"({self.target.origin})"
-        )
-
-
-def enrolled_keys(variables: Mapping[str, EfiVariable]) -> bool:
-    """True when PK, KEK and db are all set: the guest's Secure Boot has keys enrolled."""
-    return all(key in variables and variables[key].data for key in KEY_VARIABLES)
-
-
-
-def _usable(build: Build) -> bool:
-    return build.mode is MappingMode.SPLIT and build.template_path is not None and build.layout is not None
-
-
-def resolve_build(catalog: Catalog, spec: str) -> list[Build]:
-    """Catalog builds named by `spec` (see module doc), in catalog order; may be empty.
-
-    Paths match descriptor paths and code paths exactly; plain names match descriptor
-    file names (with or without `.json`) and code file names; hex strings of at
-    least MIN_SHA_PREFIX digits match code digests by prefix.
-    """
-    spec = spec.strip()
-    if not spec:
-        return []
-    if "/" in spec:
-        path = os.path.normpath(spec)
-        return [b for b in catalog.builds if path in (os.path.normpath(b.origin), os.path.normpath(b.code_path))]
-    by_name = [
-        b for b in catalog.builds
-        if spec in (os.path.basename(b.origin), os.path.basename(b.origin).removesuffix(".json"),
-                    os.path.basename(b.code_path))
-    ]
-    if by_name:
-        return by_name
-    if len(spec) >= MIN_SHA_PREFIX and _HEX.match(spec):
-        prefix = spec.lower()
-        return [b for b in catalog.builds if b.code_sha256.startswith(prefix)]
-    return []
-
-
-def _pin_problem(md: VarsdMetadata, name: str) -> str | None:
-    """Why a pin forbids migrating; None when there is none or it is varsd's `incompatible` pin.
-
-    The `incompatible` pin is varsd keeping the domain on its archived build because the
-    central one no longer fits the varstore: exactly what a migration resolves, so the
-    migration lifts it. An admin's pin says "keep this domain on this build", and a
-    policy pin holds a new build back until it is approved: neither is overruled here.
-    """
-    kind = md.pin_kind
-    if kind is None or kind is PinKind.INCOMPATIBLE:
-        return None
-    pin = (md.pinned_sha256 or "")[:12]
-    if kind is PinKind.POLICY:
-        return (f"held on build {pin} by upgrade_policy = \"manual\"; 'varsctl upgrade approve {name}' "
-                "first, or migrate after approval")
-    return f"pinned to build {pin} by an admin; 'varsctl unpin {name}' first"
-
-
-@dataclass(frozen=True)
-class _Wants:
-    """What the target must keep of the domain's firmware."""
-
-    secure: bool  # Secure Boot build or not
-    keys: bool  # the varstore has PK, KEK and db
-    known: bool  # `secure` comes from the domain's code (a catalog build), not just its XML
-
-
-def _wants(facts: MigrationFacts, catalog: Catalog) -> _Wants:
-    fw, image = facts.firmware, facts.image
-    secure = wants_secure_boot(fw, image, catalog)
-    shas = {image.sha256, image.trailing_sha256} - {None} if image is not None else set()
-    paths = {fw.loader_path, image.realpath if image is not None else None} - {None}
-    known = any(catalog.by_code_sha(s) for s in shas) or any(b.code_path in paths for b in catalog.builds)
-    return _Wants(secure=secure, keys=bool(facts.source and facts.source.enrolled_keys), known=known)
-
-
-def _check_target(build: Build, fw: DomainFirmware, wants: _Wants, *, explicit: bool = False) -> str | None:
-    """Why `build` cannot be this domain's target; None when it can.
-
-    Secure Boot must stay as it is. Only when the domain's code is unknown (so the
-    XML's `secure='yes'`, which may also mean an SMM-protected plain build, was all
-    there was to go by) may an admin's explicit `--to` choose the other kind.
-    """
-    if not _usable(build):
-        return f"build {build.label} ({build.origin}) is not a split build with a varstore template"
-    assert fw.arch and fw.machine
-    if not any(target_matches(t, fw.arch, fw.machine) for t in build.targets):
-        return f"build {build.label} ({build.origin}) does not support {fw.arch} machine '{fw.machine}'"
-    if build.secure_boot != wants.secure and (wants.known or not explicit):
-        have = "a Secure Boot build" if build.secure_boot else "not a Secure Boot build"
-        need = "boots with Secure Boot" if wants.secure else "boots without Secure Boot"
-        return (
-            f"build {build.label} ({build.origin}) is {have}, but the domain {need}; migrating would change "
-            "what the guest trusts. Choose a build of the same kind, or change Secure Boot by hand"
-        )
-    if build.requires_smm and not machine_has_smm(fw.machine):
-        return (
-            f"build {build.label} ({build.origin}) needs SMM, which machine type '{fw.machine}' cannot "
-            "provide (q35 only)"
-        )
-    return None
-
-
-def _default_target(facts: MigrationFacts, catalog: Catalog, wants: _Wants) -> Build:
-    fw = facts.firmware
-    assert fw.arch and fw.machine
-    tracked = fw.metadata.build_code_path
-    if tracked:
-        for b in catalog.builds:
-            if b.code_path == tracked and _check_target(b, fw, wants) is None:
-                return b
-    query = dict(arch=fw.arch, machine=fw.machine, secure_boot=wants.secure, smm_allowed=machine_has_smm(fw.machine))
-    # The target template's own variables are not carried over (only the domain's are),
-    # so enrolled-or-not decides the <nvram template> for a later reset, nothing else:
-    # prefer the matching kind, but any build of the right Secure Boot kind will do.
-    build = select_build(catalog, **query, enrolled_keys=wants.keys if wants.secure else None) or select_build(
-        catalog, **query
-    )
-    if build is None or not _usable(build):
-        raise MigrationRefused(
-            f"domain '{fw.name}': no catalog build to migrate to: {explain_no_build(catalog, **query)}"
-        )
-    return build
-
-
-def _named_target(spec: str, facts: MigrationFacts, catalog: Catalog, wants: _Wants) -> Build:
-    fw = facts.firmware
-    matches = resolve_build(catalog, spec)
-    if not matches:
-        known = "; ".join(f"{os.path.basename(b.origin)} ({b.label})" for b in catalog.builds) or "none"
-        raise MigrationRefused(f"--to {spec}: no catalog build has that descriptor, code path or digest. "
-                               f"Builds: {known}")
-    if len({b.code_sha256 for b in matches}) > 1:
-        listed = "; ".join(f"{b.origin} ({b.label})" for b in matches)
-        raise MigrationRefused(f"--to {spec}: ambiguous, it names different builds: {listed}")
-    # One code image may come with several templates (Debian: enrolled and not): take the
-    # one that fits the domain, else the first that passes the checks, to report why not.
-    assert fw.arch and fw.machine
-    sub = Catalog(builds=tuple(matches))
-    fitting = select_build(sub, arch=fw.arch, machine=fw.machine, secure_boot=wants.secure,
-                           enrolled_keys=wants.keys if wants.secure else None, smm_allowed=machine_has_smm(fw.machine))
-    if fitting is not None and _check_target(fitting, fw, wants, explicit=True) is None:
-        return fitting
-    for b in matches:
-        if _check_target(b, fw, wants, explicit=True) is None:
-            return b
-    problem = _check_target(matches[0], fw, wants, explicit=True)
-    raise MigrationRefused(f"domain '{fw.name}': cannot migrate to --to {spec}: {problem}")
-
-
-def _refuse(fw: DomainFirmware, why: str) -> MigrationRefused:
-    return MigrationRefused(f"domain '{fw.name}': {why}; nothing was changed")
-
-
-def plan_migration(
-    facts: MigrationFacts, catalog: Catalog, *, to: str | None, nvram_dir: str, now: str
-) -> MigrationPlan:
-    """The migration of one domain (module rules), or MigrationRefused saying why not."""
-    fw = facts.firmware
-    if not facts.persistent:
-        raise _refuse(fw, "transient domain: no persistent definition to migrate")
-    if facts.active:
-        raise _refuse(
-            fw,
-            f"is {facts.state}; migrate only shut-off domains (a running guest may write its varstore "
-            f"at any moment). Shut it down, then run 'varsctl migrate {fw.name}'",
-        )
-    if fw.metadata.opt_out:
-        raise _refuse(fw, "opted out of varsd (metadata manage='no')")
-    if facts.excluded:
-        raise _refuse(fw, "excluded by the 'exclude' setting")
-    config = classify(fw, facts.image, catalog)
-    if config is FirmwareConfig.CONFIDENTIAL:
-        raise _refuse(fw, f"confidential guest (launchSecurity {fw.launch_security}): its measured firmware "
-                      "is never split or migrated")
-    if config in (FirmwareConfig.NONE, FirmwareConfig.STATELESS, FirmwareConfig.AUTOSELECT):
-        raise _refuse(fw, f"firmware configuration '{config.value}' has no varstore varsd manages")
-    if config in (FirmwareConfig.BIOS_ROM, FirmwareConfig.CODE_ONLY):
-        raise _refuse(fw, f"'{config.value}' firmware has no variables to migrate; 'varsctl reconcile' gives "
-                      "it a varstore")
-    storage = nvram_storage(facts.xml)
-    if storage not in (None, "file"):
-        raise _refuse(fw, f"varstore on {storage} storage (<nvram type='{storage}'>) is not a local file")
-    pin_problem = _pin_problem(fw.metadata, fw.name)
-    if pin_problem:
-        raise _refuse(fw, pin_problem)
-    if not fw.arch or not fw.machine:
-        raise _refuse(fw, "domain XML has no <os><type arch machine>")
-
-    source = facts.source
-    if source is None:
-        raise _refuse(fw, f"varstore {fw.nvram_path} does not exist yet (never started?): nothing to migrate; "
-                      "'varsctl reconcile' or libvirt creates it")
-    if source.symlink:
-        raise _refuse(fw, f"varstore {source.path} is a symbolic link; varsd does not rewrite through links")
-    if source.layout is None:
-        raise _refuse(fw, f"{source.path} is not a usable edk2 varstore"
-                      f"{': ' + source.error if source.error else ''}")
-    unified = config is FirmwareConfig.UNIFIED
-    as_file = FileFacts(path=source.path, exists=True, size=source.size, varstore_layout=source.layout)
-    if not unified and not is_private_varstore(catalog, nvram_dir, as_file):
-        raise _refuse(fw, f"varstore {source.path} is not private to the domain (a firmware package's file, "
-                      "or more than a varstore); 'varsctl reconcile' gives the domain its own copy first")
-
-    wants = _wants(facts, catalog)
-    target = _named_target(to, facts, catalog, wants) if to else _default_target(facts, catalog, wants)
-    problem = _check_target(target, fw, wants, explicit=bool(to))
-    if problem:
-        raise _refuse(fw, problem)
-    assert target.template_path and target.layout
-    if not unified and fw.loader_path == target.code_path and source.layout == target.layout:
-        raise NothingToMigrate(
-            f"domain '{fw.name}': already uses {target.label} with a varstore of its layout; nothing to migrate"
-        )
-
-    varstore = new_varstore_path(nvram_dir, fw, {fw.loader_path}) if unified else source.path
-    md = replace(
-        fw.metadata,
-        build_code_path=target.code_path,
-        build_code_sha256=target.code_sha256,
-        template_path=target.template_path,
-        template_sha256=target.template_sha256,
-        varstore_source=f"migrated:{source.path}",
-        provisioned_at=now,
-    )
-    if md.pinned_sha256:  # varsd's own `incompatible` pin: the migration resolves it
-        md = md.without_pin()
-    new_xml = apply_edit(
-        facts.xml,
-        FirmwareEdit(
-            code_path=target.code_path,
-            nvram_path=varstore,
-            template_path=target.template_path,
-            secure=target.secure_boot,
-            smm=target.requires_smm or fw.smm,
-            metadata=md,
-        ),
-    )
-    return MigrationPlan(
-        name=fw.name,
-        uuid=fw.uuid,
-        config=config,
-        source=source.path,
-        source_layout=source.layout,
-        target=target,
-        template=target.template_path,
-        target_layout=target.layout,
-        varstore=varstore,
-        in_place=not unified,
-        new_xml=new_xml,
-        reason=f"{MIGRATION_REASON} ({source.layout.size} -> {target.layout.size} bytes) to {target.label}",
-    )
-
-
-def compare_variables(old: Mapping[str, EfiVariable], new: Mapping[str, EfiVariable]) -> str | None:
-    """None when `new` holds exactly `old`'s variables with equal attributes and data; else what differs."""
-    missing = sorted(k for k in old if k not in new)
-    changed = sorted(k for k in old if k in new and (new[k].attr, new[k].data) != (old[k].attr, old[k].data))
-    extra = sorted(k for k in new if k not in old)
-    parts = []
-    for what, keys in (("missing", missing), ("changed", changed), ("unexpected", extra)):
-        if keys:
-            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-            parts.append(f"{what}: {shown}")
-    return "; ".join(parts) or None
 
 
 # -- the shell ------------------------------------------------------------------------
@@ -550,14 +203,14 @@ class Migrator:
 
     def migrate(self, ref: DomainRef, *, to: str | None = None) -> MigrationResult:
         """Migrate one shut-off domain (module steps), under its lock."""
-        with host_lock(self.cfg.domain_lock_path(ref.uuid)):
+        with self.rec.writer.transaction(ref) as tx:
             now = self.clock()
             facts, old_bytes, old_vars = self._facts(ref)
             plan = plan_migration(facts, self.rec.catalog, to=to, nvram_dir=self.cfg.nvram_dir, now=_iso(now))
-            return self._carry_out(ref, facts, plan, old_bytes, old_vars, now)
+            return self._carry_out(tx, facts, plan, old_bytes, old_vars, now)
 
     def _carry_out(
-        self, ref: DomainRef, facts: MigrationFacts, plan: MigrationPlan, old_bytes: bytes,
+        self, tx: Transaction, facts: MigrationFacts, plan: MigrationPlan, old_bytes: bytes,
         old_vars: dict[str, EfiVariable], now: datetime,
     ) -> MigrationResult:
         name = plan.name
@@ -601,7 +254,7 @@ class Migrator:
             if on_disk != new_bytes:
                 raise MigrationFailed(f"{plan.varstore} does not read back as written")
             _verify_store(on_disk, old_vars, plan.target_layout, plan.varstore)
-            self.rec.redefine(ref, facts.xml, plan.new_xml, plan.reason)
+            tx.write(plan.new_xml, plan.reason, planned_from=facts.xml)
         except BaseException as exc:
             restored = self._restore(plan, old_bytes, new_bytes, backup) if written else "nothing was written"
             if isinstance(exc, VarsdError):

@@ -19,6 +19,7 @@ import stat
 from dataclasses import dataclass
 
 from varsd.adapters import fsio, virtfw
+from varsd.adapters.filecache import ContentCache, stat_key_of
 from varsd.errors import ProvisionError, VarstoreError
 from varsd.model.firmware import VarstoreLayout
 
@@ -83,25 +84,18 @@ def preflight(target: str, source: str, *, length: int | None = None) -> str | N
 
 # Templates are read and parsed once per content (a burst of new domains shares one),
 # keyed by stat so a replaced or rewritten source is read again.
-_VERIFIED: dict[tuple, tuple[bytes, VarstoreLayout]] = {}
+_VERIFIED: ContentCache[tuple[bytes, VarstoreLayout]] = ContentCache(limit=16)
 
 
 def _verified_source(source: str, length: int | None) -> tuple[bytes, VarstoreLayout]:
-    try:
-        st = os.stat(source)
-        key: tuple | None = (source, length, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    except OSError:
-        key = None  # _read_source reports it
-    hit = _VERIFIED.get(key) if key else None
-    if hit is not None:
-        return hit
-    data = _read_source(source, length)
-    result = (data, virtfw.layout_of_bytes(data, source))
-    if key:
-        if len(_VERIFIED) >= 16:
-            _VERIFIED.clear()
-        _VERIFIED[key] = result
-    return result
+    def read() -> tuple[bytes, VarstoreLayout]:
+        data = _read_source(source, length)
+        return data, virtfw.layout_of_bytes(data, source)
+
+    key = stat_key_of(source)
+    if key is None:
+        return read()  # _read_source reports it
+    return _VERIFIED.get((source, length), key, read)
 
 
 def _read_source(source: str, length: int | None) -> bytes:

@@ -21,21 +21,24 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from varsd.adapters.journal import Journal
-from varsd.adapters.libvirt_api import DomainRef, Hypervisor
+from varsd.adapters.libvirt_api import Hypervisor
 from varsd.config import Config
 from varsd.domain.classify import firmware_image_path
 from varsd.domain.xml import firmware_signature, parse_domain
 from varsd.engine.inspect import FileInspector
 from varsd.engine.lock import host_lock
 from varsd.engine.provision import preflight, provision_varstore
+from varsd.engine.transaction import Transaction, Writer
 from varsd.engine.varstore_users import VarstoreIndex
 from varsd.errors import HypervisorError, ProvisionError, VarsdError
-from varsd.firmware.archive import Archive, ArchiveError, ArchiveIndex, is_archive_path, sha_of_archive_path
-from varsd.model.domain import AttemptFailure, DomainFirmware, FirmwareConfig, Status
-from varsd.model.firmware import Build, Catalog
+from varsd.firmware.archive import Archive, ArchiveError, ArchiveIndex
+from varsd.messages import about_domain
+from varsd.model.domain import AttemptFailure, DomainFirmware, DomainRef, FirmwareConfig, Status
+from varsd.model.firmware import Build, Catalog, UpgradePolicy
+from varsd.planning import sharing
 from varsd.planning.repair import CreateVarstore, DomainFacts, Plan, Redefine, plan_repair, varstore_path
-from varsd.planning.sharing import Sharing, decide
 from varsd.planning.upgrade import UpgradeContext
+from varsd.retry import SETTINGS, Action, Purpose, decide
 
 log = logging.getLogger("varsd.reconcile")
 
@@ -118,8 +121,22 @@ def _definition_sha(xml: str) -> str:
     return hashlib.sha256(xml.encode("utf-8")).hexdigest()
 
 
-def _error(ref: DomainRef, message: str, *, retry: bool = False) -> Outcome:
-    return Outcome(ref, Plan(FirmwareConfig.NONE, Status.ERROR, message), retry=retry)
+def _discard_unused_varstore(ref: DomainRef, path: str) -> None:
+    """Remove a varstore this plan just created from a template when the change that was to
+    use it failed: no definition names it and no guest ever ran on it, so nothing is lost,
+    and no orphan is left for the next pass to trip over."""
+    try:
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            os.unlink(path)
+            log.info("%s: removed %s again (the change that was to use it failed)", ref.label, path)
+    except OSError as exc:
+        log.warning("%s: could not remove unused varstore %s: %s", ref.label, path, exc.strerror)
+
+
+def _error(ref: DomainRef, exc: VarsdError, *, retry: bool = False) -> Outcome:
+    """A domain whose look or action failed: its class is not known (never `none`, which
+    means SeaBIOS), and the message names the domain once."""
+    return Outcome(ref, Plan(FirmwareConfig.UNKNOWN, Status.ERROR, about_domain(ref.name, exc, ref.uuid)), retry=retry)
 
 
 @dataclass(frozen=True)
@@ -147,24 +164,7 @@ def _changes_firmware(facts: DomainFacts, plan: Plan) -> bool:
     )
 
 
-def _discard_unused_varstore(ref: DomainRef, path: str) -> None:
-    """Remove a varstore this plan just created from a template when the change that was to
-    use it failed: no definition names it and no guest ever ran on it, so nothing is lost,
-    and no orphan is left for the next pass to trip over."""
-    try:
-        if stat.S_ISREG(os.lstat(path).st_mode):
-            os.unlink(path)
-            log.info("domain '%s': removed %s again (the change that was to use it failed)", ref.name, path)
-    except OSError as exc:
-        log.warning("domain '%s': could not remove unused varstore %s: %s", ref.name, path, exc.strerror)
-
-
-class StaleDefinition(VarsdError):
-    """The domain was redefined by someone else between our read and our write."""
-
-
 ARCHIVE_RECHECK = 1.0  # seconds an archive snapshot serves the planner before it is re-listed
-ARCHIVE_RETRY = 60.0  # seconds before archiving a build that failed (e.g. changed under us) is tried again
 
 
 class Reconciler:
@@ -196,14 +196,17 @@ class Reconciler:
             lambda fw, persistent: persistent and not fw.metadata.opt_out and not cfg.is_excluded(fw.name, fw.uuid))
         self._rechecks_lock = threading.Lock()
         self.rechecks: set[str] = set()  # domains to look at again (see _sharing)
+        self._failed: set[str] | None = None  # uuids with a recorded failed attempt (loaded lazily)
         self._upgrades: tuple[float, UpgradeContext] | None = None
         self._archive_lock = threading.Lock()
         self._archive_tried: dict[str, float] = {}  # sha -> monotonic time of a failed attempt
-        self._failed: set[str] | None = None  # uuids with a recorded failed attempt (loaded lazily)
+        self.retry = SETTINGS
+        self.writer = Writer(hv, journal, self.archive, cfg.domain_lock_path, actor=actor, clock=clock,
+                             on_corrupt_archive=self._invalidate_archive)
 
     # -- upgrade context -----------------------------------------------------------
 
-    def upgrade_context(self, *, policy: str | None = None) -> UpgradeContext:
+    def upgrade_context(self, *, policy: UpgradePolicy | None = None) -> UpgradeContext:
         """Policy and a verified archive snapshot for the planner, re-listed at most every
         ARCHIVE_RECHECK seconds (a full pass must not re-list the archive per domain)."""
         with self._archive_lock:
@@ -247,7 +250,8 @@ class Reconciler:
             return
         with self._archive_lock:
             tried = self._archive_tried.get(sha)
-            if tried is not None and time.monotonic() - tried < ARCHIVE_RETRY:
+            if tried is not None and time.monotonic() - tried < decide(
+                    ArchiveError(sha), purpose=Purpose.ARCHIVE, settings=self.retry).delay:
                 return
             self._archive_tried[sha] = time.monotonic()
         try:
@@ -319,7 +323,7 @@ class Reconciler:
             other_varstores=self.varstores.other_paths(fw.uuid),
         )
 
-    def _sharing(self, fw: DomainFirmware, *, running: bool, persistent: bool) -> Sharing | None:
+    def _sharing(self, fw: DomainFirmware, *, running: bool, persistent: bool) -> sharing.Sharing | None:
         """Who else uses this domain's varstore file (by identity, host-wide, whatever the
         order domains are seen in). A sharer whose compliant plan is memoised did not know:
         its memo is dropped and it is listed in `rechecks`."""
@@ -330,9 +334,9 @@ class Reconciler:
             if self._memo.pop(o.uuid, None) is not None:
                 with self._rechecks_lock:
                     self.rechecks.add(o.uuid)
-        return decide(me, others)
+        return sharing.decide(me, others)
 
-    def plan_xml(self, ref: DomainRef, xml: str, *, policy: str | None = None) -> tuple[DomainFacts, Plan]:
+    def plan_xml(self, ref: DomainRef, xml: str, *, policy: UpgradePolicy | None = None) -> tuple[DomainFacts, Plan]:
         """Plan for a definition the domain does not have yet (what varsctl pin, unpin and
         approve are about to write), so their one redefinition is already what the planner
         wants and the daemon has nothing left to change. Never memoised."""
@@ -362,38 +366,40 @@ class Reconciler:
                 self.archive_build(outcome.plan.build)
             return outcome
         except HypervisorError as exc:
-            if exc.retryable and not self.hv.is_alive():
+            action = decide(exc, alive=not exc.retryable or self.hv.is_alive(), settings=self.retry).action
+            if action is Action.RECONNECT:
                 raise  # the connection is gone: the caller reconnects and looks again
             # A domain-level failure (a hung QEMU's state-change lock, a refused define):
             # this domain's error, not the host's; `retry` tells the daemon to look again.
-            log.debug("domain '%s': %s", ref.name, exc)  # the outcome carries it; callers report it once
-            return _error(ref, str(exc), retry=exc.retryable)
+            outcome = _error(ref, exc, retry=action is Action.RETRY)
+            log.debug("%s", outcome.detail)  # the outcome carries it; callers report it (the daemon once)
+            return outcome
         except VarsdError as exc:
-            log.debug("domain '%s': %s", ref.name, exc)
-            return _error(ref, str(exc))
+            outcome = _error(ref, exc)
+            log.debug("%s", outcome.detail)
+            return outcome
 
     def _reconcile(self, ref: DomainRef, apply: bool) -> Outcome:
         if apply and ref.uuid not in self._memo:
             # Not known compliant (a new domain, most likely to need work): look
-            # once, under the lock, instead of looking twice.
-            with host_lock(self.cfg.domain_lock_path(ref.uuid)):
+            # once, in the write transaction, instead of looking twice.
+            with self.writer.transaction(ref) as tx:
                 facts, plan = self.examine(ref)
-                return self._act(ref, facts, plan)
+                return self._act(tx, facts, plan)
         facts, plan = self.examine(ref)
-        if not apply or not plan.actions:
-            if not plan.actions:
-                return _outcome(ref, facts, plan, ())
+        if not plan.actions:
+            return _outcome(ref, facts, plan, ())
+        if not apply:
             return self._look(ref, facts, plan)
-        with host_lock(self.cfg.domain_lock_path(ref.uuid)):
-            if self.hv.persistent_xml(ref.uuid) != facts.xml:
-                # Another actor changed it since we looked: look again, under the lock.
+        with self.writer.transaction(ref) as tx:
+            if tx.xml != facts.xml:
+                # Another actor changed it since we looked: look again, in the transaction.
                 facts, plan = self.examine(ref)
-            return self._act(ref, facts, plan)
+            return self._act(tx, facts, plan)
 
     def _look(self, ref: DomainRef, facts: DomainFacts, plan: Plan) -> Outcome:
         """A plan with actions that is not carried out now (status, dry run): report what
         stands in its way (its last failure, or what would make it fail), not a promise."""
-        unrepaired = _changes_firmware(facts, plan)
         failure = self.journal.failure(ref.uuid)
         if failure is not None and failure.definition_sha256 != _definition_sha(facts.xml):
             failure = None  # the definition changed since: that attempt is history
@@ -403,26 +409,28 @@ class Reconciler:
                 blocked = preflight(action.path, action.source, length=action.length)
                 if blocked:
                     break
-        out = _outcome(ref, facts, plan, (), unrepaired=unrepaired)
+        out = _outcome(ref, facts, plan, (), unrepaired=_changes_firmware(facts, plan))
         return replace(out, failure=failure, blocked=blocked)
 
-    def _act(self, ref: DomainRef, facts: DomainFacts, plan: Plan) -> Outcome:
+    def _act(self, tx: Transaction, facts: DomainFacts, plan: Plan) -> Outcome:
         """Carry the plan out; a failure is recorded in the state database (and reported)
         until an attempt succeeds or the definition changes."""
+        ref = tx.ref
         if not plan.actions:
             return replace(_outcome(ref, facts, plan, ()), cleared=self._clear_failure(ref.uuid))
         attempt: list[str] = []
         try:
-            done = self._execute(ref, facts, plan, attempt)
+            done = self._execute(tx, facts, plan, attempt)
         except VarsdError as exc:
-            if isinstance(exc, HypervisorError) and exc.retryable and not self.hv.is_alive():
+            alive = not isinstance(exc, HypervisorError) or not exc.retryable or self.hv.is_alive()
+            verdict = decide(exc, alive=alive, settings=self.retry).action
+            if verdict is Action.RECONNECT:
                 raise  # the connection is gone: the caller reconnects and looks again
             failure = self.journal.note_failure(
                 uuid=ref.uuid, name=ref.name, at=self.clock(), action=attempt[-1] if attempt else "plan",
                 error=str(exc), definition_sha256=_definition_sha(facts.xml))
             self._failed_uuids().add(ref.uuid)
-            retry = isinstance(exc, HypervisorError | StaleDefinition) and getattr(exc, "retryable", True)
-            return replace(_outcome(ref, facts, plan, ()), failure=failure, retry=retry)
+            return replace(_outcome(ref, facts, plan, ()), failure=failure, retry=verdict is Action.RETRY)
         return replace(_outcome(ref, facts, plan, done), cleared=self._clear_failure(ref.uuid, force=True))
 
     def _failed_uuids(self) -> set[str]:
@@ -448,35 +456,23 @@ class Reconciler:
             log.error("%s", exc)
             return None
 
-    def verify_archived_loader(self, ref: DomainRef, xml: str) -> None:
-        """Verify-before-use: a definition about to boot an archived image gets it only if
-        the file's content still has the digest its name promises (ArchiveError if not)."""
-        loader = parse_domain(xml).loader_path
-        if not is_archive_path(self.archive.directory, loader):
-            return
-        sha = sha_of_archive_path(loader or "")
-        entry = self.archive.verify(sha or "")
-        if not entry.ok:
-            self._invalidate_archive()
-            raise ArchiveError(f"domain '{ref.name}': not pointed at {loader}: {entry.problem}")
-
-    def _execute(self, ref: DomainRef, facts: DomainFacts, plan: Plan,
+    def _execute(self, tx: Transaction, facts: DomainFacts, plan: Plan,
                  attempt: list[str] | None = None) -> tuple[str, ...]:
         """Carry out the actions in order; `attempt` collects what was being done (for the record)."""
         attempt = [] if attempt is None else attempt
         done: list[str] = []
         created: list[str] = []  # varstores made for this plan that nothing names yet
-        named = {parse_domain(facts.xml).nvram_path}
+        named = {facts.firmware.nvram_path}
         try:
             for action in plan.actions:
                 if isinstance(action, CreateVarstore):
                     attempt.append(f"create varstore {action.path} from {action.source}")
-                    user = self.varstores.user_of(action.path, ref.uuid)
+                    user = self.varstores.user_of(action.path, tx.ref.uuid)
                     keeps = facts.sharing is not None and facts.sharing.keeps \
                         and action.path == facts.firmware.nvram_path
                     if user is not None and not keeps:  # never adopt or share another domain's varstore
                         raise ProvisionError(f"{action.path} is the varstore of domain '{user}'; varsd never "
-                                             f"gives it to domain '{ref.name}' as well")
+                                             f"gives it to domain '{tx.ref.name}' as well")
                     result = provision_varstore(
                         action.path, action.source, expected_layout=action.layout, owner=self.owner,
                         length=action.length,
@@ -485,41 +481,16 @@ class Reconciler:
                     if not result.adopted and action.path not in named:
                         created.append(action.path)
                     done.append(f"{what} varstore {action.path}")
-                    log.info("domain '%s': %s varstore %s from %s", ref.name, what, action.path, action.source)
+                    log.info("domain '%s': %s varstore %s from %s", tx.ref.name, what, action.path, action.source)
                 elif isinstance(action, Redefine):
                     attempt.append(f"redefine ({action.reason})")
-                    self.verify_archived_loader(ref, action.xml)
-                    self.redefine(ref, facts.xml, action.xml, action.reason)
+                    tx.write(action.xml, action.reason, planned_from=facts.xml)
                     done.append(f"redefined: {action.reason}")
         except BaseException:
             for path in created:
-                _discard_unused_varstore(ref, path)
+                _discard_unused_varstore(tx.ref, path)
             raise
         return tuple(done)
-
-    def redefine(self, ref: DomainRef, old_xml: str, new_xml: str, reason: str) -> None:
-        """Check nobody redefined the domain meanwhile, journal, then define.
-
-        The domain lock keeps varsd and varsctl apart, but not `virsh edit`: the
-        re-read right before the define is what keeps an admin's edit from being
-        overwritten with a plan made from the XML before it."""
-        if self.hv.persistent_xml(ref.uuid) != old_xml:
-            raise StaleDefinition(f"domain '{ref.name}' was redefined meanwhile; will look again")
-        change = self.journal.record(
-            at=self.clock(), uuid=ref.uuid, name=ref.name, actor=self.actor, reason=reason,
-            old_xml=old_xml, new_xml=new_xml,
-        )
-        try:
-            self.hv.define(new_xml)
-        except VarsdError as exc:
-            self.journal.settle(change, f"failed: {exc}")
-            raise
-        try:
-            stored = self.hv.persistent_xml(ref.uuid)
-        except HypervisorError:
-            stored = None  # the change is made; only the normalised copy is missing
-        self.journal.settle(change, "applied", stored_xml=stored)
-        log.info("domain '%s': %s (journal #%d)", ref.name, reason, change)
 
     def reconcile_all(self, refs: Iterable[DomainRef] | None = None, *, apply: bool = True) -> list[Outcome]:
         """Every domain once, then again those a later domain's facts changed the view of

@@ -27,19 +27,20 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import re
 import stat
-import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from varsd.adapters import fsio
+from varsd.adapters.filecache import ContentCache, stat_key
 from varsd.errors import VarsdError
+from varsd.model.archive import _NAME, SUFFIX, ArchiveIndex, archive_path, is_archive_path, sha_of_archive_path
 
-SUFFIX = ".fd"
-_NAME = re.compile(r"^([0-9a-f]{64})\.fd$")
+__all__ = ["Archive", "ArchiveError", "ArchiveIndex", "Entry", "Stored", "archive_path", "is_archive_path",
+           "sha_of_archive_path"]
+
 QUARANTINE = "corrupt"
 
 
@@ -62,22 +63,6 @@ class Entry:
 
 
 @dataclass(frozen=True)
-class ArchiveIndex:
-    """What the archive holds, verified: what the planner may point a loader at.
-
-    `verified` digests have a file whose content matches; `corrupt` maps digests whose
-    file does not (or cannot be read) to why, so a plan can say so instead of using it.
-    """
-
-    directory: str
-    verified: frozenset[str] = frozenset()
-    corrupt: Mapping[str, str] = field(default_factory=dict)
-
-    def path_for(self, sha256: str) -> str:
-        return archive_path(self.directory, sha256)
-
-
-@dataclass(frozen=True)
 class Stored:
     """Result of a store: the entry, whether a file was written, and a corrupt file it replaced."""
 
@@ -86,32 +71,13 @@ class Stored:
     replaced_corrupt: str | None = None  # where the corrupt file was moved
 
 
-def archive_path(directory: str, sha256: str) -> str:
-    """Where the image with this digest is (or would be) archived."""
-    return os.path.join(directory, sha256 + SUFFIX)
-
-
-def is_archive_path(directory: str, path: str | None) -> bool:
-    """Whether `path` names an image in the archive directory."""
-    if not path:
-        return False
-    parent, name = os.path.split(os.path.normpath(path))
-    return parent == os.path.normpath(directory) and _NAME.match(name) is not None
-
-
-def sha_of_archive_path(path: str) -> str | None:
-    m = _NAME.match(os.path.basename(path))
-    return m.group(1) if m else None
-
-
 class Archive:
     """The archive directory; safe to share between threads and with other processes."""
 
     def __init__(self, directory: str, *, state_dir: str | None = None) -> None:
         self.directory = directory
         self.state_dir = state_dir
-        self._lock = threading.Lock()
-        self._verified: dict[str, tuple[tuple, Entry]] = {}  # sha -> (stat key, entry)
+        self._verified: ContentCache[Entry] = ContentCache()  # sha -> entry, per stat key
 
     def path_for(self, sha256: str) -> str:
         return archive_path(self.directory, sha256)
@@ -200,8 +166,7 @@ class Archive:
             raise ArchiveError(
                 f"{self.path_for(sha)}: corrupt archived image could not be moved aside: {fsio.describe_oserror(exc)}"
             ) from None
-        with self._lock:
-            self._verified.pop(sha, None)
+        self._verified.drop(sha)
         return dest
 
     # -- reading ---------------------------------------------------------------------
@@ -217,24 +182,19 @@ class Archive:
             return Entry(sha256, path, problem=f"cannot examine {path}: {fsio.describe_oserror(exc)}")
         if not stat.S_ISREG(st.st_mode):
             return Entry(sha256, path, problem=f"{path} is not a regular file")
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        with self._lock:
-            hit = self._verified.get(sha256)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        try:
-            data = fsio.read_file(path, follow_symlinks=False)
-        except fsio.ReadError as exc:
-            entry = Entry(sha256, path, st.st_size, problem=str(exc))
-        else:
+
+        def check() -> Entry:
+            try:
+                data = fsio.read_file(path, follow_symlinks=False)
+            except fsio.ReadError as exc:
+                return Entry(sha256, path, st.st_size, problem=str(exc))
             actual = hashlib.sha256(data).hexdigest()
             problem = None if actual == sha256 else (
                 f"archived image {path} is corrupt: its content has digest {actual[:12]}, not {sha256[:12]}"
             )
-            entry = Entry(sha256, path, len(data), problem=problem)
-        with self._lock:
-            self._verified[sha256] = (key, entry)
-        return entry
+            return Entry(sha256, path, len(data), problem=problem)
+
+        return self._verified.get(sha256, stat_key(st, ctime=True), check)
 
     def entries(self) -> list[Entry]:
         """Every `<sha256>.fd` in the archive, verified; a missing archive is empty."""
@@ -290,8 +250,7 @@ class Archive:
                 pass
             except OSError as exc:
                 raise ArchiveError(f"{entry.path}: cannot prune: {fsio.describe_oserror(exc)}") from None
-            with self._lock:
-                self._verified.pop(entry.sha256, None)
+            self._verified.drop(entry.sha256)
             removed.append(entry.sha256)
         return removed
 

@@ -33,10 +33,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from varsd.adapters import fsio, virtfw
+from varsd.adapters.filecache import ContentCache, StatKey, stat_key
 from varsd.config import Config, ExtraFirmware
 from varsd.errors import DescriptorError, VarstoreError
 from varsd.firmware import discovery
-from varsd.firmware.descriptors import Descriptor, list_descriptor_paths, parse_descriptor
+from varsd.firmware.descriptors import Descriptor, ordered_descriptor_paths, parse_descriptor
 from varsd.model.firmware import Build, Catalog, CatalogProblem, MappingMode, Target, VarstoreLayout
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,8 @@ class _Image:
 
 
 class _Reader:
-    """Digest and layout of image files, each file read once per load.
-
-    Keyed by (st_dev, st_ino, st_size, st_mtime_ns) after following symlinks, so two
+    """Digest and layout of image files, each file read once per load
+    (`varsd.adapters.filecache`, keyed by the stat key after following symlinks), so two
     paths to one file (OVMF_CODE_4M.ms.fd -> OVMF_CODE_4M.secboot.fd) share an entry,
     and a file replaced by a package upgrade mid-load (rename: new inode) gets a new entry.
     """
@@ -65,11 +65,11 @@ class _Reader:
     def __init__(self, read_layout: Callable[[str], VarstoreLayout], sha256: Callable[[str], str]) -> None:
         self._read_layout = read_layout
         self._sha256 = sha256
-        self._images: dict[tuple[int, int, int, int], _Image] = {}
-        self._layouts: dict[tuple[int, int, int, int], VarstoreLayout] = {}
+        self._images: ContentCache[_Image] = ContentCache()
+        self._layouts: ContentCache[VarstoreLayout] = ContentCache()
 
     @staticmethod
-    def _key(path: str, role: str) -> tuple[int, int, int, int]:
+    def _key(path: str, role: str) -> StatKey:
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -78,26 +78,29 @@ class _Reader:
             raise _Skip(f"cannot access {role} {path}: {exc.strerror}") from None
         if not stat.S_ISREG(st.st_mode):
             raise _Skip(f"{role} {path} is not a regular file")
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return stat_key(st)
 
     def image(self, path: str, role: str) -> _Image:
         key = self._key(path, role)
-        if key not in self._images:
+
+        def read() -> _Image:
             try:
-                digest = self._sha256(path)
+                return _Image(size=key[2], sha256=self._sha256(path))
             except OSError as exc:
                 raise _Skip(f"cannot read {role} {path}: {exc.strerror}") from None
-            self._images[key] = _Image(size=key[2], sha256=digest)
-        return self._images[key]
+
+        return self._images.get(key, key, read)
 
     def layout(self, path: str, role: str) -> VarstoreLayout:
         key = self._key(path, role)
-        if key not in self._layouts:
+
+        def read() -> VarstoreLayout:
             try:
-                self._layouts[key] = self._read_layout(path)
+                return self._read_layout(path)
             except VarstoreError as exc:
                 raise _Skip(f"{role} is not usable as a varstore template: {exc}") from None
-        return self._layouts[key]
+
+        return self._layouts.get(key, key, read)
 
 
 def _split_parts(reader: _Reader, code: str, template: str) -> tuple[_Image, _Image, VarstoreLayout]:
@@ -168,6 +171,38 @@ def _read_descriptor(path: str) -> bytes:
     if len(data) > MAX_DESCRIPTOR_SIZE:
         raise _Skip(f"descriptor is larger than {MAX_DESCRIPTOR_SIZE} bytes")
     return data
+
+
+def _listing(directory: str) -> list[tuple[str, int]]:
+    """(name, size) of the regular files in `directory`; nothing if it cannot be read.
+
+    A dangling symlink is listed with size 1, not dropped: it must still override a
+    lower-precedence file (libvirt fails on it too), and the catalog then reports it
+    as unreadable instead of silently falling back to the distro file.
+    """
+    out = []
+    try:
+        with os.scandir(directory) as it:
+            for entry in it:
+                try:
+                    st = entry.stat(follow_symlinks=True)
+                except FileNotFoundError:
+                    if entry.is_symlink():
+                        out.append((entry.name, 1))
+                    continue
+                except OSError:
+                    out.append((entry.name, 1))  # exists but unreadable: report it downstream
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    out.append((entry.name, st.st_size))
+    except OSError:  # missing, not a directory, or unreadable: contributes nothing
+        return []
+    return out
+
+
+def list_descriptor_paths(dirs: Sequence[str]) -> list[str]:
+    """Effective descriptor paths found on disk in `dirs` (lowest precedence first)."""
+    return ordered_descriptor_paths({d: _listing(d) for d in dirs}, dirs)
 
 
 def load_catalog(

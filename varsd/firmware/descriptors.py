@@ -16,14 +16,14 @@ qemu_firmware.c) do:
 - Unknown feature names are kept verbatim (new QEMU versions add features); `tags`
   is ignored.
 
-Parsing is pure; only `list_descriptor_paths` touches the filesystem.
+Pure: parsing and ordering only. Listing the directories on disk is catalog loading
+(`varsd.firmware.catalog.list_descriptor_paths`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -187,34 +187,3 @@ def ordered_descriptor_paths(listings: Mapping[str, Sequence[tuple[str, int]]], 
         if winner[name][1] != 0
     ]
 
-
-def _listing(directory: str) -> list[tuple[str, int]]:
-    """(name, size) of the regular files in `directory`; nothing if it cannot be read.
-
-    A dangling symlink is listed with size 1, not dropped: it must still override a
-    lower-precedence file (libvirt fails on it too), and the catalog then reports it
-    as unreadable instead of silently falling back to the distro file.
-    """
-    out = []
-    try:
-        with os.scandir(directory) as it:
-            for entry in it:
-                try:
-                    st = entry.stat(follow_symlinks=True)
-                except FileNotFoundError:
-                    if entry.is_symlink():
-                        out.append((entry.name, 1))
-                    continue
-                except OSError:
-                    out.append((entry.name, 1))  # exists but unreadable: report it downstream
-                    continue
-                if stat.S_ISREG(st.st_mode):
-                    out.append((entry.name, st.st_size))
-    except OSError:  # missing, not a directory, or unreadable: contributes nothing
-        return []
-    return out
-
-
-def list_descriptor_paths(dirs: Sequence[str]) -> list[str]:
-    """Effective descriptor paths found on disk in `dirs` (lowest precedence first)."""
-    return ordered_descriptor_paths({d: _listing(d) for d in dirs}, dirs)

@@ -23,7 +23,9 @@ class FirmwareConfig(StrEnum):
     AUTOSELECT = "autoselect"  # <os firmware='efi'> left to libvirt
     STATELESS = "stateless"  # <loader stateless='yes'>
     CONFIDENTIAL = "confidential"  # SEV/SEV-ES/SNP/TDX: firmware must not be split
-    UNKNOWN = "unknown"  # firmware arguments in <qemu:commandline> varsd does not fully understand
+    # not classified: reading or planning the domain failed (see its error), or firmware
+    # arguments in <qemu:commandline> varsd does not fully understand
+    UNKNOWN = "unknown"
 
 
 class PinKind(StrEnum):
@@ -50,6 +52,10 @@ class Status(StrEnum):
     NEEDS_MIGRATION = "needs-migration"
     UNMANAGED = "unmanaged"
     ERROR = "error"
+
+
+ATTENTION = frozenset({Status.ERROR, Status.NEEDS_MIGRATION})
+"""Statuses that need an admin: a command reporting one exits 1."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,22 @@ class FileFacts:
     # planner can recognise which build the image was made from.
     trailing_sha256: str | None = None
     error: str | None = None  # unreadable, corrupt, ...
+
+
+@dataclass(frozen=True)
+class DomainRef:
+    """A snapshot of one domain's identity and run state at the time of the call."""
+
+    uuid: str
+    name: str
+    state: str
+    active: bool
+    persistent: bool
+
+    @property
+    def label(self) -> str:
+        """How messages name this domain."""
+        return f"domain '{self.name}' ({self.uuid})"
 
 
 @dataclass(frozen=True)

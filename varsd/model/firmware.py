@@ -12,6 +12,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 
+class UpgradePolicy(StrEnum):
+    """`upgrade_policy`: whether a new fitting central build reaches a domain by itself."""
+
+    AUTO = "auto"  # at the domain's next cold boot
+    MANUAL = "manual"  # held back (a `policy` pin) until `varsctl upgrade approve`
+
+
 class MappingMode(StrEnum):
     """How a flash build is mapped (QEMU firmware.json `mapping.mode`)."""
 

@@ -54,7 +54,8 @@ from dataclasses import dataclass, replace
 
 from varsd.domain.classify import classify, firmware_image_path
 from varsd.domain.xml import FirmwareEdit, apply_edit, nvram_storage, parse_domain, replace_loader_code, set_metadata
-from varsd.firmware.selection import explain_no_build, machine_has_smm, select_build, uefi_needs_acpi
+from varsd.firmware.fit import Needs, machine_has_smm, uefi_needs_acpi, why_not
+from varsd.firmware.selection import explain_no_build, select_build
 from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig, Status, VarsdMetadata
 from varsd.model.firmware import Build, Catalog, MappingMode, VarstoreLayout
 from varsd.planning import upgrade
@@ -181,12 +182,10 @@ def _unmanaged(config: FirmwareConfig, why: str, fw: DomainFirmware) -> Plan:
 
 
 def _smm_problem(build: Build, fw: DomainFirmware) -> str | None:
-    if build.requires_smm and not machine_has_smm(fw.machine):
-        return (
-            f"build {build.label} needs SMM for Secure Boot, which machine type "
-            f"'{fw.machine}' cannot provide (q35 only); change the machine type or the firmware by hand"
-        )
-    return None
+    """Whether the machine can give the build the SMM it needs (`varsd.firmware.fit`); the
+    other fit checks were made where the build was chosen."""
+    why = why_not(build, Needs(machine=fw.machine, smm_allowed=machine_has_smm(fw.machine), mode=None))
+    return f"{why}; change the machine type or the firmware by hand" if why else None
 
 
 def _bind(md: VarsdMetadata, build: Build, **extra: str | None) -> VarsdMetadata:
@@ -405,8 +404,7 @@ def _plan_new_varstore(
     if nvram is not None and nvram.exists and nvram.varstore_layout and not _shared(facts) \
             and is_private_varstore(catalog, nvram_dir, nvram):
         kept = select_build(catalog, **query, layout=nvram.varstore_layout)
-    if kept is not None and not _smm_problem(kept, fw):
-        assert nvram is not None
+    if kept is not None and nvram is not None and not _smm_problem(kept, fw):
         md = _bind(fw.metadata, kept)
         return Plan(
             config, Status.OK,
@@ -422,7 +420,8 @@ def _plan_new_varstore(
     problem = _smm_problem(build, fw)
     if problem:
         return Plan(config, Status.ERROR, problem, code=firmware_image_path(fw))
-    assert build.template_path and build.layout
+    if build.template_path is None or build.layout is None:
+        return Plan(config, Status.ERROR, f"build {build.label} has no varstore template", code=firmware_image_path(fw))
     taken = {firmware_image_path(fw)} | ({nvram.path} if nvram is not None and nvram.exists else set())
     target = new_varstore_path(nvram_dir, fw, taken | facts.other_varstores)
     md = _provenance(fw.metadata, build, "template", now)
@@ -442,7 +441,9 @@ def _plan_new_varstore(
 
 def _plan_unified(facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str, secure: bool) -> Plan:
     fw, image = facts.firmware, facts.image
-    assert image is not None and image.varstore_layout is not None and fw.loader_path
+    if image is None or image.varstore_layout is None or not fw.loader_path:  # classify() says unified: never
+        return Plan(FirmwareConfig.UNIFIED, Status.ERROR, "unified image without a readable varstore",
+                    code=fw.loader_path)
     layout = image.varstore_layout
     build = _exact_build(catalog, image.trailing_sha256, layout, secure) or select_build(
         catalog, arch=fw.arch, machine=fw.machine, secure_boot=secure, layout=layout,
@@ -509,7 +510,8 @@ def _plan_split(
 ) -> Plan:
     fw, image, nvram = facts.firmware, facts.image, facts.nvram
     config = FirmwareConfig.SPLIT
-    assert fw.loader_path
+    if not fw.loader_path:  # classify() says split: never
+        return Plan(config, Status.ERROR, "split firmware without a loader path", varstore=fw.nvram_path)
     central = _central(catalog, fw, image)
 
     if nvram is None or not nvram.exists:

@@ -15,8 +15,8 @@ Rules for a tracking domain (`decide_tracking`), first match wins:
 2. P is gone: hold it on its archived build (`incompatible`, needs-migration).
 3. P cannot be read, or its new digest is not a build the catalog describes (a
    package mid-upgrade): wait. Nothing changes until the build's fit can be checked.
-4. The catalog's build at P does not fit the varstore (`misfit`: mapping, layout,
-   format, Secure Boot, SMM, machine): hold (`incompatible`, needs-migration).
+4. The catalog's build at P does not fit the varstore (`varsd.firmware.fit`: mapping,
+   format, machine, Secure Boot, SMM, layout): hold (`incompatible`, needs-migration).
 5. It fits and `upgrade_policy` is manual: hold (`policy`, pinned) until approved.
 6. It fits: track it (rebind; metadata only). A running QEMU keeps the old build
    open, so the caller reports `pending-cold-boot` until the next cold boot.
@@ -42,12 +42,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from varsd.firmware.archive import ArchiveIndex
-from varsd.firmware.selection import machine_has_smm, target_matches
+from varsd.firmware.fit import Needs, why_not
+from varsd.model.archive import ArchiveIndex
 from varsd.model.domain import DomainFirmware, FileFacts, PinKind, Status, VarsdMetadata
-from varsd.model.firmware import Build, Catalog, MappingMode, VarstoreLayout
-
-POLICIES = ("auto", "manual")
+from varsd.model.firmware import Build, Catalog, MappingMode, UpgradePolicy, VarstoreLayout
 
 
 @dataclass(frozen=True)
@@ -59,7 +57,7 @@ class UpgradeContext:
     bound to was a Secure Boot build must not be judged from its replacement.
     """
 
-    policy: str = "auto"
+    policy: UpgradePolicy = UpgradePolicy.AUTO
     archive: ArchiveIndex = ArchiveIndex(directory="/var/lib/varsd/archive")
     features: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
@@ -99,32 +97,6 @@ def short(sha: str | None) -> str:
 def hold_status(kind: PinKind) -> Status:
     return Status.NEEDS_MIGRATION if kind is PinKind.INCOMPATIBLE else Status.PINNED
 
-
-
-def misfit(build: Build, fw: DomainFirmware, layout: VarstoreLayout, secure: bool) -> str | None:
-    """Why `build` cannot boot this domain with its varstore (None: it fits).
-
-    These are what libvirt never checks and what fails silently in the guest: the
-    code hard-codes the varstore layout, a Secure Boot build needs a Secure Boot
-    varstore and SMM (q35 only), and both files must be raw images like the ones
-    varsd manages.
-    """
-    if build.mode is not MappingMode.SPLIT or build.layout is None:
-        return f"build {build.label} is not split code with a varstore template ({build.mode.value})"
-    if build.layout != layout:
-        return (f"build {build.label} expects a varstore of {build.layout.describe()}, "
-                f"the domain's has {layout.describe()}")
-    formats = (build.code_format, build.template_format or "raw")
-    if formats != ("raw", "raw"):
-        return f"build {build.label} is in {'/'.join(formats)} format, the domain's firmware is raw"
-    if build.secure_boot != secure:
-        what = "a Secure Boot build" if build.secure_boot else "not a Secure Boot build"
-        return f"build {build.label} is {what}, unlike the domain's firmware"
-    if build.requires_smm and not machine_has_smm(fw.machine):
-        return f"build {build.label} needs SMM, which machine type '{fw.machine}' cannot provide (q35 only)"
-    if fw.arch and fw.machine and not any(target_matches(t, fw.arch, fw.machine) for t in build.targets):
-        return f"build {build.label} does not support {fw.arch} machine '{fw.machine}'"
-    return None
 
 
 def central_at(catalog: Catalog, path: str | None) -> Build | None:
@@ -171,13 +143,14 @@ def decide_tracking(
     catalog: Catalog,
     layout: VarstoreLayout,
     secure: bool,
-    policy: str,
+    policy: UpgradePolicy | str,
     booted: str | None = None,
 ) -> Decision | None:
     """The module's rules 1-6 for a domain `tracks_central`; None: normal planning goes on."""
     md = fw.metadata
     bound, path = md.build_code_sha256, md.build_code_path
-    assert bound and path
+    if not (bound and path):  # not tracking (see tracks_central): nothing for these rules
+        return None
     central = central_at(catalog, path)
     if image is not None and image.exists and image.sha256 == bound:
         if central is None:
@@ -199,11 +172,11 @@ def decide_tracking(
         return Wait(Status.ERROR, f"central code {path} changed to build {short(new)}, which no firmware "
                     "descriptor describes yet, so its fit cannot be checked; nothing changed. Run "
                     "'varsctl firmware sync' once the package upgrade is complete")
-    why = misfit(central, fw, layout, secure)
+    why = why_not(central, Needs.of(fw, secure_boot=secure, layout=layout))
     if why is not None:
         return Hold(PinKind.INCOMPATIBLE, f"new central build does not fit: {why}; kept on the archived build "
                     f"{short(bound)} until migrated: run 'varsctl migrate {fw.name}'", candidates)
-    if policy == "manual":
+    if policy == UpgradePolicy.MANUAL:
         return Hold(PinKind.POLICY, f"new build {central.label} held back by upgrade_policy = \"manual\"; "
                     f"let it through with 'varsctl upgrade approve {fw.name}'", candidates)
     return Track(central, f"firmware upgrade: {path} build {short(bound)} -> {short(new)}")
@@ -214,13 +187,14 @@ def decide_pinned(
     catalog: Catalog,
     layout: VarstoreLayout | None,
     secure: bool,
-    policy: str,
+    policy: UpgradePolicy | str,
 ) -> Track | Hold:
     """Whether a pinned domain stays held (and by whom) or is released to the central build."""
     md = fw.metadata
     kind = md.pin_kind
     pin = md.pinned_sha256
-    assert kind is not None and pin
+    if kind is None or not pin:
+        raise ValueError(f"decide_pinned: domain '{fw.name}' holds no pin")
     keep = Hold(kind, md.pin_reason or _default_reason(kind, fw.name), (pin,))
     if kind is PinKind.ADMIN:
         return keep
@@ -229,7 +203,7 @@ def decide_pinned(
         # added as extra_firmware): follow it there rather than keep the archived copy.
         for same in catalog.by_code_sha(pin):
             if same.mode is MappingMode.SPLIT and same.code_path != md.build_code_path \
-                    and misfit(same, fw, layout, secure) is None:
+                    and why_not(same, Needs.of(fw, secure_boot=secure, layout=layout)) is None:
                 return Track(same, f"the held build {short(pin)} is listed again at {same.code_path}; hold released")
     central = central_at(catalog, md.build_code_path)
     if central is None and kind is PinKind.POLICY and layout is not None:
@@ -239,7 +213,7 @@ def decide_pinned(
                     f"build {short(pin)} until migrated: run 'varsctl migrate {fw.name}'", (pin,))
     if central is None or layout is None:
         return keep  # nothing known to release to: stay on the build that works
-    why = misfit(central, fw, layout, secure)
+    why = why_not(central, Needs.of(fw, secure_boot=secure, layout=layout))
     if why is not None:
         if kind is PinKind.POLICY:
             return Hold(PinKind.INCOMPATIBLE, f"new central build does not fit: {why}; kept on the archived "
@@ -247,7 +221,7 @@ def decide_pinned(
         return keep
     if central.code_sha256 in (pin, md.build_code_sha256):
         return Track(central, f"central build {central.label} is the held build again; hold released")
-    if policy != "manual":
+    if policy != UpgradePolicy.MANUAL:
         what = "upgrade_policy is auto" if kind is PinKind.POLICY else "a fitting central build is back"
         return Track(central, f"{what}: bound to {central.label}, hold released")
     # Manual policy and a new fitting build: held back by policy (the reason names the build).

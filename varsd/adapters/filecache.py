@@ -1,0 +1,68 @@
+"""The one content cache: what was computed from a file, kept while the file is unchanged.
+
+A file's *stat key* (device, inode, size, mtime) changes whenever its content normally
+does: a package upgrade replaces a file by rename (new inode), a guest's varstore is
+rewritten in place (new mtime). Digests, varstore layouts and verified template bytes
+are therefore computed once per stat key. One entry per name: a varstore rewritten at
+every boot replaces its entry instead of accumulating versions.
+
+Used by the file inspector (facts per image and varstore), the catalog loader (digests
+and template layouts), provisioning (verified template bytes) and the archive
+(verified images).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+V = TypeVar("V")
+
+StatKey = tuple[int, ...]
+
+
+def stat_key(st: os.stat_result, *, ctime: bool = False) -> StatKey:
+    """What identifies a file's content cheaply; with `ctime`, also a content restored
+    under an old mtime (`touch -d`), for files whose integrity is checked (the archive)."""
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return key + (st.st_ctime_ns,) if ctime else key
+
+
+def stat_key_of(path: str) -> StatKey | None:
+    """`stat_key` of `path` (symlinks followed), None when it cannot be stat()ed."""
+    try:
+        return stat_key(os.stat(path))
+    except OSError:
+        return None
+
+
+class ContentCache(Generic[V]):
+    """name -> (stat key, value); thread-safe; `limit` bounds the number of names."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self._entries: dict[Hashable, tuple[Hashable, V]] = {}
+        self._lock = threading.Lock()
+        self._limit = limit
+
+    def get(self, name: Hashable, key: Hashable, compute: Callable[[], V]) -> V:
+        """The value for `name` at `key`, computed (outside the lock) when not cached.
+        A compute that raises caches nothing."""
+        with self._lock:
+            hit = self._entries.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = compute()
+        with self._lock:
+            if self._limit is not None and name not in self._entries and len(self._entries) >= self._limit:
+                self._entries.clear()
+            self._entries[name] = (key, value)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def drop(self, name: Hashable) -> None:
+        with self._lock:
+            self._entries.pop(name, None)
