@@ -149,3 +149,9 @@ def with_cmdline(xml: str, args: list[str]) -> str:
     cmd = "".join(f"<qemu:arg value='{a}'/>" for a in args)
     return xml.replace("<domain type='qemu'>", f"<domain type='qemu' xmlns:qemu='{QEMU_NS}'>").replace(
         "</devices>", f"</devices>\n  <qemu:commandline>{cmd}</qemu:commandline>")
+
+
+def open_paths(pid: int) -> dict[str, os.stat_result]:
+    """open_files() keyed by the path each file was opened as: a file a package upgrade
+    replaced since (the shared host's /usr/share/OVMF may be) shows as 'PATH (deleted)'."""
+    return {path.removesuffix(" (deleted)"): st for path, st in open_files(pid).items()}

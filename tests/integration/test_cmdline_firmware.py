@@ -20,7 +20,7 @@ from .guests import (
     NVRAM_DIR,
     VARS_4M,
     domain_xml,
-    open_files,
+    open_paths,
     qemu_pid,
     varsctl,
     wait_for_serial,
@@ -129,7 +129,7 @@ def test_every_cmdline_form_is_repaired_and_boots(hv: Hypervisor, guest_factory,
     try:
         for label, (g, _, proof) in define.items():
             wait_for_serial(g.serial_log, r"BdsDxe: (loading|starting) Boot", timeout=240)
-            files = open_files(qemu_pid(g.name))
+            files = open_paths(qemu_pid(g.name))
             code = SB_CODE_4M if label == "blockdev-sb" else CODE_4M
             assert code in files and varstores[g.name] in files, f"{label}: QEMU has {sorted(files)}"
             assert str(images) not in " ".join(files), f"{label} still uses a private image"

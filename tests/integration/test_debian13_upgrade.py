@@ -33,7 +33,7 @@ from varsd.adapters import virtfw
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.domain.xml import parse_domain
 
-from .guests import NVRAM_DIR, domain_xml, open_files, qemu_pid, split_os, varsctl, wait_for_serial
+from .guests import NVRAM_DIR, domain_xml, open_paths, qemu_pid, split_os, varsctl, wait_for_serial
 from .test_migrate import BOOT_LINE, EFI_GLOBAL, IMAGE_SECURITY_DB, NO_S3, SECURE_FEATURES, _load_option
 
 CACHE = Path(os.environ.get("VARSD_TEST_CACHE", "/var/cache/varsd-tests"))
@@ -117,7 +117,7 @@ def _started(hv: Hypervisor, guests, code_of: dict[str, str], *, serial: set[str
             else:  # Debian 12's 2 MiB Secure Boot build prints nothing: judge by QEMU still running with it
                 time.sleep(15)
                 assert hv.lookup(g.uuid).active, f"{g.name} stopped"
-            files = open_files(qemu_pid(g.name))
+            files = open_paths(qemu_pid(g.name))
             assert code_of[g.name] in files, f"{g.name}: expected {code_of[g.name]}, QEMU has {sorted(files)}"
     finally:
         for g in guests:

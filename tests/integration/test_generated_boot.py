@@ -18,7 +18,7 @@ from generated import BOOTABLE, CODE_4M, FORMS, VARS_4M, random_shape
 from varsd.adapters import virtfw
 from varsd.adapters.libvirt_api import Hypervisor
 
-from .guests import NVRAM_DIR, open_files, qemu_pid, varsctl, wait_for_serial
+from .guests import NVRAM_DIR, open_paths, qemu_pid, varsctl, wait_for_serial
 
 SEED = int(os.environ.get("VARSD_GEN_SEED", "20261201"))
 SAMPLE = 3
@@ -58,7 +58,7 @@ def test_a_seeded_sample_of_generated_configurations_boots(hv: Hypervisor, guest
     try:
         for g, _ in guests:
             wait_for_serial(g.serial_log, r"BdsDxe: (loading|starting) Boot", timeout=240)
-            files = open_files(qemu_pid(g.name))
+            files = open_paths(qemu_pid(g.name))
             d = report[g.name]
             assert os.path.realpath(d["code"]) in files and d["varstore"] in files, f"{what}: {g.name} {sorted(files)}"
     finally:

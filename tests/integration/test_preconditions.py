@@ -15,7 +15,7 @@ from pathlib import Path
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.domain.xml import parse_domain
 
-from .guests import CODE_4M, NVRAM_DIR, domain_xml, open_files, qemu_pid, varsctl, wait_for_serial, with_cmdline
+from .guests import CODE_4M, NVRAM_DIR, domain_xml, open_paths, qemu_pid, varsctl, wait_for_serial, with_cmdline
 
 OVMF_2M_UNIFIED = "/usr/share/ovmf/OVMF.fd"
 SB_CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
@@ -41,7 +41,7 @@ def test_no_acpi_guest_is_repaired_with_acpi_and_boots(hv: Hypervisor, guest_fac
     hv.start(g.uuid)
     try:
         wait_for_serial(g.serial_log, r"BdsDxe: (loading|starting) Boot", timeout=240)
-        files = open_files(qemu_pid(g.name))
+        files = open_paths(qemu_pid(g.name))
         assert CODE_4M in files and fw.nvram_path in files, sorted(files)
     finally:
         hv.destroy(g.uuid)

@@ -18,7 +18,7 @@ from varsd.adapters import virtfw
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.domain.xml import parse_domain
 
-from .guests import CODE_4M, NVRAM_DIR, VARS_4M, domain_xml, open_files, qemu_pid, split_os, varsctl, wait_for_serial
+from .guests import CODE_4M, NVRAM_DIR, VARS_4M, domain_xml, open_paths, qemu_pid, split_os, varsctl, wait_for_serial
 
 VENDOR_GUID = "2d7c9a41-5e3b-4f1a-9c8d-6b5a4e3d2c1f"
 PROOF = f"{VENDOR_GUID}:VarsdProof"
@@ -42,7 +42,7 @@ def _varstore_inodes(hv: Hypervisor, guests) -> dict[str, int]:
     out = {}
     for g in guests:
         nvram = parse_domain(hv.persistent_xml(g.uuid)).nvram_path
-        files = open_files(qemu_pid(g.name))
+        files = open_paths(qemu_pid(g.name))
         assert CODE_4M in files and nvram in files, f"{g.name}: QEMU has {sorted(files)}"
         out[g.name] = files[nvram].st_ino
     return out

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from varsd.adapters.libvirt_api import Hypervisor
 
-from .guests import CODE_4M, NVRAM_DIR, domain_xml, open_files, qemu_pid, varsctl, wait_for_serial, with_cmdline
+from .guests import CODE_4M, NVRAM_DIR, domain_xml, open_paths, qemu_pid, varsctl, wait_for_serial, with_cmdline
 
 OVMF_2M_UNIFIED = "/usr/share/ovmf/OVMF.fd"
 
@@ -59,7 +59,7 @@ def test_status_shows_a_failed_repair_until_it_succeeds(hv: Hypervisor, guest_fa
     hv.start(g.uuid)
     try:
         wait_for_serial(g.serial_log, r"BdsDxe: (loading|starting) Boot", timeout=240)
-        files = open_files(qemu_pid(g.name))
+        files = open_paths(qemu_pid(g.name))
         assert CODE_4M in files and str(link) in files, sorted(files)
     finally:
         hv.destroy(g.uuid)
