@@ -102,6 +102,7 @@ def _dpkg_i(root: Path, deb: Path) -> str:
 
 def _statuses(config: Path, names: list[str]) -> dict[str, dict]:
     r = varsctl(config, "status", "--json", *names)
+    assert r.returncode in (0, 1), r.stdout + r.stderr
     return {d["name"]: d for d in json.loads(r.stdout)["domains"]}
 
 
