@@ -12,7 +12,7 @@ Two guests from before 2023: plain 2 MiB `OVMF_CODE.fd` with its own `OVMF_VARS.
 copy, and 2 MiB Secure Boot `OVMF_CODE.ms.fd` (a symlink) with Microsoft's keys from
 `OVMF_VARS.ms.fd`, each with a boot entry. varsd binds and archives both, Debian 13
 removes their code; both still start, held on the archived build (`needs-migration`,
-saying what to run), then `varsctl migrate --all` moves them keeping boot entries and
+saying what to run), then `varsctl migrate` moves them keeping boot entries and
 PK/KEK/db/dbx, and they boot the central 4 MiB code.
 """
 
@@ -167,7 +167,8 @@ def test_2mib_guests_survive_the_debian13_upgrade_and_migrate(hv: Hypervisor, gu
     # The upgrade: a real dpkg -i of Debian 13's ovmf removes the 2 MiB files.
     _dpkg_i(root, debs["13"])
     assert not (ovmf / "OVMF_CODE.fd").exists() and not (ovmf / "OVMF_CODE.secboot.fd").exists()
-    sync = varsctl(config, "firmware", "sync")  # what the package hook runs
+    # What the package hook runs; restricted to this test's domains (the host's libvirtd is shared).
+    sync = varsctl(config, "firmware", "sync", *names)
     assert sync.returncode == 1, sync.stdout + sync.stderr  # attention: domains need migration
     held = _statuses(config, names)
     for n, d in held.items():
@@ -179,8 +180,9 @@ def test_2mib_guests_survive_the_debian13_upgrade_and_migrate(hv: Hypervisor, gu
     old = {n: virtfw.read_variables(p) for n, p in nvram.items()}
     assert all(k in old[sb.name] for k in KEYS + ENTRY) and all(k in old[plain.name] for k in ENTRY)
 
-    m = varsctl(config, "migrate", "--all")
-    assert m.returncode == 0, m.stdout + m.stderr
+    for n in names:  # as `migrate --all` would, but never touching other tests' domains
+        m = varsctl(config, "migrate", n)
+        assert m.returncode == 0, m.stdout + m.stderr
     for n, p in nvram.items():
         new = virtfw.read_variables(p)
         for key in (KEYS if n == sb.name else ()) + ENTRY + (f"{EFI_GLOBAL}:BootOrder",):
