@@ -26,6 +26,7 @@ PURE_MODULES = (
     "varsd.model.archive",
     "varsd.model.domain",
     "varsd.model.firmware",
+    "varsd.model.journal",
     "varsd.model.varstore",
     "varsd.domain.classify",
     "varsd.domain.xml",
@@ -36,6 +37,7 @@ PURE_MODULES = (
     "varsd.planning.repair",
     "varsd.planning.upgrade",
     "varsd.retry",
+    "varsd.clock",
 )
 FORBIDDEN = ("libvirt", "virt.firmware", "sqlite3", "varsd.adapters", "varsd.engine", "varsd.config")
 
@@ -46,16 +48,17 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "messages": {"errors"},
     "retry": {"errors"},
+    "clock": set(),
     "model": set(),
     "domain": {"model", "errors"},
     "firmware": {"model", "errors", "domain", "adapters", "config", "messages"},
     "planning": {"model", "errors", "domain", "firmware", "messages"},
     "adapters": {"model", "errors", "messages", "retry"},
     "config": {"errors", "retry", "model"},
-    "engine": {"model", "errors", "domain", "firmware", "planning", "adapters", "config", "messages", "retry"},
-    "daemon": {"model", "errors", "domain", "firmware", "planning", "adapters", "config", "engine", "messages",
+    "engine": {"clock", "model", "errors", "domain", "firmware", "planning", "adapters", "config", "messages", "retry"},
+    "daemon": {"clock", "model", "errors", "domain", "firmware", "planning", "adapters", "config", "engine", "messages",
                "retry", "__init__"},
-    "cli": {"model", "errors", "domain", "firmware", "planning", "adapters", "config", "engine", "messages",
+    "cli": {"clock", "model", "errors", "domain", "firmware", "planning", "adapters", "config", "engine", "messages",
             "retry", "__init__"},
 }
 # The pure modules of the mixed `firmware` package may not reach its I/O modules.

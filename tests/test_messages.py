@@ -15,6 +15,7 @@ import pytest
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
+from varsd.clock import FixedClock
 from varsd.config import Config
 from varsd.engine.reconciler import Reconciler
 from varsd.firmware.catalog import load_catalog
@@ -57,7 +58,7 @@ def rec(tmp_path):
     with Hypervisor(cfg.uri) as hv:
         journal = Journal(cfg.journal_path)
         yield Reconciler(cfg, hv, load_catalog(cfg.firmware_dirs), journal, (os.getuid(), os.getgid()), actor="test",
-                         clock=lambda: "2025-06-01T12:00:00Z")
+                         clock=FixedClock("2025-06-01T12:00:00Z"))
         journal.close()
 
 

@@ -40,4 +40,4 @@ class HypervisorError(VarsdError):
 
 
 class LockBusy(VarsdError):
-    """Another varsd actor holds the host lock."""
+    """Another varsd actor holds the lock (a domain's, or the firmware archive's)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 import threading
 
@@ -10,6 +11,7 @@ import pytest
 
 from varsd.adapters.journal import Change, Journal
 from varsd.errors import VarsdError
+from varsd.model.journal import MIGRATION_REASON, ChangeKind
 
 U1 = "11111111-1111-1111-1111-111111111111"
 U2 = "22222222-2222-2222-2222-222222222222"
@@ -196,3 +198,43 @@ def test_one_journal_shared_by_threads(journal):
     assert len(ids) == len(set(ids)) == 160
     assert sorted(c.id for c in journal.changes(limit=1000)) == sorted(ids)
     assert {c.outcome for c in journal.changes(limit=1000)} == {"applied"}
+
+
+def test_an_entry_keeps_its_kind(journal):
+    edit = _record(journal)
+    migration = journal.record(at="2025-01-01T00:00:09Z", uuid=U1, name="vm", actor="varsctl", reason="any words",
+                               old_xml="<a/>", new_xml="<b/>", kind=ChangeKind.MIGRATION)
+    assert journal.change(edit).kind is ChangeKind.EDIT
+    assert journal.change(migration).kind is ChangeKind.MIGRATION
+    assert [c.kind for c in journal.changes()] == [ChangeKind.MIGRATION, ChangeKind.EDIT]
+
+
+def _old_journal(path) -> None:
+    """A journal as written before entries had a kind: migrations told only by their reason."""
+    path.parent.mkdir(mode=0o700)
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE xml_changes (id INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT NOT NULL, uuid TEXT NOT NULL,"
+               " name TEXT NOT NULL, actor TEXT NOT NULL, reason TEXT NOT NULL, old_xml TEXT NOT NULL,"
+               " new_xml TEXT NOT NULL, outcome TEXT NOT NULL DEFAULT 'pending')")
+    for reason in (f"{MIGRATION_REASON} (540672 -> 540672 bytes) to OVMF_CODE_4M", "firmware upgrade"):
+        db.execute("INSERT INTO xml_changes (at, uuid, name, actor, reason, old_xml, new_xml) VALUES (?,?,?,?,?,?,?)",
+                   ("2025-01-01T00:00:00Z", U1, "vm", "varsctl", reason, "<a/>", "<b/>"))
+    db.commit()
+    db.close()
+    os.chmod(path, 0o600)
+
+
+@pytest.mark.parametrize("read_only", [True, False])
+def test_an_old_journal_classifies_migrations_by_their_reason(tmp_path, read_only):
+    path = tmp_path / "state" / "state.sqlite3"
+    _old_journal(path)
+    j = Journal(str(path), read_only=read_only)
+    try:
+        assert [c.kind for c in j.changes()] == [ChangeKind.EDIT, ChangeKind.MIGRATION]
+        assert j.change(1).kind is ChangeKind.MIGRATION
+    finally:
+        j.close()
+    if read_only:  # nothing was written: the file still has no kind column
+        db = sqlite3.connect(path)
+        assert "kind" not in [row[1] for row in db.execute("PRAGMA table_info(xml_changes)")]
+        db.close()

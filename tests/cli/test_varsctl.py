@@ -18,6 +18,7 @@ import pytest
 from varsd.adapters.journal import Journal
 from varsd.cli.varsctl import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, main
 from varsd.engine import transaction
+from varsd.model.journal import ChangeKind
 
 from .common import (
     CODE_4M,
@@ -317,7 +318,7 @@ def test_undo_of_a_migration_refuses_to_pair_old_code_with_the_migrated_store(ca
     try:
         cid = j.record(at="2026-11-26T00:00:00Z", uuid=dom.UUIDString(), name=name, actor="varsctl",
                        reason="migrated varstore (131072 -> 540672 bytes) to x", old_xml=before_migration,
-                       new_xml=current)
+                       new_xml=current, kind=ChangeKind.MIGRATION)
         j.settle(cid, "applied", stored_xml=current)
     finally:
         j.close()

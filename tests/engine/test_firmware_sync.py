@@ -20,6 +20,7 @@ import pytest
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
+from varsd.clock import FixedClock
 from varsd.config import Config
 from varsd.domain.xml import parse_domain
 from varsd.engine import firmware_sync
@@ -251,7 +252,7 @@ def test_prune_keeps_what_domains_use_and_what_is_recent(cfg, journal, hv, tree,
     assert archive.index().verified == {sha(CODE_A), sha(CODE_B)}
 
     # A partial sync (named domains) never prunes: other domains may use anything.
-    later = lambda: "2099-01-01T00:00:00Z"  # noqa: E731
+    later = FixedClock("2099-01-01T00:00:00Z")
     assert run_sync(cfg, journal, hv, domain, clock=later).pruned == ()
 
     refs_all = hv.list_domains()

@@ -22,6 +22,7 @@ import pytest
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
+from varsd.clock import FixedClock
 from varsd.config import Config, ExtraFirmware
 from varsd.domain.xml import parse_domain
 from varsd.engine import migration
@@ -336,7 +337,7 @@ class Bed:
     state: Path
 
     def migrator(self) -> Migrator:
-        return Migrator(self.rec, clock=lambda: T0)
+        return Migrator(self.rec, clock=FixedClock(T0))
 
     def varstore(self, name: str, data: bytes, mode: int = 0o600) -> Path:
         path = self.nvram / f"{name}_VARS.fd"
@@ -356,7 +357,7 @@ def bed(tmp_path, catalog, qemu_owner) -> Iterator[Bed]:
     journal = Journal(cfg.journal_path)
     with Hypervisor(URI) as hv:
         before = {r.uuid for r in hv.list_domains()}
-        rec = Reconciler(cfg, hv, catalog, journal, qemu_owner, clock=lambda: NOW)
+        rec = Reconciler(cfg, hv, catalog, journal, qemu_owner, clock=FixedClock(NOW))
         yield Bed(cfg, hv, rec, journal, tmp_path / "nvram", tmp_path / "state")
         for ref in hv.list_domains():
             if ref.uuid not in before:
@@ -577,8 +578,8 @@ def test_domain_held_on_its_archived_build_migrates_to_the_central_path_it_track
         with Hypervisor(URI) as hv:
             uuid = hv.define(_xml("held", _split(str(archived), str(store)), extra=_metadata(pin))).uuid
             try:
-                rec = Reconciler(cfg, hv, catalog, journal, qemu_owner, clock=lambda: NOW)
-                result = Migrator(rec, clock=lambda: T0).migrate(hv.lookup(uuid))
+                rec = Reconciler(cfg, hv, catalog, journal, qemu_owner, clock=FixedClock(NOW))
+                result = Migrator(rec, clock=FixedClock(T0)).migrate(hv.lookup(uuid))
                 fw = parse_domain(hv.persistent_xml(uuid))
             finally:
                 hv.connection.lookupByUUIDString(uuid).undefine()

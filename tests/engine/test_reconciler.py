@@ -19,6 +19,7 @@ import pytest
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
+from varsd.clock import FixedClock
 from varsd.config import Config
 from varsd.engine import reconciler as reconciler_mod
 from varsd.engine import transaction
@@ -92,7 +93,7 @@ def journal(cfg) -> Iterator[Journal]:
 
 @pytest.fixture
 def rec(cfg, hv, catalog, journal) -> Reconciler:
-    return Reconciler(cfg, hv, catalog, journal, (os.getuid(), os.getgid()), actor="test", clock=lambda: NOW)
+    return Reconciler(cfg, hv, catalog, journal, (os.getuid(), os.getgid()), actor="test", clock=FixedClock(NOW))
 
 
 @pytest.fixture
@@ -176,7 +177,7 @@ def test_second_reconcile_does_nothing(rec, define, hv, cfg, journal):
     assert len(journal.changes(ref.uuid)) == 1
 
     # a fresh Reconciler (no memo, new inspector) agrees
-    fresh = Reconciler(rec.cfg, rec.hv, rec.catalog, journal, rec.owner, clock=lambda: NOW)
+    fresh = Reconciler(rec.cfg, rec.hv, rec.catalog, journal, rec.owner, clock=FixedClock(NOW))
     assert fresh.reconcile(hv.lookup(ref.uuid)).done == ()
     assert len(journal.changes(ref.uuid)) == 1
 
@@ -211,7 +212,7 @@ def test_builtin_test_domain_is_unmanaged(rec, hv):
 def test_excluded_domain_untouched(cfg, hv, catalog, journal, define):
     ref = define("rom", ROM)
     excluded = dataclasses.replace(cfg, exclude=(ref.name,))
-    rec = Reconciler(excluded, hv, catalog, journal, (os.getuid(), os.getgid()), clock=lambda: NOW)
+    rec = Reconciler(excluded, hv, catalog, journal, (os.getuid(), os.getgid()), clock=FixedClock(NOW))
     before = hv.persistent_xml(ref.uuid)
     out = rec.reconcile(ref)
     assert out.status is Status.UNMANAGED and "excluded" in out.plan.detail

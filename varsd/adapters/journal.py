@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from varsd.errors import VarsdError
 from varsd.model.domain import AttemptFailure
 from varsd.model.firmware import VarstoreLayout
+from varsd.model.journal import MIGRATION_REASON, ChangeKind
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS xml_changes (
@@ -35,7 +36,8 @@ CREATE TABLE IF NOT EXISTS xml_changes (
     reason TEXT NOT NULL,
     old_xml TEXT NOT NULL,
     new_xml TEXT NOT NULL,
-    outcome TEXT NOT NULL DEFAULT 'pending'
+    outcome TEXT NOT NULL DEFAULT 'pending',
+    kind TEXT NOT NULL DEFAULT 'edit'
 );
 CREATE INDEX IF NOT EXISTS xml_changes_uuid ON xml_changes(uuid);
 CREATE TABLE IF NOT EXISTS firmware_history (
@@ -98,6 +100,7 @@ class Change:
     old_xml: str
     new_xml: str
     outcome: str
+    kind: ChangeKind = ChangeKind.EDIT
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,10 @@ def _layout_of(text: str | None) -> VarstoreLayout | None:
     return VarstoreLayout(size, start, end)
 
 
+def _change(row: tuple) -> Change:
+    return Change(*row[:-1], kind=ChangeKind(row[-1]))
+
+
 class Journal:
     def __init__(self, path: str, *, read_only: bool = False) -> None:
         """Open (creating it if need be) the journal; `read_only` opens an existing one
@@ -154,9 +161,37 @@ class Journal:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a journaled old XML survives a power cut
             self._db.executescript(_SCHEMA)
+            if not self._has_kind():
+                self._add_kind()
+            self._kind_column = True
             self._lock = threading.Lock()  # one connection, several worker threads
         except (OSError, sqlite3.Error) as exc:
             raise VarsdError(f"{path}: cannot open the varsd journal: {exc}") from None
+
+    def _has_kind(self) -> bool:
+        return any(row[1] == "kind" for row in self._db.execute("PRAGMA table_info(xml_changes)"))
+
+    def _add_kind(self) -> None:
+        """A journal from before entries had a kind: add it, classifying old entries by the
+        reason migrations were journaled with."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if not self._has_kind():
+                self._db.execute("ALTER TABLE xml_changes ADD COLUMN kind TEXT NOT NULL DEFAULT 'edit'")
+                self._db.execute("UPDATE xml_changes SET kind=? WHERE substr(reason, 1, ?) = ?",
+                                 (ChangeKind.MIGRATION.value, len(MIGRATION_REASON), MIGRATION_REASON))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def _kind_sql(self) -> str:
+        """The kind column; for an old journal opened read-only (not upgraded), the same
+        classification `_add_kind` makes."""
+        if self._kind_column:
+            return "kind"
+        return (f"CASE WHEN substr(reason, 1, {len(MIGRATION_REASON)}) = '{MIGRATION_REASON}' "
+                f"THEN '{ChangeKind.MIGRATION.value}' ELSE '{ChangeKind.EDIT.value}' END")
 
     def _open_read_only(self, path: str) -> None:
         try:
@@ -167,6 +202,7 @@ class Journal:
             else:
                 self._db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
                 self._db.executescript(_SCHEMA)
+            self._kind_column = self._has_kind()
             self._lock = threading.Lock()
         except sqlite3.Error as exc:
             raise VarsdError(f"{path}: cannot open the varsd journal read-only: {exc}") from None
@@ -184,7 +220,8 @@ class Journal:
             except sqlite3.Error as exc:
                 raise VarsdError(f"{self.path}: cannot {what} the varsd journal: {exc}") from None
 
-    def record(self, *, at: str, uuid: str, name: str, actor: str, reason: str, old_xml: str, new_xml: str) -> int:
+    def record(self, *, at: str, uuid: str, name: str, actor: str, reason: str, old_xml: str, new_xml: str,
+               kind: ChangeKind = ChangeKind.EDIT) -> int:
         """Write the intent (old and new XML) before the change is made; returns its id.
 
         The first change to a domain also opens its record (see `close_record`)."""
@@ -195,8 +232,9 @@ class Journal:
                 (uuid, name, at),
             )
             cur = self._db.execute(
-                "INSERT INTO xml_changes (at, uuid, name, actor, reason, old_xml, new_xml) VALUES (?,?,?,?,?,?,?)",
-                (at, uuid, name, actor, reason, old_xml, new_xml),
+                "INSERT INTO xml_changes (at, uuid, name, actor, reason, old_xml, new_xml, kind) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (at, uuid, name, actor, reason, old_xml, new_xml, kind.value),
             )
         return int(cur.lastrowid)
 
@@ -237,22 +275,23 @@ class Journal:
                 self._db.execute("PRAGMA synchronous=FULL")
 
     def changes(self, uuid: str | None = None, limit: int = 100) -> list[Change]:
-        q = "SELECT id, at, uuid, name, actor, reason, old_xml, new_xml, outcome FROM xml_changes"
+        q = f"SELECT id, at, uuid, name, actor, reason, old_xml, new_xml, outcome, {self._kind_sql()} FROM xml_changes"
         args: tuple = ()
         if uuid:
             q += " WHERE uuid=?"
             args = (uuid,)
         q += " ORDER BY id DESC LIMIT ?"
         with self._sql("read"):
-            return [Change(*row) for row in self._db.execute(q, args + (limit,)).fetchall()]
+            return [_change(row) for row in self._db.execute(q, args + (limit,)).fetchall()]
 
     def change(self, change_id: int) -> Change | None:
         with self._sql("read"):
             row = self._db.execute(
-                "SELECT id, at, uuid, name, actor, reason, old_xml, new_xml, outcome FROM xml_changes WHERE id=?",
+                f"SELECT id, at, uuid, name, actor, reason, old_xml, new_xml, outcome, {self._kind_sql()} "
+                "FROM xml_changes WHERE id=?",
                 (change_id,),
             ).fetchone()
-        return Change(*row) if row else None
+        return _change(row) if row else None
 
     # -- firmware history ------------------------------------------------------------
 

@@ -55,7 +55,8 @@ def emit_json(doc: dict[str, Any]) -> None:
 
 def change_dict(change: Any) -> dict[str, Any]:
     """A journal entry for JSON output, its XML without secrets (graphics passwords)."""
-    d = dict(change.__dict__)
+    # `kind` is for code (undo); the documented shape predates it and the reason says it to an admin.
+    d = {k: v for k, v in change.__dict__.items() if k != "kind"}
     for key in ("old_xml", "new_xml"):
         if d.get(key):
             d[key] = redact_secrets(d[key])

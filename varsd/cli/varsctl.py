@@ -29,7 +29,7 @@ from varsd.cli.output import (
 from varsd.config import load_config
 from varsd.errors import ConfigError, HypervisorError, VarsdError
 from varsd.model.domain import Status
-from varsd.planning.migration import MIGRATION_REASON
+from varsd.model.journal import ChangeKind
 from varsd.planning.repair import Action, CreateVarstore
 
 
@@ -95,7 +95,7 @@ def cmd_undo(ctx: Context, args: argparse.Namespace) -> int:
                   "admin's edit); undoing would discard that. See 'varsctl journal', or use --force")
             return EXIT_ATTENTION
         _, plan = rec.plan_xml(ref, change.old_xml)
-        migrated = change.reason.startswith(MIGRATION_REASON)
+        migrated = change.kind is ChangeKind.MIGRATION
         if (migrated or plan.status is Status.NEEDS_MIGRATION) and not args.force:
             # e.g. undoing a migration's XML change while the varstore is already migrated:
             # old code with a varstore of another layout silently loses every variable change.

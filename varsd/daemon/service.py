@@ -36,13 +36,14 @@ from varsd.adapters import fsio
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.adapters.libvirt_events import LifecycleEvent, Subscription, start_event_loop
+from varsd.clock import SYSTEM, Clock, stamp
 from varsd.config import Config, qemu_owner
 from varsd.daemon.notify import sd_notify, watchdog_interval
 from varsd.daemon.workqueue import WorkQueue
 from varsd.engine import firmware_sync
 from varsd.engine.boots import record_boot
 from varsd.engine.inspect import FileInspector
-from varsd.engine.reconciler import Outcome, Reconciler, utc_now
+from varsd.engine.reconciler import Outcome, Reconciler
 from varsd.errors import HypervisorError, VarsdError
 from varsd.firmware.archive import Archive
 from varsd.firmware.catalog import load_configured
@@ -71,7 +72,7 @@ class Service:
         *,
         reload_config: Callable[[], Config] | None = None,
         backoff: Backoff | None = None,
-        clock: Callable[[], str] = utc_now,
+        clock: Clock = SYSTEM,
         notify: Callable[..., bool] = sd_notify,
     ) -> None:
         self.cfg = cfg
@@ -381,7 +382,7 @@ class Service:
             if outcome.boot_unrecorded:
                 # Running since before varsd watched it (the live XML the reconcile read has
                 # no boot record): QEMU's open file still tells.
-                record_boot(hv, ref.uuid, self.clock())
+                record_boot(hv, ref.uuid, stamp(self.clock.now()))
             with self._count_lock:
                 self.handled += 1
             if outcome.retry:
@@ -429,7 +430,7 @@ class Service:
         return self.retry.domain.delay(n)
 
     def _record_boot(self, hv: Hypervisor, uuid: str) -> None:
-        boot = record_boot(hv, uuid, self.clock())
+        boot = record_boot(hv, uuid, stamp(self.clock.now()))
         if boot:
             name = self._names.get(uuid) or hv.lookup(uuid).name
             log.info("domain '%s' booted code %s (sha256 %s)", name, boot.code_path, boot.sha256[:12])
@@ -442,7 +443,7 @@ class Service:
             varstore = None
         name = self._names.pop(uuid, uuid)
         try:
-            rec = self.journal.close_record(uuid, self.clock(), varstore)
+            rec = self.journal.close_record(uuid, stamp(self.clock.now()), varstore)
         except VarsdError as exc:
             log.error("domain '%s': undefined, but its record could not be closed: %s", name, exc)
             return

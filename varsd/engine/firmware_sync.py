@@ -30,16 +30,17 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
+from varsd.clock import SYSTEM, Clock, parse_stamp, stamp
 from varsd.config import Config
 from varsd.domain.classify import firmware_image_path
 from varsd.engine.boots import record_boot
 from varsd.engine.inspect import FileInspector
 from varsd.engine.lock import host_lock
-from varsd.engine.reconciler import Outcome, Reconciler, utc_now
+from varsd.engine.reconciler import Outcome, Reconciler
 from varsd.errors import HypervisorError, VarsdError
 from varsd.firmware.archive import Archive, ArchiveError, is_archive_path
 from varsd.firmware.catalog import load_configured
@@ -178,13 +179,13 @@ def refresh(
     *,
     catalog: Catalog | None = None,
     inspector: FileInspector | None = None,
-    clock: Callable[[], str] = utc_now,
+    clock: Clock = SYSTEM,
 ) -> Refresh:
     """Archive the catalog's images and record what changed (module doc); no libvirt."""
     catalog = catalog if catalog is not None else load_configured(cfg)
     inspector = inspector or FileInspector()
     problems = [p.message for p in catalog.problems]
-    at = clock()
+    at = stamp(clock.now())
     with host_lock(cfg.firmware_lock_path, timeout=LOCK_TIMEOUT):
         try:
             archive.prepare()
@@ -231,7 +232,7 @@ def watch_signature(cfg: Config, catalog: Catalog, watched: Iterable[str] = ()) 
 
 def _parse_at(at: str) -> datetime | None:
     try:
-        return datetime.strptime(at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        return parse_stamp(at)
     except ValueError:
         return None
 
@@ -265,7 +266,7 @@ def sync(
     owner: Callable[[], tuple[int, int]],
     *,
     actor: str = "varsctl",
-    clock: Callable[[], str] = utc_now,
+    clock: Clock = SYSTEM,
     domains: Sequence[str] = (),
 ) -> SyncReport:
     """`varsctl firmware sync` (module doc). Never raises a VarsdError: it is reported.
@@ -295,7 +296,7 @@ def sync(
         try:
             live = rec.examine(ref)[0].live
             if live is not None and live.booted_sha256 is None:
-                record_boot(hv, ref.uuid, clock())
+                record_boot(hv, ref.uuid, stamp(clock.now()))
         except VarsdError as exc:
             problems.append(about_domain(ref.name, f"cannot record what it booted: {for_row(ref.name, exc, ref.uuid)}"))
     done: list[Outcome] = []
@@ -319,7 +320,7 @@ def sync(
         used |= shas
         images.update(imgs)
     archived, pruned = [], []
-    at = clock()
+    at = stamp(clock.now())
     try:
         with host_lock(cfg.firmware_lock_path, timeout=LOCK_TIMEOUT):
             for path, sha in sorted(images.items()):
@@ -348,7 +349,7 @@ def sync(
 
 
 def prune_daemon(
-    rec: Reconciler, journal: Journal, refs: Iterable[DomainRef], clock: Callable[[], str] = utc_now
+    rec: Reconciler, journal: Journal, refs: Iterable[DomainRef], clock: Clock = SYSTEM
 ) -> list[str]:
     """The daemon's periodic retention pass: the in-use part of `sync` without reconciling."""
     used = {b.code_sha256 for b in rec.catalog.builds}
@@ -361,7 +362,7 @@ def prune_daemon(
             return []
         except VarsdError:
             return []
-    at = clock()
+    at = stamp(clock.now())
     now = _parse_at(at)
     if now is None:
         return []

@@ -1,7 +1,8 @@
-"""One actor at a time: a host-wide advisory lock shared by varsd and varsctl.
+"""One actor at a time: advisory lock files shared by varsd and varsctl (one per domain,
+`Config.domain_lock_path`, and one for the firmware archive, `Config.firmware_lock_path`).
 
-Held only around one domain's read-plan-act step, so `varsctl` never waits long for
-a running daemon and vice versa, and two actors never act on one domain at once.
+A domain's lock is held only around its read-plan-act step, so `varsctl` never waits
+long for a running daemon and vice versa, and two actors never act on one domain at once.
 """
 
 from __future__ import annotations

@@ -38,11 +38,12 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from varsd.adapters import fsio, virtfw
+from varsd.clock import SYSTEM, Clock, stamp
 from varsd.config import Config
 from varsd.domain.classify import classify, firmware_image_path
 from varsd.domain.xml import parse_domain
@@ -51,6 +52,7 @@ from varsd.engine.transaction import Transaction
 from varsd.errors import VarsdError, VarstoreError
 from varsd.model.domain import DomainFirmware, DomainRef, FileFacts, FirmwareConfig, Status
 from varsd.model.firmware import VarstoreLayout
+from varsd.model.journal import ChangeKind
 from varsd.model.varstore import EfiVariable
 from varsd.planning.migration import (
     MigrationFacts,
@@ -172,7 +174,7 @@ def _remove_if(path: str, data: bytes) -> None:
 class Migrator:
     """Runs migrations with one reconciler (config, libvirt, catalog, journal)."""
 
-    def __init__(self, rec: Reconciler, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(self, rec: Reconciler, *, clock: Clock = SYSTEM) -> None:
         self.rec = rec
         self.clock = clock
 
@@ -199,14 +201,14 @@ class Migrator:
         """The migration `migrate` would carry out now (no lock, nothing written)."""
         facts, _, _ = self._facts(ref)
         return plan_migration(facts, self.rec.catalog, to=to, nvram_dir=self.cfg.nvram_dir,
-                              now=_iso(self.clock()))
+                              now=stamp(self.clock.now()))
 
     def migrate(self, ref: DomainRef, *, to: str | None = None) -> MigrationResult:
         """Migrate one shut-off domain (module steps), under its lock."""
         with self.rec.writer.transaction(ref) as tx:
-            now = self.clock()
+            now = self.clock.now()
             facts, old_bytes, old_vars = self._facts(ref)
-            plan = plan_migration(facts, self.rec.catalog, to=to, nvram_dir=self.cfg.nvram_dir, now=_iso(now))
+            plan = plan_migration(facts, self.rec.catalog, to=to, nvram_dir=self.cfg.nvram_dir, now=stamp(now))
             return self._carry_out(tx, facts, plan, old_bytes, old_vars, now)
 
     def _carry_out(
@@ -254,7 +256,7 @@ class Migrator:
             if on_disk != new_bytes:
                 raise MigrationFailed(f"{plan.varstore} does not read back as written")
             _verify_store(on_disk, old_vars, plan.target_layout, plan.varstore)
-            tx.write(plan.new_xml, plan.reason, planned_from=facts.xml)
+            tx.write(plan.new_xml, plan.reason, planned_from=facts.xml, kind=ChangeKind.MIGRATION)
         except BaseException as exc:
             restored = self._restore(plan, old_bytes, new_bytes, backup) if written else "nothing was written"
             if isinstance(exc, VarsdError):
@@ -305,10 +307,6 @@ class Migrator:
             return (f"RESTORING THE VARSTORE FAILED ({exc}): copy the backup {backup} back to {plan.varstore} "
                     "(cp --preserve=mode,ownership) before starting the domain")
         return f"the varstore was restored from the backup {backup}"
-
-
-def _iso(now: datetime) -> str:
-    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # -- --all --------------------------------------------------------------------------------

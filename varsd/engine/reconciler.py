@@ -3,9 +3,9 @@
 One `Reconciler` serves `varsctl reconcile` and the daemon alike. For each domain it
 re-reads the persistent (and live) XML from libvirt rather than trusting any event,
 gathers file facts, asks the pure planner, and executes the actions in order under
-the host lock. Every XML change is journaled with the previous XML before libvirt
-sees it. A failure in one domain becomes that domain's `error` outcome; it never
-stops the pass.
+the domain's lock, in the one write transaction (`engine.transaction`). Every XML
+change is journaled with the previous XML before libvirt sees it. A failure in one
+domain becomes that domain's `error` outcome; it never stops the pass.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import logging
 import os
 import stat
 import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from itertools import islice
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
+from varsd.clock import SYSTEM, Clock, stamp
 from varsd.config import Config
 from varsd.domain.classify import firmware_image_path
 from varsd.domain.xml import firmware_signature, parse_domain
@@ -36,15 +36,19 @@ from varsd.messages import about_domain
 from varsd.model.domain import AttemptFailure, DomainFirmware, DomainRef, FirmwareConfig, Status
 from varsd.model.firmware import Build, Catalog, UpgradePolicy
 from varsd.planning import sharing
-from varsd.planning.repair import CreateVarstore, DomainFacts, Plan, Redefine, plan_repair, varstore_path
+from varsd.planning.repair import (
+    CreateVarstore,
+    DomainFacts,
+    Plan,
+    Redefine,
+    plan_repair,
+    varstore_names,
+    varstore_path,
+)
 from varsd.planning.upgrade import UpgradeContext
 from varsd.retry import SETTINGS, Action, Purpose, decide
 
 log = logging.getLogger("varsd.reconcile")
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -177,7 +181,7 @@ class Reconciler:
         owner: tuple[int, int],
         *,
         actor: str = "varsctl",
-        clock: Callable[[], str] = utc_now,
+        clock: Clock = SYSTEM,
         inspector: FileInspector | None = None,
         archive: Archive | None = None,
     ) -> None:
@@ -211,7 +215,7 @@ class Reconciler:
         ARCHIVE_RECHECK seconds (a full pass must not re-list the archive per domain)."""
         with self._archive_lock:
             cached = self._upgrades
-            if cached is None or time.monotonic() - cached[0] > ARCHIVE_RECHECK \
+            if cached is None or self.clock.monotonic() - cached[0] > ARCHIVE_RECHECK \
                     or cached[1].policy != self.cfg.upgrade_policy:
                 try:
                     index = self.archive.index()
@@ -227,7 +231,7 @@ class Reconciler:
                 fresh = UpgradeContext(policy=self.cfg.upgrade_policy, archive=index, features=features)
                 if cached is not None and cached[1] == fresh:
                     fresh = cached[1]  # the same object: memoised plans stay valid (they compare identity)
-                cached = (time.monotonic(), fresh)
+                cached = (self.clock.monotonic(), fresh)
                 self._upgrades = cached
         ctx = cached[1]
         return ctx if policy is None or policy == ctx.policy else replace(ctx, policy=policy)
@@ -250,14 +254,14 @@ class Reconciler:
             return
         with self._archive_lock:
             tried = self._archive_tried.get(sha)
-            if tried is not None and time.monotonic() - tried < decide(
+            if tried is not None and self.clock.monotonic() - tried < decide(
                     ArchiveError(sha), purpose=Purpose.ARCHIVE, settings=self.retry).delay:
                 return
-            self._archive_tried[sha] = time.monotonic()
+            self._archive_tried[sha] = self.clock.monotonic()
         try:
             with host_lock(self.cfg.firmware_lock_path):
                 stored = self.archive.store_file(build.code_path, expect_sha256=sha)
-                at = self.clock()
+                at = stamp(self.clock.now())
                 self.journal.note_archived(sha256=sha, code_path=build.code_path, size=stored.entry.size,
                                            at=at, layout=build.layout, features=build.features)
                 # The first sight of a build is history too, so a later sync reports a change
@@ -298,7 +302,7 @@ class Reconciler:
         ):
             return memo.facts, memo.plan
         facts = self.facts(xml, live_xml, excluded=excluded, persistent=ref.persistent)
-        plan = plan_repair(facts, self.catalog, self.cfg.nvram_dir, self.clock(), upgrades)
+        plan = plan_repair(facts, self.catalog, self.cfg.nvram_dir, stamp(self.clock.now()), upgrades)
         if plan.actions or facts.sharing is not None:  # a sharer's plan follows the others' state
             self._memo.pop(ref.uuid, None)
         else:
@@ -320,7 +324,8 @@ class Reconciler:
         return DomainFacts(
             xml=xml, firmware=fw, live=live, image=image, nvram=nvram, excluded=excluded, persistent=persistent,
             sharing=self._sharing(fw, running=live is not None, persistent=persistent),
-            other_varstores=self.varstores.other_paths(fw.uuid),
+            other_varstores=self.varstores.taken(
+                [p for p in (fw.nvram_path, *islice(varstore_names(self.cfg.nvram_dir, fw), 8)) if p], fw.uuid),
         )
 
     def _sharing(self, fw: DomainFirmware, *, running: bool, persistent: bool) -> sharing.Sharing | None:
@@ -336,13 +341,32 @@ class Reconciler:
                     self.rechecks.add(o.uuid)
         return sharing.decide(me, others)
 
+    # The two indexes keep each look O(1): a full pass over N domains must not cost N^2.
+    def _use(self, uuid: str, path: str | None) -> None:
+        """Record that `uuid` names `path` (None: no varstore), in `_uses` and its inverse."""
+        before = self._uses.get(uuid)
+        if before and before != path:
+            users = self._users.get(before, set())
+            users.discard(uuid)
+            if not users:
+                self._users.pop(before, None)
+        self._uses[uuid] = path
+        if path:
+            self._users.setdefault(path, set()).add(uuid)
+
+    def _disown(self, uuid: str) -> None:
+        """`uuid` no longer owns the path it owned."""
+        path = self._owned.pop(uuid, None)
+        if path is not None and self._owners.get(path, ("",))[0] == uuid:
+            del self._owners[path]
+
     def plan_xml(self, ref: DomainRef, xml: str, *, policy: UpgradePolicy | None = None) -> tuple[DomainFacts, Plan]:
         """Plan for a definition the domain does not have yet (what varsctl pin, unpin and
         approve are about to write), so their one redefinition is already what the planner
         wants and the daemon has nothing left to change. Never memoised."""
         live_xml = self.hv.live_xml(ref.uuid) if ref.active else None
         facts = self.facts(xml, live_xml, excluded=self.cfg.is_excluded(ref.name, ref.uuid), persistent=ref.persistent)
-        return facts, plan_repair(facts, self.catalog, self.cfg.nvram_dir, self.clock(),
+        return facts, plan_repair(facts, self.catalog, self.cfg.nvram_dir, stamp(self.clock.now()),
                                   self.upgrade_context(policy=policy))
 
     def forget(self, uuid: str) -> str | None:
@@ -427,7 +451,7 @@ class Reconciler:
             if verdict is Action.RECONNECT:
                 raise  # the connection is gone: the caller reconnects and looks again
             failure = self.journal.note_failure(
-                uuid=ref.uuid, name=ref.name, at=self.clock(), action=attempt[-1] if attempt else "plan",
+                uuid=ref.uuid, name=ref.name, at=stamp(self.clock.now()), action=attempt[-1] if attempt else "plan",
                 error=str(exc), definition_sha256=_definition_sha(facts.xml))
             self._failed_uuids().add(ref.uuid)
             return replace(_outcome(ref, facts, plan, ()), failure=failure, retry=verdict is Action.RETRY)

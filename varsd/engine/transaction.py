@@ -26,12 +26,14 @@ from contextlib import contextmanager
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
+from varsd.clock import Clock, stamp
 from varsd.domain.xml import parse_domain
 from varsd.engine.lock import host_lock
 from varsd.errors import HypervisorError, VarsdError
 from varsd.firmware.archive import Archive, ArchiveError
 from varsd.model.archive import is_archive_path, sha_of_archive_path
 from varsd.model.domain import DomainRef
+from varsd.model.journal import ChangeKind
 
 log = logging.getLogger("varsd.reconcile")
 
@@ -45,7 +47,7 @@ class Writer:
 
     def __init__(
         self, hv: Hypervisor, journal: Journal, archive: Archive, lock_path: Callable[[str], str], *,
-        actor: str, clock: Callable[[], str], on_corrupt_archive: Callable[[], None] = lambda: None,
+        actor: str, clock: Clock, on_corrupt_archive: Callable[[], None] = lambda: None,
     ) -> None:
         self.hv = hv
         self.journal = journal
@@ -72,15 +74,16 @@ class Writer:
             self.on_corrupt_archive()
             raise ArchiveError(f"domain '{ref.name}': not pointed at {loader}: {entry.problem}")
 
-    def write(self, ref: DomainRef, planned_from: str, new_xml: str, reason: str) -> str:
+    def write(self, ref: DomainRef, planned_from: str, new_xml: str, reason: str,
+              kind: ChangeKind = ChangeKind.EDIT) -> str:
         """Module steps 3-5 for a change planned from `planned_from`; the caller holds the
         domain's lock (inside `transaction`). Returns the definition as libvirt stored it."""
         self.verify_archived_loader(ref, new_xml)
         if self.hv.persistent_xml(ref.uuid) != planned_from:
             raise StaleDefinition(f"domain '{ref.name}' was redefined meanwhile; will look again")
         change = self.journal.record(
-            at=self.clock(), uuid=ref.uuid, name=ref.name, actor=self.actor, reason=reason,
-            old_xml=planned_from, new_xml=new_xml,
+            at=stamp(self.clock.now()), uuid=ref.uuid, name=ref.name, actor=self.actor, reason=reason,
+            old_xml=planned_from, new_xml=new_xml, kind=kind,
         )
         try:
             self.hv.define(new_xml)
@@ -111,6 +114,8 @@ class Transaction:
             self._xml = self.writer.hv.persistent_xml(self.ref.uuid)
         return self._xml
 
-    def write(self, new_xml: str, reason: str, *, planned_from: str | None = None) -> None:
-        """Journal and define `new_xml`, planned from `planned_from` (default: `xml`)."""
-        self._xml = self.writer.write(self.ref, self.xml if planned_from is None else planned_from, new_xml, reason)
+    def write(self, new_xml: str, reason: str, *, planned_from: str | None = None,
+              kind: ChangeKind = ChangeKind.EDIT) -> None:
+        """Journal (as `kind`) and define `new_xml`, planned from `planned_from` (default: `xml`)."""
+        self._xml = self.writer.write(self.ref, self.xml if planned_from is None else planned_from, new_xml, reason,
+                                      kind)

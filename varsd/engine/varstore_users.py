@@ -56,6 +56,9 @@ class VarstoreIndex:
         self._own_path = own_path
         self._is_managed = is_managed
         self._entries: dict[str, _Entry] = {}
+        # Inverse indexes, so one look is O(1) in the number of domains, not O(domains).
+        self._by_real: dict[str, set[str]] = {}
+        self._by_inode: dict[tuple[int, int], set[str]] = {}
         self._filled = False
         self._lock = threading.Lock()
 
@@ -90,8 +93,8 @@ class VarstoreIndex:
                 log.debug("varstore index: domain '%s': %s", ref.name, exc)
                 continue
             with self._lock:
-                if entry is not None:
-                    self._entries.setdefault(ref.uuid, entry)
+                if entry is not None and ref.uuid not in self._entries:
+                    self._put(ref.uuid, entry)
         with self._lock:
             self._filled = True
 
@@ -103,10 +106,10 @@ class VarstoreIndex:
         entry = self._entry(fw, running=running, persistent=persistent)
         with self._lock:
             if entry is None:
-                self._entries.pop(fw.uuid, None)
+                self._drop(fw.uuid)
                 return None, []
-            self._entries[fw.uuid] = entry
-            candidates = [u for u, e in self._entries.items() if u != fw.uuid and _same(e, entry)]
+            self._put(fw.uuid, entry)
+            candidates = sorted(self._matches(entry) - {fw.uuid})
         others: list[VarstoreUser] = []
         for uuid in candidates:
             try:
@@ -115,29 +118,47 @@ class VarstoreIndex:
                 fresh = None  # gone meanwhile (or unreadable: it cannot be judged a sharer)
             with self._lock:
                 if fresh is None:
-                    self._entries.pop(uuid, None)
+                    self._drop(uuid)
                     continue
-                self._entries[uuid] = fresh
+                self._put(uuid, fresh)
             if _same(fresh, entry):
                 others.append(fresh.user)
         return entry.user, others
 
-    def other_paths(self, uuid: str) -> frozenset[str]:
-        """Every varstore path (as named, and resolved) another domain uses."""
-        with self._lock:
-            return frozenset(p for u, e in self._entries.items() if u != uuid for p in (e.user.path, e.realpath))
+    def _put(self, uuid: str, entry: _Entry) -> None:
+        self._drop(uuid)
+        self._entries[uuid] = entry
+        self._by_real.setdefault(entry.realpath, set()).add(uuid)
+        if entry.inode is not None:
+            self._by_inode.setdefault(entry.inode, set()).add(uuid)
+
+    def _drop(self, uuid: str) -> _Entry | None:
+        old = self._entries.pop(uuid, None)
+        if old is not None:
+            self._by_real.get(old.realpath, set()).discard(uuid)
+            if old.inode is not None:
+                self._by_inode.get(old.inode, set()).discard(uuid)
+        return old
+
+    def _matches(self, probe: _Entry) -> set[str]:
+        found = set(self._by_real.get(probe.realpath, ()))
+        if probe.inode is not None:
+            found |= self._by_inode.get(probe.inode, set())
+        return found
+
+    def taken(self, paths: list[str], uuid: str) -> frozenset[str]:
+        """Those of `paths` that another domain's varstore is (by identity)."""
+        return frozenset(p for p in paths if self.user_of(p, uuid) is not None)
 
     def user_of(self, path: str, uuid: str) -> str | None:
         """The name of another domain whose varstore `path` is (by identity), if any."""
         real, inode = _identity(path)
         probe = _Entry(VarstoreUser(uuid="", name="", path=path), real, inode)
         with self._lock:
-            for u, e in self._entries.items():
-                if u != uuid and _same(e, probe):
-                    return e.user.name
-        return None
+            others = sorted(self._matches(probe) - {uuid})
+            return self._entries[others[0]].user.name if others else None
 
     def forget(self, uuid: str) -> str | None:
         with self._lock:
-            entry = self._entries.pop(uuid, None)
+            entry = self._drop(uuid)
         return entry.user.path if entry is not None else None

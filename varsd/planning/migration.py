@@ -34,6 +34,7 @@ from varsd.firmware.fit import Misfit, Needs, misfits
 from varsd.firmware.selection import explain, first_fit
 from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig, PinKind, VarsdMetadata
 from varsd.model.firmware import Build, Catalog, VarstoreLayout
+from varsd.model.journal import MIGRATION_REASON
 from varsd.model.varstore import EfiVariable
 from varsd.planning.repair import is_private_varstore, new_varstore_path, wants_secure_boot
 
@@ -45,7 +46,6 @@ KEY_VARIABLES = (f"{EFI_GLOBAL}:PK", f"{EFI_GLOBAL}:KEK", f"{EFI_IMAGE_SECURITY_
 MIN_SHA_PREFIX = 6
 """Shortest code digest prefix `--to` accepts: shorter ones match by accident."""
 
-MIGRATION_REASON = "migrated varstore"  # journal reasons start with it; undo recognises them
 
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from varsd.domain.classify import classify, firmware_image_path
@@ -145,12 +146,23 @@ def new_varstore_path(nvram_dir: str, fw: DomainFirmware, taken: set[str | None]
     (Guides tell people to keep a private OVMF.fd as `<name>_VARS.fd`; provisioning
     never overwrites, so the copy needs a name of its own.)
     """
+    for path in varstore_names(nvram_dir, fw):
+        if path not in taken:
+            return path
+    raise AssertionError("unreachable: varstore_names never ends")
+
+
+def varstore_names(nvram_dir: str, fw: DomainFirmware) -> Iterator[str]:
+    """The names a new varstore of `fw` may get, in order: `<name>_VARS.fd`, then
+    `<name>-varsd_VARS.fd`, `<name>-varsd2_VARS.fd`, ..."""
     path = varstore_path(nvram_dir, fw.name, fw.uuid)
-    stem, n = path.removesuffix("_VARS.fd"), 1
-    while path in taken:
-        path = f"{stem}-varsd{'' if n == 1 else n}_VARS.fd"
+    yield path
+    stem = path.removesuffix("_VARS.fd")
+    yield f"{stem}-varsd_VARS.fd"
+    n = 2
+    while True:
+        yield f"{stem}-varsd{n}_VARS.fd"
         n += 1
-    return path
 
 
 def _shared(facts: DomainFacts) -> bool:
