@@ -50,6 +50,7 @@ uri = "qemu+ssh://root@host/system"
 nvram_dir = "/srv/nvram"
 state_dir = "/srv/varsd"
 firmware_dirs = ["/opt/fw", "/etc/qemu/firmware"]
+firmware_search_dirs = ["/opt/fw"]
 exclude = ["build-*", "3f2a1c9e-0b4d-4e8f-9a6b-1c2d3e4f5a6b"]
 reconcile_interval = 60
 upgrade_policy = "manual"
@@ -90,6 +91,7 @@ def test_every_key():
         nvram_dir="/srv/nvram",
         state_dir="/srv/varsd",
         firmware_dirs=("/opt/fw", "/etc/qemu/firmware"),
+        firmware_search_dirs=("/opt/fw",),
         extra_firmware=(
             ExtraFirmware("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
             ExtraFirmware(

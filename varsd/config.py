@@ -47,6 +47,10 @@ DEFAULT_FIRMWARE_DIRS: tuple[str, ...] = (
     "/usr/share/qemu/firmware",
     "/etc/qemu/firmware",
 )
+# Where distros put firmware images, with or without descriptors (varsd.firmware.discovery).
+DEFAULT_SEARCH_DIRS: tuple[str, ...] = (
+    "/usr/share/OVMF", "/usr/share/ovmf", "/usr/share/edk2", "/usr/share/AAVMF", "/usr/share/qemu",
+)
 
 UPGRADE_POLICIES = tuple(p.value for p in UpgradePolicy)
 SECUREBOOT_TEMPLATES = ("shipped", "2023")
@@ -83,6 +87,8 @@ class Config:
     nvram_dir: str = "/var/lib/libvirt/qemu/nvram"
     state_dir: str = "/var/lib/varsd"
     firmware_dirs: tuple[str, ...] = DEFAULT_FIRMWARE_DIRS
+    # Where code images no descriptor lists are looked for (varsd.firmware.discovery); [] turns it off.
+    firmware_search_dirs: tuple[str, ...] = DEFAULT_SEARCH_DIRS
     extra_firmware: tuple[ExtraFirmware, ...] = ()
     qemu_user: str | None = None  # None: read qemu.conf, then distro default
     qemu_group: str | None = None
@@ -170,6 +176,10 @@ def parse_config(text: str, where: str = "<config>") -> Config:
         kw["firmware_dirs"] = _str_list(data["firmware_dirs"], where, "firmware_dirs")
         relative = [d for d in kw["firmware_dirs"] if not os.path.isabs(d)]  # type: ignore[union-attr]
         _expect(not relative, where, f"'firmware_dirs' must be absolute paths, not {', '.join(relative)}")
+    if "firmware_search_dirs" in data:
+        kw["firmware_search_dirs"] = _str_list(data["firmware_search_dirs"], where, "firmware_search_dirs")
+        relative = [d for d in kw["firmware_search_dirs"] if not os.path.isabs(d)]  # type: ignore[union-attr]
+        _expect(not relative, where, f"'firmware_search_dirs' must be absolute paths, not {', '.join(relative)}")
     if "exclude" in data:
         kw["exclude"] = _str_list(data["exclude"], where, "exclude")
     for key, (limit, unit) in INT_LIMITS.items():

@@ -55,6 +55,7 @@ def write_host(tmp_path, domains: list[str], *, nvram, state) -> tuple[str, str]
     config = tmp_path / "varsd.toml"
     config.write_text(
         f'state_dir = "{state}"\nnvram_dir = "{nvram}"\nfirmware_dirs = ["/usr/share/qemu/firmware"]\n'
+        'firmware_search_dirs = []\n'
         'qemu_user = "root"\nqemu_group = "root"\n'
     )
     return f"test://{node}", str(config)

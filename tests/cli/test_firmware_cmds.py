@@ -63,6 +63,7 @@ def _host(tmp_path: Path, policy: str = "auto") -> FwHost:
     )
     Path(h["config"]).write_text(
         f'state_dir = "{h["state"]}"\nnvram_dir = "{h["nvram"]}"\nfirmware_dirs = ["{tmp_path / "descriptors"}"]\n'
+        'firmware_search_dirs = []\n'
         f'qemu_user = "root"\nqemu_group = "root"\nupgrade_policy = "{policy}"\n'
     )
     h.install(CODE_A)

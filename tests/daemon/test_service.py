@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 import time
 
@@ -199,7 +200,7 @@ def test_firmware_change_is_noticed_archived_and_applied(conn, service_factory, 
         return hashlib.sha256(code).hexdigest()
 
     old = install(b"\x90" * 4096 + b"old build")
-    svc = service_factory(firmware_dirs=(str(desc),))
+    svc = service_factory(firmware_dirs=(str(desc),), firmware_search_dirs=())
     archive = Archive(svc.cfg.archive_dir)
     assert archive.index().verified == {old}, "the catalog's build was not archived at start-up"
     name = "evt-fw-upgrade"
@@ -272,3 +273,39 @@ def test_a_hostile_descriptor_neither_stops_the_daemon_nor_its_reload(conn, serv
         svc.check_firmware(force=True)
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
     assert any("nested too deeply" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failure_is_logged_when_it_first_happens_and_when_it_clears(conn, service_factory, caplog) -> None:
+    """Not on every pass: the daemon retries each pass, the log says it once (issue 7 item 4)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="varsd")
+    svc = service_factory()
+    name = "evt-fail-once"
+    target = os.path.join(svc.cfg.nvram_dir, f"{name}_VARS.fd")
+    os.symlink("/nonexistent/elsewhere_VARS.fd", target)
+    conn.created.append(name)
+    uuid = conn.defineXML(bios_xml(name)).UUIDString()
+
+    def errors() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and name in r.getMessage()]
+
+    wait_until(lambda: errors(), what="the first failure logged")
+    for _ in range(3):
+        seen = svc.handled
+        svc.queue.put(uuid)
+        wait_until(lambda seen=seen: svc.handled > seen, what="another pass over the domain")
+    assert len(errors()) == 1 and "symbolic link" in errors()[0], errors()
+
+    os.unlink(target)
+    svc.queue.put(uuid)
+    wait_until(lambda: _repaired(conn, name), what="the repair once the link is gone")
+    def cleared() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "is cleared" in r.getMessage() and name in r.getMessage()]
+
+    wait_until(cleared, what="the clearing logged")
+    cleared = cleared()
+    assert len(cleared) == 1, cleared
+    count = re.search(r"seen (\d+) time", cleared[0])
+    assert count and int(count.group(1)) >= 4, cleared  # every failed pass was counted
+    assert len(errors()) == 1

@@ -88,8 +88,10 @@ def test_parse_domain_reads_every_field() -> None:
         nvram_path="/var/lib/libvirt/qemu/nvram/full_VARS.fd",
         nvram_template="/usr/share/OVMF/OVMF_VARS_4M.fd",
         smm=True,
+        acpi=True,
         launch_security="sev",
-        cmdline_bios="/usr/share/ovmf/OVMF.fd",
+        cmdline_bios=None,  # QEMU ignores -bios when the <loader> is pflash
+        cmdline_firmware=True,  # ... and a repair drops it
         metadata=FULL_METADATA,
     )
 
@@ -335,7 +337,7 @@ def test_outside_firmware_ignores_layout_but_not_content() -> None:
 def test_replace_loader_code_and_signature() -> None:
     xml = _domain("<loader readonly='yes' type='pflash'>/old.fd</loader><nvram>/n/v.fd</nvram>")
     new = replace_loader_code(xml, "/archive/c0de.fd")
-    assert firmware_signature(new) == ("/archive/c0de.fd", "pflash", True, None, "/n/v.fd", False)
+    assert firmware_signature(new) == ("/archive/c0de.fd", "pflash", True, None, "/n/v.fd", False, False, False)
     with pytest.raises(DomainXMLError):
         replace_loader_code(_domain(), "/x.fd")
 

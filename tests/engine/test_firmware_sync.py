@@ -85,7 +85,7 @@ def tree(tmp_path) -> Tree:
 @pytest.fixture
 def cfg(tmp_path, tree) -> Config:
     c = Config(uri=URI, nvram_dir=str(tmp_path / "nvram"), state_dir=str(tmp_path / "state"),
-               firmware_dirs=(str(tree.desc_dir),), qemu_user="root", qemu_group="root")
+               firmware_dirs=(str(tree.desc_dir),), firmware_search_dirs=(), qemu_user="root", qemu_group="root")
     os.makedirs(c.nvram_dir)
     return c
 

@@ -99,7 +99,7 @@ def test_unified_image_as_varstore_has_layout_but_no_digests(tmp_path):
 @pytest.mark.parametrize("digest", [True, False])
 def test_missing_file(tmp_path, digest):
     path = str(tmp_path / "gone.fd")
-    assert FileInspector().inspect(path, digest=digest) == FileFacts(path=path, exists=False)
+    assert FileInspector().inspect(path, digest=digest) == FileFacts(path=path, exists=False, realpath=path)
 
 
 def test_dangling_symlink_is_missing(tmp_path):
@@ -233,7 +233,7 @@ def test_deleted_file_is_not_served_from_cache(tmp_path):
     ins = FileInspector()
     assert ins.inspect(path, digest=False).exists
     os.unlink(path)
-    assert ins.inspect(path, digest=False) == FileFacts(path=path, exists=False)
+    assert ins.inspect(path, digest=False) == FileFacts(path=path, exists=False, realpath=path)
 
 
 def test_cache_keeps_one_entry_per_file(tmp_path):

@@ -246,7 +246,7 @@ def test_redefined_by_someone_else_between_read_and_write(rec, define, hv, conn,
     out = rec.reconcile(ref)
 
     assert out.status is Status.ERROR
-    assert "redefined meanwhile" in out.plan.detail
+    assert "redefined meanwhile" in out.detail
     assert out.done == ()
     now = hv.persistent_xml(ref.uuid)
     root = ET.fromstring(now)
@@ -269,7 +269,7 @@ def test_redefined_by_someone_else_while_provisioning(rec, define, hv, conn, cfg
     monkeypatch.setattr(reconciler_mod, "provision_varstore", provision_while_admin_edits)
     out = rec.reconcile(ref)
 
-    assert out.status is Status.ERROR and "redefined meanwhile" in out.plan.detail
+    assert out.status is Status.ERROR and "redefined meanwhile" in out.detail
     root = ET.fromstring(hv.persistent_xml(ref.uuid))
     assert root.findtext("memory") == foreign[-1]
     assert root.find("os/loader").get("type") == "rom"
@@ -319,7 +319,7 @@ def test_reconcile_all_goes_on_after_a_domain_error(rec, define, hv, journal, mo
 
     monkeypatch.setattr(Hypervisor, "define", refuse_bad)
     outs = {o.ref.name: o for o in rec.reconcile_all([bad, good])}
-    assert outs[bad.name].status is Status.ERROR and "refused" in outs[bad.name].plan.detail
+    assert outs[bad.name].status is Status.ERROR and "refused" in outs[bad.name].detail
     assert outs[good.name].status is Status.OK and outs[good.name].changed
     assert journal.changes(bad.uuid)[0].outcome.startswith("failed: ")
     assert journal.changes(good.uuid)[0].outcome == "applied"
@@ -423,3 +423,169 @@ def test_a_clone_sharing_its_originals_varstore_gets_its_own_copy(rec, hv, cfg, 
     finally:
         for ref in refs.values():
             hv.connection.lookupByUUIDString(ref.uuid).undefine()
+
+
+def test_a_refused_define_leaves_no_varstore_behind(rec, define, hv, cfg, journal, monkeypatch):
+    """libvirt refusing the repaired XML (issue 7: 'UEFI requires ACPI') must not orphan the new varstore."""
+    ref = define("rom-refused", ROM)
+    before = set(os.listdir(cfg.nvram_dir))
+
+    def refuse(xml: str):
+        raise HypervisorError(f"domain '{ref.name}': cannot define: unsupported configuration: refused")
+
+    monkeypatch.setattr(hv, "define", refuse)
+    out = rec.reconcile(ref)
+    assert out.status is Status.ERROR and "refused" in out.detail
+    assert set(os.listdir(cfg.nvram_dir)) == before
+    (change,) = journal.changes(ref.uuid)
+    assert change.outcome.startswith("failed: ")
+
+
+def test_status_tells_the_truth_about_a_failed_repair_until_it_succeeds(rec, define, hv, cfg, journal):
+    """issue 7 item 4: a symlink where the new varstore goes. status says why before any attempt,
+    each failed attempt is kept (when, what, why, how often), and a success clears it."""
+    ref = define("rom-link", ROM)
+    target = os.path.join(cfg.nvram_dir, f"{ref.name}_VARS.fd")
+    os.symlink("/nonexistent/elsewhere_VARS.fd", target)
+
+    looked = rec.reconcile(ref, apply=False)
+    assert looked.status is Status.ERROR and looked.failure is None
+    assert looked.detail.startswith("cannot be repaired: ") and "symbolic link" in looked.detail
+    assert "the daemon does" not in looked.detail
+
+    first = rec.reconcile(ref)
+    assert first.status is Status.ERROR and first.failure is not None and first.failure.count == 1
+    assert first.failure.action.startswith(f"create varstore {target}")
+    assert "symbolic link" in first.failure.error
+    assert first.as_dict()["last_error"] == {"at": first.failure.at, "first_at": first.failure.at,
+                                             "action": first.failure.action, "error": first.failure.error,
+                                             "count": 1}
+    second = rec.reconcile(hv.lookup(ref.uuid))
+    assert second.failure is not None and second.failure.count == 2
+    status = rec.reconcile(hv.lookup(ref.uuid), apply=False)
+    assert status.status is Status.ERROR and status.failure == second.failure
+    assert status.detail.startswith("last attempt failed at ") and "2 attempts since" in status.detail
+    assert journal.failure(ref.uuid) == second.failure  # in the state database, for every varsctl
+
+    os.unlink(target)
+    fixed = rec.reconcile(hv.lookup(ref.uuid))
+    assert fixed.status is Status.OK and fixed.cleared is not None and fixed.cleared.count == 2
+    assert journal.failure(ref.uuid) is None
+    assert rec.reconcile(hv.lookup(ref.uuid), apply=False).as_dict()["last_error"] is None
+
+
+def test_a_changed_definition_retires_the_last_failure(rec, define, hv, conn, cfg, journal):
+    ref = define("rom-link2", ROM)
+    target = os.path.join(cfg.nvram_dir, f"{ref.name}_VARS.fd")
+    os.symlink("/nonexistent/x", target)
+    assert rec.reconcile(ref).failure is not None
+    _foreign_redefine(conn, ref.uuid)  # an admin edits the domain
+    os.unlink(target)
+    after = rec.reconcile(hv.lookup(ref.uuid), apply=False)
+    assert after.failure is None and after.as_dict()["last_error"] is None
+
+
+def _proof_varstore(path: str, tag: bytes) -> bytes:
+    from varsd.adapters import virtfw
+
+    data = virtfw.with_variable(VARS_4M, "VarsdProof", "5b3c9c5e-1f6a-4b8e-9d2a-7a1f0e6d4c21", tag, 7)
+    with open(path, "wb") as f:
+        f.write(data)
+    return data
+
+
+def _split(nvram: str) -> str:
+    return f"<loader readonly='yes' type='pflash'>{CODE_4M}</loader><nvram template='{VARS_4M}'>{nvram}</nvram>"
+
+
+def _nvram_of(hv, ref) -> str:
+    return ET.fromstring(hv.persistent_xml(ref.uuid)).find("os/nvram").text
+
+
+@pytest.mark.parametrize("how", ["same path, named alone", "symlink", "hard link, another name"])
+def test_a_shared_varstore_is_found_by_file_identity_whatever_the_order(rec, define, hv, cfg, how) -> None:
+    """issue 12 defect 5 / issue 7 item 5: the sharer is looked at alone (`varsctl status CLONE`,
+    `varsctl reconcile CLONE`), before the owner was ever seen; its path may be another name
+    for the owner's file. It gets its own copy with every variable; the owner keeps its file."""
+    tag = uuidlib.uuid4().hex[:6]
+    base_vars = os.path.join(cfg.nvram_dir, f"rec-{tag}-base_VARS.fd")
+    data = _proof_varstore(base_vars, b"base")
+    clone_path = {"same path, named alone": base_vars,
+                  "symlink": os.path.join(cfg.nvram_dir, f"rec-{tag}-link.fd"),
+                  "hard link, another name": os.path.join(cfg.nvram_dir, f"rec-{tag}-hard.fd")}[how]
+    if how == "symlink":
+        os.symlink(base_vars, clone_path)
+    elif how.startswith("hard"):
+        os.link(base_vars, clone_path)
+    clone = define("clone", _split(clone_path))  # sorts before base
+    base = hv.define(domain_xml(f"rec-{tag}-base", _split(base_vars)))
+    try:
+        rec.reconcile(base)  # binds base: it keeps its file
+        fresh = Reconciler(cfg, hv, rec.catalog, rec.journal, rec.owner)  # a new varsctl: nothing seen yet
+        looked = fresh.reconcile(hv.lookup(clone.uuid), apply=False)
+        assert looked.status is Status.ERROR and base.name in looked.detail, looked.detail
+        done = Reconciler(cfg, hv, rec.catalog, rec.journal, rec.owner).reconcile(hv.lookup(clone.uuid))
+        assert done.status is Status.OK and done.done, done.detail
+        new = _nvram_of(hv, clone)
+        assert new not in (base_vars, clone_path) and open(new, "rb").read() == data
+        assert _nvram_of(hv, base) == base_vars and open(base_vars, "rb").read() == data
+        again = Reconciler(cfg, hv, rec.catalog, rec.journal, rec.owner)
+        assert [again.reconcile(hv.lookup(r.uuid)).done for r in (clone, base)] == [(), ()]
+    finally:
+        hv.connection.lookupByUUIDString(base.uuid).undefine()
+
+
+def test_after_domrename_a_newcomer_with_the_old_name_never_gets_that_varstore(rec, define, hv, cfg) -> None:
+    """`virsh domrename old new` leaves old_VARS.fd in the XML. A domain defined later as 'old'
+    (libvirt names its varstore old_VARS.fd, or varsd would provision it there) gets a file of
+    its own; the renamed domain keeps its varstore and every variable in it."""
+    tag = uuidlib.uuid4().hex[:6]
+    old_name = f"rec-{tag}-old"
+    old_vars = os.path.join(cfg.nvram_dir, f"{old_name}_VARS.fd")
+    data = _proof_varstore(old_vars, b"renamed")
+    renamed = hv.define(domain_xml(old_name, _split(old_vars)))
+    extra = []
+    try:
+        assert rec.reconcile(renamed).status is Status.OK  # bound by varsd, as any managed domain is
+        hv.connection.lookupByUUIDString(renamed.uuid).rename(f"rec-{tag}-new", 0)
+        newcomer = hv.define(domain_xml(old_name, _split(old_vars)))
+        extra.append(newcomer)
+        fresh = Reconciler(cfg, hv, rec.catalog, rec.journal, rec.owner)
+        out = fresh.reconcile(newcomer)
+        assert out.status is Status.OK and f"rec-{tag}-new" in out.detail, out.detail
+        assert _nvram_of(hv, newcomer) != old_vars and _nvram_of(hv, renamed) == old_vars
+        assert open(old_vars, "rb").read() == data
+        # a -bios newcomer would be provisioned at old_VARS.fd: it gets another name
+        os.unlink(_nvram_of(hv, newcomer))
+        hv.connection.lookupByUUIDString(newcomer.uuid).undefine()
+        extra.clear()
+        rom = hv.define(domain_xml(old_name, ROM))
+        extra.append(rom)
+        out = Reconciler(cfg, hv, rec.catalog, rec.journal, rec.owner).reconcile(rom)
+        assert out.status is Status.OK and _nvram_of(hv, rom) not in (old_vars, None), out.detail
+        assert open(old_vars, "rb").read() == data
+    finally:
+        for r in [renamed, *extra]:
+            hv.connection.lookupByUUIDString(r.uuid).undefine()
+
+
+def test_no_copy_is_taken_while_another_sharer_runs(rec, define, hv, cfg) -> None:
+    tag = uuidlib.uuid4().hex[:6]
+    base_vars = os.path.join(cfg.nvram_dir, f"rec-{tag}-base_VARS.fd")
+    _proof_varstore(base_vars, b"base")
+    base = hv.define(domain_xml(f"rec-{tag}-base", _split(base_vars)))
+    clone = define("clone", _split(base_vars))
+    try:
+        rec.reconcile(base)
+        hv.connection.lookupByUUIDString(base.uuid).create()
+        out = rec.reconcile(hv.lookup(clone.uuid))
+        assert out.status is Status.PENDING_COLD_BOOT and not out.done and base.name in out.detail, out.detail
+        assert _nvram_of(hv, clone) == base_vars
+        hv.connection.lookupByUUIDString(base.uuid).destroy()
+        out = rec.reconcile(hv.lookup(clone.uuid))
+        assert out.status is Status.OK and _nvram_of(hv, clone) != base_vars, out.detail
+    finally:
+        d = hv.connection.lookupByUUIDString(base.uuid)
+        if d.isActive():
+            d.destroy()
+        d.undefine()

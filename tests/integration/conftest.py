@@ -231,3 +231,11 @@ def guest_factory(hv: Hypervisor, tmp_path: Path) -> Iterator[GuestFactory]:
     factory = GuestFactory(hv, tmp_path)
     yield factory
     factory.cleanup()
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    """varsd's default configuration, with this test's own state dir (modules may override it)."""
+    cfg = tmp_path / "varsd.toml"
+    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\nnvram_dir = "{NVRAM_DIR}"\n')
+    return cfg

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -131,3 +133,25 @@ def wait_for_varstore_write(path: str, before_bytes: bytes, timeout: float = 60)
         if time.monotonic() >= deadline:
             raise AssertionError(f"varstore {path} still unchanged after {timeout:.0f}s ({len(now)} bytes)")
         time.sleep(0.2)
+
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+
+
+def varsctl(config: str | os.PathLike[str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run varsctl as an admin would, with this test's configuration."""
+    return subprocess.run([sys.executable, "-m", "varsd.cli.varsctl", "--config", str(config), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def with_cmdline(xml: str, args: list[str]) -> str:
+    """`xml` with a `<qemu:commandline>` carrying `args` (in order)."""
+    cmd = "".join(f"<qemu:arg value='{a}'/>" for a in args)
+    return xml.replace("<domain type='qemu'>", f"<domain type='qemu' xmlns:qemu='{QEMU_NS}'>").replace(
+        "</devices>", f"</devices>\n  <qemu:commandline>{cmd}</qemu:commandline>")
+
+
+def open_paths(pid: int) -> dict[str, os.stat_result]:
+    """open_files() keyed by the path each file was opened as: a file a package upgrade
+    replaced since (the shared host's /usr/share/OVMF may be) shows as 'PATH (deleted)'."""
+    return {path.removesuffix(" (deleted)"): st for path, st in open_files(pid).items()}

@@ -52,7 +52,8 @@ def varsctl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def _config(tmp_path: Path, extra: str = "") -> Path:
     cfg = tmp_path / "varsd.toml"
     cfg.write_text(f'state_dir = "{tmp_path / "state"}"\nnvram_dir = "{NVRAM_DIR}"\n'
-                   f'firmware_dirs = ["/usr/share/qemu/firmware"]\n{extra}')
+                   # A host without the 2 MiB builds (as after Debian 13): no discovery of this host's.
+                   f'firmware_dirs = ["/usr/share/qemu/firmware"]\nfirmware_search_dirs = []\n{extra}')
     return cfg
 
 

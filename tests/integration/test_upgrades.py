@@ -102,7 +102,9 @@ class Host:
     def write_config(self) -> None:
         self.config.write_text(
             f'state_dir = "{self.base / "state"}"\nnvram_dir = "{NVRAM_DIR}"\n'
-            f'firmware_dirs = ["{self.descriptor.parent}"]\nupgrade_policy = "{self.policy}"\n'
+            # This tree is the host's whole firmware: the real /usr/share/OVMF is not searched.
+            f'firmware_dirs = ["{self.descriptor.parent}"]\nfirmware_search_dirs = []\n'
+            f'upgrade_policy = "{self.policy}"\n'
         )
 
     def install(self, version: str, *, four_mib: bool = False) -> tuple[str, str]:

@@ -154,3 +154,29 @@ def write_expected(path: Path, text: str | None) -> None:
     else:
         path.write_text(text)
 
+
+
+@pytest.fixture(scope="session")
+def test_driver():
+    """libvirt's test:///default driver (schema-validated defines)."""
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda *_: None, None)
+    conn = libvirt.open("test:///default")
+    yield conn
+    conn.close()
+
+
+@pytest.fixture(scope="session")
+def qemu_driver(tmp_path_factory):
+    """libvirt's real QEMU driver, embedded in this process with all state in a tmp dir
+    (one per process: libvirt allows a single embedded driver root)."""
+    import libvirt
+
+    from varsd.adapters.libvirt_events import start_event_loop
+
+    start_event_loop()
+    libvirt.registerErrorHandler(lambda *_: None, None)
+    conn = libvirt.open(f"qemu:///embed?root={tmp_path_factory.mktemp('qemu-embed')}")
+    yield conn
+    conn.close()

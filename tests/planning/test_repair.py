@@ -18,7 +18,6 @@ import pytest
 from lxml import etree
 
 from varsd.adapters import virtfw
-from varsd.adapters.libvirt_events import start_event_loop
 from varsd.domain.classify import firmware_image_path
 from varsd.domain.xml import outside_firmware, parse_domain
 from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig, Status
@@ -86,6 +85,11 @@ def _firmware(code: str, *, secure: bool, smm: bool = True, nvram: str | None = 
     return check
 
 
+def _acpi_added(fw: DomainFirmware, plan: Plan) -> None:
+    assert fw.acpi and "UEFI on x86 needs ACPI" in plan.detail and "next cold boot" in plan.detail
+    assert all("needs ACPI" in a.reason for a in plan.actions if isinstance(a, Redefine))
+
+
 def _bound(code: str):
     def check(fw: DomainFirmware, plan: Plan) -> None:
         assert fw.loader_path == code and fw.metadata.build_code_path == code
@@ -112,6 +116,23 @@ CASES: tuple[Case, ...] = (
          check=_firmware(CODE_4M, secure=False, smm=False, nvram=f"{NV}/pgsql-01_VARS.fd")),
     Case("bios-loader-rom", C.BIOS_ROM, S.OK, CREATE_AND_REDEFINE,
          check=_firmware(CODE_4M, secure=False, smm=False, nvram=f"{NV}/legacy-uefi_VARS.fd")),
+    # firmware handed over in <qemu:commandline>: moved into <loader>/<nvram>, other arguments kept
+    Case("cmdline-bios-and-pflash", C.CODE_ONLY, S.OK, CREATE_AND_REDEFINE,  # issue 12 defect 1
+         check=_firmware(CODE_4M, secure=False, smm=False, nvram=f"{NV}/bios-and-pflash_VARS.fd")),
+    Case("cmdline-pflash-code-only", C.CODE_ONLY, S.OK, CREATE_AND_REDEFINE,
+         check=_firmware(CODE_4M, secure=False, smm=False, nvram=f"{NV}/old-pflash_VARS.fd")),
+    Case("cmdline-drive-pair", C.SPLIT, S.OK, (Redefine,),
+         files={"/var/lib/libvirt/images/drive-pair_VARS.fd": used_varstore(VARS_4M)},
+         check=_firmware(CODE_4M, secure=False, smm=False, nvram="/var/lib/libvirt/images/drive-pair_VARS.fd")),
+    Case("cmdline-drive-unified", C.UNIFIED, S.OK, CREATE_AND_REDEFINE, catalog="2m",
+         files={"/var/lib/libvirt/images/drive-unified-OVMF.fd": used_varstore(VARS_2M, tail=CODE_2M)},
+         check=_firmware(CODE_2M, secure=False, smm=False, nvram=f"{NV}/drive-unified_VARS.fd")),
+    Case("cmdline-blockdev-secure", C.SPLIT, S.OK, (Redefine,),
+         files={"/var/lib/libvirt/images/blockdev-secure_VARS.fd": used_varstore(VARS_4M)},
+         check=_firmware(CODE_4M_SECBOOT, secure=True, nvram="/var/lib/libvirt/images/blockdev-secure_VARS.fd")),
+    Case("cmdline-not-understood", C.UNKNOWN, S.ERROR),
+    # libvirt refuses UEFI pflash on x86 without ACPI: the repair adds <acpi/> and says so
+    Case("bios-no-features", C.BIOS_ROM, S.OK, CREATE_AND_REDEFINE, check=_acpi_added),
     # one pflash
     Case("code-only-4m", C.CODE_ONLY, S.OK, CREATE_AND_REDEFINE, check=_firmware(CODE_4M, secure=False, smm=False)),
     Case("unified-private-2m", C.UNIFIED, S.OK, CREATE_AND_REDEFINE, catalog="2m",
@@ -318,25 +339,6 @@ def test_variables_survive(case, catalogs, hostfs) -> None:
 
 
 # -- libvirt's verdict ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def test_driver():
-    libvirt.registerErrorHandler(lambda *_: None, None)
-    conn = libvirt.open("test:///default")
-    yield conn
-    conn.close()
-
-
-@pytest.fixture(scope="module")
-def qemu_driver(tmp_path_factory):
-    """libvirt's real QEMU driver, embedded in this process with all state in a tmp dir."""
-    start_event_loop()
-    libvirt.registerErrorHandler(lambda *_: None, None)
-    root = tmp_path_factory.mktemp("qemu-embed")
-    conn = libvirt.open(f"qemu:///embed?root={root}")
-    yield conn
-    conn.close()
 
 
 def _case(name: str) -> Case:

@@ -8,7 +8,8 @@ Two more tables serve firmware upgrades: `firmware_history` (each code image pat
 varsd watches: when it appeared, changed to another digest, or was removed), and
 `archived_builds` (what varsd knows about each archived image: the varstore layout
 and features of the build it came from, and when a domain or the catalog last used
-it, for retention).
+it, for retention). `domain_failures` keeps each domain's last failed attempt (what,
+when, why, how many times in a row) so `varsctl status` can tell the truth about it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 from varsd.adapters import fsio
 from varsd.errors import StateDirError, VarsdError
+from varsd.model.domain import AttemptFailure
 from varsd.model.firmware import VarstoreLayout
 from varsd.model.journal import MIGRATION_REASON, ChangeKind
 
@@ -57,6 +59,16 @@ CREATE TABLE IF NOT EXISTS archived_builds (
     last_used TEXT NOT NULL,
     layout TEXT,
     features TEXT
+);
+CREATE TABLE IF NOT EXISTS domain_failures (
+    uuid TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    first_at TEXT NOT NULL,
+    at TEXT NOT NULL,
+    action TEXT NOT NULL,
+    error TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    definition_sha256 TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS domain_records (
     uuid TEXT PRIMARY KEY,
@@ -552,3 +564,43 @@ class Journal(StateDB):
     def forget_canaries(self) -> None:
         with self._sql("write to"):
             self._db.execute("DELETE FROM secureboot_canaries")
+
+    # -- failed attempts ---------------------------------------------------------------
+
+    def note_failure(self, *, uuid: str, name: str, at: str, action: str, error: str,
+                     definition_sha256: str) -> AttemptFailure:
+        """Record a failed attempt; the count goes on while the definition is the same."""
+        with self._sql("write to"):
+            self._db.execute(
+                "INSERT INTO domain_failures (uuid, name, first_at, at, action, error, count, definition_sha256) "
+                "VALUES (?,?,?,?,?,?,1,?) ON CONFLICT(uuid) DO UPDATE SET "
+                "count=CASE WHEN domain_failures.definition_sha256=excluded.definition_sha256 "
+                "THEN domain_failures.count+1 ELSE 1 END, "
+                "first_at=CASE WHEN domain_failures.definition_sha256=excluded.definition_sha256 "
+                "THEN domain_failures.first_at ELSE excluded.first_at END, "
+                "name=excluded.name, at=excluded.at, action=excluded.action, error=excluded.error, "
+                "definition_sha256=excluded.definition_sha256",
+                (uuid, name, at, at, action, error, definition_sha256),
+            )
+        failure = self.failure(uuid)
+        assert failure is not None
+        return failure
+
+    def failure(self, uuid: str) -> AttemptFailure | None:
+        with self._sql("read"):
+            row = self._db.execute(
+                "SELECT uuid, name, first_at, at, action, error, count, definition_sha256 FROM domain_failures "
+                "WHERE uuid=?", (uuid,)).fetchone()
+        return AttemptFailure(*row) if row else None
+
+    def failed_uuids(self) -> set[str]:
+        with self._sql("read"):
+            return {row[0] for row in self._db.execute("SELECT uuid FROM domain_failures").fetchall()}
+
+    def clear_failure(self, uuid: str) -> AttemptFailure | None:
+        """Forget a domain's failure (an attempt succeeded); returns what was cleared."""
+        failure = self.failure(uuid)
+        if failure is not None:
+            with self._sql("write to"):
+                self._db.execute("DELETE FROM domain_failures WHERE uuid=?", (uuid,))
+        return failure

@@ -646,3 +646,29 @@ def signature_summary(data: bytes) -> list[str]:
             except ValueError:
                 out.append("cert (undecodable)")
     return out
+
+
+def code_modules(data: bytes, name: str) -> frozenset[str]:
+    """Names of the edk2 modules in a firmware code image (its firmware volumes, decompressed),
+    read with virt-firmware's volume parser: what a build *is*, whatever its file is called."""
+    try:
+        from virt.firmware import dump
+    except ImportError as exc:  # older virt-firmware without the volume parser
+        raise VarstoreError(f"{name}: this virt-firmware cannot read firmware volumes ({exc})") from None
+    names: set[str] = set()
+
+    def walk(item: Any, depth: int = 0) -> None:
+        if depth > 64:
+            return
+        if getattr(item, "typeid", None) == 0x15 and getattr(item, "blob", None):  # user-interface section
+            names.add(str(ucs16.from_ucs16(item.blob, 0)).rstrip("\0"))
+        if isinstance(item, list | tuple) or hasattr(item, "data") and isinstance(item.data, list):
+            for child in item:
+                if not isinstance(child, str | bytes | int):
+                    walk(child, depth + 1)
+
+    try:
+        walk(dump.Edk2Image(name, data))
+    except (Exception, SystemExit) as exc:
+        raise VarstoreError(f"{name}: not a firmware image virt-firmware can read ({exc})") from None
+    return frozenset(names)

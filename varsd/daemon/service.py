@@ -52,14 +52,14 @@ from varsd.engine.boots import record_boot
 from varsd.engine.inspect import FileInspector
 from varsd.engine.lifecycle import Lifecycle
 from varsd.engine.metrics import Exporter, take_snapshot
-from varsd.engine.reconciler import Reconciler
+from varsd.engine.reconciler import Outcome, Reconciler
 from varsd.engine.secureboot import SecureBoot, for_reconciler
 from varsd.errors import HypervisorError, LockBusy, StateDirError, VarsdError
 from varsd.firmware.archive import Archive
 from varsd.firmware.catalog import load_configured
 from varsd.messages import about_domain, for_row
 from varsd.model.backup import BackupReason
-from varsd.model.domain import Status
+from varsd.model.domain import DomainRef, Status
 from varsd.retry import SETTINGS, Action, Backoff, Purpose, RetrySettings, decide
 
 log = logging.getLogger("varsd")
@@ -128,6 +128,7 @@ class Service:
         listen = parse_listen(cfg.metrics_listen) if cfg.metrics_listen else None
         self.exporter = Exporter(cfg.metrics_textfile, listen) if cfg.metrics_textfile or listen else None
         self._busy: dict[str, int] = {}  # domain -> consecutive looks that found its lock held
+        self._reported: dict[str, tuple[str, str]] = {}  # uuid -> the problem last logged for it
 
     # -- public control ------------------------------------------------------------
 
@@ -466,10 +467,7 @@ class Service:
                 self.queue.put_later(key, delay)
             else:
                 self._retries.pop(key, None)
-            if outcome.status is Status.ERROR:
-                log.error("%s", about_domain(ref.name, outcome.detail, ref.uuid))
-            elif outcome.status is Status.NEEDS_MIGRATION:
-                log.warning("%s", about_domain(ref.name, outcome.detail, ref.uuid))
+            self._report(ref, outcome)
         except HypervisorError as exc:
             action = decide(exc, alive=not exc.retryable or hv.is_alive(), settings=self.retry).action
             if action is Action.RECONNECT:
@@ -537,6 +535,23 @@ class Service:
         except VarsdError as exc:
             log.error("%s", about_domain(ref.name, exc, ref.uuid))
         life.backup_offline([hv.lookup(uuid)])
+
+    def _report(self, ref: DomainRef, outcome: Outcome) -> None:
+        """Log a domain's problem when it appears or changes, and once when it clears."""
+        problem, before = outcome.problem, self._reported.get(ref.uuid)
+        if outcome.cleared is not None:
+            done = outcome.done[-1] if outcome.done else "the attempt"
+            log.info("%s", about_domain(ref.name, f"{done} succeeded; the failure seen {outcome.cleared.count} "
+                                                  f"time(s) since {outcome.cleared.first_at} is cleared", ref.uuid))
+        elif before is not None and problem is None:
+            log.info("%s", about_domain(ref.name, f"{outcome.status.value} now; cleared: {before[1]}", ref.uuid))
+        if problem is not None and problem != before:
+            level = logging.WARNING if outcome.status is Status.NEEDS_MIGRATION else logging.ERROR
+            log.log(level, "%s", about_domain(ref.name, outcome.detail, ref.uuid))
+        if problem is None:
+            self._reported.pop(ref.uuid, None)
+        else:
+            self._reported[ref.uuid] = problem
 
     def _retry_delay(self, key: str) -> float:
         """Per-domain backoff for domain-level trouble (`varsd.retry`: the domain row)."""

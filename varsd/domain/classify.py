@@ -8,16 +8,19 @@ Rules, first match wins:
 2. `<os><varstore>` (libvirt 12.1+: variables in a JSON file QEMU's uefi-vars device
    serves, the firmware a ROM) -> uefi-vars, its own class: a ROM loader here is right,
    and rewriting it into pflash would abandon every variable.
-2b. `<loader stateless='yes'>` -> stateless.
-3. `-bios PATH` in `<qemu:commandline>`, or a loader of type rom or of no type (libvirt
+3. `<loader stateless='yes'>` -> stateless.
+4. Firmware arguments in `<qemu:commandline>` that varsd does not fully understand
+   (`varsd.domain.cmdline`) -> unknown: reported, never rewritten.
+5. `-bios PATH` in `<qemu:commandline>`, or a loader of type rom or of no type (libvirt
    passes both as -bios, even with readonly='yes' or an `<nvram>` beside it): bios-rom
    when the image is OVMF, none otherwise (a custom SeaBIOS build).
-4. No loader: autoselect with `<os firmware='efi'>`, otherwise none (SeaBIOS). A loader
+6. No loader: autoselect with `<os firmware='efi'>`, otherwise none (SeaBIOS). A loader
    path next to `firmware='efi'` is what libvirt >= 9.2 resolved at define time: the
    paths rule, so such a domain is classified by them like any other.
-5. pflash with `<nvram>`: split. A read-only pflash without one is split too: libvirt
-   fills in `<nvram>` when it defines the domain.
-6. A single writable pflash: unified when the image begins with a varstore, none when
+7. pflash with `<nvram>`: split. A read-only pflash without one is split too: libvirt
+   fills in `<nvram>` when it defines the domain (not for flash on the command line:
+   unit 0 alone there is code-only or unified, as nobody adds unit 1).
+8. A single writable pflash: unified when the image begins with a varstore, none when
    the image is readable and not OVMF (SeaBIOS or a custom build as pflash), else
    code-only (the varstore range is backed by nothing persistent). A missing or
    unreadable image is classified code-only; the planner must not act on that guess.
@@ -53,6 +56,8 @@ def classify(fw: DomainFirmware, loader: FileFacts | None, catalog: Catalog) -> 
         return FirmwareConfig.HOST_VARSTORE
     if fw.loader_stateless:
         return FirmwareConfig.STATELESS
+    if fw.cmdline_problem:
+        return FirmwareConfig.UNKNOWN
     if fw.cmdline_bios:
         if looks_like_ovmf(loader, fw.cmdline_bios, catalog):
             return FirmwareConfig.BIOS_ROM
@@ -63,7 +68,7 @@ def classify(fw: DomainFirmware, loader: FileFacts | None, catalog: Catalog) -> 
         if looks_like_ovmf(loader, fw.loader_path, catalog):
             return FirmwareConfig.BIOS_ROM
         return FirmwareConfig.NONE
-    if fw.nvram_path or fw.loader_readonly:
+    if fw.nvram_path or (fw.loader_readonly and not fw.cmdline_pflash):
         return FirmwareConfig.SPLIT
     if loader is not None and loader.varstore_layout is not None:
         return FirmwareConfig.UNIFIED

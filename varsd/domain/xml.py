@@ -2,8 +2,9 @@
 
 Reading turns libvirt domain XML into a `DomainFirmware` record. Writing applies a
 `FirmwareEdit` and touches only the firmware elements: `<os firmware>` and
-`<os>/<firmware>`, `<os>/<loader>`, `<os>/<nvram>`, `<os>/<varstore>` (read only), `<features>/<smm>`, a `-bios` pair
-inside `<qemu:commandline>`, and varsd's own element inside `<metadata>`. Everything
+`<os>/<firmware>`, `<os>/<loader>`, `<os>/<nvram>`, `<os>/<varstore>` (read only), `<features>/<smm>`
+and `<acpi>` (what libvirt requires beside UEFI), the firmware arguments inside `<qemu:commandline>`
+(`varsd.domain.cmdline` says which), and varsd's own element inside `<metadata>`. Everything
 else is carried over untouched, so an admin's hand edits and other tools' metadata
 survive every repair (`outside_firmware` is the test of that promise).
 
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
+from varsd.domain.cmdline import CmdlineFirmware, parse_cmdline_firmware
 from varsd.errors import DomainXMLError
 from varsd.model.domain import DomainFirmware, VarsdMetadata
 
@@ -88,14 +90,11 @@ def _cmdline_confidential(root: etree._Element) -> str | None:
     return None
 
 
-def _cmdline_bios(root: etree._Element) -> str | None:
-    args = _cmdline_args(root)
-    for i, arg in enumerate(args):
-        if arg == "-bios" and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith("-bios="):
-            return arg[len("-bios=") :]
-    return None
+def cmdline_firmware(root: etree._Element) -> CmdlineFirmware:
+    """The firmware `<qemu:commandline>` hands QEMU, read against the domain's own `<loader>`."""
+    loader = root.find("os/loader")
+    xml_loader = None if loader is None else (loader.get("type") or "rom")
+    return parse_cmdline_firmware(_cmdline_args(root), xml_loader=xml_loader)
 
 
 def _nvram_path(nvram: etree._Element | None) -> str | None:
@@ -193,6 +192,21 @@ def parse_domain(xml: str) -> DomainFirmware:
     ls = root.find("launchSecurity")
     md = root.find(f"metadata/{{{VARSD_NS}}}{VARSD_KEY}")
     boot = root.find(f"metadata/{{{BOOT_NS}}}{BOOT_KEY}")
+    cmd = cmdline_firmware(root)
+    loader_fields = dict(
+        loader_path=_text(loader),
+        loader_type=loader.get("type") if loader is not None else None,
+        loader_readonly=_yesno(loader.get("readonly")) if loader is not None else None,
+        loader_secure=_yesno(loader.get("secure")) if loader is not None else None,
+        nvram_path=_nvram_path(nvram),
+    )
+    if cmd.pflash:
+        # QEMU boots the command line's flash (libvirt's -bios, if any, is ignored): the
+        # domain is read as the <loader>/<nvram> pair a repair writes instead.
+        loader_fields = dict(loader_path=cmd.code, loader_type="pflash", loader_readonly=cmd.code_readonly,
+                             loader_secure=cmd.secure or None, nvram_path=cmd.varstore)
+    elif cmd.secure and loader is not None:
+        loader_fields["loader_secure"] = True
     return DomainFirmware(
         name=name,
         uuid=_text(root.find("uuid")) or "",
@@ -200,22 +214,22 @@ def parse_domain(xml: str) -> DomainFirmware:
         machine=type_el.get("machine") if type_el is not None else None,
         domain_type=root.get("type"),
         os_firmware=os_el.get("firmware") if os_el is not None else None,
-        loader_path=_text(loader),
-        loader_type=loader.get("type") if loader is not None else None,
-        loader_readonly=_yesno(loader.get("readonly")) if loader is not None else None,
-        loader_secure=_yesno(loader.get("secure")) if loader is not None else None,
         loader_stateless=_yesno(loader.get("stateless")) if loader is not None else None,
-        nvram_path=_nvram_path(nvram),
         nvram_template=nvram.get("template") if nvram is not None else None,
         smm=smm is not None and (_yesno(smm.get("state")) is not False),
+        acpi=root.find("features/acpi") is not None,
         launch_security=((ls.get("type") or "unknown") if ls is not None else _cmdline_confidential(root)),
-        cmdline_bios=_cmdline_bios(root),
+        cmdline_bios=cmd.bios,
+        cmdline_firmware=cmd.present,
+        cmdline_pflash=cmd.pflash,
+        cmdline_problem=cmd.problem,
         tpm=_tpm(root),
         host_varstore=varstore is not None,
         host_varstore_path=varstore.get("path") if varstore is not None else None,
         host_varstore_template=varstore.get("template") if varstore is not None else None,
         metadata=parse_metadata(md),
         booted_sha256=(boot.get("sha256") or None) if boot is not None else None,
+        **loader_fields,
     )
 
 
@@ -229,6 +243,7 @@ class FirmwareEdit:
     secure: bool
     smm: bool
     metadata: VarsdMetadata
+    acpi: bool = False  # add <features><acpi/> (libvirt requires ACPI for UEFI on x86)
 
 
 # -- writing -------------------------------------------------------------------------
@@ -306,6 +321,15 @@ def _append(parent: etree._Element, el: etree._Element) -> etree._Element:
         else:
             parent.text, el.tail = inner, outer
     _pretty(el)
+    return el
+
+
+def _prepend(parent: etree._Element, el: etree._Element) -> etree._Element:
+    """Insert `el` as `parent`'s first child, indented like libvirt's own output."""
+    if len(parent) == 0:
+        return _append(parent, el)
+    parent.insert(0, el)
+    el.tail = parent.text if parent.text is None or not parent.text.strip() else None
     return el
 
 
@@ -390,20 +414,21 @@ def _set_metadata(root: etree._Element, md: VarsdMetadata) -> None:
         _append(meta, new)
 
 
-def _drop_cmdline_bios(root: etree._Element) -> None:
+def _drop_cmdline_firmware(root: etree._Element) -> None:
+    """Remove the firmware arguments of `<qemu:commandline>` (varsd.domain.cmdline says which),
+    keeping every other argument in order; an emptied `<qemu:commandline>` goes too."""
     cmd = root.find(f"{{{QEMU_NS}}}commandline")
     if cmd is None:
         return
+    fw = cmdline_firmware(root)
+    if fw.problem:
+        raise DomainXMLError(f"domain '{_text(root.find('name'))}': <qemu:commandline> firmware not understood "
+                             f"({fw.problem}); varsd does not rewrite it")
     args = cmd.findall(f"{{{QEMU_NS}}}arg")
-    drop = []
-    for i, arg in enumerate(args):
-        v = arg.get("value", "")
-        if v == "-bios" and i + 1 < len(args):
-            drop += [arg, args[i + 1]]
-        elif v.startswith("-bios="):
-            drop.append(arg)
-    for el in drop:
-        _remove(el)
+    for i, value in fw.rewrite:
+        args[i].set("value", value)
+    for i in sorted(fw.remove):
+        _remove(args[i])
     if len(cmd) == 0:
         _remove(cmd)
 
@@ -446,6 +471,7 @@ def apply_edit(xml: str, edit: FirmwareEdit) -> str:
     os_el = root.find("os")
     if os_el is None:
         raise DomainXMLError(f"domain '{_text(root.find('name'))}': has no <os> element")
+    _drop_cmdline_firmware(root)  # first: read against the <loader> the domain has now
     # Explicit paths replace autoselection (libvirt < 9.2 refuses to have both).
     os_el.attrib.pop("firmware", None)
     for el in os_el.findall("firmware"):
@@ -469,6 +495,11 @@ def apply_edit(xml: str, edit: FirmwareEdit) -> str:
         loader.attrib.pop("secure", None)
     _order_attributes(loader, _LOADER_ATTR_ORDER)
     _set_nvram(os_el, loader, edit)
+    if edit.acpi and root.find("features/acpi") is None:
+        features = root.find("features")
+        if features is None:
+            features = _insert_after(os_el, etree.Element("features"))
+        _prepend(features, etree.Element("acpi"))  # libvirt lists <acpi/> first
     if edit.smm:
         features = root.find("features")
         if features is None:
@@ -477,7 +508,6 @@ def apply_edit(xml: str, edit: FirmwareEdit) -> str:
         if smm is None:
             smm = _append(features, etree.Element("smm"))
         smm.set("state", "on")
-    _drop_cmdline_bios(root)
     _set_metadata(root, edit.metadata)
     return _serialize(root)
 
@@ -521,7 +551,8 @@ def replace_nvram_path(xml: str, path: str) -> str:
 def firmware_signature(xml: str) -> tuple:
     """The parts of a domain XML that decide what firmware a cold boot maps."""
     fw = parse_domain(xml)
-    return (fw.loader_path, fw.loader_type, fw.loader_readonly, fw.loader_secure, fw.nvram_path, fw.smm)
+    return (fw.loader_path, fw.loader_type, fw.loader_readonly, fw.loader_secure, fw.nvram_path, fw.smm,
+            fw.cmdline_firmware, fw.acpi)
 
 
 def outside_firmware(xml: str) -> bytes:
@@ -533,7 +564,7 @@ def outside_firmware(xml: str) -> bytes:
         for tag in ("loader", "nvram", "firmware"):
             for el in os_el.findall(tag):
                 os_el.remove(el)
-    for el in root.findall("features/smm"):
+    for el in root.findall("features/smm") + root.findall("features/acpi"):
         el.getparent().remove(el)
     feats = root.find("features")
     if feats is not None and len(feats) == 0:
@@ -543,7 +574,8 @@ def outside_firmware(xml: str) -> bytes:
     meta = root.find("metadata")
     if meta is not None and len(meta) == 0:
         root.remove(meta)
-    _drop_cmdline_bios(root)
+    if not cmdline_firmware(root).problem:
+        _drop_cmdline_firmware(root)
     for el in root.iter():
         if isinstance(el.tag, str):
             el.tail = None

@@ -31,7 +31,9 @@ class FileInspector:
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            return FileFacts(path=path, exists=False)
+            # A dangling symlink still says which build it named (OVMF_CODE.ms.fd ->
+            # OVMF_CODE.secboot.fd after a package removed the target).
+            return FileFacts(path=path, exists=False, realpath=os.path.realpath(path))
         except OSError as exc:
             return FileFacts(path=path, exists=False, error=f"cannot stat: {exc.strerror}")
         return self._cache.get((path, digest), stat_key(st), lambda: self._read(path, st.st_size, digest))

@@ -71,6 +71,17 @@ def provision_varstore(
     return Provisioned(path=target, adopted=False, layout=layout)
 
 
+def preflight(target: str, source: str, *, length: int | None = None) -> str | None:
+    """Why `provision_varstore(target, source)` would fail now, or None: what `status` and
+    `reconcile --dry-run` report instead of promising a repair that cannot be made."""
+    try:
+        data, _layout = _verified_source(source, length)
+        _adoptable(target, data[:length] if length else data, source)
+    except (ProvisionError, VarstoreError) as exc:
+        return str(exc)
+    return None
+
+
 # Templates are read and parsed once per content (a burst of new domains shares one),
 # keyed by stat so a replaced or rewritten source is read again.
 _VERIFIED: ContentCache[tuple[bytes, VarstoreLayout]] = ContentCache(limit=16)

@@ -13,10 +13,14 @@ is raised (exit 2).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import stat
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from itertools import islice
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
@@ -26,14 +30,24 @@ from varsd.domain.classify import firmware_image_path
 from varsd.domain.xml import firmware_signature, parse_domain
 from varsd.engine.inspect import FileInspector
 from varsd.engine.lock import host_lock
-from varsd.engine.provision import provision_varstore
+from varsd.engine.provision import preflight, provision_varstore
 from varsd.engine.transaction import Transaction, Writer
-from varsd.errors import HypervisorError, LockBusy, StateDirError, VarsdError
+from varsd.engine.varstore_users import VarstoreIndex
+from varsd.errors import HypervisorError, LockBusy, ProvisionError, StateDirError, VarsdError
 from varsd.firmware.archive import Archive, ArchiveError, ArchiveIndex
 from varsd.messages import about_domain
-from varsd.model.domain import DomainRef, FirmwareConfig, Status
+from varsd.model.domain import AttemptFailure, DomainFirmware, DomainRef, FirmwareConfig, Status
 from varsd.model.firmware import Build, Catalog, UpgradePolicy
-from varsd.planning.repair import CreateVarstore, DomainFacts, Plan, Redefine, plan_repair, varstore_path
+from varsd.planning import sharing
+from varsd.planning.repair import (
+    CreateVarstore,
+    DomainFacts,
+    Plan,
+    Redefine,
+    plan_repair,
+    varstore_names,
+    varstore_path,
+)
 from varsd.planning.upgrade import UpgradeContext
 from varsd.retry import SETTINGS, Action, Purpose, decide
 
@@ -51,16 +65,24 @@ class Outcome:
     retry: bool = False  # a transient libvirt failure on this domain: worth another look later
     boot_unrecorded: bool = False  # running, and its live XML has no boot record (varsd was not watching)
     busy: bool = False  # another actor held the domain's lock: a retry, not a failure
+    failure: AttemptFailure | None = None  # the last attempt to carry out this plan failed
+    blocked: str | None = None  # why the planned repair cannot be made now (checked before acting)
+    cleared: AttemptFailure | None = None  # a failure this attempt's success put an end to
 
     @property
     def status(self) -> Status:
         """A repair that was planned but not (yet) done is not ok: the domain is wrong now."""
-        if self.unrepaired:
+        if self.unrepaired or self.failure is not None or self.blocked:
             return Status.ERROR
         return self.plan.status
 
     @property
     def detail(self) -> str:
+        """What the admin reads: never a promise the daemon has already failed to keep."""
+        if self.failure is not None:
+            return f"{self.failure.describe()} (planned: {self.plan.detail})"
+        if self.blocked:
+            return f"cannot be repaired: {self.blocked} (planned: {self.plan.detail})"
         if self.unrepaired:
             return f"needs repair, which 'varsctl reconcile' or the daemon does: {self.plan.detail}"
         return self.plan.detail
@@ -68,6 +90,16 @@ class Outcome:
     @property
     def changed(self) -> bool:
         return bool(self.done)
+
+    @property
+    def problem(self) -> tuple[str, str] | None:
+        """What is wrong, stable from pass to pass (no times, no counts): the daemon logs a
+        problem when it first appears and when it goes away, not on every pass."""
+        if self.failure is not None:
+            return (self.failure.action, self.failure.error)
+        if self.status in (Status.ERROR, Status.NEEDS_MIGRATION):
+            return (self.status.value, self.detail)
+        return None
 
     def as_dict(self) -> dict:
         return {
@@ -82,6 +114,7 @@ class Outcome:
             "build": self.plan.build.code_sha256 if self.plan.build else None,
             "code_sha256": self.plan.next_boot_sha256,
             "changes": list(self.done),
+            "last_error": self.failure.as_dict() if self.failure is not None else None,
         }
 
 
@@ -90,6 +123,22 @@ def _outcome(ref: DomainRef, facts: DomainFacts, plan: Plan, done: tuple[str, ..
     live = facts.live
     return Outcome(ref, plan, done, unrepaired=unrepaired,
                    boot_unrecorded=live is not None and live.booted_sha256 is None)
+
+
+def _definition_sha(xml: str) -> str:
+    return hashlib.sha256(xml.encode("utf-8")).hexdigest()
+
+
+def _discard_unused_varstore(ref: DomainRef, path: str) -> None:
+    """Remove a varstore this plan just created from a template when the change that was to
+    use it failed: no definition names it and no guest ever ran on it, so nothing is lost,
+    and no orphan is left for the next pass to trip over."""
+    try:
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            os.unlink(path)
+            log.info("%s: removed %s again (the change that was to use it failed)", ref.label, path)
+    except OSError as exc:
+        log.warning("%s: could not remove unused varstore %s: %s", ref.label, path, exc.strerror)
 
 
 def _error(ref: DomainRef, exc: VarsdError, *, retry: bool = False) -> Outcome:
@@ -155,12 +204,12 @@ class Reconciler:
         # None: wait as long as the holder of a domain's lock progresses (varsctl); a bound
         # (the daemon) makes a busy domain a retry instead of a blocked worker.
         self.lock_wait = lock_wait
-        self._owners: dict[str, tuple[str, str]] = {}  # varstore path -> (uuid, name) whose own it is
-        self._uses: dict[str, str | None] = {}  # uuid -> varstore path it names
-        self._users: dict[str, set[str]] = {}  # varstore path -> uuids naming it (the inverse of _uses)
-        self._owned: dict[str, str] = {}  # uuid -> the path in _owners it owns (the inverse of _owners)
-        self._owners_lock = threading.Lock()
-        self.rechecks: set[str] = set()  # domains to look at again (see _note_varstore)
+        self.varstores = VarstoreIndex(
+            hv, lambda fw: varstore_path(cfg.nvram_dir, fw.name, fw.uuid),
+            lambda fw, persistent: persistent and not fw.metadata.opt_out and not cfg.is_excluded(fw.name, fw.uuid))
+        self._rechecks_lock = threading.Lock()
+        self.rechecks: set[str] = set()  # domains to look at again (see _sharing)
+        self._failed: set[str] | None = None  # uuids with a recorded failed attempt (loaded lazily)
         self._upgrades: tuple[float, UpgradeContext] | None = None
         self._archive_lock = threading.Lock()
         self._archive_tried: dict[str, float] = {}  # sha -> monotonic time of a failed attempt
@@ -263,7 +312,7 @@ class Reconciler:
             return memo.facts, memo.plan
         facts = self.facts(xml, live_xml, excluded=excluded, persistent=ref.persistent)
         plan = plan_repair(facts, self.catalog, self.cfg.nvram_dir, stamp(self.clock.now()), upgrades)
-        if plan.actions:
+        if plan.actions or facts.sharing is not None:  # a sharer's plan follows the others' state
             self._memo.pop(ref.uuid, None)
         else:
             fw = facts.firmware
@@ -283,39 +332,23 @@ class Reconciler:
         nvram = self.inspector.inspect(fw.nvram_path, digest=False) if fw.nvram_path else None
         return DomainFacts(
             xml=xml, firmware=fw, live=live, image=image, nvram=nvram, excluded=excluded, persistent=persistent,
-            nvram_shared_with=self._note_varstore(fw),
+            sharing=self._sharing(fw, running=live is not None, persistent=persistent),
+            other_varstores=self.varstores.taken(
+                [p for p in (fw.nvram_path, *islice(varstore_names(self.cfg.nvram_dir, fw), 8)) if p], fw.uuid),
         )
 
-    def _note_varstore(self, fw) -> str | None:
-        """Track which domain's own varstore each path is; the name of *another* domain
-        whose own file `fw` names, if any.
-
-        A domain owns the `<name>_VARS.fd` libvirt's naming gives it. When an owner shows
-        up after a domain that uses its file was judged fine, that domain's memo is
-        dropped (and it is listed in `rechecks`), so the order domains are seen in does
-        not matter.
-        """
-        with self._owners_lock:
-            path = fw.nvram_path
-            owned = self._owned.get(fw.uuid)
-            if owned is not None and owned != path:
-                self._disown(fw.uuid)  # its varstore moved
-            self._use(fw.uuid, path)
-            if not path:
-                return None
-            if path == varstore_path(self.cfg.nvram_dir, fw.name, fw.uuid):
-                previous = self._owners.get(path)
-                if previous is not None and previous[0] != fw.uuid:
-                    self._owned.pop(previous[0], None)
-                self._owners[path] = (fw.uuid, fw.name)
-                self._owned[fw.uuid] = path
-                for other in self._users.get(path, ()):
-                    if other != fw.uuid:
-                        self._memo.pop(other, None)
-                        self.rechecks.add(other)
-                return None
-            owner = self._owners.get(path)
-            return owner[1] if owner is not None and owner[0] != fw.uuid else None
+    def _sharing(self, fw: DomainFirmware, *, running: bool, persistent: bool) -> sharing.Sharing | None:
+        """Who else uses this domain's varstore file (by identity, host-wide, whatever the
+        order domains are seen in). A sharer whose compliant plan is memoised did not know:
+        its memo is dropped and it is listed in `rechecks`."""
+        me, others = self.varstores.note(fw, running=running, persistent=persistent)
+        if me is None or not others:
+            return None
+        for o in others:
+            if self._memo.pop(o.uuid, None) is not None:
+                with self._rechecks_lock:
+                    self.rechecks.add(o.uuid)
+        return sharing.decide(me, others)
 
     # The two indexes keep each look O(1): a full pass over N domains must not cost N^2.
     def _use(self, uuid: str, path: str | None) -> None:
@@ -347,12 +380,9 @@ class Reconciler:
 
     def forget(self, uuid: str) -> str | None:
         """Drop what is remembered of a domain that is gone; returns its last varstore path."""
-        with self._owners_lock:
-            self._use(uuid, None)
-            self._uses.pop(uuid, None)
-            self._disown(uuid)
+        path = self.varstores.forget(uuid)
         memo = self._memo.pop(uuid, None)
-        return memo.facts.firmware.nvram_path if memo is not None else None
+        return memo.facts.firmware.nvram_path if memo is not None else path
 
     # -- acting ------------------------------------------------------------------
 
@@ -386,11 +416,11 @@ class Reconciler:
             # A domain-level failure (a hung QEMU's state-change lock, a refused define):
             # this domain's error, not the host's; `retry` tells the daemon to look again.
             outcome = _error(ref, exc, retry=action is Action.RETRY)
-            log.error("%s", outcome.detail)
+            log.debug("%s", outcome.detail)  # the outcome carries it; callers report it (the daemon once)
             return outcome
         except VarsdError as exc:
             outcome = _error(ref, exc)
-            log.error("%s", outcome.detail)
+            log.debug("%s", outcome.detail)
             return outcome
 
     def _reconcile(self, ref: DomainRef, apply: bool) -> Outcome:
@@ -399,29 +429,111 @@ class Reconciler:
             # once, in the write transaction, instead of looking twice.
             with self.writer.transaction(ref) as tx:
                 facts, plan = self.examine(ref)
-                return _outcome(ref, facts, plan, self._execute(tx, facts, plan) if plan.actions else ())
+                return self._act(tx, facts, plan)
         facts, plan = self.examine(ref)
-        if not apply or not plan.actions:
-            return _outcome(ref, facts, plan, (), unrepaired=bool(plan.actions) and _changes_firmware(facts, plan))
+        if not plan.actions:
+            return _outcome(ref, facts, plan, ())
+        if not apply:
+            return self._look(ref, facts, plan)
         with self.writer.transaction(ref) as tx:
             if tx.xml != facts.xml:
                 # Another actor changed it since we looked: look again, in the transaction.
                 facts, plan = self.examine(ref)
-            return _outcome(ref, facts, plan, self._execute(tx, facts, plan) if plan.actions else ())
+            return self._act(tx, facts, plan)
 
-    def _execute(self, tx: Transaction, facts: DomainFacts, plan: Plan) -> tuple[str, ...]:
-        done: list[str] = []
+    def _look(self, ref: DomainRef, facts: DomainFacts, plan: Plan) -> Outcome:
+        """A plan with actions that is not carried out now (status, dry run): report what
+        stands in its way (its last failure, or what would make it fail), not a promise."""
+        failure = self.journal.failure(ref.uuid)
+        if failure is not None and failure.definition_sha256 != _definition_sha(facts.xml):
+            failure = None  # the definition changed since: that attempt is history
+        blocked = None
         for action in plan.actions:
             if isinstance(action, CreateVarstore):
-                result = provision_varstore(
-                    action.path, action.source, expected_layout=action.layout, owner=self.owner, length=action.length
-                )
-                what = "adopted existing identical" if result.adopted else "created"
-                done.append(f"{what} varstore {action.path}")
-                log.info("domain '%s': %s varstore %s from %s", tx.ref.name, what, action.path, action.source)
-            elif isinstance(action, Redefine):
-                tx.write(action.xml, action.reason, planned_from=facts.xml)
-                done.append(f"redefined: {action.reason}")
+                blocked = preflight(action.path, action.source, length=action.length)
+                if blocked:
+                    break
+        out = _outcome(ref, facts, plan, (), unrepaired=_changes_firmware(facts, plan))
+        return replace(out, failure=failure, blocked=blocked)
+
+    def _act(self, tx: Transaction, facts: DomainFacts, plan: Plan) -> Outcome:
+        """Carry the plan out; a failure is recorded in the state database (and reported)
+        until an attempt succeeds or the definition changes."""
+        ref = tx.ref
+        if not plan.actions:
+            return replace(_outcome(ref, facts, plan, ()), cleared=self._clear_failure(ref.uuid))
+        attempt: list[str] = []
+        try:
+            done = self._execute(tx, facts, plan, attempt)
+        except VarsdError as exc:
+            alive = not isinstance(exc, HypervisorError) or not exc.retryable or self.hv.is_alive()
+            verdict = decide(exc, alive=alive, settings=self.retry).action
+            if verdict is Action.RECONNECT:
+                raise  # the connection is gone: the caller reconnects and looks again
+            failure = self.journal.note_failure(
+                uuid=ref.uuid, name=ref.name, at=stamp(self.clock.now()), action=attempt[-1] if attempt else "plan",
+                error=str(exc), definition_sha256=_definition_sha(facts.xml))
+            self._failed_uuids().add(ref.uuid)
+            return replace(_outcome(ref, facts, plan, ()), failure=failure, retry=verdict is Action.RETRY)
+        return replace(_outcome(ref, facts, plan, done), cleared=self._clear_failure(ref.uuid, force=True))
+
+    def _failed_uuids(self) -> set[str]:
+        if self._failed is None:
+            try:
+                self._failed = self.journal.failed_uuids()
+            except VarsdError as exc:
+                log.error("%s", exc)
+                self._failed = set()
+        return self._failed
+
+    def _clear_failure(self, uuid: str, *, force: bool = False) -> AttemptFailure | None:
+        """An attempt succeeded (or there was nothing left to do): the failure is over.
+        Without `force` only a failure this process knows of is looked up (no write per
+        compliant domain per pass)."""
+        failed = self._failed_uuids()
+        if not force and uuid not in failed:
+            return None
+        failed.discard(uuid)
+        try:
+            return self.journal.clear_failure(uuid)
+        except VarsdError as exc:
+            log.error("%s", exc)
+            return None
+
+    def _execute(self, tx: Transaction, facts: DomainFacts, plan: Plan,
+                 attempt: list[str] | None = None) -> tuple[str, ...]:
+        """Carry out the actions in order; `attempt` collects what was being done (for the record)."""
+        attempt = [] if attempt is None else attempt
+        done: list[str] = []
+        created: list[str] = []  # varstores made for this plan that nothing names yet
+        named = {facts.firmware.nvram_path}
+        try:
+            for action in plan.actions:
+                if isinstance(action, CreateVarstore):
+                    attempt.append(f"create varstore {action.path} from {action.source}")
+                    user = self.varstores.user_of(action.path, tx.ref.uuid)
+                    keeps = facts.sharing is not None and facts.sharing.keeps \
+                        and action.path == facts.firmware.nvram_path
+                    if user is not None and not keeps:  # never adopt or share another domain's varstore
+                        raise ProvisionError(f"{action.path} is the varstore of domain '{user}'; varsd never "
+                                             f"gives it to domain '{tx.ref.name}' as well")
+                    result = provision_varstore(
+                        action.path, action.source, expected_layout=action.layout, owner=self.owner,
+                        length=action.length,
+                    )
+                    what = "adopted existing identical" if result.adopted else "created"
+                    if not result.adopted and action.path not in named:
+                        created.append(action.path)
+                    done.append(f"{what} varstore {action.path}")
+                    log.info("domain '%s': %s varstore %s from %s", tx.ref.name, what, action.path, action.source)
+                elif isinstance(action, Redefine):
+                    attempt.append(f"redefine ({action.reason})")
+                    tx.write(action.xml, action.reason, planned_from=facts.xml)
+                    done.append(f"redefined: {action.reason}")
+        except BaseException:
+            for path in created:
+                _discard_unused_varstore(tx.ref, path)
+            raise
         return tuple(done)
 
     def reconcile_all(self, refs: Iterable[DomainRef] | None = None, *, apply: bool = True) -> list[Outcome]:
@@ -434,7 +546,7 @@ class Reconciler:
         return [self.reconcile(ref, apply=apply) if ref.uuid in again else o for ref, o in pairs]
 
     def take_rechecks(self) -> set[str]:
-        with self._owners_lock:
+        with self._rechecks_lock:
             again, self.rechecks = self.rechecks, set()
         return again
 

@@ -12,6 +12,8 @@ Rules:
   using one can still be classified.
 - The config's `extra_firmware` pairs follow the descriptors as split builds, with
   origin `config:extra_firmware[N]`.
+- Then the builds no descriptor lists, found in `firmware_search_dirs` by content
+  (`varsd.firmware.discovery`), with origin `discovered:<code path>`.
 - Anything unusable (unreadable or malformed descriptor, missing code or template,
   template that is not a varstore) becomes a `CatalogProblem` and is skipped: a bad
   file in /etc must never stop the daemon. `load_catalog` does not raise.
@@ -22,6 +24,8 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import stat
@@ -32,6 +36,7 @@ from varsd.adapters import fsio, virtfw
 from varsd.adapters.filecache import ContentCache, StatKey, stat_key
 from varsd.config import Config, ExtraFirmware
 from varsd.errors import DescriptorError, VarstoreError
+from varsd.firmware import discovery
 from varsd.firmware.descriptors import Descriptor, ordered_descriptor_paths, parse_descriptor
 from varsd.model.firmware import Build, Catalog, CatalogProblem, MappingMode, Target, VarstoreLayout
 
@@ -223,6 +228,8 @@ def load_catalog(
     *,
     read_layout: Callable[[str], VarstoreLayout] = virtfw.read_layout,
     sha256: Callable[[str], str] = fsio.sha256_file,
+    search_dirs: Sequence[str] = (),
+    modules_cache: dict[str, frozenset[str]] | None = None,
 ) -> Catalog:
     """Build the catalog from descriptor dirs (lowest precedence first) and extra pairs.
 
@@ -271,13 +278,24 @@ def load_catalog(
         except Exception as exc:  # see above
             log.exception("%s: unexpected error", origin)
             problems.append(CatalogProblem(source=origin, message=f"{origin}: unexpected error: {exc}"))
+    if search_dirs:
+        try:
+            builds += discovery.discover(search_dirs, {b.code_sha256 for b in builds}, modules_cache=modules_cache)
+        except Exception as exc:  # see above
+            log.exception("firmware discovery: unexpected error")
+            problems.append(CatalogProblem(source="discovery", message=f"firmware discovery: unexpected error: {exc}"))
     return Catalog(builds=tuple(builds), problems=tuple(problems))
 
 
 def load_configured(cfg: Config) -> Catalog:
     """The catalog `cfg` describes, each unusable descriptor or pair logged as a warning
     (the admin's first hint that a firmware package or /etc/qemu/firmware is broken)."""
-    catalog = load_catalog(cfg.firmware_dirs, cfg.extra_firmware)
+    cache = _load_modules_cache(cfg)
+    before = dict(cache)
+    catalog = load_catalog(cfg.firmware_dirs, cfg.extra_firmware, search_dirs=cfg.firmware_search_dirs,
+                           modules_cache=cache)
+    if cache != before:
+        _save_modules_cache(cfg, cache)
     for problem in catalog.problems:
         log.warning("firmware catalog: %s", problem.message)
     if cfg.secureboot_templates == "2023":
@@ -285,3 +303,31 @@ def load_configured(cfg: Config) -> Catalog:
 
         catalog = with_derived_templates(cfg, catalog)
     return catalog
+
+
+def _modules_cache_path(cfg: Config) -> str:
+    return os.path.join(cfg.state_dir, "firmware-modules.json")
+
+
+def _load_modules_cache(cfg: Config) -> dict[str, frozenset[str]]:
+    """What the volume parser found in each code image (by digest): parsing is slow, content is not."""
+    try:
+        with open(_modules_cache_path(cfg), encoding="utf-8") as f:
+            data = json.load(f)
+        return {str(k): frozenset(map(str, v)) for k, v in data.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
+def _save_modules_cache(cfg: Config, cache: dict[str, frozenset[str]]) -> None:
+    """Best effort (a cache, not state): temp file + rename, never a half-written file."""
+    path = _modules_cache_path(cfg)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({k: sorted(v) for k, v in cache.items()}, f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.debug("firmware discovery: cache not written: %s", exc)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)

@@ -62,6 +62,16 @@ def machine_has_smm(machine: str | None) -> bool:
     return bool(machine) and "q35" in str(machine)
 
 
+# Architectures on which libvirt refuses UEFI pflash without <acpi/> ("UEFI requires ACPI
+# on this architecture", checked with libvirt 9.0); aarch64 guests may boot with a device tree.
+ACPI_REQUIRED_ARCHS = frozenset({"x86_64", "i686"})
+
+
+def uefi_needs_acpi(arch: str | None) -> bool:
+    """Whether a UEFI pflash domain of this architecture must have `<features><acpi/>`."""
+    return arch in ACPI_REQUIRED_ARCHS
+
+
 class Misfit(StrEnum):
     """Why a build cannot boot a domain, in the order they are checked."""
 

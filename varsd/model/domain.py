@@ -26,7 +26,9 @@ class FirmwareConfig(StrEnum):
     # libvirt 12.1+ <varstore>: variables in a JSON file served by QEMU's uefi-vars device,
     # the firmware a ROM. Never rewritten into pflash (that would drop every variable).
     HOST_VARSTORE = "uefi-vars"
-    UNKNOWN = "unknown"  # not classified: reading or planning the domain failed (see its error)
+    # not classified: reading or planning the domain failed (see its error), or firmware
+    # arguments in <qemu:commandline> varsd does not fully understand
+    UNKNOWN = "unknown"
 
 
 class PinKind(StrEnum):
@@ -121,8 +123,14 @@ class DomainFirmware:
     nvram_path: str | None = None
     nvram_template: str | None = None
     smm: bool = False
+    acpi: bool = False  # <features><acpi/>: libvirt refuses UEFI pflash on x86 without it
     launch_security: str | None = None  # 'sev', 'sev-snp', 'tdx', ... when present
-    cmdline_bios: str | None = None  # path passed as -bios through <qemu:commandline>
+    cmdline_bios: str | None = None  # the -bios image QEMU uses from <qemu:commandline> (last one wins)
+    # Firmware arguments in <qemu:commandline> that a repair moves into <loader>/<nvram>;
+    # with `cmdline_pflash` the loader_*/nvram_path fields above were read from them.
+    cmdline_firmware: bool = False
+    cmdline_pflash: bool = False
+    cmdline_problem: str | None = None  # firmware arguments varsd does not fully understand
     tpm: str | None = None  # "<model>/<backend type>" of a <devices><tpm>, e.g. "tpm-crb/emulator"
     host_varstore: bool = False  # an <os><varstore> element (libvirt 12.1+)
     host_varstore_path: str | None = None  # <varstore path=...>: the JSON file
@@ -167,3 +175,29 @@ class DomainRef:
     def label(self) -> str:
         """How messages name this domain."""
         return f"domain '{self.name}' ({self.uuid})"
+
+
+@dataclass(frozen=True)
+class AttemptFailure:
+    """A domain's last failed attempt to act, as the state database keeps it.
+
+    It stands until an attempt succeeds or the domain's definition changes
+    (`definition_sha256` is the persistent XML the attempt was planned from).
+    """
+
+    uuid: str
+    name: str
+    first_at: str  # first failure of this run of failures (ISO 8601 UTC)
+    at: str  # the latest one
+    action: str  # what was being done, e.g. "create varstore /var/lib/.../x_VARS.fd"
+    error: str
+    count: int
+    definition_sha256: str
+
+    def as_dict(self) -> dict:
+        return {"at": self.at, "first_at": self.first_at, "action": self.action, "error": self.error,
+                "count": self.count}
+
+    def describe(self) -> str:
+        times = f"{self.count} attempts since {self.first_at}" if self.count > 1 else "once"
+        return f"last attempt failed at {self.at} ({times}): {self.action}: {self.error}"

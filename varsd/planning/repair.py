@@ -57,15 +57,17 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from varsd.domain.classify import classify, firmware_image_path
 from varsd.domain.xml import FirmwareEdit, apply_edit, nvram_storage, parse_domain, replace_loader_code, set_metadata
-from varsd.firmware.fit import Needs, machine_has_smm, misfits, why_not
+from varsd.firmware.fit import Needs, machine_has_smm, misfits, uefi_needs_acpi, why_not
 from varsd.firmware.selection import explain_no_build, select_build
 from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig, Status, VarsdMetadata
 from varsd.model.firmware import Build, Catalog, MappingMode, VarstoreLayout
 from varsd.planning import upgrade
+from varsd.planning.sharing import Sharing
 from varsd.planning.upgrade import Hold, Track, UpgradeContext, Wait
 
 
@@ -80,9 +82,11 @@ class DomainFacts:
     nvram: FileFacts | None = None  # the varstore named by <nvram>
     excluded: bool = False
     persistent: bool = True
-    # Another domain whose own `<name>_VARS.fd` this domain's <nvram> names (a hand-made
-    # clone): two guests writing one varstore corrupt each other's variables.
-    nvram_shared_with: str | None = None
+    # Other domains whose <nvram> resolves to the same file (varsd.planning.sharing): two
+    # guests writing one varstore corrupt each other's variables.
+    sharing: Sharing | None = None
+    # Varstore paths other domains name: a new varstore never goes there.
+    other_varstores: frozenset[str] = frozenset()
 
     @property
     def running(self) -> bool:
@@ -142,17 +146,35 @@ def varstore_path(nvram_dir: str, name: str, uuid: str) -> str:
     return os.path.join(nvram_dir, f"{stem}_VARS.fd")
 
 
-def new_varstore_path(nvram_dir: str, fw: DomainFirmware, taken: set[str | None]) -> str:
-    """`varstore_path`, or a sibling name when that path is the very file being replaced.
+def new_varstore_path(nvram_dir: str, fw: DomainFirmware, taken: set[str | None] | frozenset[str]) -> str:
+    """`varstore_path`, or a sibling name when that path is taken: the very file being
+    replaced, or a file another domain uses (a renamed domain's `<old>_VARS.fd`).
 
     (Guides tell people to keep a private OVMF.fd as `<name>_VARS.fd`; provisioning
     never overwrites, so the copy needs a name of its own.)
     """
-    path = varstore_path(nvram_dir, fw.name, fw.uuid)
-    if path in taken:
-        path = path.removesuffix("_VARS.fd") + "-varsd_VARS.fd"
-    return path
+    for path in varstore_names(nvram_dir, fw):
+        if path not in taken:
+            return path
+    raise AssertionError("unreachable: varstore_names never ends")
 
+
+def varstore_names(nvram_dir: str, fw: DomainFirmware) -> Iterator[str]:
+    """The names a new varstore of `fw` may get, in order: `<name>_VARS.fd`, then
+    `<name>-varsd_VARS.fd`, `<name>-varsd2_VARS.fd`, ..."""
+    path = varstore_path(nvram_dir, fw.name, fw.uuid)
+    yield path
+    stem = path.removesuffix("_VARS.fd")
+    yield f"{stem}-varsd_VARS.fd"
+    n = 2
+    while True:
+        yield f"{stem}-varsd{n}_VARS.fd"
+        n += 1
+
+
+def _shared(facts: DomainFacts) -> bool:
+    """Whether another domain keeps (or also uses, with no keeper) this domain's varstore file."""
+    return facts.sharing is not None and not facts.sharing.keeps
 
 
 def wants_secure_boot(fw: DomainFirmware, image: FileFacts | None, catalog: Catalog) -> bool:
@@ -254,6 +276,10 @@ def plan_repair(
         return _plan_host_varstore(fw)
     if config is FirmwareConfig.STATELESS:
         return _unmanaged(config, "stateless firmware: no varstore by design", fw)
+    if config is FirmwareConfig.UNKNOWN:
+        return Plan(config, Status.ERROR, f"firmware in <qemu:commandline> not understood: {fw.cmdline_problem}; "
+                    "left untouched. Move the firmware into <loader>/<nvram> by hand, or opt the domain out",
+                    code=firmware_image_path(fw), varstore=fw.nvram_path)
     if config is FirmwareConfig.AUTOSELECT:
         return _unmanaged(config, "firmware='efi' autoselection is left to libvirt", fw)
     storage = nvram_storage(facts.xml)
@@ -275,10 +301,13 @@ def plan_repair(
         return Plan(config, Status.ERROR, f"firmware image {fw.loader_path} cannot be read ({why}): it may be a "
                     "unified image holding the guest's variables; left untouched", code=fw.loader_path)
     if config in (FirmwareConfig.BIOS_ROM, FirmwareConfig.CODE_ONLY):
-        return _finish(facts, _plan_new_varstore(facts, config, catalog, nvram_dir, now, secure))
-    if config is FirmwareConfig.UNIFIED:
-        return _finish(facts, _plan_unified(facts, catalog, nvram_dir, now, secure))
-    return _outside_warning(_finish(facts, _plan_split(facts, catalog, nvram_dir, now, secure, upgrades)), nvram_dir)
+        plan = _plan_new_varstore(facts, config, catalog, nvram_dir, now, secure)
+    elif config is FirmwareConfig.UNIFIED:
+        plan = _plan_unified(facts, catalog, nvram_dir, now, secure)
+    else:
+        plan = _plan_split(facts, catalog, nvram_dir, now, secure, upgrades)
+    plan = _finish(facts, _explain_acpi(fw, plan))
+    return _outside_warning(plan, nvram_dir) if config is FirmwareConfig.SPLIT else plan
 
 
 def _plan_host_varstore(fw: DomainFirmware) -> Plan:
@@ -288,6 +317,18 @@ def _plan_host_varstore(fw: DomainFirmware) -> Plan:
     return Plan(FirmwareConfig.HOST_VARSTORE, Status.OK,
                 f"variables in the JSON varstore {where} (QEMU uefi-vars device{source}); firmware {fw.loader_path} "
                 "kept as defined", code=fw.loader_path, varstore=fw.host_varstore_path)
+
+
+ACPI_NOTE = "adds <acpi/>: UEFI on x86 needs ACPI (the guest sees ACPI tables from its next cold boot)"
+
+
+def _explain_acpi(fw: DomainFirmware, plan: Plan) -> Plan:
+    """Say so when a rewrite adds ACPI: it changes what the guest sees, not only its firmware."""
+    if fw.acpi or not any(isinstance(a, Redefine) and parse_domain(a.xml).acpi for a in plan.actions):
+        return plan
+    actions = tuple(replace(a, reason=f"{a.reason}; {ACPI_NOTE}") if isinstance(a, Redefine) else a
+                    for a in plan.actions)
+    return replace(plan, detail=f"{plan.detail}; {ACPI_NOTE}", actions=actions)
 
 
 def _plan_pinned(facts: DomainFacts, config: FirmwareConfig, catalog: Catalog, ctx: UpgradeContext,
@@ -395,6 +436,7 @@ def _rewrite(facts: DomainFacts, catalog: Catalog, build: Build, nvram: str, md:
             secure=build.secure_boot,
             smm=build.requires_smm or facts.firmware.smm,
             metadata=md,
+            acpi=uefi_needs_acpi(facts.firmware.arch),
         ),
     )
 
@@ -433,7 +475,8 @@ def _plan_new_varstore(
     query = dict(arch=fw.arch, machine=fw.machine, secure_boot=secure, smm_allowed=machine_has_smm(fw.machine))
     # A varstore the XML already names (left from before the domain lost its pflash) is kept.
     kept = None
-    if nvram is not None and nvram.exists and nvram.varstore_layout and is_private_varstore(catalog, nvram_dir, nvram):
+    if nvram is not None and nvram.exists and nvram.varstore_layout and not _shared(facts) \
+            and is_private_varstore(catalog, nvram_dir, nvram):
         kept = select_build(catalog, **query, layout=nvram.varstore_layout)
     if kept is not None and nvram is not None and not _smm_problem(kept, fw):
         md = _bind(fw.metadata, kept)
@@ -454,7 +497,7 @@ def _plan_new_varstore(
     if build.template_path is None or build.layout is None:
         return Plan(config, Status.ERROR, f"build {build.label} has no varstore template", code=firmware_image_path(fw))
     taken = {firmware_image_path(fw)} | ({nvram.path} if nvram is not None and nvram.exists else set())
-    target = new_varstore_path(nvram_dir, fw, taken)
+    target = new_varstore_path(nvram_dir, fw, taken | facts.other_varstores)
     md = _provenance(fw.metadata, build, "template", now)
     return Plan(
         config,
@@ -500,7 +543,7 @@ def _plan_unified(facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str
             build=build,
             code=fw.loader_path,
         )
-    target = new_varstore_path(nvram_dir, fw, {fw.loader_path, image.realpath})
+    target = new_varstore_path(nvram_dir, fw, {fw.loader_path, image.realpath} | facts.other_varstores)
     md = _provenance(fw.metadata, build, f"unified:{fw.loader_path}", now)
     return Plan(
         FirmwareConfig.UNIFIED,
@@ -593,7 +636,7 @@ def _plan_split(
     if problem:
         return Plan(config, Status.ERROR, problem, code=fw.loader_path, varstore=nvram.path)
 
-    if facts.nvram_shared_with or not is_private_varstore(catalog, nvram_dir, nvram):
+    if _shared(facts) or not is_private_varstore(catalog, nvram_dir, nvram):
         return _plan_shared_varstore(facts, catalog, nvram_dir, now, build, nvram, layout)
 
     md = _bind(fw.metadata, build)
@@ -603,7 +646,9 @@ def _plan_split(
         or fw.loader_readonly is not True
         or _template_wrong(catalog, fw, build)
     )
-    if reason is None and needs_attrs:
+    if reason is None and fw.cmdline_firmware:
+        reason = "firmware moved from <qemu:commandline> into <loader>/<nvram>"
+    elif reason is None and needs_attrs:
         reason = "Secure Boot/SMM/read-only/template attributes completed"
     if reason is not None:
         new_xml = _rewrite(facts, catalog, build, nvram.path, md)
@@ -621,8 +666,8 @@ def _plan_split(
 def _why_not_private(facts: DomainFacts, nvram: FileFacts, layout: VarstoreLayout) -> str:
     """What is wrong with a varstore that is not the domain's own, in the right words: only
     a file another domain uses is "shared"; one with data past its varstore is oversized."""
-    if facts.nvram_shared_with:
-        return f"varstore {nvram.path} is shared: it is domain '{facts.nvram_shared_with}''s own"
+    if _shared(facts):
+        return f"varstore {nvram.path} is shared"
     if nvram.size > layout.size and nvram.varstore_layout is not None:
         return (f"varstore {nvram.path} is oversized: {nvram.size} bytes, {nvram.size - layout.size} more than "
                 f"its {layout.size}-byte varstore")
@@ -634,16 +679,23 @@ def _plan_shared_varstore(
     layout: VarstoreLayout,
 ) -> Plan:
     """Give the domain its own copy of the varstore it shares, every variable kept."""
-    fw = facts.firmware
+    fw, sharing = facts.firmware, facts.sharing
+    users = f" (used by domain(s) {', '.join(repr(n) for n in sharing.others)} too)" if sharing else ""
     if facts.running:
         return Plan(FirmwareConfig.SPLIT, Status.PENDING_COLD_BOOT,
-                    f"{_why_not_private(facts, nvram, layout)}; its variables will be copied to a private "
+                    f"{_why_not_private(facts, nvram, layout)}{users}; its variables will be copied to a private "
                     "varstore once the domain is shut off "
                     "(the running guest may still write variables into it)",
                     build=build, code=fw.loader_path, varstore=nvram.path)
-    target = new_varstore_path(nvram_dir, fw, {nvram.path, nvram.realpath})
+    if sharing is not None and sharing.running:
+        return Plan(FirmwareConfig.SPLIT, Status.PENDING_COLD_BOOT,
+                    f"varstore {nvram.path} is not private{users}; it will be copied once "
+                    f"{', '.join(repr(n) for n in sharing.running)} is shut off (a running guest may be writing it)",
+                    build=build, code=fw.loader_path, varstore=nvram.path)
+    target = new_varstore_path(nvram_dir, fw, {nvram.path, nvram.realpath} | facts.other_varstores)
     md = _provenance(fw.metadata, build, f"copy:{nvram.path}", now)
-    reason = f"{_why_not_private(facts, nvram, layout)}: copied to private {target} ({build.label})"
+    owner = f" (domain '{sharing.keeper}' keeps it)" if sharing and sharing.keeper else users
+    reason = f"{_why_not_private(facts, nvram, layout)}{owner}: copied to private {target} ({build.label})"
     return Plan(
         FirmwareConfig.SPLIT, Status.OK, reason,
         actions=(
@@ -670,9 +722,10 @@ def _plan_missing_varstore(
     problem = _smm_problem(build, fw)
     if problem:
         return Plan(config, Status.ERROR, problem, code=fw.loader_path, varstore=fw.nvram_path)
-    target = fw.nvram_path or varstore_path(nvram_dir, fw.name, fw.uuid)
-    if fw.nvram_path and not is_private_varstore(catalog, nvram_dir, FileFacts(path=fw.nvram_path, exists=False)):
-        target = varstore_path(nvram_dir, fw.name, fw.uuid)
+    target = fw.nvram_path or new_varstore_path(nvram_dir, fw, facts.other_varstores)
+    if fw.nvram_path and (_shared(facts) or not is_private_varstore(
+            catalog, nvram_dir, FileFacts(path=fw.nvram_path, exists=False))):
+        target = new_varstore_path(nvram_dir, fw, facts.other_varstores | {fw.nvram_path})
     elif not in_nvram_dir(nvram_dir, target):
         # e.g. <nvram>/etc/NAME_VARS.fd</nvram>: libvirt would create it there at first start.
         # varsd neither provisions it nor adds template= (which is what makes libvirt create it).

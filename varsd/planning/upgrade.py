@@ -110,7 +110,7 @@ def tracks_central(fw: DomainFirmware, image: FileFacts | None) -> bool:
     md = fw.metadata
     if not (md.build_code_sha256 and md.build_code_path) or md.pinned_sha256:
         return False
-    paths = {fw.loader_path, image.realpath if image is not None and image.exists else None}
+    paths = {fw.loader_path, image.realpath if image is not None else None}  # a dangling link too
     return md.build_code_path in paths
 
 

@@ -1,0 +1,94 @@
+"""varsd.firmware.discovery on Debian's real OVMF files: builds no descriptor lists,
+paired by content (virt-firmware), symlinks resolved, identified by digest."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from varsd.firmware.catalog import load_catalog
+from varsd.firmware.discovery import Probe, discover, pair_builds
+
+OVMF = "/usr/share/OVMF"
+FW_DIR = "/usr/share/qemu/firmware"
+
+
+def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
+    """A firmware dir: name -> a file of /usr/share/OVMF to copy, or '->target' for a symlink."""
+    d = tmp_path / "OVMF"
+    d.mkdir()
+    for name, src in files.items():
+        if src.startswith("->"):
+            os.symlink(src[2:], d / name)
+        else:
+            shutil.copyfile(src, d / name)
+    return d
+
+
+def _summary(builds) -> list[tuple[str, str, tuple[str, ...]]]:
+    return [(os.path.basename(b.code_path), os.path.basename(b.template_path), tuple(sorted(b.features)))
+            for b in builds]
+
+
+def test_debian12_2mib_builds_are_found_beside_the_descriptor_ones() -> None:
+    described = load_catalog([FW_DIR])
+    builds = discover([OVMF, "/usr/share/ovmf", "/usr/share/qemu"], {b.code_sha256 for b in described.builds})
+    sb, enrolled = ("requires-smm", "secure-boot"), ("enrolled-keys", "requires-smm", "secure-boot")
+    assert _summary(builds) == [  # the symlink OVMF_CODE.ms.fd is a name of the Secure Boot build too
+        ("OVMF_CODE.fd", "OVMF_VARS.fd", ()),
+        ("OVMF_CODE.ms.fd", "OVMF_VARS.ms.fd", enrolled), ("OVMF_CODE.ms.fd", "OVMF_VARS.fd", sb),
+        ("OVMF_CODE.secboot.fd", "OVMF_VARS.ms.fd", enrolled), ("OVMF_CODE.secboot.fd", "OVMF_VARS.fd", sb),
+    ]
+    assert len({b.code_sha256 for b in builds if "secure-boot" in b.features}) == 1
+    assert all(b.layout and b.layout.size == 131072 for b in builds)
+    assert all(b.origin == f"discovered:{b.code_path}" for b in builds)
+
+
+def test_descriptor_builds_come_first_and_are_not_listed_twice() -> None:
+    catalog = load_catalog([FW_DIR], search_dirs=[OVMF])
+    origins = [b.origin for b in catalog.builds]
+    assert [o for o in origins if not o.startswith("discovered:")] == origins[:3]
+    pairs = [(b.code_path, b.template_path) for b in catalog.builds]
+    assert len(pairs) == len(set(pairs))
+    assert not any(b.origin.startswith("discovered:") and "_4M" in b.code_path for b in catalog.builds)
+
+
+def test_symlinks_are_resolved_and_names_mean_nothing(tmp_path: Path) -> None:
+    # Debian's layout, but with names that say nothing: content decides.
+    d = _tree(tmp_path, {"a.fd": f"{OVMF}/OVMF_CODE.secboot.fd", "b.fd": f"{OVMF}/OVMF_VARS.fd",
+                         "c.fd": f"{OVMF}/OVMF_VARS.ms.fd", "OVMF_CODE.ms.fd": "->a.fd",
+                         "bios-256k.bin": "/usr/share/seabios/bios-256k.bin"})
+    builds = discover([str(d)], set())
+    sb, enrolled = ("requires-smm", "secure-boot"), ("enrolled-keys", "requires-smm", "secure-boot")
+    assert _summary(builds) == [("OVMF_CODE.ms.fd", "c.fd", enrolled), ("OVMF_CODE.ms.fd", "b.fd", sb),
+                                ("a.fd", "c.fd", enrolled), ("a.fd", "b.fd", sb)]
+    assert len({b.code_sha256 for b in builds}) == 1  # one build, two names; bios-256k.bin is none
+
+
+def test_a_path_whose_target_changes_is_a_new_build(tmp_path: Path) -> None:
+    d = _tree(tmp_path, {"plain.fd": f"{OVMF}/OVMF_CODE.fd", "sb.fd": f"{OVMF}/OVMF_CODE.secboot.fd",
+                         "VARS.fd": f"{OVMF}/OVMF_VARS.fd", "CODE.fd": "->plain.fd"})
+    first = {b.code_sha256 for b in discover([str(d)], set())}
+    os.unlink(d / "CODE.fd")
+    os.unlink(d / "plain.fd")
+    os.symlink("sb.fd", d / "CODE.fd")
+    second = {b.code_sha256 for b in discover([str(d)], set())}
+    assert second < first and len(second) == 1
+
+
+def test_code_without_a_template_of_its_layout_is_no_build(tmp_path: Path) -> None:
+    d = _tree(tmp_path, {"OVMF_CODE.fd": f"{OVMF}/OVMF_CODE.fd", "OVMF_VARS_4M.fd": f"{OVMF}/OVMF_VARS_4M.fd"})
+    assert discover([str(d)], set()) == []
+
+
+def test_a_unified_image_proves_the_layout_of_its_code() -> None:
+    from varsd.model.firmware import VarstoreLayout
+
+    two, four = VarstoreLayout(131072, 100, 57344), VarstoreLayout(540672, 100, 262144)
+    code = Probe("/fw/CODE.fd", 3653632, "c0de", modules=frozenset({"AmdSevDxe"}))
+    probes = [code, Probe("/fw/V2.fd", 131072, "v2", layout=two), Probe("/fw/V4.fd", 540672, "v4", layout=four),
+              Probe("/other/OVMF.fd", 4194304, "u", layout=four, trailing_sha256="c0de")]
+    (build,) = pair_builds(probes, set())
+    assert (build.template_path, build.layout) == ("/fw/V4.fd", four)
+    assert pair_builds(probes, {"c0de"}) == []  # already listed by a descriptor

@@ -1,0 +1,164 @@
+"""Which domains use which varstore file, by file identity, host-wide.
+
+Sharing is a fact about *all* domains, so one domain looked at alone (`varsctl status
+NAME`) or before the domain it shares with (name order) must still see it: the index is
+filled from every domain's persistent definition the first time it is needed, then kept
+current as each domain is examined. Two `<nvram>` paths name one file when they are
+equal after resolving symlinks, or when both exist with the same device and inode (a
+hard link). Who keeps a shared file is decided by `varsd.planning.sharing` (pure); the
+state of the *other* users (running, bound, opted out) is re-read from libvirt when a
+match is found, because the index may be older than their last change.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from varsd.adapters.libvirt_api import Hypervisor
+from varsd.domain.xml import parse_domain
+from varsd.errors import VarsdError
+from varsd.model.domain import DomainFirmware
+from varsd.planning.sharing import VarstoreUser
+
+log = logging.getLogger("varsd.reconcile")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    user: VarstoreUser
+    realpath: str
+    inode: tuple[int, int] | None
+
+
+def _identity(path: str) -> tuple[str, tuple[int, int] | None]:
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return real, None
+    return real, (st.st_dev, st.st_ino)
+
+
+def _same(a: _Entry, b: _Entry) -> bool:
+    return a.realpath == b.realpath or (a.inode is not None and a.inode == b.inode)
+
+
+class VarstoreIndex:
+    def __init__(self, hv: Hypervisor, own_path: Callable[[DomainFirmware], str],
+                 is_managed: Callable[[DomainFirmware, bool], bool]) -> None:
+        """`own_path(fw)` is libvirt's `<name>_VARS.fd` for a domain; `is_managed(fw, persistent)`
+        whether varsd may change it (not opted out, excluded, transient)."""
+        self.hv = hv
+        self._own_path = own_path
+        self._is_managed = is_managed
+        self._entries: dict[str, _Entry] = {}
+        # Inverse indexes, so one look is O(1) in the number of domains, not O(domains).
+        self._by_real: dict[str, set[str]] = {}
+        self._by_inode: dict[tuple[int, int], set[str]] = {}
+        self._filled = False
+        self._lock = threading.Lock()
+
+    def _entry(self, fw: DomainFirmware, *, running: bool, persistent: bool = True) -> _Entry | None:
+        path = fw.nvram_path
+        if not path:
+            return None
+        real, inode = _identity(path)
+        user = VarstoreUser(
+            uuid=fw.uuid, name=fw.name, path=path, own=path == self._own_path(fw), link=os.path.islink(path),
+            bound=fw.metadata.build_code_sha256 is not None, managed=self._is_managed(fw, persistent),
+            running=running,
+        )
+        return _Entry(user, real, inode)
+
+    def _read(self, uuid: str) -> _Entry | None:
+        """Another domain as libvirt has it now; None when it is gone or names no varstore."""
+        ref = self.hv.lookup(uuid)
+        fw = parse_domain(self.hv.persistent_xml(uuid) if ref.persistent else self.hv.live_xml(uuid))
+        return self._entry(fw, running=ref.active, persistent=ref.persistent)
+
+    def fill(self) -> None:
+        """Every domain's varstore, once (later looks keep it current)."""
+        with self._lock:
+            if self._filled:
+                return
+        refs = self.hv.list_domains()  # libvirt gone: raises, and the next look fills it
+        for ref in refs:
+            try:
+                entry = self._read(ref.uuid)
+            except VarsdError as exc:  # one unreadable domain does not hide the others
+                log.debug("varstore index: domain '%s': %s", ref.name, exc)
+                continue
+            with self._lock:
+                if entry is not None and ref.uuid not in self._entries:
+                    self._put(ref.uuid, entry)
+        with self._lock:
+            self._filled = True
+
+    def note(self, fw: DomainFirmware, *, running: bool, persistent: bool) -> tuple[VarstoreUser | None,
+                                                                                    list[VarstoreUser]]:
+        """Record what `fw` names now; returns its user record and the other users of its file,
+        re-read from libvirt."""
+        self.fill()
+        entry = self._entry(fw, running=running, persistent=persistent)
+        with self._lock:
+            if entry is None:
+                self._drop(fw.uuid)
+                return None, []
+            self._put(fw.uuid, entry)
+            candidates = sorted(self._matches(entry) - {fw.uuid})
+        others: list[VarstoreUser] = []
+        for uuid in candidates:
+            try:
+                fresh = self._read(uuid)
+            except VarsdError:
+                fresh = None  # gone meanwhile (or unreadable: it cannot be judged a sharer)
+            with self._lock:
+                if fresh is None:
+                    self._drop(uuid)
+                    continue
+                self._put(uuid, fresh)
+            if _same(fresh, entry):
+                others.append(fresh.user)
+        return entry.user, others
+
+    def _put(self, uuid: str, entry: _Entry) -> None:
+        self._drop(uuid)
+        self._entries[uuid] = entry
+        self._by_real.setdefault(entry.realpath, set()).add(uuid)
+        if entry.inode is not None:
+            self._by_inode.setdefault(entry.inode, set()).add(uuid)
+
+    def _drop(self, uuid: str) -> _Entry | None:
+        old = self._entries.pop(uuid, None)
+        if old is not None:
+            self._by_real.get(old.realpath, set()).discard(uuid)
+            if old.inode is not None:
+                self._by_inode.get(old.inode, set()).discard(uuid)
+        return old
+
+    def _matches(self, probe: _Entry) -> set[str]:
+        found = set(self._by_real.get(probe.realpath, ()))
+        if probe.inode is not None:
+            found |= self._by_inode.get(probe.inode, set())
+        return found
+
+    def taken(self, paths: list[str], uuid: str) -> frozenset[str]:
+        """Those of `paths` that another domain's varstore is (by identity)."""
+        return frozenset(p for p in paths if self.user_of(p, uuid) is not None)
+
+    def user_of(self, path: str, uuid: str) -> str | None:
+        """The name of another domain whose varstore `path` is (by identity), if any."""
+        real, inode = _identity(path)
+        probe = _Entry(VarstoreUser(uuid="", name="", path=path), real, inode)
+        with self._lock:
+            others = sorted(self._matches(probe) - {uuid})
+            return self._entries[others[0]].user.name if others else None
+
+    def forget(self, uuid: str) -> str | None:
+        with self._lock:
+            entry = self._drop(uuid)
+        return entry.user.path if entry is not None else None
