@@ -390,6 +390,12 @@ class Bed:
         _run(["mount", "-t", "overlay", "overlay", "-o",
               f"lowerdir={self.tree.root},upperdir={self.run_dir / 'upper'},workdir={self.run_dir / 'work'}",
               str(self.merged)], what="mounting the bed's overlay")
+        # Debian's libvirtd.service runs `--timeout 120`: idle, it exits and socket activation
+        # starts it again, and a client connecting at that moment gets a closed socket (seen
+        # here). The bed's libvirtd stays up for the whole run.
+        defaults = self.merged / "etc/default/libvirtd"
+        defaults.write_text((defaults.read_text() if defaults.exists() else "")
+                            + '\n# varsd test bed: no idle exit\nLIBVIRTD_ARGS=""\n')
         cmd = ["systemd-nspawn", "-D", str(self.merged), "--boot", "--register=no", "--keep-unit",
                "--console=passive", "-M", self.name, "--private-network",
                f"--bind={self.share}:{SHARE}", "--setenv=SYSTEMD_CGROUP_ENABLE_LEGACY_FORCE=1"]
