@@ -45,12 +45,13 @@ HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SHARE = "/srv/share"  # bind-mounted host directory: the bed's /tmp is a private tmpfs
 SOURCE = "/srv/varsd"  # the repository, bound read-only
-RECIPE_VERSION = 3  # bump when the steps below change in a way the package lists do not show
+RECIPE_VERSION = 4  # bump when the steps below change in a way the package lists do not show
 
 # Packages every bed gets: a virt host with systemd as PID 1, Debian's python3 stack for varsd,
 # pytest for the integration tier, and the tools to build and check varsd's Debian package.
 _BASE = ("systemd", "systemd-sysv", "dbus", "libvirt-daemon-system", "libvirt-clients", "qemu-system-x86",
-         "qemu-utils", "python3-libvirt", "python3-lxml", "python3-apscheduler", "python3-pytest",
+         "qemu-utils", "python3-libvirt", "python3-lxml", "python3-apscheduler", "python3-prometheus-client",
+         "python3-pytest",
          "procps", "iproute2", "less", "swtpm", "swtpm-tools")
 _BUILD = ("debhelper", "dh-python", "pybuild-plugin-pyproject", "python3-all", "python3-setuptools", "lintian",
           "fakeroot", "build-essential")

@@ -56,7 +56,8 @@ def test_package_contents_control_and_conffiles(debian13: testbed.Bed, deb: str)
     info = debian13.run("dpkg-deb", "-I", deb).stdout
     assert Path(deb).name == f"varsd_{_field(info, ' Version')}_all.deb"
     depends = _field(info, " Depends")
-    for pkg in ("python3-libvirt", "python3-lxml", "python3-apscheduler", "python3-virt-firmware"):
+    for pkg in ("python3-libvirt", "python3-lxml", "python3-apscheduler", "python3-prometheus-client",
+                "python3-virt-firmware"):
         assert re.search(rf"(^|, ){pkg}\b", depends), depends
     control = debian13.sh(f"rm -rf /tmp/ctl && dpkg-deb -e {deb} /tmp/ctl && cd /tmp/ctl && "
                           "for f in conffiles triggers postinst postrm; do echo \"== $f\"; cat $f; done").stdout

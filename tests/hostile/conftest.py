@@ -50,6 +50,10 @@ class Bed:
         self.config.write_text(
             f'state_dir = "{state or self.state}"\nnvram_dir = "{self.nvram}"\n'
             f'firmware_dirs = ["/usr/share/qemu/firmware", "{self.etc}"]\n'
+            # the descriptors alone are this bed's firmware (no builds found by searching the
+            # host's /usr/share/OVMF: rows such as "a pin to a build this host does not know"
+            # rely on the 2 MiB images being unknown)
+            'firmware_search_dirs = []\n'
             'qemu_user = "root"\nqemu_group = "root"\n' + extra
         )
 

@@ -207,8 +207,8 @@ def _clone(bed: Bed, env) -> list[str]:
         dom = bed.conn.lookupByName(ref.name)
         bed.conn.defineXML(dom.XMLDesc(0).replace("</name>", "</name><description>racer</description>", 1))
         # The racer's definition is what must survive; the varstore just made from the
-        # template stays for the next look, which adopts it.
-        env["after"].update(bed.snapshot())
+        # template for the refused change is removed again (never orphaned: issue 7).
+        env["after"].update({p: v for p, v in bed.snapshot().items() if not p.startswith(str(bed.nvram))})
         return real(self, ref, old_xml, new_xml, reason, *args, **kwargs)
 
     env["monkeypatch"].setattr(transaction.Writer, "write", racing)
@@ -695,13 +695,13 @@ ROWS = [
         ("{images}/VARS.fd: varstore layout", "does not match the layout the firmware code expects"),
     ),
     Row(
-        "an error outcome's class (full disk, missing nvram_dir) is unknown, not none",
+        "an error outcome's class (full disk, missing nvram_dir) is its real one, never none",
         lambda bed, env: (
             bed.config.write_text(bed.config.read_text().replace(str(bed.nvram), str(bed.root / "no-nvram"))),
             ["reconcile", "--json", bed.domain(f"<loader type='rom'>{UNIFIED}</loader>")],
         )[1],
         ATTENTION,
-        ('"config": "unknown"', '"status": "error"'),
+        ('"config": "bios-rom"', '"status": "error"', "directory does not exist"),
         13,
     ),
     # command line and undo
@@ -799,11 +799,11 @@ def _template_swapped(bed: Bed, env) -> list[str]:
 
     real = reconciler.Reconciler._execute
 
-    def swapped(self, ref, facts, plan):
+    def swapped(self, *args, **kwargs):
         new = bed.file("VARS.fd.dpkg-new", like=VARS_2M)
         os.rename(new, template)
         env["after"].update(bed.snapshot())
-        return real(self, ref, facts, plan)
+        return real(self, *args, **kwargs)
 
     env["monkeypatch"].setattr(reconciler.Reconciler, "_execute", swapped)
     return ["reconcile", name]

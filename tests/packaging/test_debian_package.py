@@ -13,6 +13,7 @@ from debtools import DEBIAN_DIR, REPO
 from packaging_tools import argparse_docs
 
 from varsd.config import Config, parse_config
+from varsd.model.backup import BackupKeep
 
 CONFFILE = REPO / "packaging" / "varsd.toml"
 
@@ -31,6 +32,10 @@ def test_conffile_names_every_key_commented_with_its_default() -> None:
         want = getattr(defaults, key)
         if key in ("qemu_user", "qemu_group"):
             assert want is None and value == "libvirt-qemu"  # the effective default on Debian
+        elif want is None:  # off by default: the line shows an example that parses
+            assert getattr(parse_config(f"{key} = {value!r}".replace("'", '"')), key) is not None, key
+        elif key == "backup_keep":
+            assert BackupKeep(**value) == want
         else:
             assert (tuple(value) if isinstance(value, list) else value) == want, key
     # the extra_firmware example is a valid table once uncommented
