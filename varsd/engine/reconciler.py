@@ -350,25 +350,6 @@ class Reconciler:
                     self.rechecks.add(o.uuid)
         return sharing.decide(me, others)
 
-    # The two indexes keep each look O(1): a full pass over N domains must not cost N^2.
-    def _use(self, uuid: str, path: str | None) -> None:
-        """Record that `uuid` names `path` (None: no varstore), in `_uses` and its inverse."""
-        before = self._uses.get(uuid)
-        if before and before != path:
-            users = self._users.get(before, set())
-            users.discard(uuid)
-            if not users:
-                self._users.pop(before, None)
-        self._uses[uuid] = path
-        if path:
-            self._users.setdefault(path, set()).add(uuid)
-
-    def _disown(self, uuid: str) -> None:
-        """`uuid` no longer owns the path it owned."""
-        path = self._owned.pop(uuid, None)
-        if path is not None and self._owners.get(path, ("",))[0] == uuid:
-            del self._owners[path]
-
     def plan_xml(self, ref: DomainRef, xml: str, *, policy: UpgradePolicy | None = None) -> tuple[DomainFacts, Plan]:
         """Plan for a definition the domain does not have yet (what varsctl pin, unpin and
         approve are about to write), so their one redefinition is already what the planner
