@@ -200,7 +200,8 @@ def _parse(data: bytes, name: str) -> _Parsed:
             f"{name}: truncated or damaged edk2 varstore (volume ends at 0x{volume_end:x}, "
             f"variables 0x{store.start:x}-0x{store.end:x}, file has 0x{len(data):x} bytes)"
         )
-    layout = VarstoreLayout(size=volume_end, start=store.start, end=store.end)
+    size = len(data) if is_padded(data, volume_end) else volume_end
+    layout = VarstoreLayout(size=size, start=store.start, end=store.end)
     return _Parsed(store=store, layout=layout, records=_walk(store.filedata, store.start, store.end, name))
 
 
@@ -274,6 +275,32 @@ def _render(parsed: _Parsed, records: dict[str, _RawVar], template_name: str, sr
     return blob
 
 
+def is_flash_size(n: int) -> bool:
+    """A whole flash device: a power of two of at least 1 MiB (OVMF 1/2/4 MiB, AAVMF 64 MiB)."""
+    return n >= 1 << 20 and n & (n - 1) == 0
+
+
+def is_erased(data: bytes, start: int = 0) -> bool:
+    """Whether `data[start:]` is erased flash: all 0x00 (what Debian's AAVMF images are padded
+    with) or all 0xff (what erased NOR flash reads as)."""
+    n = len(data) - start
+    return n > 0 and (data.count(0, start) == n or data.count(0xFF, start) == n)
+
+
+def is_padded(data: bytes, volume_end: int) -> bool:
+    """A varstore padded to its flash device (AAVMF: a 768 KiB NvData volume, then erased
+    bytes up to the 64 MiB a QEMU `virt` flash bank must be). The padding belongs to the
+    varstore file (QEMU refuses a smaller one), so its layout size is the file's; a varstore
+    followed by anything else (a unified image's code, junk) is not padded."""
+    return len(data) > volume_end and is_flash_size(len(data)) and is_erased(data, volume_end)
+
+
+def is_blank_flash(data: bytes) -> bool:
+    """A flash image that is all erased: ArmVirtQemu formats such a varstore at its first boot
+    (Debian 12's `AAVMF_VARS.fd` is 64 MiB of zeros)."""
+    return is_flash_size(len(data)) and is_erased(data)
+
+
 def layout_of_bytes(data: bytes, name: str) -> VarstoreLayout:
     """Layout of the varstore at the start of `data` (read from the file called `name`)."""
     return _parse(data, name).layout
@@ -299,6 +326,11 @@ def read_layout(path: str) -> VarstoreLayout:
             (vlen,) = struct.unpack_from("<Q", head, offset + 32)
             if offset + vlen > len(head):
                 head = fsio.read_head(path, min(offset + vlen, fsio.DEFAULT_MAX_READ))
+            size = os.stat(path).st_size
+            if is_flash_size(size) and size > offset + vlen and size <= fsio.DEFAULT_MAX_READ:
+                head = fsio.read_file(path)  # may be a padded varstore (AAVMF): its tail decides
+    except OSError as exc:
+        raise VarstoreError(f"{path}: {exc.strerror}") from None
     except fsio.ReadError as exc:
         raise VarstoreError(str(exc)) from None
     return layout_of_bytes(head, path)

@@ -41,11 +41,13 @@ class FileInspector:
     def _read(self, path: str, size: int, digest: bool) -> FileFacts:
         if size > fsio.DEFAULT_MAX_READ:  # no firmware file is this large: refused unread
             return FileFacts(path=path, exists=True, size=size, error=fsio.too_big(path, size))
+        blank = False
         try:
             layout = virtfw.read_layout(path)  # reads the varstore volume only
             error = None
         except VarstoreError as exc:
             layout, error = None, str(exc)
+            blank = virtfw.is_flash_size(size) and _blank(path)
         sha = trailing = None
         if digest:
             # fsio refuses anything but a regular file and never blocks in open(): a FIFO
@@ -62,5 +64,13 @@ class FileInspector:
             realpath=os.path.realpath(path),
             varstore_layout=layout,
             trailing_sha256=trailing,
-            error=error if layout is None and not digest else None,
+            error=error if layout is None and not digest and not blank else None,
+            blank=blank,
         )
+
+
+def _blank(path: str) -> bool:
+    try:
+        return virtfw.is_blank_flash(fsio.read_file(path))
+    except fsio.ReadError:
+        return False

@@ -431,7 +431,7 @@ class Reconciler:
         blocked = None
         for action in plan.actions:
             if isinstance(action, CreateVarstore):
-                blocked = preflight(action.path, action.source, length=action.length)
+                blocked = preflight(action.path, action.source, length=action.length, expected_layout=action.layout)
                 if blocked:
                     break
         out = _outcome(ref, facts, plan, (), unrepaired=_changes_firmware(facts, plan))

@@ -1,0 +1,171 @@
+"""aarch64 (AAVMF) guests follow x86's rules, with Debian 12's real qemu-efi-aarch64 files:
+classified, repaired into central code + a private 64 MiB varstore, kept, never crossed
+with x86 firmware (and never given x86's ACPI or SMM requirements)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import libvirt
+import pytest
+from aavmf_files import BROKEN, CODE, CODE_MS, ENROLLED, FLASH, LAYOUT, PLAIN, QEMU_EFI, VARS, VARS_MS
+from ovmf_files import CODE_4M
+
+from varsd.adapters import virtfw
+from varsd.domain.xml import parse_domain
+from varsd.engine.inspect import FileInspector
+from varsd.firmware.catalog import load_catalog
+from varsd.firmware.fit import Misfit, Needs, misfits
+from varsd.model.domain import FirmwareConfig, Status
+from varsd.planning.repair import CreateVarstore, DomainFacts, Redefine, plan_repair
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+NOW = "2026-12-01T00:00:00Z"
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return load_catalog(["/usr/share/qemu/firmware"])
+
+
+def domain(os_inner: str = "", *, cmdline: str = "", arch: str = "aarch64", machine: str = "virt-7.2") -> str:
+    ns = f" xmlns:qemu='{QEMU_NS}'" if cmdline else ""
+    extra = f"<qemu:commandline>{cmdline}</qemu:commandline>" if cmdline else ""
+    return (f"<domain type='qemu'{ns}><name>arm</name><uuid>a4c40000-0000-4000-8000-000000000064</uuid>"
+            f"<memory unit='KiB'>524288</memory><os><type arch='{arch}' machine='{machine}'>hvm</type>{os_inner}"
+            f"</os><cpu mode='custom' match='exact'><model fallback='allow'>cortex-a57</model></cpu>"
+            f"<devices/>{extra}</domain>")
+
+
+def args(*values: str) -> str:
+    return "".join(f"<qemu:arg value='{v}'/>" for v in values)
+
+
+def plan(xml: str, catalog, nvram_dir: str):
+    fw = parse_domain(xml)
+    ins = FileInspector()
+    image_path = fw.cmdline_bios or fw.loader_path
+    facts = DomainFacts(
+        xml, fw,
+        image=ins.inspect(image_path, digest=True) if image_path else None,
+        nvram=ins.inspect(fw.nvram_path, digest=False) if fw.nvram_path else None,
+    )
+    return plan_repair(facts, catalog, nvram_dir, NOW)
+
+
+def test_debian12_aavmf_catalog(catalog) -> None:
+    """Both usable descriptors are builds with the 64 MiB layout; the blank AAVMF_VARS.fd gets the
+    layout its code formats (learned from AAVMF_VARS.ms.fd, the same code's formatted template);
+    Debian 12's 50- descriptor names a code file the package does not ship: a problem, not a build."""
+    arm = {b.origin: b for b in catalog.builds if b.targets[0].architecture == "aarch64"}
+    assert sorted(arm) == [ENROLLED, PLAIN]
+    plain, enrolled = arm[PLAIN], arm[ENROLLED]
+    assert (plain.code_path, plain.template_path, plain.layout, plain.template_blank) == (CODE, VARS, LAYOUT, True)
+    assert (enrolled.code_path, enrolled.template_path, enrolled.layout, enrolled.template_blank) == (
+        CODE_MS, VARS_MS, LAYOUT, False)
+    assert plain.code_sha256 == enrolled.code_sha256 and plain.code_size == FLASH
+    assert enrolled.secure_boot and not enrolled.requires_smm and not plain.secure_boot
+    assert [p.source for p in catalog.problems] == [BROKEN]
+    assert "AAVMF_CODE.secboot.fd does not exist" in catalog.problems[0].message
+
+
+def test_padded_varstore_layout_is_the_whole_flash_bank() -> None:
+    """The 768 KiB NvData volume plus zero padding is one 64 MiB varstore (QEMU's virt machine
+    refuses a smaller flash file); junk after the volume keeps it an oversized file."""
+    assert virtfw.read_layout(VARS_MS) == LAYOUT
+    data = Path(VARS_MS).read_bytes()
+    assert virtfw.layout_of_bytes(data[:LAYOUT.end + 0xB0000] + b"\x01" * (FLASH - LAYOUT.end - 0xB0000),
+                                  "junk").size == 0xC0000
+    assert virtfw.is_blank_flash(Path(VARS).read_bytes())
+    with pytest.raises(Exception, match="not an edk2 varstore"):
+        virtfw.read_layout(VARS)
+
+
+def test_architecture_is_a_typed_misfit_both_ways(catalog) -> None:
+    """An x86 domain never gets AAVMF, an aarch64 one never OVMF, whatever else fits."""
+    x86 = parse_domain(domain(arch="x86_64", machine="pc-q35-7.2"))
+    arm = parse_domain(domain())
+    for b in catalog.builds:
+        is_arm = b.targets[0].architecture == "aarch64"
+        mine, other = (arm, x86) if is_arm else (x86, arm)
+        assert Misfit.ARCHITECTURE in [p.kind for p in misfits(b, Needs.of(other, secure_boot=None))], b.origin
+        assert Misfit.ARCHITECTURE not in [p.kind for p in misfits(b, Needs.of(mine, secure_boot=None))]
+    # also when the machine is not known
+    ovmf = next(b for b in catalog.builds if b.code_path == CODE_4M)
+    assert [p.kind for p in misfits(ovmf, Needs(arch="aarch64", mode=None))] == [Misfit.ARCHITECTURE]
+
+
+def _repaired(p, nvram_dir: str) -> tuple[CreateVarstore, str]:
+    assert p.status is Status.OK, p.detail
+    create, redefine = p.actions
+    assert isinstance(create, CreateVarstore) and isinstance(redefine, Redefine)
+    assert os.path.dirname(create.path) == nvram_dir
+    assert (create.source, create.layout) == (VARS, LAYOUT)
+    fw = parse_domain(redefine.xml)
+    assert (fw.loader_path, fw.loader_type, fw.loader_readonly, fw.nvram_path) == (CODE, "pflash", True, create.path)
+    assert not fw.loader_secure and not fw.smm and not fw.acpi  # x86's rules only: libvirt's too
+    assert not fw.cmdline_firmware and fw.metadata.build_code_sha256
+    return create, redefine.xml
+
+
+@pytest.mark.parametrize(("name", "xml", "config"), [
+    ("-bios QEMU_EFI.fd", domain(cmdline=args("-bios", QEMU_EFI)), FirmwareConfig.BIOS_ROM),
+    ("<loader type='rom'>", domain(f"<loader type='rom'>{QEMU_EFI}</loader>"), FirmwareConfig.BIOS_ROM),
+    ("code-only pflash", domain(cmdline=args("-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={CODE}")),
+     FirmwareConfig.CODE_ONLY),
+])
+def test_wrong_ways_become_central_aavmf_plus_private_varstore(name, xml, config, catalog, tmp_path) -> None:
+    """Repaired like x86's: the plain build (no Secure Boot was there before), its blank template
+    copied whole; the same plan applied and the copy in place, the next plan changes nothing."""
+    p = plan(xml, catalog, str(tmp_path))
+    assert p.config is config, p.detail
+    create, new_xml = _repaired(p, str(tmp_path))
+    shutil.copyfile(create.source, create.path)
+    again = plan(new_xml, catalog, str(tmp_path))
+    assert (again.config, again.status, again.actions) == (FirmwareConfig.SPLIT, Status.OK, ()), again.detail
+    # and once the firmware formatted it at first boot (what AAVMF_VARS.ms.fd's layout is), still
+    Path(create.path).write_bytes(virtfw.with_variables(VARS_MS, []))
+    booted = plan(new_xml, catalog, str(tmp_path))
+    assert (booted.status, booted.actions) == (Status.OK, ()), booted.detail
+
+
+def test_enrolled_guest_stays_on_its_build(catalog, tmp_path) -> None:
+    """What libvirt's firmware='efi' picks on Debian 12 (40-: AAVMF_CODE.ms.fd + AAVMF_VARS.ms.fd)
+    is split and fine as it is; it is bound, never moved to the plain build or given secure='yes'."""
+    nvram = tmp_path / "arm_VARS.fd"
+    shutil.copyfile(VARS_MS, nvram)
+    xml = domain(f"<loader readonly='yes' type='pflash'>{CODE_MS}</loader>"
+                 f"<nvram template='{VARS_MS}'>{nvram}</nvram>")
+    p = plan(xml, catalog, str(tmp_path))
+    assert (p.config, p.status) == (FirmwareConfig.SPLIT, Status.OK), p.detail
+    assert p.build is not None and p.build.origin == ENROLLED
+    for action in p.actions:
+        fw = parse_domain(action.xml)
+        assert (fw.loader_path, fw.nvram_path, fw.loader_secure) == (CODE_MS, str(nvram), None)
+    again = plan(p.actions[0].xml, catalog, str(tmp_path)) if p.actions else p
+    assert (again.status, again.actions) == (Status.OK, ())
+
+
+def test_a_varstore_of_the_wrong_size_is_not_taken_for_aavmf(catalog, tmp_path) -> None:
+    """A 768 KiB varstore (the volume without its padding) does not fit AAVMF code: QEMU would
+    refuse the file, and varsd says so instead of binding it."""
+    nvram = tmp_path / "arm_VARS.fd"
+    nvram.write_bytes(Path(VARS_MS).read_bytes()[:0xC0000])
+    p = plan(domain(f"<loader readonly='yes' type='pflash'>{CODE}</loader><nvram>{nvram}</nvram>"), catalog,
+             str(tmp_path))
+    assert p.status is not Status.OK and not any(isinstance(a, CreateVarstore) for a in p.actions), p.detail
+
+
+@pytest.mark.parametrize("which", ["-bios QEMU_EFI.fd", "code-only pflash"])
+def test_qemu_driver_accepts_the_repair(which, catalog, tmp_path, qemu_driver) -> None:
+    """libvirt's real QEMU driver (embedded, this host's qemu-system-aarch64) accepts the output."""
+    xml = {"-bios QEMU_EFI.fd": domain(cmdline=args("-bios", QEMU_EFI)),
+           "code-only pflash": domain(cmdline=args("-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={CODE}"))}
+    _create, new_xml = _repaired(plan(xml[which], catalog, str(tmp_path)), str(tmp_path))
+    dom = qemu_driver.defineXMLFlags(new_xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+    try:
+        assert parse_domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).loader_path == CODE
+    finally:
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM)
