@@ -36,3 +36,18 @@ def x86_only(catalog: Catalog) -> Catalog:
         builds=tuple(b for b in catalog.builds if any(t.architecture != "aarch64" for t in b.targets)),
         problems=tuple(p for p in catalog.problems if "aarch64" not in os.path.basename(p.source)),
     )
+
+
+def hide_aarch64(directory) -> str:
+    """A descriptor directory (made in `directory`) that hides the host's aarch64 descriptors
+    the way an admin would, with zero-length files of their names: put it last in
+    firmware_dirs for tests about the x86 ones that count what the catalog reads."""
+    os.makedirs(directory, exist_ok=True)
+    for path in (ENROLLED, BROKEN, PLAIN):
+        open(os.path.join(directory, os.path.basename(path)), "w").close()
+    return str(directory)
+
+
+def without_aarch64(names) -> list:
+    """Descriptor names or paths minus the aarch64 ones qemu-efi-aarch64 installs."""
+    return [n for n in names if "aarch64" not in os.path.basename(str(n))]

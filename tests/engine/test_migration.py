@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from aavmf_files import x86_only
 
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.backup_index import BackupIndex
@@ -68,7 +69,7 @@ EXTRA_2M = "config:extra_firmware[0]"
 @pytest.fixture(scope="module")
 def catalog() -> Catalog:
     """Debian's three 4 MiB descriptors plus the plain 2 MiB pair from the config."""
-    cat = load_catalog([FW_DIR], [ExtraFirmware(code=CODE_2M, template=VARS_2M)])
+    cat = x86_only(load_catalog([FW_DIR], [ExtraFirmware(code=CODE_2M, template=VARS_2M)]))
     assert len(cat.builds) == 4 and cat.problems == ()
     return cat
 

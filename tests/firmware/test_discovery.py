@@ -7,6 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
+from aavmf_files import hide_aarch64
+
 from varsd.firmware.catalog import load_catalog
 from varsd.firmware.discovery import Probe, discover, pair_builds
 
@@ -45,8 +47,8 @@ def test_debian12_2mib_builds_are_found_beside_the_descriptor_ones() -> None:
     assert all(b.origin == f"discovered:{b.code_path}" for b in builds)
 
 
-def test_descriptor_builds_come_first_and_are_not_listed_twice() -> None:
-    catalog = load_catalog([FW_DIR], search_dirs=[OVMF])
+def test_descriptor_builds_come_first_and_are_not_listed_twice(tmp_path: Path) -> None:
+    catalog = load_catalog([FW_DIR, hide_aarch64(tmp_path / "hide")], search_dirs=[OVMF])
     origins = [b.origin for b in catalog.builds]
     assert [o for o in origins if not o.startswith("discovered:")] == origins[:3]
     pairs = [(b.code_path, b.template_path) for b in catalog.builds]
