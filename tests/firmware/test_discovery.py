@@ -94,3 +94,34 @@ def test_a_unified_image_proves_the_layout_of_its_code() -> None:
     (build,) = pair_builds(probes, set())
     assert (build.template_path, build.layout) == ("/fw/V4.fd", four)
     assert pair_builds(probes, {"c0de"}) == []  # already listed by a descriptor
+
+
+# -- aarch64: AAVMF's 64 MiB banks ------------------------------------------------------
+
+
+def test_aavmf_code_pairs_with_the_templates_of_its_bank_size_by_content(tmp_path: Path) -> None:
+    """Names that say nothing (links to Debian 12's files): the code is ArmVirtQemu's, the
+    blank template takes the layout of the formatted one beside it; no SMM, so the plain
+    build has the blank template and the Secure Boot one the enrolled template."""
+    from aavmf_files import CODE, LAYOUT, VARS, VARS_MS
+
+    d = _tree(tmp_path, {"c.fd": f"->{CODE}", "blank.fd": f"->{VARS}", "keys.fd": f"->{VARS_MS}",
+                         "efi.fd": "->/usr/share/qemu-efi-aarch64/QEMU_EFI.fd"})
+    builds = discover([str(d)], set())
+    assert _summary(builds) == [("c.fd", "keys.fd", ("enrolled-keys", "secure-boot")), ("c.fd", "blank.fd", ())]
+    assert all(b.layout == LAYOUT and b.targets[0].architecture == "aarch64" for b in builds)
+    assert [b.template_blank for b in builds] == [False, True]
+
+
+def test_aavmf_code_without_a_formatted_template_is_no_build(tmp_path: Path) -> None:
+    """A blank template alone says nothing about the layout the code formats."""
+    from aavmf_files import CODE, VARS
+
+    d = _tree(tmp_path, {"c.fd": f"->{CODE}", "blank.fd": f"->{VARS}"})
+    assert discover([str(d)], set()) == []
+
+
+def test_listed_aavmf_code_is_not_listed_again(tmp_path: Path) -> None:
+    """Debian 12's descriptors list AAVMF_CODE.fd (and its .ms link): discovery adds nothing for it."""
+    catalog = load_catalog([FW_DIR], search_dirs=["/usr/share/AAVMF"])
+    assert not [b for b in catalog.builds if b.origin.startswith("discovered:")]

@@ -297,7 +297,9 @@ def load_catalog(
     builds = _with_blank_layouts(builds, problems)
     if search_dirs:
         try:
-            builds += discovery.discover(search_dirs, {b.code_sha256 for b in builds}, modules_cache=modules_cache)
+            listed = frozenset(os.path.realpath(b.code_path) for b in builds)
+            builds += discovery.discover(search_dirs, {b.code_sha256 for b in builds}, modules_cache=modules_cache,
+                                         known_files=listed)
         except Exception as exc:  # see above
             log.exception("firmware discovery: unexpected error")
             problems.append(CatalogProblem(source="discovery", message=f"firmware discovery: unexpected error: {exc}"))
