@@ -132,6 +132,30 @@ def read_head(path: str, length: int, *, max_size: int = DEFAULT_MAX_READ) -> by
         os.close(fd)
 
 
+def erased_from(path: str, offset: int, *, chunk: int = 1 << 20) -> bool:
+    """Whether the regular file `path` holds only erased flash (all 0x00 or all 0xff) from
+    `offset` to its end, read in chunks (an AAVMF varstore's 63 MiB of padding); False if
+    there is nothing there."""
+    fd, st = _open_regular(path, True)
+    try:
+        if st.st_size <= offset:
+            return False
+        os.lseek(fd, offset, os.SEEK_SET)
+        fill: int | None = None
+        while True:
+            block = os.read(fd, chunk)
+            if not block:
+                return fill is not None
+            if fill is None:
+                fill = block[0]
+                if fill not in (0, 0xFF):
+                    return False
+            if block.count(fill) != len(block):
+                return False
+    finally:
+        os.close(fd)
+
+
 def too_big(path: str, size: int, max_size: int = DEFAULT_MAX_READ) -> str:
     """The one message for a file larger than any firmware file or varstore."""
     return (f"{path}: file is {size} bytes, more than the {max_size} any firmware file or varstore is; "

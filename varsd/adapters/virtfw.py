@@ -324,18 +324,21 @@ def read_layout(path: str) -> VarstoreLayout:
     try:
         head = fsio.read_head(path, _HEAD)
         offset = _find_nvdata(head)
-        if offset is not None and offset + 40 <= len(head):
-            (vlen,) = struct.unpack_from("<Q", head, offset + 32)
-            if offset + vlen > len(head):
-                head = fsio.read_head(path, min(offset + vlen, fsio.DEFAULT_MAX_READ))
-            size = os.stat(path).st_size
-            if is_flash_size(size) and size > offset + vlen and size <= fsio.DEFAULT_MAX_READ:
-                head = fsio.read_file(path)  # may be a padded varstore (AAVMF): its tail decides
+        if offset is None or offset + 40 > len(head):
+            return layout_of_bytes(head, path)  # raises, saying why
+        (vlen,) = struct.unpack_from("<Q", head, offset + 32)
+        end = offset + vlen
+        volume = head[:end] if end <= len(head) else fsio.read_head(path, min(end, fsio.DEFAULT_MAX_READ))
+        layout = layout_of_bytes(volume, path)
+        size = os.stat(path).st_size
+        if layout.size == end < size and is_flash_size(size) and size <= fsio.DEFAULT_MAX_READ \
+                and fsio.erased_from(path, end):
+            layout = VarstoreLayout(size=size, start=layout.start, end=layout.end)  # padded (AAVMF), streamed
     except OSError as exc:
         raise VarstoreError(f"{path}: {exc.strerror}") from None
     except fsio.ReadError as exc:
         raise VarstoreError(str(exc)) from None
-    return layout_of_bytes(head, path)
+    return layout
 
 
 def variables_of_bytes(data: bytes, name: str) -> dict[str, EfiVariable]:

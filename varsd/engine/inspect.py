@@ -70,7 +70,8 @@ class FileInspector:
 
 
 def _blank(path: str) -> bool:
+    """All erased (streamed: a blank AAVMF varstore is 64 MiB of zeros)."""
     try:
-        return virtfw.is_blank_flash(fsio.read_file(path))
+        return fsio.erased_from(path, 0)
     except fsio.ReadError:
         return False

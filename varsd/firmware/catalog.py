@@ -109,7 +109,7 @@ class _Reader:
 
         def read() -> bool:
             try:
-                return virtfw.is_blank_flash(fsio.read_file(path))
+                return virtfw.is_flash_size(key[2]) and fsio.erased_from(path, 0)
             except fsio.ReadError as exc:
                 raise _Skip(f"cannot read {role} {path}: {exc}") from None
 
