@@ -15,14 +15,14 @@ from ovmf_files import CODE_4M
 
 from varsd.adapters import virtfw
 from varsd.domain.xml import parse_domain
-from varsd.engine.inspect import FileInspector
 from varsd.firmware.catalog import load_catalog
 from varsd.firmware.fit import Misfit, Needs, misfits
 from varsd.model.domain import FirmwareConfig, Status
-from varsd.planning.repair import CreateVarstore, DomainFacts, Redefine, plan_repair
+from varsd.planning.repair import CreateVarstore, Redefine
+
+from .test_repair_edges import plan  # the planner on real files, as the engine inspects them
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
-NOW = "2026-12-01T00:00:00Z"
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +41,6 @@ def domain(os_inner: str = "", *, cmdline: str = "", arch: str = "aarch64", mach
 
 def args(*values: str) -> str:
     return "".join(f"<qemu:arg value='{v}'/>" for v in values)
-
-
-def plan(xml: str, catalog, nvram_dir: str):
-    fw = parse_domain(xml)
-    ins = FileInspector()
-    image_path = fw.cmdline_bios or fw.loader_path
-    facts = DomainFacts(
-        xml, fw,
-        image=ins.inspect(image_path, digest=True) if image_path else None,
-        nvram=ins.inspect(fw.nvram_path, digest=False) if fw.nvram_path else None,
-    )
-    return plan_repair(facts, catalog, nvram_dir, NOW)
 
 
 def test_debian12_aavmf_catalog(catalog) -> None:
