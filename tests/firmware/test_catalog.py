@@ -336,3 +336,36 @@ def test_nul_in_filename_is_a_plain_descriptor_error(tmp_path, caplog):
         cat, problems = _one_problem(tmp_path, "20-nul.json", text)
     assert "contains a NUL byte" in problems["20-nul.json"]
     assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"]
+
+
+# -- aarch64: blank templates ---------------------------------------------------------
+
+
+def _arm(code, template) -> str:
+    doc = json.loads(descriptor(code, template))
+    doc["targets"] = [{"architecture": "aarch64", "machines": ["virt-*"]}]
+    return json.dumps(doc)
+
+
+def test_a_blank_template_alone_is_a_problem_not_a_build(tmp_path):
+    """Without a formatted template of the same code nothing says which layout the code formats."""
+    from aavmf_files import CODE, VARS
+
+    d = tmp_path / "fw"
+    d.mkdir()
+    (d / "60-arm.json").write_text(_arm(CODE, VARS))
+    cat = load_catalog([str(d)])
+    assert cat.builds == ()
+    (problem,) = cat.problems
+    assert "is blank flash" in problem.message and "does not offer it" in problem.message
+
+
+def test_a_blank_template_is_never_taken_for_x86(tmp_path):
+    """OVMF needs a formatted varstore: on x86 a blank file is no template at all."""
+    from aavmf_files import VARS
+
+    d = tmp_path / "fw"
+    d.mkdir()
+    (d / "60-x86.json").write_text(descriptor(f"{OVMF}/OVMF_CODE_4M.fd", VARS))
+    (problem,) = load_catalog([str(d)]).problems
+    assert "not usable as a varstore template" in problem.message
