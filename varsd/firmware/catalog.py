@@ -298,8 +298,9 @@ def load_catalog(
     if search_dirs:
         try:
             listed = frozenset(os.path.realpath(b.code_path) for b in builds)
+            templates = frozenset(os.path.realpath(b.template_path) for b in builds if b.template_path)
             builds += discovery.discover(search_dirs, {b.code_sha256 for b in builds}, modules_cache=modules_cache,
-                                         known_files=listed)
+                                         known_files=listed, known_templates=templates - listed)
         except Exception as exc:  # see above
             log.exception("firmware discovery: unexpected error")
             problems.append(CatalogProblem(source="discovery", message=f"firmware discovery: unexpected error: {exc}"))

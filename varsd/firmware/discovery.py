@@ -225,25 +225,42 @@ def with_modules(p: Probe, cache: ModuleCache) -> Probe:
 
 
 def discover(dirs: Sequence[str], known_code: set[str], *, modules_cache: ModuleCache | None = None,
-             probe_file: Callable[[str], Probe | None] = probe, known_files: frozenset[str] = frozenset()
-             ) -> list[Build]:
+             probe_file: Callable[[str], Probe | None] = probe, known_files: frozenset[str] = frozenset(),
+             known_templates: frozenset[str] = frozenset()) -> list[Build]:
     """Builds found in `dirs` whose code no descriptor or extra pair lists (never raises).
 
     `known_files`: resolved paths of code images already listed, not read again (a 64 MiB
-    AAVMF code image costs a read and a digest for nothing)."""
+    AAVMF code image costs a read and a digest for nothing). `known_templates`: resolved
+    paths of listed templates, read only in a directory that holds a file that may be
+    unlisted code (they matter only for pairing it)."""
     cache = modules_cache if modules_cache is not None else {}
-    probes, read = [], {}
-    for path, real in _files(dirs).items():
-        if real in known_files:
-            continue
+    probes: list[Probe] = []
+    read: dict[str, Probe | None] = {}
+    deferred: list[tuple[str, str]] = []
+
+    def take(path: str, real: str) -> None:
         if real not in read:  # each file read once, whatever names it has
             try:
                 read[real] = probe_file(real)
             except Exception as exc:  # one odd file never takes the catalog down
                 log.debug("firmware discovery: %s: %s", path, exc)
                 read[real] = None
-        if read[real] is not None:
-            probes.append(replace(read[real], path=path))
+        found = read[real]
+        if found is not None:
+            probes.append(replace(found, path=path))
+
+    for path, real in _files(dirs).items():
+        if real in known_files:
+            continue
+        if real in known_templates:
+            deferred.append((path, real))
+            continue
+        take(path, real)
+    wanted = {os.path.dirname(p.path) for p in probes
+              if p.layout is None and not p.blank and p.sha256 not in known_code}
+    for path, real in deferred:
+        if os.path.dirname(path) in wanted:
+            take(path, real)
     sizes = {p.size for p in probes if p.is_template}
     trailing = {p.trailing_sha256 for p in probes if p.is_unified}
     out = []
