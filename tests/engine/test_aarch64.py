@@ -74,5 +74,11 @@ def test_each_architecture_gets_its_own_firmware_and_aavmf_keeps_the_whole_bank(
         assert f.read() == bytes(FLASH)  # byte for byte the blank AAVMF_VARS.fd
     assert not [n for n in os.listdir(cfg.nvram_dir) if n.startswith(".")]  # no temp file left
 
+    # bound and archived like an x86 build: a sparse, verified copy of the 64 MiB code
+    sha = a.metadata.build_code_sha256
+    copy = os.path.join(cfg.state_dir, "archive", f"{sha}.fd")
+    assert os.path.getsize(copy) == FLASH and os.stat(copy).st_blocks * 512 < FLASH // 4
+    assert sha in rec.upgrade_context().archive.verified
+
     again = [rec.reconcile(hv.lookup(ref.uuid)) for ref in (arm, x86)]
     assert [(o.plan.config, o.status, o.done) for o in again] == [(FirmwareConfig.SPLIT, Status.OK, ())] * 2

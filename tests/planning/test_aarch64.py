@@ -157,3 +157,28 @@ def test_qemu_driver_accepts_the_repair(which, catalog, tmp_path, qemu_driver) -
         assert parse_domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).loader_path == CODE
     finally:
         dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM)
+
+
+def test_an_aavmf_upgrade_is_tracked_and_a_misfit_one_held(catalog, tmp_path) -> None:
+    """Firmware upgrades reach AAVMF guests like x86 ones: a new build of the same layout is
+    followed; one whose varstore layout differs holds the guest on its archived build."""
+    from dataclasses import replace
+
+    from varsd.model.domain import FileFacts
+    from varsd.model.firmware import Catalog, VarstoreLayout
+    from varsd.planning.upgrade import Hold, PinKind, Track, decide_tracking
+
+    _create, xml = _repaired(plan(domain(cmdline=args("-bios", QEMU_EFI)), catalog, str(tmp_path)), str(tmp_path))
+    fw = parse_domain(xml)
+    new = "b" * 64
+    image = FileFacts(path=CODE, exists=True, size=FLASH, sha256=new, realpath=CODE)
+
+    def upgraded(layout: VarstoreLayout) -> Catalog:
+        return replace(catalog, builds=tuple(replace(b, code_sha256=new, layout=layout)
+                                             if b.code_path in (CODE, CODE_MS) else b for b in catalog.builds))
+
+    same = decide_tracking(fw, image, upgraded(LAYOUT), LAYOUT, None, "auto")
+    assert isinstance(same, Track) and same.build.code_sha256 == new and same.build.origin == PLAIN
+    other = decide_tracking(fw, image, upgraded(replace(LAYOUT, size=0xC0000)), LAYOUT, None, "auto")
+    assert isinstance(other, Hold) and other.kind is PinKind.INCOMPATIBLE
+    assert fw.metadata.build_code_sha256 in other.candidates and "varstore" in other.reason
