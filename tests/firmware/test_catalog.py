@@ -349,11 +349,11 @@ def _arm(code, template) -> str:
 
 def test_a_blank_template_alone_is_a_problem_not_a_build(tmp_path):
     """Without a formatted template of the same code nothing says which layout the code formats."""
-    from aavmf_files import CODE, VARS
+    from aavmf_files import CODE, blank_flash
 
     d = tmp_path / "fw"
     d.mkdir()
-    (d / "60-arm.json").write_text(_arm(CODE, VARS))
+    (d / "60-arm.json").write_text(_arm(CODE, blank_flash(tmp_path / "VARS.fd")))
     cat = load_catalog([str(d)])
     assert cat.builds == ()
     (problem,) = cat.problems
@@ -362,10 +362,10 @@ def test_a_blank_template_alone_is_a_problem_not_a_build(tmp_path):
 
 def test_a_blank_template_is_never_taken_for_x86(tmp_path):
     """OVMF needs a formatted varstore: on x86 a blank file is no template at all."""
-    from aavmf_files import VARS
+    from aavmf_files import blank_flash
 
     d = tmp_path / "fw"
     d.mkdir()
-    (d / "60-x86.json").write_text(descriptor(f"{OVMF}/OVMF_CODE_4M.fd", VARS))
+    (d / "60-x86.json").write_text(descriptor(f"{OVMF}/OVMF_CODE_4M.fd", blank_flash(tmp_path / "VARS.fd")))
     (problem,) = load_catalog([str(d)]).problems
     assert "not usable as a varstore template" in problem.message

@@ -103,10 +103,11 @@ def test_aavmf_code_pairs_with_the_templates_of_its_bank_size_by_content(tmp_pat
     """Names that say nothing (links to Debian 12's files): the code is ArmVirtQemu's, the
     blank template takes the layout of the formatted one beside it; no SMM, so the plain
     build has the blank template and the Secure Boot one the enrolled template."""
-    from aavmf_files import CODE, LAYOUT, VARS, VARS_MS
+    from aavmf_files import CODE, LAYOUT, VARS_MS, blank_flash
 
-    d = _tree(tmp_path, {"c.fd": f"->{CODE}", "blank.fd": f"->{VARS}", "keys.fd": f"->{VARS_MS}",
+    d = _tree(tmp_path, {"c.fd": f"->{CODE}", "keys.fd": f"->{VARS_MS}",
                          "efi.fd": "->/usr/share/qemu-efi-aarch64/QEMU_EFI.fd"})
+    blank_flash(d / "blank.fd")
     builds = discover([str(d)], set())
     assert _summary(builds) == [("c.fd", "keys.fd", ("enrolled-keys", "secure-boot")), ("c.fd", "blank.fd", ())]
     assert all(b.layout == LAYOUT and b.targets[0].architecture == "aarch64" for b in builds)
@@ -115,13 +116,18 @@ def test_aavmf_code_pairs_with_the_templates_of_its_bank_size_by_content(tmp_pat
 
 def test_aavmf_code_without_a_formatted_template_is_no_build(tmp_path: Path) -> None:
     """A blank template alone says nothing about the layout the code formats."""
-    from aavmf_files import CODE, VARS
+    from aavmf_files import CODE, blank_flash
 
-    d = _tree(tmp_path, {"c.fd": f"->{CODE}", "blank.fd": f"->{VARS}"})
+    d = _tree(tmp_path, {"c.fd": f"->{CODE}"})
+    blank_flash(d / "blank.fd")
     assert discover([str(d)], set()) == []
 
 
 def test_listed_aavmf_code_is_not_listed_again(tmp_path: Path) -> None:
-    """Debian 12's descriptors list AAVMF_CODE.fd (and its .ms link): discovery adds nothing for it."""
+    """Debian's descriptors list AAVMF_CODE.fd (Debian 12; .no-secboot/.secboot on 13) and its
+    links: discovery adds nothing for that code (Debian 13's unlisted strictnx build it may)."""
     catalog = load_catalog([FW_DIR], search_dirs=["/usr/share/AAVMF"])
-    assert not [b for b in catalog.builds if b.origin.startswith("discovered:")]
+    listed = {b.code_sha256 for b in catalog.builds if not b.origin.startswith("discovered:")}
+    found = [b for b in catalog.builds if b.origin.startswith("discovered:")]
+    assert listed and not [b for b in found if b.code_sha256 in listed]
+    assert all("strictnx" in b.code_path for b in found), [b.code_path for b in found]

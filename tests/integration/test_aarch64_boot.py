@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from aavmf_files import CODE, FLASH, LAYOUT, QEMU_EFI, VARS
+from aavmf_files import DEBIAN12, FLASH, LAYOUT, PLAIN_CODE, QEMU_EFI, VARS
 
 from varsd.adapters import virtfw
 from varsd.adapters.libvirt_api import Hypervisor
@@ -54,25 +54,25 @@ def test_bios_qemu_efi_guest_is_repaired_and_boots_central_aavmf(hv: Hypervisor,
     assert os.path.dirname(varstore) == NVRAM_DIR
 
     fw = parse_domain(hv.persistent_xml(g.uuid))
-    assert (fw.loader_path, fw.loader_type, fw.loader_readonly, fw.nvram_path) == (CODE, "pflash", True, varstore)
+    assert (fw.loader_path, fw.loader_type, fw.loader_readonly, fw.nvram_path) == (PLAIN_CODE, "pflash", True, varstore)
     assert (fw.nvram_template, fw.loader_secure, fw.smm, fw.acpi, fw.cmdline_firmware) == (
         VARS, None, False, False, False)
     assert fw.metadata.build_code_sha256  # bound like any x86 guest
     st = os.lstat(varstore)
     assert (st.st_size, st.st_mode & 0o777, st.st_uid) == (FLASH, 0o600, _qemu_uid())  # the full 64 MiB bank
-    assert st.st_blocks * 512 < FLASH // 8  # sparse: the blank template's zeros are holes
+    assert st.st_blocks * 512 < FLASH // 8  # sparse: the template's zeros are holes
     fresh = Path(varstore).read_bytes()
-    assert virtfw.is_blank_flash(fresh)
+    assert fresh == Path(VARS).read_bytes() and virtfw.is_blank_flash(fresh) is DEBIAN12
 
     s = varsctl(config, "status", "--json", g.name)
     (before_boot,) = json.loads(s.stdout)["domains"]
-    assert (before_boot["config"], before_boot["status"]) == ("split", "ok"), before_boot  # blank: not yet formatted
+    assert (before_boot["config"], before_boot["status"]) == ("split", "ok"), before_boot  # Debian 12: still blank
 
     hv.start(g.uuid)
     try:
         wait_for_serial(g.serial_log, r"BdsDxe: (loading|starting) Boot", timeout=BOOT_TIMEOUT)  # its boot manager
         files = open_paths(qemu_pid(g.name))
-        assert CODE in files and varstore in files, f"QEMU has {sorted(files)}"
+        assert PLAIN_CODE in files and varstore in files, f"QEMU has {sorted(files)}"
         assert QEMU_EFI not in files
         formatted = wait_for_varstore_write(varstore, fresh, timeout=BOOT_TIMEOUT)
         assert len(formatted) == FLASH
@@ -85,7 +85,7 @@ def test_bios_qemu_efi_guest_is_repaired_and_boots_central_aavmf(hv: Hypervisor,
     (after,) = json.loads(again.stdout)["domains"]
     assert (after["config"], after["status"], after["changes"]) == ("split", "ok", []), after
     fw = parse_domain(hv.persistent_xml(g.uuid))
-    assert (fw.loader_path, fw.nvram_path, fw.metadata.template_path) == (CODE, varstore, VARS)
+    assert (fw.loader_path, fw.nvram_path, fw.metadata.template_path) == (PLAIN_CODE, varstore, VARS)
 
 
 def _qemu_uid() -> int:

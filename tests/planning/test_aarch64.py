@@ -1,4 +1,4 @@
-"""aarch64 (AAVMF) guests follow x86's rules, with Debian 12's real qemu-efi-aarch64 files:
+"""aarch64 (AAVMF) guests follow x86's rules, with Debian's real qemu-efi-aarch64 files:
 classified, repaired into central code + a private 64 MiB varstore, kept, never crossed
 with x86 firmware (and never given x86's ACPI or SMM requirements)."""
 
@@ -10,7 +10,21 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from aavmf_files import BROKEN, CODE, CODE_MS, ENROLLED, FLASH, LAYOUT, PLAIN, QEMU_EFI, VARS, VARS_MS
+from aavmf_files import (
+    CODE,
+    CODE_MS,
+    DEBIAN12,
+    ENROLLED,
+    FLASH,
+    LAYOUT,
+    PLAIN,
+    PLAIN_CODE,
+    QEMU_EFI,
+    SECURE,
+    VARS,
+    VARS_MS,
+    blank_flash,
+)
 from ovmf_files import CODE_4M
 
 from varsd.adapters import virtfw
@@ -43,32 +57,43 @@ def args(*values: str) -> str:
     return "".join(f"<qemu:arg value='{v}'/>" for v in values)
 
 
-def test_debian12_aavmf_catalog(catalog) -> None:
-    """Both usable descriptors are builds with the 64 MiB layout; the blank AAVMF_VARS.fd gets the
-    layout its code formats (learned from AAVMF_VARS.ms.fd, the same code's formatted template);
-    Debian 12's 50- descriptor names a code file the package does not ship: a problem, not a build."""
+def test_debian_aavmf_catalog(catalog) -> None:
+    """Debian's aarch64 descriptors are builds with the 64 MiB layout. Debian 12: the blank
+    AAVMF_VARS.fd gets the layout its code formats (learned from AAVMF_VARS.ms.fd, the same
+    code's formatted template), one code image serves both builds, and the 50- descriptor names
+    a code file the package does not ship (a problem, not a build). Debian 13: three builds,
+    Secure Boot code of its own, every template formatted."""
     arm = {b.origin: b for b in catalog.builds if b.targets[0].architecture == "aarch64"}
-    assert sorted(arm) == [ENROLLED, PLAIN]
     plain, enrolled = arm[PLAIN], arm[ENROLLED]
-    assert (plain.code_path, plain.template_path, plain.layout, plain.template_blank) == (CODE, VARS, LAYOUT, True)
+    assert (plain.code_path, plain.template_path, plain.layout) == (PLAIN_CODE, VARS, LAYOUT)
     assert (enrolled.code_path, enrolled.template_path, enrolled.layout, enrolled.template_blank) == (
         CODE_MS, VARS_MS, LAYOUT, False)
-    assert plain.code_sha256 == enrolled.code_sha256 and plain.code_size == FLASH
-    assert enrolled.secure_boot and not enrolled.requires_smm and not plain.secure_boot
-    assert [p.source for p in catalog.problems] == [BROKEN]
-    assert "AAVMF_CODE.secboot.fd does not exist" in catalog.problems[0].message
+    assert plain.code_size == FLASH and not plain.secure_boot
+    assert enrolled.secure_boot and enrolled.enrolled_keys and not enrolled.requires_smm
+    problems = [p for p in catalog.problems if "aarch64" in p.source]
+    if DEBIAN12:
+        assert sorted(arm) == [ENROLLED, PLAIN] and plain.template_blank
+        assert plain.code_sha256 == enrolled.code_sha256
+        assert [p.source for p in problems] == [SECURE]
+        assert "AAVMF_CODE.secboot.fd does not exist" in problems[0].message
+    else:
+        assert sorted(arm) == [ENROLLED, SECURE, PLAIN] and not plain.template_blank and problems == []
+        assert plain.code_sha256 != enrolled.code_sha256 == arm[SECURE].code_sha256
 
 
-def test_padded_varstore_layout_is_the_whole_flash_bank() -> None:
+def test_padded_varstore_layout_is_the_whole_flash_bank(tmp_path) -> None:
     """The 768 KiB NvData volume plus zero padding is one 64 MiB varstore (QEMU's virt machine
-    refuses a smaller flash file); junk after the volume keeps it an oversized file."""
+    refuses a smaller flash file); junk after the volume keeps it an oversized file; blank flash
+    is no varstore yet."""
     assert virtfw.read_layout(VARS_MS) == LAYOUT
     data = Path(VARS_MS).read_bytes()
     assert virtfw.layout_of_bytes(data[:LAYOUT.end + 0xB0000] + b"\x01" * (FLASH - LAYOUT.end - 0xB0000),
                                   "junk").size == 0xC0000
-    assert virtfw.is_blank_flash(Path(VARS).read_bytes())
+    blank = blank_flash(tmp_path / "blank.fd")
+    assert virtfw.is_blank_flash(Path(blank).read_bytes())
+    assert virtfw.is_blank_flash(Path(VARS).read_bytes()) is DEBIAN12
     with pytest.raises(Exception, match="not an edk2 varstore"):
-        virtfw.read_layout(VARS)
+        virtfw.read_layout(blank)
 
 
 def test_architecture_is_a_typed_misfit_both_ways(catalog) -> None:
@@ -92,7 +117,8 @@ def _repaired(p, nvram_dir: str) -> tuple[CreateVarstore, str]:
     assert os.path.dirname(create.path) == nvram_dir
     assert (create.source, create.layout) == (VARS, LAYOUT)
     fw = parse_domain(redefine.xml)
-    assert (fw.loader_path, fw.loader_type, fw.loader_readonly, fw.nvram_path) == (CODE, "pflash", True, create.path)
+    assert (fw.loader_path, fw.loader_type, fw.loader_readonly, fw.nvram_path) == (
+        PLAIN_CODE, "pflash", True, create.path)
     assert not fw.loader_secure and not fw.smm and not fw.acpi  # x86's rules only: libvirt's too
     assert not fw.cmdline_firmware and fw.metadata.build_code_sha256
     return create, redefine.xml
@@ -105,8 +131,8 @@ def _repaired(p, nvram_dir: str) -> tuple[CreateVarstore, str]:
      FirmwareConfig.CODE_ONLY),
 ])
 def test_wrong_ways_become_central_aavmf_plus_private_varstore(name, xml, config, catalog, tmp_path) -> None:
-    """Repaired like x86's: the plain build (no Secure Boot was there before), its blank template
-    copied whole; the same plan applied and the copy in place, the next plan changes nothing."""
+    """Repaired like x86's: the plain build (no Secure Boot was there before), its template
+    (blank on Debian 12) copied whole; the same plan applied and the copy in place, the next plan changes nothing."""
     p = plan(xml, catalog, str(tmp_path))
     assert p.config is config, p.detail
     create, new_xml = _repaired(p, str(tmp_path))
@@ -154,7 +180,7 @@ def test_qemu_driver_accepts_the_repair(which, catalog, tmp_path, qemu_driver) -
     _create, new_xml = _repaired(plan(xml[which], catalog, str(tmp_path)), str(tmp_path))
     dom = qemu_driver.defineXMLFlags(new_xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
     try:
-        assert parse_domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).loader_path == CODE
+        assert parse_domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).loader_path == PLAIN_CODE
     finally:
         dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM)
 
@@ -171,11 +197,11 @@ def test_an_aavmf_upgrade_is_tracked_and_a_misfit_one_held(catalog, tmp_path) ->
     _create, xml = _repaired(plan(domain(cmdline=args("-bios", QEMU_EFI)), catalog, str(tmp_path)), str(tmp_path))
     fw = parse_domain(xml)
     new = "b" * 64
-    image = FileFacts(path=CODE, exists=True, size=FLASH, sha256=new, realpath=CODE)
+    image = FileFacts(path=PLAIN_CODE, exists=True, size=FLASH, sha256=new, realpath=PLAIN_CODE)
 
     def upgraded(layout: VarstoreLayout) -> Catalog:
         return replace(catalog, builds=tuple(replace(b, code_sha256=new, layout=layout)
-                                             if b.code_path in (CODE, CODE_MS) else b for b in catalog.builds))
+                                             if b.code_path == PLAIN_CODE else b for b in catalog.builds))
 
     same = decide_tracking(fw, image, upgraded(LAYOUT), LAYOUT, None, "auto")
     assert isinstance(same, Track) and same.build.code_sha256 == new and same.build.origin == PLAIN
