@@ -27,8 +27,9 @@ the files *are*, never by their names:
 - AAVMF (aarch64, `ArmCpuDxe` among its modules): code and varstore each fill a 64 MiB
   flash bank, so its templates are the files of its size beside it; the blank one (all
   zeros, formatted by the code at first boot) takes the layout of the formatted ones. No
-  SMM: a plain build with the blank (or an unenrolled) template, and a `secure-boot` one
-  with an enrolled template, as Debian's aarch64 descriptors pair them.
+  SMM: a plain build with the blank (or an unenrolled) template, and, when the code can do
+  Secure Boot (`SecureBootConfigDxe`), a `secure-boot` one with an enrolled template, as
+  Debian's aarch64 descriptors pair them.
 - Code a descriptor or `extra_firmware` already lists (same content) is not listed again;
   discovered builds come after those, so new guests still get the distro's preference.
 """
@@ -53,6 +54,7 @@ MIN_SIZE, MAX_SIZE = 64 << 10, 64 << 20
 X86_MODULE = "AmdSevDxe"  # in every OVMF x86 build, in no ArmVirt one
 ARM_MODULE = "ArmCpuDxe"  # in every ArmVirtQemu (AAVMF) build, in no OVMF one
 SMM_MODULE = "VariableSmm"
+SB_CONFIG_MODULE = "SecureBootConfigDxe"  # AAVMF code that can do Secure Boot at all
 EFI_GLOBAL = "8be4df61-93ca-11d2-aa0d-00e098032b8c"
 
 
@@ -142,7 +144,8 @@ def _arm_builds(code: Probe, here: Sequence[Probe]) -> list[Build]:
     assert layout is not None
     blank = sorted((t for t in here if t.blank and t.size == code.size), key=lambda t: t.path)
     plain = (blank + [t for t in formatted if not t.enrolled])[:1]
-    enrolled = [t for t in formatted if t.enrolled][:1]
+    # Code built without Secure Boot (Debian 13's AAVMF_CODE.no-secboot.fd) lacks its setup module.
+    enrolled = [t for t in formatted if t.enrolled][:1] if SB_CONFIG_MODULE in code.modules else []
     return [_build(code, t, layout, False) for t in plain] + [_build(code, t, layout, True) for t in enrolled]
 
 
