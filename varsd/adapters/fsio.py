@@ -141,16 +141,16 @@ def erased_from(path: str, offset: int, *, chunk: int = 1 << 20) -> bool:
         if st.st_size <= offset:
             return False
         os.lseek(fd, offset, os.SEEK_SET)
-        fill: int | None = None
+        erased: bytes | None = None
         while True:
             block = os.read(fd, chunk)
             if not block:
-                return fill is not None
-            if fill is None:
-                fill = block[0]
-                if fill not in (0, 0xFF):
+                return erased is not None
+            if erased is None:
+                if block[0] not in (0, 0xFF):
                     return False
-            if block.count(fill) != len(block):
+                erased = bytes([block[0]]) * chunk
+            if block != erased[: len(block)]:  # memcmp: far faster than counting bytes
                 return False
     finally:
         os.close(fd)

@@ -227,6 +227,18 @@ def with_modules(p: Probe, cache: ModuleCache) -> Probe:
     return replace(p, modules=cache[p.sha256])
 
 
+def _bank_varstore(path: str) -> bool:
+    """A file of a whole AAVMF bank that begins with a varstore: a template (AAVMF has no unified
+    images), which matters only beside unlisted code; seen from its first MiB, not its 64."""
+    try:
+        if os.stat(path).st_size != AAVMF_BANK:
+            return False
+        virtfw.layout_of_bytes(fsio.read_head(path, 1 << 20), path)
+    except (OSError, fsio.ReadError, VarstoreError):
+        return False
+    return True
+
+
 def discover(dirs: Sequence[str], known_code: set[str], *, modules_cache: ModuleCache | None = None,
              probe_file: Callable[[str], Probe | None] = probe, known_files: frozenset[str] = frozenset(),
              known_templates: frozenset[str] = frozenset()) -> list[Build]:
@@ -234,8 +246,8 @@ def discover(dirs: Sequence[str], known_code: set[str], *, modules_cache: Module
 
     `known_files`: resolved paths of code images already listed, not read again (a 64 MiB
     AAVMF code image costs a read and a digest for nothing). `known_templates`: resolved
-    paths of listed templates, read only in a directory that holds a file that may be
-    unlisted code (they matter only for pairing it)."""
+    paths of listed templates, read (like any 64 MiB AAVMF template) only in a directory that
+    holds a file that may be unlisted code: they matter only for pairing it."""
     cache = modules_cache if modules_cache is not None else {}
     probes: list[Probe] = []
     read: dict[str, Probe | None] = {}
@@ -255,7 +267,7 @@ def discover(dirs: Sequence[str], known_code: set[str], *, modules_cache: Module
     for path, real in _files(dirs).items():
         if real in known_files:
             continue
-        if real in known_templates:
+        if real in known_templates or _bank_varstore(real):
             deferred.append((path, real))
             continue
         take(path, real)
