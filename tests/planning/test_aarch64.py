@@ -208,3 +208,13 @@ def test_an_aavmf_upgrade_is_tracked_and_a_misfit_one_held(catalog, tmp_path) ->
     other = decide_tracking(fw, image, upgraded(replace(LAYOUT, size=0xC0000)), LAYOUT, None, "auto")
     assert isinstance(other, Hold) and other.kind is PinKind.INCOMPATIBLE
     assert fw.metadata.build_code_sha256 in other.candidates and "varstore" in other.reason
+
+
+def test_an_x86_varstore_with_zeros_after_it_is_not_padded(tmp_path) -> None:
+    """Only a 64 MiB virt bank is a padded varstore: OVMF_VARS_4M.fd plus zeros to 1 MiB keeps
+    its 540672-byte layout (and is called oversized, as before aarch64 came)."""
+    from ovmf_files import LAYOUT_4M, VARS_4M
+
+    f = tmp_path / "x86_VARS.fd"
+    f.write_bytes(Path(VARS_4M).read_bytes().ljust(1 << 20, b"\0"))
+    assert virtfw.read_layout(str(f)) == LAYOUT_4M == virtfw.layout_of_bytes(f.read_bytes(), "x86")

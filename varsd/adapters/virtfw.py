@@ -289,12 +289,21 @@ def is_erased(data: bytes, start: int = 0) -> bool:
     return n > 0 and data[start] in (0, 0xFF) and data.count(data[start], start) == n
 
 
+PADDED_BANK = 64 << 20
+"""The flash bank a padded varstore fills: QEMU's `virt` machine (AAVMF). x86 OVMF varstores
+fill their range exactly, so an x86 varstore with zeros after it stays "oversized"."""
+
+
+def is_padded_size(size: int, volume_end: int) -> bool:
+    return size == PADDED_BANK and size > volume_end
+
+
 def is_padded(data: bytes, volume_end: int) -> bool:
-    """A varstore padded to its flash device (AAVMF: a 768 KiB NvData volume, then erased
-    bytes up to the 64 MiB a QEMU `virt` flash bank must be). The padding belongs to the
-    varstore file (QEMU refuses a smaller one), so its layout size is the file's; a varstore
-    followed by anything else (a unified image's code, junk) is not padded."""
-    return len(data) > volume_end and is_flash_size(len(data)) and is_erased(data, volume_end)
+    """A varstore padded to its flash bank (AAVMF: a 768 KiB NvData volume, then erased bytes
+    up to the 64 MiB a QEMU `virt` flash bank must be). The padding belongs to the varstore
+    file (QEMU refuses a smaller one), so its layout size is the file's; a varstore followed
+    by anything else (a unified image's code, junk) is not padded."""
+    return is_padded_size(len(data), volume_end) and is_erased(data, volume_end)
 
 
 def is_blank_flash(data: bytes) -> bool:
@@ -331,7 +340,7 @@ def read_layout(path: str) -> VarstoreLayout:
         volume = head[:end] if end <= len(head) else fsio.read_head(path, min(end, fsio.DEFAULT_MAX_READ))
         layout = layout_of_bytes(volume, path)
         size = os.stat(path).st_size
-        if layout.size == end < size and is_flash_size(size) and size <= fsio.DEFAULT_MAX_READ \
+        if layout.size == end and is_padded_size(size, end) and size <= fsio.DEFAULT_MAX_READ \
                 and fsio.erased_from(path, end):
             layout = VarstoreLayout(size=size, start=layout.start, end=layout.end)  # padded (AAVMF), streamed
     except OSError as exc:
