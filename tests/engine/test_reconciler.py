@@ -16,10 +16,11 @@ from collections.abc import Iterator
 
 import libvirt
 import pytest
+from support.clock import FixedClock
+from support.domains import domain_xml
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
-from varsd.clock import FixedClock
 from varsd.config import Config
 from varsd.engine import reconciler as reconciler_mod
 from varsd.engine import transaction
@@ -33,19 +34,6 @@ URI = "test:///default"
 CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 VARS_4M = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 NOW = "2025-06-01T12:00:00Z"
-
-
-def domain_xml(name: str, os_inner: str, *, machine: str = "pc-q35-7.2", memory_kib: int = 262144) -> str:
-    return f"""<domain type='test'>
-  <name>{name}</name>
-  <uuid>{uuidlib.uuid4()}</uuid>
-  <memory unit='KiB'>{memory_kib}</memory>
-  <os>
-    <type arch='x86_64' machine='{machine}'>hvm</type>
-    {os_inner}
-  </os>
-  <devices/>
-</domain>"""
 
 
 ROM = "<loader type='rom'>/usr/share/ovmf/OVMF.fd</loader>"
