@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import grp
 import os
 import re
 import sqlite3
+import stat
 import threading
 import urllib.parse
 from collections.abc import Iterator
@@ -197,19 +199,66 @@ def _disk_full(directory: str) -> bool:
 
 
 def _connect_read_only(path: str) -> sqlite3.Connection:
-    """A read-only connection: `mode=ro` (sees a live writer's WAL), else `immutable=1` for a
-    file system that cannot take the -shm file (a read-only mount)."""
+    """A read-only connection: `mode=ro` (sees a live writer's WAL through its -shm file, even
+    one this reader may only read), else `immutable=1` where SQLite cannot make the -shm file
+    (a read-only mount, or an admin who may read the database but not write its directory,
+    while no varsd has it open). Never immutable over a WAL it could not read: that would
+    show the journal as it was before the WAL's changes."""
     quoted = urllib.parse.quote(path)
-    for uri in (f"file:{quoted}?mode=ro", f"file:{quoted}?mode=ro&immutable=1"):
-        db = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
-        try:
-            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            return db
-        except sqlite3.Error:
-            db.close()  # nothing left open on the file system (it may be unmounted next)
-            if "immutable" in uri:
-                raise
-    raise AssertionError("unreachable")
+    db = sqlite3.connect(f"file:{quoted}?mode=ro", uri=True, timeout=30, isolation_level=None,
+                         check_same_thread=False)
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return db
+    except sqlite3.Error:
+        db.close()  # nothing left open on the file system (it may be unmounted next)
+        if _size(path + "-wal"):
+            raise
+    db = sqlite3.connect(f"file:{quoted}?mode=ro&immutable=1", uri=True, timeout=30, isolation_level=None,
+                         check_same_thread=False)
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error:
+        db.close()
+        raise
+    return db
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _share(path: str, readers: str) -> None:
+    """Let group `readers` read the database: the file 0640 in that group, and SQLite's -wal
+    and -shm files too (SQLite creates them with the database file's mode and owner, so this
+    holds for later ones). "root", or a group that does not exist: 0600, root only. The state
+    directory gets search permission. Where it cannot be changed (not root), it stays as is."""
+    try:
+        gid = 0 if readers == "root" else grp.getgrnam(readers).gr_gid
+    except KeyError:
+        gid = 0
+    mode = 0o600 if gid == 0 else 0o640
+    try:
+        state = os.path.dirname(path)
+        if gid and not os.stat(state).st_mode & 0o001:
+            os.chmod(state, stat.S_IMODE(os.stat(state).st_mode) | 0o011)
+        for name in (path, path + "-wal", path + "-shm"):
+            try:
+                st = os.lstat(name)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue  # StateDB refuses a link in the database's place; SQLite the others
+            # by path, never by an fd: closing one would drop this process's SQLite locks
+            if st.st_gid != gid:
+                os.chown(name, -1, gid, follow_symlinks=False)
+            if stat.S_IMODE(st.st_mode) != mode:
+                os.chmod(name, mode)
+    except OSError:
+        pass
 
 
 _CREATE_TABLE = re.compile(r"(CREATE TABLE IF NOT EXISTS (\w+) \(.*?\);)", re.S)
@@ -227,7 +276,9 @@ class StateDB:
 
     SCHEMA = ""
 
-    def __init__(self, path: str, *, read_only: bool = False) -> None:
+    def __init__(self, path: str, *, read_only: bool = False, readers: str | None = None) -> None:
+        """`readers`: the group that may read the database (Config.admin_group; see `_share`);
+        None leaves its permissions as they are."""
         self.path = path
         self.read_only = False
         self._lock = threading.RLock()  # one connection, several worker threads; `batch` nests
@@ -239,7 +290,7 @@ class StateDB:
             self._open_read_only()
             return
         try:
-            os.makedirs(state, mode=0o700, exist_ok=True)
+            os.makedirs(state, mode=0o711 if readers else 0o700, exist_ok=True)
             # Create it 0600 first, but never open and close an *existing* database file here:
             # closing any fd of a file drops every POSIX lock this process holds on it, and a
             # process with another connection open (journal and backup index) would lose the
@@ -257,6 +308,8 @@ class StateDB:
                 raise OSError(errno.EROFS, "read-only file system", state)
             if not (os.access(path, os.W_OK) and os.access(state, os.W_OK)):
                 raise OSError(errno.EACCES, "permission denied", path)
+            if readers:
+                _share(path, readers)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.EISDIR):
                 raise StateDirError(f"{path}: the varsd journal is not a plain file (a symbolic link or "
@@ -338,9 +391,9 @@ class Journal(StateDB):
 
     SCHEMA = _SCHEMA + _SECUREBOOT_SCHEMA
 
-    def __init__(self, path: str, *, read_only: bool = False) -> None:
-        """Open (creating it if need be) the journal; `read_only`: see StateDB."""
-        super().__init__(path, read_only=read_only)
+    def __init__(self, path: str, *, read_only: bool = False, readers: str | None = None) -> None:
+        """Open (creating it if need be) the journal; `read_only`, `readers`: see StateDB."""
+        super().__init__(path, read_only=read_only, readers=readers)
         try:
             if self.read_only:
                 self._kind_column = self._has_kind()

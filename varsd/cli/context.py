@@ -54,7 +54,7 @@ class Context:
     @property
     def journal(self) -> Journal:
         if self._journal is None:
-            self._journal = Journal(self.cfg.journal_path, read_only=self.read_only)
+            self._journal = Journal(self.cfg.journal_path, read_only=self.read_only, readers=self.cfg.admin_group)
         return self._journal
 
     def reconciler(self) -> Reconciler:

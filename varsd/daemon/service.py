@@ -97,7 +97,7 @@ class Service:
         self.notify = notify
         self.queue = WorkQueue()
         self.inspector = FileInspector()
-        self.journal = Journal(cfg.journal_path)
+        self.journal = Journal(cfg.journal_path, readers=cfg.admin_group)
         self.backups = open_store(cfg)
         self.owner = qemu_owner(cfg)
         self.archive = Archive(cfg.archive_dir, state_dir=cfg.state_dir)

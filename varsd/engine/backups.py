@@ -146,7 +146,8 @@ class PassResult:
 def open_store(cfg: Config, *, clock: Clock = SYSTEM, read_only: bool = False) -> BackupStore:
     """The host's backup store (`<state_dir>/backups`, index in the state database);
     `read_only` for commands that only look (status, list, diff): nothing is created."""
-    return BackupStore(cfg.backup_dir, BackupIndex(cfg.journal_path, read_only=read_only), clock=clock)
+    index = BackupIndex(cfg.journal_path, read_only=read_only, readers=cfg.admin_group)
+    return BackupStore(cfg.backup_dir, index, clock=clock)
 
 
 class BackupStore:
