@@ -159,6 +159,9 @@ class FileFacts:
     # planner can recognise which build the image was made from.
     trailing_sha256: str | None = None
     error: str | None = None  # unreadable, corrupt, ...
+    # This process may not read it (a non-root admin's `status`; varstores are the qemu
+    # user's, 0600): its content is unknown, not wrong.
+    unreadable: bool = False
 
 
 @dataclass(frozen=True)

@@ -592,6 +592,9 @@ def _plan_split(
         return _plan_missing_varstore(facts, catalog, nvram_dir, now, secure, central)
 
     layout = nvram.varstore_layout
+    if nvram.unreadable:
+        return Plan(config, Status.ERROR, f"varstore {nvram.path} cannot be read by this user, so whether it "
+                    "fits is unknown; run as root to see", code=fw.loader_path, varstore=nvram.path)
     if layout is None:
         return Plan(config, Status.ERROR, f"varstore {nvram.path} is not an edk2 varstore"
                     f"{': ' + nvram.error if nvram.error else ''}; left untouched",
