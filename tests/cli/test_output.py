@@ -100,3 +100,12 @@ def test_redaction_keeps_everything_else_byte_for_byte() -> None:
 
 def test_table_pads_all_but_the_last_column() -> None:
     assert table(("A", "BB", "C"), [("xx", "y", "free text")]) == "A   BB  C\nxx  y   free text"
+
+
+@pytest.mark.parametrize("command", [("backup", "create"), ("upgrade", "approve"), ("secureboot", "update")])
+def test_domains_or_all_is_declared_to_argparse(capsys, host, command) -> None:
+    """DOMAIN... and --all exclude each other, and one is required: argparse says so (exit 2)."""
+    rc, _, err = run(capsys, host, *command, "--all", "romguest")
+    assert rc == 2 and "not allowed with argument --all" in err, err
+    rc, _, err = run(capsys, host, *command)
+    assert rc == 2 and "one of the arguments DOMAIN --all is required" in err, err

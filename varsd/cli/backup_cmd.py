@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from varsd.adapters.libvirt_api import DomainRef, NoSuchDomain
-from varsd.cli.context import Context
+from varsd.cli.context import Context, add_domains_or_all
 from varsd.cli.output import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, add_json, emit_json, error
 from varsd.clock import SYSTEM
 from varsd.config import qemu_owner
@@ -57,9 +57,6 @@ def _diff_text(diff: list[VariableDiff]) -> str:
 
 
 def cmd_create(ctx: Context, args: argparse.Namespace) -> int:
-    if args.all == bool(args.domains):
-        error("give DOMAIN... or --all", prog="varsctl backup create")
-        return EXIT_USAGE
     refs = ctx.hv.list_domains() if args.all else [ctx.hv.lookup(d) for d in args.domains]
     targets, errors = domain_targets(ctx.hv, refs, ctx.cfg if args.all else None, load_configured(ctx.cfg))
     # An explicit request copies running guests too ("skip" is for the schedule).
@@ -220,8 +217,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     bs = b.add_subparsers(dest="backup_command", required=True)
 
     c = bs.add_parser("create", help="back up domains' varstores now (unchanged ones are not stored again)")
-    c.add_argument("domains", nargs="*", metavar="DOMAIN", help="domain name or UUID")
-    c.add_argument("--all", action="store_true", help="every domain with a varstore file (except excluded ones)")
+    add_domains_or_all(c, domains_help="domain name or UUID",
+                       all_help="every domain with a varstore file (except excluded ones)")
     add_json(c)
     c.set_defaults(func=cmd_create)
 

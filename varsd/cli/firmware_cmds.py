@@ -20,12 +20,11 @@ import re
 import sys
 from dataclasses import replace
 
-from varsd.cli.context import MAX_LIMIT, Context, bounded_int
+from varsd.cli.context import MAX_LIMIT, Context, add_domains_or_all, bounded_int
 from varsd.cli.output import (
     ATTENTION,
     EXIT_ATTENTION,
     EXIT_OK,
-    EXIT_USAGE,
     Report,
     add_json,
     emit_json,
@@ -300,9 +299,6 @@ def _approve_one(rec: Reconciler, ctx: Context, ref, named: bool, out: Report) -
 
 
 def cmd_approve(ctx: Context, args: argparse.Namespace) -> int:
-    if bool(args.domains) == bool(args.all):
-        error("name domains or give --all (not both)", prog="varsctl upgrade approve")
-        return EXIT_USAGE
     rec = ctx.reconciler()
     refs = ctx.refs(args.domains)
     out = Report("results", args.json)
@@ -380,8 +376,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser("upgrade", help="firmware upgrades held back by upgrade_policy = \"manual\"")
     upsub = up.add_subparsers(dest="upgrade_command", required=True, metavar="COMMAND")
     a = upsub.add_parser("approve", help="let the new central build through (applies at the next cold boot)")
-    # Not an argparse group: Python 3.11's counts an empty nargs='*' positional as given.
-    a.add_argument("domains", nargs="*", metavar="DOMAIN", help="these domains (name or UUID); or --all")
-    a.add_argument("--all", action="store_true", help="every domain with a held-back build")
+    add_domains_or_all(a, domains_help="these domains (name or UUID); or --all",
+                       all_help="every domain with a held-back build")
     add_json(a)
     a.set_defaults(func=_refusing(cmd_approve))
