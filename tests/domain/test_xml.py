@@ -8,6 +8,7 @@ import pytest
 from lxml import etree
 from support.domains import QEMU_NS, domain_xml
 
+from varsd.clock import parse_stamp
 from varsd.domain.xml import (
     VARSD_NS,
     FirmwareEdit,
@@ -69,7 +70,7 @@ FULL_METADATA = VarsdMetadata(
     template_path="/usr/share/OVMF/OVMF_VARS_4M.fd",
     template_sha256="7e11",
     varstore_source="template",
-    provisioned_at="2024-11-02T08:00:00Z",
+    provisioned_at=parse_stamp("2024-11-02T08:00:00Z"),
     pinned_sha256="917",
     booted_sha256="b007",
 )
@@ -347,7 +348,7 @@ def test_pin_attributes_round_trip_and_without_pin() -> None:
     from varsd.model.domain import PinKind
 
     md = replace(FULL_METADATA, pin_by="incompatible", pin_reason="layout changed; run 'varsctl migrate x'",
-                 pinned_at="2025-06-01T12:00:00Z")
+                 pinned_at=parse_stamp("2025-06-01T12:00:00Z"))
     back = parse_domain(set_metadata(_domain(), md)).metadata
     assert back == md and back.pin_kind is PinKind.INCOMPATIBLE
     assert back.without_pin().pinned_sha256 is None and back.without_pin().pin_by is None

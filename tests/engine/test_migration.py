@@ -27,6 +27,7 @@ from varsd.adapters import fsio, virtfw
 from varsd.adapters.backup_index import BackupIndex
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
+from varsd.clock import parse_stamp
 from varsd.config import Config, ExtraFirmware
 from varsd.domain.xml import parse_domain
 from varsd.engine import migration
@@ -59,7 +60,7 @@ UNIFIED_2M = "/usr/share/ovmf/OVMF.fd"
 LAYOUT_2M = VarstoreLayout(size=131072, start=100, end=57344)
 LAYOUT_4M = VarstoreLayout(size=540672, start=100, end=262144)
 NVRAM = "/var/lib/libvirt/qemu/nvram"
-NOW = "2025-06-01T12:00:00Z"
+NOW = parse_stamp("2025-06-01T12:00:00Z")  # the clock's aware datetime; XML holds its stamp
 VENDOR = "5b3c9c5e-1f6a-4b8e-9d2a-7a1f0e6d4c21"
 EFI_GLOBAL = planned.EFI_GLOBAL
 ENROLLED = "40-edk2-x86_64-secure-enrolled.json"

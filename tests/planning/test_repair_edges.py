@@ -9,6 +9,7 @@ from functools import partial
 import pytest
 from support.domains import QEMU_NS, domain_xml, varsd_metadata
 
+from varsd.clock import parse_stamp
 from varsd.config import ExtraFirmware
 from varsd.domain.xml import parse_domain
 from varsd.engine.inspect import FileInspector
@@ -16,7 +17,7 @@ from varsd.firmware.catalog import load_catalog
 from varsd.model.domain import FirmwareConfig, Status
 from varsd.planning.repair import CreateVarstore, DomainFacts, plan_repair
 
-NOW = "2026-11-26T00:00:00Z"
+NOW = parse_stamp("2026-11-26T00:00:00Z")  # the clock's aware datetime; XML holds its stamp
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import pytest
 from support.domains import domain_xml, split_os, varsd_metadata
 
+from varsd.clock import parse_stamp
 from varsd.domain.xml import parse_domain
 from varsd.firmware.archive import ArchiveIndex, archive_path
 from varsd.firmware.fit import Needs, why_not
@@ -32,7 +33,7 @@ from varsd.planning.upgrade import (
     place_hold,
 )
 
-NOW = "2025-06-01T12:00:00Z"
+NOW = parse_stamp("2025-06-01T12:00:00Z")  # the clock's aware datetime; XML holds its stamp
 NV = "/var/lib/libvirt/qemu/nvram"
 ARCHIVE = "/var/lib/varsd/archive"
 CODE = "/usr/share/OVMF/OVMF_CODE.fd"

@@ -31,7 +31,6 @@ from varsd.cli.output import (
     error,
     outcome_table,
 )
-from varsd.clock import stamp
 from varsd.config import qemu_owner
 from varsd.domain.xml import parse_domain, replace_loader_code, set_metadata
 from varsd.engine import firmware_sync
@@ -224,7 +223,7 @@ def cmd_pin(ctx: Context, args: argparse.Namespace) -> int:
         # A catalog build is archived now, so the pin survives its upgrade.
         for build in rec.catalog.by_code_sha(sha)[:1]:
             rec.archive_build(build)
-        pinned = set_metadata(xml, admin_pin(md, sha, args.reason, stamp(rec.clock.now()), ref.name))
+        pinned = set_metadata(xml, admin_pin(md, sha, args.reason, rec.clock.now(), ref.name))
         new_facts, new_plan = rec.plan_xml(ref, pinned)
         if new_plan.status is not Status.PINNED:
             raise Refused(f"cannot pin domain '{ref.name}' to build {sha[:12]}: {new_plan.detail}")

@@ -182,7 +182,7 @@ class Migrator:
         """The migration `migrate` would carry out now (no lock, nothing written)."""
         facts, _, _ = self._facts(ref)
         return plan_migration(facts, self.rec.catalog, to=to, nvram_dir=self.cfg.nvram_dir,
-                              now=stamp(self.clock.now()))
+                              now=self.clock.now())
 
     def migrate(self, ref: DomainRef, *, to: str | None = None) -> MigrationResult:
         """Migrate one shut-off domain (module steps), under its lock."""
@@ -190,7 +190,7 @@ class Migrator:
                 InHand(self.cfg.offline_dir, ref.uuid, op="migrate", wait=self.cfg.start_wait) as hand:
             now = self.clock.now()
             facts, old_bytes, old_vars = self._facts(ref)
-            plan = plan_migration(facts, self.rec.catalog, to=to, nvram_dir=self.cfg.nvram_dir, now=stamp(now))
+            plan = plan_migration(facts, self.rec.catalog, to=to, nvram_dir=self.cfg.nvram_dir, now=now)
             return self._carry_out(tx, facts, plan, old_bytes, old_vars, now, hand)
 
     def _carry_out(

@@ -311,7 +311,7 @@ class Reconciler:
         ):
             return memo.facts, memo.plan
         facts = self.facts(xml, live_xml, excluded=excluded, persistent=ref.persistent)
-        plan = plan_repair(facts, self.catalog, self.cfg.nvram_dir, stamp(self.clock.now()), upgrades)
+        plan = plan_repair(facts, self.catalog, self.cfg.nvram_dir, self.clock.now(), upgrades)
         if plan.actions or facts.sharing is not None:  # a sharer's plan follows the others' state
             self._memo.pop(ref.uuid, None)
         else:
@@ -356,7 +356,7 @@ class Reconciler:
         wants and the daemon has nothing left to change. Never memoised."""
         live_xml = self.hv.live_xml(ref.uuid) if ref.active else None
         facts = self.facts(xml, live_xml, excluded=self.cfg.is_excluded(ref.name, ref.uuid), persistent=ref.persistent)
-        return facts, plan_repair(facts, self.catalog, self.cfg.nvram_dir, stamp(self.clock.now()),
+        return facts, plan_repair(facts, self.catalog, self.cfg.nvram_dir, self.clock.now(),
                                   self.upgrade_context(policy=policy))
 
     def forget(self, uuid: str) -> str | None:

@@ -7,6 +7,7 @@ These are plain data: `varsd.domain.xml` builds them from domain XML, the engine
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from enum import StrEnum
 
 from varsd.model.firmware import VarstoreLayout
@@ -71,11 +72,11 @@ class VarsdMetadata:
     template_path: str | None = None  # where the varstore came from
     template_sha256: str | None = None
     varstore_source: str | None = None  # "template" or "unified:<path>"
-    provisioned_at: str | None = None  # ISO 8601 UTC
+    provisioned_at: datetime | None = None  # aware; the XML holds its clock.stamp
     pinned_sha256: str | None = None  # build the domain is held on (see PinKind)
     pin_by: str | None = None  # a PinKind value; None on a pin means admin (older varsd)
     pin_reason: str | None = None
-    pinned_at: str | None = None
+    pinned_at: datetime | None = None
     booted_sha256: str | None = None  # live metadata: what this QEMU process runs
     # The manage= value as written, for messages: anything but 'yes' opts out (the safe
     # reading of a typo), and the admin is told which value it was.
