@@ -27,6 +27,7 @@ import pytest
 from support.domains import SHUTOFF, domain_xml, rom_os, split_os
 
 from varsd.adapters.journal import Journal
+from varsd.clock import parse_stamp
 from varsd.config import load_config
 
 from .common import CODE_4M, U_ROM, U_SEABIOS, U_SPLIT, UNIFIED, VARS_4M, write_host
@@ -109,7 +110,7 @@ def shared_host() -> Iterator[dict[str, str]]:
     assert cfg.admin_group == "libvirt"  # the default
     j = Journal(cfg.journal_path, readers=cfg.admin_group)
     j.record(uuid=U_SPLIT, name="splitguest", reason="test change", old_xml=SECRET,
-             new_xml="<domain><name>splitguest</name></domain>", at="2026-12-01T12:00:00Z", actor="test")
+             new_xml="<domain><name>splitguest</name></domain>", at=parse_stamp("2026-12-01T12:00:00Z"), actor="test")
     yield {"uri": uri, "config": config, "journal": cfg.journal_path, "split_vars": str(split_vars),
            "writer": j}  # type: ignore[misc]
     j.close()

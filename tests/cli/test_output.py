@@ -14,6 +14,7 @@ from varsd import __version__
 from varsd.adapters.journal import Journal
 from varsd.cli.output import EXIT_OK, change_dict, table
 from varsd.cli.varsctl import build_parser, main
+from varsd.clock import parse_stamp
 from varsd.daemon import main as varsd_main
 from varsd.domain.xml import redact_secrets
 
@@ -77,7 +78,7 @@ def test_read_only_commands_create_no_journal(capsys, host, args) -> None:
 def test_journal_json_never_prints_secrets(capsys, host) -> None:
     j = Journal(os.path.join(host["state"], "state.sqlite3"))
     secret = "<domain><devices><graphics type='vnc' port='-1' passwd='hunter2'/></devices></domain>\n"
-    j.record(at="2025-06-01T12:00:00Z", uuid="u", name="g", actor="test", reason="r", old_xml=secret,
+    j.record(at=parse_stamp("2025-06-01T12:00:00Z"), uuid="u", name="g", actor="test", reason="r", old_xml=secret,
              new_xml=secret.replace("hunter2", 'x"y'))
     j.close()
     rc, out, _ = run(capsys, host, "journal", "--json")

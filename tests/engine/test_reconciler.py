@@ -21,6 +21,7 @@ from support.domains import domain_xml
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
+from varsd.clock import parse_stamp, stamp
 from varsd.config import Config
 from varsd.engine import reconciler as reconciler_mod
 from varsd.engine import transaction
@@ -33,7 +34,7 @@ from varsd.model.firmware import Catalog
 URI = "test:///default"
 CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 VARS_4M = "/usr/share/OVMF/OVMF_VARS_4M.fd"
-NOW = "2025-06-01T12:00:00Z"
+NOW = parse_stamp("2025-06-01T12:00:00Z")  # the clock's aware datetime
 
 
 ROM = "<loader type='rom'>/usr/share/ovmf/OVMF.fd</loader>"
@@ -445,7 +446,7 @@ def test_status_tells_the_truth_about_a_failed_repair_until_it_succeeds(rec, def
     assert first.status is Status.ERROR and first.failure is not None and first.failure.count == 1
     assert first.failure.action.startswith(f"create varstore {target}")
     assert "symbolic link" in first.failure.error
-    assert first.as_dict()["last_error"] == {"at": first.failure.at, "first_at": first.failure.at,
+    assert first.as_dict()["last_error"] == {"at": stamp(first.failure.at), "first_at": stamp(first.failure.at),
                                              "action": first.failure.action, "error": first.failure.error,
                                              "count": 1}
     second = rec.reconcile(hv.lookup(ref.uuid))

@@ -25,8 +25,10 @@ import threading
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from varsd.adapters import fsio
+from varsd.clock import parse_stamp, stamp
 from varsd.errors import StateDirError, VarsdError
 from varsd.model.domain import AttemptFailure
 from varsd.model.firmware import VarstoreLayout
@@ -110,15 +112,15 @@ class DomainRecord:
 
     uuid: str
     name: str
-    opened_at: str
-    closed_at: str | None
+    opened_at: datetime
+    closed_at: datetime | None
     varstore: str | None
 
 
 @dataclass(frozen=True)
 class Change:
     id: int
-    at: str
+    at: datetime
     uuid: str
     name: str
     actor: str
@@ -134,7 +136,7 @@ class FirmwareEvent:
     """One change of a watched code image path (`event` is one of FIRMWARE_EVENTS)."""
 
     id: int
-    at: str
+    at: datetime
     code_path: str
     sha256: str
     event: str
@@ -147,8 +149,8 @@ class ArchivedBuild:
     sha256: str
     code_path: str  # where it was first seen
     size: int
-    first_seen: str
-    last_used: str
+    first_seen: datetime
+    last_used: datetime
     layout: VarstoreLayout | None = None  # of the build's template, when a catalog build listed it
     features: frozenset[str] = frozenset()
 
@@ -159,7 +161,7 @@ class QueuedUpdate:
 
     uuid: str
     name: str
-    queued_at: str
+    queued_at: datetime
     actor: str
     tpm_ack: bool
     canary: bool
@@ -171,8 +173,22 @@ class Canary:
 
     uuid: str
     name: str
-    at: str
+    at: datetime
     written_sha256: str | None
+
+
+def _text(t: datetime) -> str:
+    """A time as the database column holds it (the one text form, clock.stamp)."""
+    return stamp(t)
+
+
+def _time(text: str) -> datetime:
+    """A time column: varsd's stamp (an older row in another ISO 8601 form: read as such)."""
+    try:
+        return parse_stamp(text)
+    except ValueError:
+        t = datetime.fromisoformat(text)
+        return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def _layout_text(layout: VarstoreLayout | None) -> str | None:
@@ -382,7 +398,7 @@ class StateDB:
 
 
 def _change(row: tuple) -> Change:
-    return Change(*row[:-1], kind=ChangeKind(row[-1]))
+    return Change(row[0], _time(row[1]), *row[2:-1], kind=ChangeKind(row[-1]))
 
 
 class Journal(StateDB):
@@ -430,7 +446,7 @@ class Journal(StateDB):
         return (f"CASE WHEN substr(reason, 1, {len(MIGRATION_REASON)}) = '{MIGRATION_REASON}' "
                 f"THEN '{ChangeKind.MIGRATION.value}' ELSE '{ChangeKind.EDIT.value}' END")
 
-    def record(self, *, at: str, uuid: str, name: str, actor: str, reason: str, old_xml: str, new_xml: str,
+    def record(self, *, at: datetime, uuid: str, name: str, actor: str, reason: str, old_xml: str, new_xml: str,
                kind: ChangeKind = ChangeKind.EDIT) -> int:
         """Write the intent (old and new XML) before the change is made; returns its id.
 
@@ -439,23 +455,23 @@ class Journal(StateDB):
             self._db.execute(
                 "INSERT INTO domain_records (uuid, name, opened_at) VALUES (?,?,?) "
                 "ON CONFLICT(uuid) DO UPDATE SET name=excluded.name, closed_at=NULL",
-                (uuid, name, at),
+                (uuid, name, _text(at)),
             )
             cur = self._db.execute(
                 "INSERT INTO xml_changes (at, uuid, name, actor, reason, old_xml, new_xml, kind) "
                 "VALUES (?,?,?,?,?,?,?,?)",
-                (at, uuid, name, actor, reason, old_xml, new_xml, kind.value),
+                (_text(at), uuid, name, actor, reason, old_xml, new_xml, kind.value),
             )
         return int(cur.lastrowid)
 
-    def close_record(self, uuid: str, at: str, varstore: str | None = None) -> DomainRecord | None:
+    def close_record(self, uuid: str, at: datetime, varstore: str | None = None) -> DomainRecord | None:
         """The domain was undefined: close varsd's record of it, noting the varstore that
         stays on disk (varsd never deletes one). None when varsd never changed it."""
         with self._sql("write to"):
             self._db.execute(
                 "UPDATE domain_records SET closed_at=?, varstore=COALESCE(?, varstore) "
                 "WHERE uuid=? AND closed_at IS NULL",
-                (at, varstore, uuid),
+                (_text(at), varstore, uuid),
             )
         return self.domain_record(uuid)
 
@@ -464,7 +480,10 @@ class Journal(StateDB):
             row = self._db.execute(
                 "SELECT uuid, name, opened_at, closed_at, varstore FROM domain_records WHERE uuid=?", (uuid,)
             ).fetchone()
-        return DomainRecord(*row) if row else None
+        if row is None:
+            return None
+        uuid, name, opened, closed, varstore = row
+        return DomainRecord(uuid, name, _time(opened), _time(closed) if closed else None, varstore)
 
     def settle(self, change_id: int, outcome: str, *, stored_xml: str | None = None) -> None:
         """Mark how a change ended; `stored_xml` is the definition as libvirt stored it
@@ -520,7 +539,7 @@ class Journal(StateDB):
             rows = self._db.execute(q).fetchall()
         return {path: sha for path, sha, event in rows if event != "removed"}
 
-    def record_firmware(self, at: str, events: list[tuple[str, str, str]]) -> None:
+    def record_firmware(self, at: datetime, events: list[tuple[str, str, str]]) -> None:
         """Record (code_path, sha256, event) changes in one transaction."""
         bad = [e for _, _, e in events if e not in FIRMWARE_EVENTS]
         if bad:
@@ -530,7 +549,7 @@ class Journal(StateDB):
             try:
                 self._db.executemany(
                     "INSERT INTO firmware_history (at, code_path, sha256, event) VALUES (?,?,?,?)",
-                    [(at, path, sha, event) for path, sha, event in events],
+                    [(_text(at), path, sha, event) for path, sha, event in events],
                 )
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -542,12 +561,12 @@ class Journal(StateDB):
             rows = self._db.execute(
                 "SELECT id, at, code_path, sha256, event FROM firmware_history ORDER BY id DESC LIMIT ?", (limit,)
             ).fetchall()
-        return [FirmwareEvent(*row) for row in rows]
+        return [FirmwareEvent(i, _time(at), path, sha, event) for i, at, path, sha, event in rows]
 
     # -- archived builds -------------------------------------------------------------
 
     def note_archived(
-        self, *, sha256: str, code_path: str, size: int, at: str,
+        self, *, sha256: str, code_path: str, size: int, at: datetime,
         layout: VarstoreLayout | None = None, features: frozenset[str] = frozenset(),
     ) -> None:
         """Remember an archived image; layout and features are filled in once known."""
@@ -557,14 +576,15 @@ class Journal(StateDB):
                 "VALUES (?,?,?,?,?,?,?) ON CONFLICT(sha256) DO UPDATE SET "
                 "layout=COALESCE(archived_builds.layout, excluded.layout), "
                 "features=COALESCE(archived_builds.features, excluded.features)",
-                (sha256, code_path, size, at, at, _layout_text(layout),
+                (sha256, code_path, size, _text(at), _text(at), _layout_text(layout),
                  " ".join(sorted(features)) if layout is not None else None),
             )
 
-    def touch_archived(self, shas: set[str] | frozenset[str], at: str) -> None:
+    def touch_archived(self, shas: set[str] | frozenset[str], at: datetime) -> None:
         """Mark these digests used now (retention counts from the last use)."""
         with self._sql("write to"):
-            self._db.executemany("UPDATE archived_builds SET last_used=? WHERE sha256=?", [(at, s) for s in shas])
+            self._db.executemany("UPDATE archived_builds SET last_used=? WHERE sha256=?",
+                                 [(_text(at), s) for s in shas])
 
     def archived_builds(self) -> dict[str, ArchivedBuild]:
         with self._sql("read"):
@@ -572,7 +592,7 @@ class Journal(StateDB):
                 "SELECT sha256, code_path, size, first_seen, last_used, layout, features FROM archived_builds"
             ).fetchall()
         return {
-            sha: ArchivedBuild(sha, path, size, first, last, _layout_of(layout),
+            sha: ArchivedBuild(sha, path, size, _time(first), _time(last), _layout_of(layout),
                                frozenset((features or "").split()))
             for sha, path, size, first, last, layout, features in rows
         }
@@ -583,36 +603,37 @@ class Journal(StateDB):
 
     # -- the Secure Boot rollout ----------------------------------------------------
 
-    def queue_secureboot(self, *, uuid: str, name: str, at: str, actor: str, tpm_ack: bool, canary: bool) -> None:
+    def queue_secureboot(self, *, uuid: str, name: str, at: datetime, actor: str, tpm_ack: bool, canary: bool) -> None:
         with self._sql("write to"):
             self._db.execute(
                 "INSERT INTO secureboot_queue (uuid, name, queued_at, actor, tpm_ack, canary) VALUES (?,?,?,?,?,?) "
                 "ON CONFLICT(uuid) DO UPDATE SET name=excluded.name, tpm_ack=excluded.tpm_ack, "
-                "canary=MAX(canary, excluded.canary)", (uuid, name, at, actor, int(tpm_ack), int(canary)),
+                "canary=MAX(canary, excluded.canary)", (uuid, name, _text(at), actor, int(tpm_ack), int(canary)),
             )
 
     def secureboot_queue(self) -> dict[str, QueuedUpdate]:
         with self._sql("read"):
             rows = self._db.execute(
                 "SELECT uuid, name, queued_at, actor, tpm_ack, canary FROM secureboot_queue").fetchall()
-        return {r[0]: QueuedUpdate(r[0], r[1], r[2], r[3], bool(r[4]), bool(r[5])) for r in rows}
+        return {r[0]: QueuedUpdate(r[0], r[1], _time(r[2]), r[3], bool(r[4]), bool(r[5])) for r in rows}
 
     def unqueue_secureboot(self, uuid: str) -> None:
         with self._sql("write to"):
             self._db.execute("DELETE FROM secureboot_queue WHERE uuid=?", (uuid,))
 
-    def note_canary(self, *, uuid: str, name: str, at: str, written_sha256: str | None) -> None:
+    def note_canary(self, *, uuid: str, name: str, at: datetime, written_sha256: str | None) -> None:
         with self._sql("write to"):
             self._db.execute(
                 "INSERT INTO secureboot_canaries (uuid, name, at, written_sha256) VALUES (?,?,?,?) "
                 "ON CONFLICT(uuid) DO UPDATE SET at=excluded.at, "
-                "written_sha256=COALESCE(excluded.written_sha256, written_sha256)", (uuid, name, at, written_sha256),
+                "written_sha256=COALESCE(excluded.written_sha256, written_sha256)",
+                (uuid, name, _text(at), written_sha256),
             )
 
     def canaries(self) -> list[Canary]:
         with self._sql("read"):
             rows = self._db.execute("SELECT uuid, name, at, written_sha256 FROM secureboot_canaries").fetchall()
-        return [Canary(*r) for r in rows]
+        return [Canary(u, n, _time(at), w) for u, n, at, w in rows]
 
     def forget_canaries(self) -> None:
         with self._sql("write to"):
@@ -620,7 +641,7 @@ class Journal(StateDB):
 
     # -- failed attempts ---------------------------------------------------------------
 
-    def note_failure(self, *, uuid: str, name: str, at: str, action: str, error: str,
+    def note_failure(self, *, uuid: str, name: str, at: datetime, action: str, error: str,
                      definition_sha256: str) -> AttemptFailure:
         """Record a failed attempt; the count goes on while the definition is the same."""
         with self._sql("write to"):
@@ -633,10 +654,11 @@ class Journal(StateDB):
                 "THEN domain_failures.first_at ELSE excluded.first_at END, "
                 "name=excluded.name, at=excluded.at, action=excluded.action, error=excluded.error, "
                 "definition_sha256=excluded.definition_sha256",
-                (uuid, name, at, at, action, error, definition_sha256),
+                (uuid, name, _text(at), _text(at), action, error, definition_sha256),
             )
         failure = self.failure(uuid)
-        assert failure is not None
+        if failure is None:  # written above in this connection: only a damaged database does this
+            raise StateDirError(f"{self.path}: a failure just recorded for {uuid} cannot be read back")
         return failure
 
     def failure(self, uuid: str) -> AttemptFailure | None:
@@ -644,7 +666,10 @@ class Journal(StateDB):
             row = self._db.execute(
                 "SELECT uuid, name, first_at, at, action, error, count, definition_sha256 FROM domain_failures "
                 "WHERE uuid=?", (uuid,)).fetchone()
-        return AttemptFailure(*row) if row else None
+        if row is None:
+            return None
+        uuid, name, first_at, at, action, error, count, definition_sha256 = row
+        return AttemptFailure(uuid, name, _time(first_at), _time(at), action, error, count, definition_sha256)
 
     def failed_uuids(self) -> set[str]:
         with self._sql("read"):

@@ -31,6 +31,7 @@ from varsd.cli.output import (
     error,
     outcome_table,
 )
+from varsd.clock import stamp
 from varsd.config import qemu_owner
 from varsd.domain.xml import parse_domain, replace_loader_code, set_metadata
 from varsd.engine import firmware_sync
@@ -101,7 +102,7 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
               for b in catalog.builds]
     archived = [{"sha256": e.sha256, "path": e.path, "size": e.size, "ok": e.ok, "problem": e.problem,
                  "from": known[e.sha256].code_path if e.sha256 in known else None,
-                 "last_used": known[e.sha256].last_used if e.sha256 in known else None} for e in entries]
+                 "last_used": stamp(known[e.sha256].last_used) if e.sha256 in known else None} for e in entries]
     status = EXIT_OK if all(a["ok"] for a in archived) else EXIT_ATTENTION
     if args.json:
         emit_json({"catalog": builds, "archive": archived, "problems": [p.message for p in catalog.problems]})
@@ -125,7 +126,7 @@ def cmd_history(ctx: Context, args: argparse.Namespace) -> int:
         emit_json({"events": [e.__dict__ for e in events]})
         return EXIT_OK
     for e in events:
-        print(f"#{e.id}  {e.at}  {e.event:<8}  {e.sha256[:12]}  {e.code_path}")
+        print(f"#{e.id}  {stamp(e.at)}  {e.event:<8}  {e.sha256[:12]}  {e.code_path}")
     return EXIT_OK
 
 

@@ -541,8 +541,9 @@ class Service:
         problem, before = outcome.problem, self._reported.get(ref.uuid)
         if outcome.cleared is not None:
             done = outcome.done[-1] if outcome.done else "the attempt"
+            since = stamp(outcome.cleared.first_at)
             log.info("%s", about_domain(ref.name, f"{done} succeeded; the failure seen {outcome.cleared.count} "
-                                                  f"time(s) since {outcome.cleared.first_at} is cleared", ref.uuid))
+                                                  f"time(s) since {since} is cleared", ref.uuid))
         elif before is not None and problem is None:
             log.info("%s", about_domain(ref.name, f"{outcome.status.value} now; cleared: {before[1]}", ref.uuid))
         if problem is not None and problem != before:
@@ -573,7 +574,7 @@ class Service:
             varstore = None
         name = self._names.pop(uuid, uuid)
         try:
-            rec = self.journal.close_record(uuid, stamp(self.clock.now()), varstore)
+            rec = self.journal.close_record(uuid, self.clock.now(), varstore)
         except VarsdError as exc:
             log.error("domain '%s': undefined, but its record could not be closed: %s", name, exc)
             return

@@ -24,7 +24,7 @@ from itertools import islice
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
-from varsd.clock import SYSTEM, Clock, stamp
+from varsd.clock import SYSTEM, Clock
 from varsd.config import Config
 from varsd.domain.classify import firmware_image_path
 from varsd.domain.xml import firmware_signature, parse_domain
@@ -270,7 +270,7 @@ class Reconciler:
         try:
             with host_lock(self.cfg.firmware_lock_path):
                 stored = self.archive.store_file(build.code_path, expect_sha256=sha)
-                at = stamp(self.clock.now())
+                at = self.clock.now()
                 self.journal.note_archived(sha256=sha, code_path=build.code_path, size=stored.entry.size,
                                            at=at, layout=build.layout, features=build.features)
                 # The first sight of a build is history too, so a later sync reports a change
@@ -452,7 +452,7 @@ class Reconciler:
             if verdict is Action.RECONNECT:
                 raise  # the connection is gone: the caller reconnects and looks again
             failure = self.journal.note_failure(
-                uuid=ref.uuid, name=ref.name, at=stamp(self.clock.now()), action=attempt[-1] if attempt else "plan",
+                uuid=ref.uuid, name=ref.name, at=self.clock.now(), action=attempt[-1] if attempt else "plan",
                 error=str(exc), definition_sha256=_definition_sha(facts.xml))
             self._failed_uuids().add(ref.uuid)
             return replace(_outcome(ref, facts, plan, ()), failure=failure, retry=verdict is Action.RETRY)

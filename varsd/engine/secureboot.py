@@ -24,7 +24,7 @@ from enum import StrEnum
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
-from varsd.clock import Clock, stamp
+from varsd.clock import Clock
 from varsd.domain.classify import classify, firmware_image_path
 from varsd.domain.xml import parse_domain
 from varsd.engine.offline_write import VarstoreWriter
@@ -388,10 +388,10 @@ class SecureBoot:
             if dry_run:
                 return self._result(ref, Outcome.WOULD_QUEUE, "running: would queue the update for after it stops"
                                     + note, added=added, pcr7=pcr7, tpm=bool(fw.tpm))
-            self.journal.queue_secureboot(uuid=ref.uuid, name=ref.name, at=stamp(self.clock.now()), actor=self.actor,
+            self.journal.queue_secureboot(uuid=ref.uuid, name=ref.name, at=self.clock.now(), actor=self.actor,
                                           tpm_ack=tpm_ack, canary=canary)
             if canary:
-                self.journal.note_canary(uuid=ref.uuid, name=ref.name, at=stamp(self.clock.now()), written_sha256=None)
+                self.journal.note_canary(uuid=ref.uuid, name=ref.name, at=self.clock.now(), written_sha256=None)
             return self._result(ref, Outcome.QUEUED, "running: update-queued; applied after the guest stops, before "
                                 "its next start" + note, added=added, pcr7=pcr7, tpm=bool(fw.tpm))
         if dry_run:
@@ -399,7 +399,7 @@ class SecureBoot:
                                 added=added, pcr7=pcr7, tpm=bool(fw.tpm))
         backup, written = self._write(ref, audit.varstore, fw)
         if canary:
-            self.journal.note_canary(uuid=ref.uuid, name=ref.name, at=stamp(self.clock.now()), written_sha256=written)
+            self.journal.note_canary(uuid=ref.uuid, name=ref.name, at=self.clock.now(), written_sha256=written)
         return self._result(ref, Outcome.UPDATED, "added " + ", ".join(added) + f" (backup {backup})" + note,
                             added=added, backup=backup, pcr7=pcr7, tpm=bool(fw.tpm))
 
@@ -455,7 +455,7 @@ class SecureBoot:
         assert audit.varstore is not None
         backup, written = self._write(ref, audit.varstore, fw)
         if queued.canary:
-            self.journal.note_canary(uuid=ref.uuid, name=ref.name, at=stamp(self.clock.now()), written_sha256=written)
+            self.journal.note_canary(uuid=ref.uuid, name=ref.name, at=self.clock.now(), written_sha256=written)
         return self._result(ref, Outcome.UPDATED, f"applied the queued update (backup {backup})", backup=backup)
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 
+from varsd.clock import stamp
 from varsd.model.firmware import VarstoreLayout
 
 
@@ -191,17 +192,17 @@ class AttemptFailure:
 
     uuid: str
     name: str
-    first_at: str  # first failure of this run of failures (ISO 8601 UTC)
-    at: str  # the latest one
+    first_at: datetime  # first failure of this run of failures
+    at: datetime  # the latest one
     action: str  # what was being done, e.g. "create varstore /var/lib/.../x_VARS.fd"
     error: str
     count: int
     definition_sha256: str
 
     def as_dict(self) -> dict:
-        return {"at": self.at, "first_at": self.first_at, "action": self.action, "error": self.error,
+        return {"at": stamp(self.at), "first_at": stamp(self.first_at), "action": self.action, "error": self.error,
                 "count": self.count}
 
     def describe(self) -> str:
-        times = f"{self.count} attempts since {self.first_at}" if self.count > 1 else "once"
-        return f"last attempt failed at {self.at} ({times}): {self.action}: {self.error}"
+        times = f"{self.count} attempts since {stamp(self.first_at)}" if self.count > 1 else "once"
+        return f"last attempt failed at {stamp(self.at)} ({times}): {self.action}: {self.error}"
