@@ -373,7 +373,8 @@ class SecureBoot:
             # Everything the installed virt-firmware ships is there (24.11 has no Option ROM CA):
             # nothing to do here, said plainly, and not a failure of every later --all run.
             return self._result(ref, Outcome.UNCHANGED, verdict.why)
-        assert audit.varstore is not None
+        if audit.varstore is None:  # an update is judged available only from a store that was read
+            return self._result(ref, Outcome.REFUSED, "no varstore file to update")
         try:
             old = fsio.read_file(audit.varstore, follow_symlinks=False)
             new = virtfw.with_certificates(old, audit.varstore, verdict.addable)
@@ -452,7 +453,9 @@ class SecureBoot:
                 else audit.judgement.why
             log.warning("domain '%s': queued Secure Boot update dropped: %s", ref.name, why)
             return self._result(ref, Outcome.REFUSED, f"queued update dropped: {why}")
-        assert audit.varstore is not None
+        if audit.varstore is None:  # as in _update_one: cannot happen with an update available
+            self.journal.unqueue_secureboot(ref.uuid)
+            return self._result(ref, Outcome.REFUSED, "queued update dropped: no varstore file to update")
         backup, written = self._write(ref, audit.varstore, fw)
         if queued.canary:
             self.journal.note_canary(uuid=ref.uuid, name=ref.name, at=self.clock.now(), written_sha256=written)
