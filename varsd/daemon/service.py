@@ -502,7 +502,7 @@ class Service:
             log.error("%s", about_domain(ref.name, f"queued Secure Boot update failed: {for_row(ref.name, exc)}"))
             return
         if result is not None:
-            log.info("domain '%s': secureboot %s: %s", ref.name, result.outcome.value, result.detail)
+            log.info("%s", about_domain(ref.name, f"secureboot {result.outcome.value}: {result.detail}", ref.uuid))
 
     def export_metrics(self) -> None:
         """Publish a metrics snapshot (scheduler thread); never raises."""
@@ -576,7 +576,7 @@ class Service:
         try:
             rec = self.journal.close_record(uuid, self.clock.now(), varstore)
         except VarsdError as exc:
-            log.error("domain '%s': undefined, but its record could not be closed: %s", name, exc)
+            log.error("%s", about_domain(name, f"undefined, but its record could not be closed: {exc}", uuid))
             return
         kept = (rec.varstore if rec else None) or varstore
         log.info("domain '%s' was undefined; record closed%s", name,

@@ -38,6 +38,7 @@ from varsd.clock import SYSTEM, Clock, stamp
 from varsd.config import Config
 from varsd.domain.xml import parse_domain
 from varsd.errors import VarsdError, VarstoreError
+from varsd.messages import about_domain
 from varsd.model.backup import BackupRecord, BackupRunning, SeenVarstore
 from varsd.model.firmware import Catalog, VarstoreLayout
 
@@ -341,7 +342,7 @@ class BackupStore:
             try:
                 hv.resume(t.uuid)
             except VarsdError as exc:
-                log.error("domain '%s': could not resume after the backup copy: %s", t.name, exc)
+                log.error("%s", about_domain(t.name, f"could not resume after the backup copy: {exc}", t.uuid))
                 raise
         return data, paused
 

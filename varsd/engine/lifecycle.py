@@ -207,8 +207,8 @@ class Lifecycle:
             now = read_coherent(seen.path)
             old = self.store.load(previous)
         except VarsdError as exc:
-            log.warning("domain '%s': its varstore was replaced at this start, but cannot be compared: %s",
-                        ref.name, exc)
+            log.warning("%s", about_domain(
+                ref.name, f"its varstore was replaced at this start, but cannot be compared: {exc}", ref.uuid))
             return None
         cur_vars = virtfw.variables_of_bytes(now, seen.path)
         old_vars = virtfw.variables_of_bytes(old, f"backup #{previous.id}")
@@ -232,7 +232,7 @@ class Lifecycle:
         # Not the content varsd last saw any more: remember the new file, so this is reported once.
         self.store.index.note_seen(SeenVarstore(ref.uuid, seen.path, stat_key(st), fsio.sha256_bytes(now),
                                                 self.now()))
-        log.warning("domain '%s': %s", ref.name, detail)
+        log.warning("%s", about_domain(ref.name, detail, ref.uuid))
         return event
 
 

@@ -388,7 +388,7 @@ class Reconciler:
                 return outcome
             # The daemon: another actor is on it (or its holder froze); the retry policy
             # (Purpose.LOCK) says when to look again. Not an error.
-            log.info("domain '%s': %s; will look again", ref.name, exc)
+            log.info("%s", about_domain(ref.name, f"{exc}; will look again", ref.uuid))
             return replace(_error(ref, exc, retry=True), busy=True)
         except HypervisorError as exc:
             action = decide(exc, alive=not exc.retryable or self.hv.is_alive(), settings=self.retry).action
