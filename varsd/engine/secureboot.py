@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from varsd.adapters import fsio, virtfw
+from varsd.adapters.filecache import ContentCache, stat_key
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.clock import Clock
@@ -58,26 +59,29 @@ class KeyReader:
     MAX_DIGESTS = 4096
 
     def __init__(self) -> None:
-        self._by_stat: dict[str, tuple[tuple, str]] = {}
+        self._by_stat: ContentCache[str] = ContentCache()  # path -> digest, while its stat key holds
         # digest -> (keys, error, the path the error names)
         self._by_digest: dict[str, tuple[SecureBootVars | None, str | None, str]] = {}
         self.parses = 0  # distinct contents parsed (the benchmark and tests read it)
 
     def read(self, path: str, *, follow_symlinks: bool = False) -> StoreKeys:
         try:
-            st = os.stat(path, follow_symlinks=follow_symlinks)
-            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            key = stat_key(os.stat(path, follow_symlinks=follow_symlinks))
         except OSError as exc:
             return StoreKeys(path, None, None, f"{path}: {fsio.describe_oserror(exc)}")
-        hit = self._by_stat.get(path)
-        if hit is not None and hit[0] == key and hit[1] in self._by_digest:
-            return self._keys(path, hit[1])
+        read: list[bytes] = []
+
+        def digest() -> str:
+            read.append(fsio.read_file(path, follow_symlinks=follow_symlinks))
+            return hashlib.sha256(read[0]).hexdigest()
+
         try:
-            data = fsio.read_file(path, follow_symlinks=follow_symlinks)
+            sha = self._by_stat.get((path, follow_symlinks), key, digest)
+            if sha in self._by_digest:
+                return self._keys(path, sha)
+            data = read[0] if read else fsio.read_file(path, follow_symlinks=follow_symlinks)
         except fsio.ReadError as exc:
             return StoreKeys(path, None, None, str(exc))
-        sha = hashlib.sha256(data).hexdigest()
-        self._by_stat[path] = (key, sha)
         return self.of_bytes(data, path, sha)
 
     def of_bytes(self, data: bytes, path: str, sha: str | None = None) -> StoreKeys:
@@ -86,7 +90,7 @@ class KeyReader:
             if len(self._by_digest) >= self.MAX_DIGESTS:
                 # A long-running daemon sees a new digest at every boot (OVMF rewrites the store):
                 # keep what some path still has, drop the rest.
-                live = {d for _, d in self._by_stat.values()}
+                live = set(self._by_stat.values())
                 self._by_digest = {d: v for d, v in self._by_digest.items() if d in live}
             self.parses += 1
             try:
