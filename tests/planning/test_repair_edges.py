@@ -7,14 +7,14 @@ import shutil
 from functools import partial
 
 import pytest
-from support.domains import QEMU_NS, domain_xml, varsd_metadata
+from support.domains import QEMU_NS, domain_xml, split_os, varsd_metadata
 
 from varsd.clock import parse_stamp
 from varsd.config import ExtraFirmware
 from varsd.domain.xml import parse_domain
 from varsd.engine.inspect import FileInspector
 from varsd.firmware.catalog import load_catalog
-from varsd.model.domain import FirmwareConfig, Status
+from varsd.model.domain import FileFacts, FirmwareConfig, Status
 from varsd.planning.repair import CreateVarstore, DomainFacts, plan_repair
 
 NOW = parse_stamp("2026-11-26T00:00:00Z")  # the clock's aware datetime; XML holds its stamp
@@ -135,3 +135,17 @@ def test_a_pin_in_the_metadata_is_checked_for_fit(catalog, tmp_path, machine) ->
     p = plan(xml, catalog, str(tmp_path))
     assert (p.status, p.actions) == (Status.ERROR, ()), p.detail
     assert "needs SMM" in p.detail and "varsctl unpin edge" in p.detail
+
+
+def test_a_varstore_this_user_may_not_read_is_unknown_not_wrong(catalog, tmp_path) -> None:
+    """A non-root admin's status: the qemu user's 0600 varstore is not called 'not a varstore'."""
+    store = f"{tmp_path}/edge_VARS.fd"
+    xml = domain(split_os("/usr/share/OVMF/OVMF_CODE_4M.fd", store))
+    fw = parse_domain(xml)
+    facts = DomainFacts(xml, fw, image=FileInspector().inspect(fw.loader_path, digest=True),
+                        nvram=FileFacts(store, exists=True, size=540672, unreadable=True,
+                                        error="this user may not read it"))
+    p = plan_repair(facts, catalog, str(tmp_path), NOW)
+    assert (p.config, p.status, p.actions) == (FirmwareConfig.SPLIT, Status.ERROR, ())
+    assert p.detail == (f"varstore {store} cannot be read by this user, so whether it fits is unknown; "
+                        "run as root to see")
