@@ -462,8 +462,12 @@ class Service:
                 return
             self._busy.pop(key, None)
             if outcome.retry:
+                first = key not in self._retries
                 delay = self._retry_delay(key)
-                log.warning("domain '%s': will look again in %.0f s", ref.name, delay)
+                # once when the trouble starts (the outcome's own message is logged by _report);
+                # every later retry only at debug level
+                log.log(logging.WARNING if first else logging.DEBUG, "%s",
+                        about_domain(ref.name, f"will look again in {delay:.0f} s", ref.uuid))
                 self.queue.put_later(key, delay)
             else:
                 self._retries.pop(key, None)
@@ -471,7 +475,7 @@ class Service:
         except HypervisorError as exc:
             action = decide(exc, alive=not exc.retryable or hv.is_alive(), settings=self.retry).action
             if action is Action.RECONNECT:
-                log.warning("%s: %s; reconnecting", self._names.get(key, key), exc)
+                log.warning("%s; reconnecting", about_domain(self._names.get(key, key), exc, key))
                 self._disconnected.set()  # the reconnect re-lists and queues everything
             elif action is Action.RETRY:
                 self.queue.put_later(key, self._retry_delay(key))

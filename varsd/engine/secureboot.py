@@ -32,7 +32,7 @@ from varsd.engine.offline_write import VarstoreWriter
 from varsd.engine.reconciler import Reconciler
 from varsd.errors import VarsdError, VarstoreError
 from varsd.firmware.secureboot import judge
-from varsd.messages import for_row
+from varsd.messages import about_domain, for_row
 from varsd.model.domain import DomainFirmware, DomainRef, FileFacts, FirmwareConfig
 from varsd.model.firmware import Build, Catalog, MappingMode
 from varsd.model.secureboot import Judgement, Ms2023State, Pcr7, SecureBootVars, ShippedCert
@@ -455,7 +455,7 @@ class SecureBoot:
             self.journal.unqueue_secureboot(ref.uuid)
             why = "it has a vTPM and the update was queued without --tpm-ack" if fw.tpm and not queued.tpm_ack \
                 else audit.judgement.why
-            log.warning("domain '%s': queued Secure Boot update dropped: %s", ref.name, why)
+            log.warning("%s", about_domain(ref.name, f"queued Secure Boot update dropped: {why}", ref.uuid))
             return self._result(ref, Outcome.REFUSED, f"queued update dropped: {why}")
         if audit.varstore is None:  # as in _update_one: cannot happen with an update available
             self.journal.unqueue_secureboot(ref.uuid)
