@@ -27,7 +27,7 @@ from varsd.adapters import fsio, virtfw
 from varsd.adapters.backup_index import BackupIndex
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
-from varsd.clock import parse_stamp
+from varsd.clock import parse_stamp, stamp
 from varsd.config import Config, ExtraFirmware
 from varsd.domain.xml import parse_domain
 from varsd.engine import migration
@@ -396,7 +396,7 @@ def test_migrate_moves_every_variable_backs_up_and_rebinds(bed: Bed, qemu_owner)
     # the backup: in the backup store, indexed, 0600, equal to the old store
     backup = Path(result.backup or "")
     [record] = BackupIndex(str(bed.state / "state.sqlite3")).records(uuid)
-    assert record.reason == "before-write:migrate" and record.taken == "2025-06-01T12:00:00Z"
+    assert record.reason == "before-write:migrate" and stamp(record.taken) == "2025-06-01T12:00:00Z"
     assert backup == bed.state / "backups" / "objects" / f"{record.sha256}.fd"
     assert backup.read_bytes() == old and stat.S_IMODE(backup.stat().st_mode) == 0o600
     # the XML, journaled with the old one

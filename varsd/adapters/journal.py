@@ -177,12 +177,12 @@ class Canary:
     written_sha256: str | None
 
 
-def _text(t: datetime) -> str:
+def column_text(t: datetime) -> str:
     """A time as the database column holds it (the one text form, clock.stamp)."""
     return stamp(t)
 
 
-def _time(text: str) -> datetime:
+def column_time(text: str) -> datetime:
     """A time column: varsd's stamp (an older row in another ISO 8601 form: read as such)."""
     try:
         return parse_stamp(text)
@@ -398,7 +398,7 @@ class StateDB:
 
 
 def _change(row: tuple) -> Change:
-    return Change(row[0], _time(row[1]), *row[2:-1], kind=ChangeKind(row[-1]))
+    return Change(row[0], column_time(row[1]), *row[2:-1], kind=ChangeKind(row[-1]))
 
 
 class Journal(StateDB):
@@ -455,12 +455,12 @@ class Journal(StateDB):
             self._db.execute(
                 "INSERT INTO domain_records (uuid, name, opened_at) VALUES (?,?,?) "
                 "ON CONFLICT(uuid) DO UPDATE SET name=excluded.name, closed_at=NULL",
-                (uuid, name, _text(at)),
+                (uuid, name, column_text(at)),
             )
             cur = self._db.execute(
                 "INSERT INTO xml_changes (at, uuid, name, actor, reason, old_xml, new_xml, kind) "
                 "VALUES (?,?,?,?,?,?,?,?)",
-                (_text(at), uuid, name, actor, reason, old_xml, new_xml, kind.value),
+                (column_text(at), uuid, name, actor, reason, old_xml, new_xml, kind.value),
             )
         return int(cur.lastrowid)
 
@@ -471,7 +471,7 @@ class Journal(StateDB):
             self._db.execute(
                 "UPDATE domain_records SET closed_at=?, varstore=COALESCE(?, varstore) "
                 "WHERE uuid=? AND closed_at IS NULL",
-                (_text(at), varstore, uuid),
+                (column_text(at), varstore, uuid),
             )
         return self.domain_record(uuid)
 
@@ -483,7 +483,7 @@ class Journal(StateDB):
         if row is None:
             return None
         uuid, name, opened, closed, varstore = row
-        return DomainRecord(uuid, name, _time(opened), _time(closed) if closed else None, varstore)
+        return DomainRecord(uuid, name, column_time(opened), column_time(closed) if closed else None, varstore)
 
     def settle(self, change_id: int, outcome: str, *, stored_xml: str | None = None) -> None:
         """Mark how a change ended; `stored_xml` is the definition as libvirt stored it
@@ -549,7 +549,7 @@ class Journal(StateDB):
             try:
                 self._db.executemany(
                     "INSERT INTO firmware_history (at, code_path, sha256, event) VALUES (?,?,?,?)",
-                    [(_text(at), path, sha, event) for path, sha, event in events],
+                    [(column_text(at), path, sha, event) for path, sha, event in events],
                 )
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -561,7 +561,7 @@ class Journal(StateDB):
             rows = self._db.execute(
                 "SELECT id, at, code_path, sha256, event FROM firmware_history ORDER BY id DESC LIMIT ?", (limit,)
             ).fetchall()
-        return [FirmwareEvent(i, _time(at), path, sha, event) for i, at, path, sha, event in rows]
+        return [FirmwareEvent(i, column_time(at), path, sha, event) for i, at, path, sha, event in rows]
 
     # -- archived builds -------------------------------------------------------------
 
@@ -576,7 +576,7 @@ class Journal(StateDB):
                 "VALUES (?,?,?,?,?,?,?) ON CONFLICT(sha256) DO UPDATE SET "
                 "layout=COALESCE(archived_builds.layout, excluded.layout), "
                 "features=COALESCE(archived_builds.features, excluded.features)",
-                (sha256, code_path, size, _text(at), _text(at), _layout_text(layout),
+                (sha256, code_path, size, column_text(at), column_text(at), _layout_text(layout),
                  " ".join(sorted(features)) if layout is not None else None),
             )
 
@@ -584,7 +584,7 @@ class Journal(StateDB):
         """Mark these digests used now (retention counts from the last use)."""
         with self._sql("write to"):
             self._db.executemany("UPDATE archived_builds SET last_used=? WHERE sha256=?",
-                                 [(_text(at), s) for s in shas])
+                                 [(column_text(at), s) for s in shas])
 
     def archived_builds(self) -> dict[str, ArchivedBuild]:
         with self._sql("read"):
@@ -592,7 +592,7 @@ class Journal(StateDB):
                 "SELECT sha256, code_path, size, first_seen, last_used, layout, features FROM archived_builds"
             ).fetchall()
         return {
-            sha: ArchivedBuild(sha, path, size, _time(first), _time(last), _layout_of(layout),
+            sha: ArchivedBuild(sha, path, size, column_time(first), column_time(last), _layout_of(layout),
                                frozenset((features or "").split()))
             for sha, path, size, first, last, layout, features in rows
         }
@@ -608,14 +608,14 @@ class Journal(StateDB):
             self._db.execute(
                 "INSERT INTO secureboot_queue (uuid, name, queued_at, actor, tpm_ack, canary) VALUES (?,?,?,?,?,?) "
                 "ON CONFLICT(uuid) DO UPDATE SET name=excluded.name, tpm_ack=excluded.tpm_ack, "
-                "canary=MAX(canary, excluded.canary)", (uuid, name, _text(at), actor, int(tpm_ack), int(canary)),
+                "canary=MAX(canary, excluded.canary)", (uuid, name, column_text(at), actor, int(tpm_ack), int(canary)),
             )
 
     def secureboot_queue(self) -> dict[str, QueuedUpdate]:
         with self._sql("read"):
             rows = self._db.execute(
                 "SELECT uuid, name, queued_at, actor, tpm_ack, canary FROM secureboot_queue").fetchall()
-        return {r[0]: QueuedUpdate(r[0], r[1], _time(r[2]), r[3], bool(r[4]), bool(r[5])) for r in rows}
+        return {r[0]: QueuedUpdate(r[0], r[1], column_time(r[2]), r[3], bool(r[4]), bool(r[5])) for r in rows}
 
     def unqueue_secureboot(self, uuid: str) -> None:
         with self._sql("write to"):
@@ -627,13 +627,13 @@ class Journal(StateDB):
                 "INSERT INTO secureboot_canaries (uuid, name, at, written_sha256) VALUES (?,?,?,?) "
                 "ON CONFLICT(uuid) DO UPDATE SET at=excluded.at, "
                 "written_sha256=COALESCE(excluded.written_sha256, written_sha256)",
-                (uuid, name, _text(at), written_sha256),
+                (uuid, name, column_text(at), written_sha256),
             )
 
     def canaries(self) -> list[Canary]:
         with self._sql("read"):
             rows = self._db.execute("SELECT uuid, name, at, written_sha256 FROM secureboot_canaries").fetchall()
-        return [Canary(u, n, _time(at), w) for u, n, at, w in rows]
+        return [Canary(u, n, column_time(at), w) for u, n, at, w in rows]
 
     def forget_canaries(self) -> None:
         with self._sql("write to"):
@@ -654,7 +654,7 @@ class Journal(StateDB):
                 "THEN domain_failures.first_at ELSE excluded.first_at END, "
                 "name=excluded.name, at=excluded.at, action=excluded.action, error=excluded.error, "
                 "definition_sha256=excluded.definition_sha256",
-                (uuid, name, _text(at), _text(at), action, error, definition_sha256),
+                (uuid, name, column_text(at), column_text(at), action, error, definition_sha256),
             )
         failure = self.failure(uuid)
         if failure is None:  # written above in this connection: only a damaged database does this
@@ -669,7 +669,8 @@ class Journal(StateDB):
         if row is None:
             return None
         uuid, name, first_at, at, action, error, count, definition_sha256 = row
-        return AttemptFailure(uuid, name, _time(first_at), _time(at), action, error, count, definition_sha256)
+        return AttemptFailure(uuid, name, column_time(first_at), column_time(at), action, error, count,
+                              definition_sha256)
 
     def failed_uuids(self) -> set[str]:
         with self._sql("read"):

@@ -15,7 +15,7 @@ import argparse
 from varsd.adapters.libvirt_api import DomainRef, NoSuchDomain
 from varsd.cli.context import Context, add_domains_or_all
 from varsd.cli.output import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, add_json, emit_json, error
-from varsd.clock import SYSTEM
+from varsd.clock import SYSTEM, stamp
 from varsd.config import qemu_owner
 from varsd.engine.backups import BackupError, BackupStore, domain_targets, open_store
 from varsd.engine.offline_write import VarstoreWriter, WriteFailed, WriteRefused
@@ -131,7 +131,7 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     data = {"pruned": [dict(p.record.as_dict(), why=p.why) for p in plan.prune], "kept": len(plan.keep),
             "files_removed": len(removed), "dry_run": args.dry_run}
     verb = "would prune" if args.dry_run else "pruned"
-    lines = [f"{verb} #{p.record.id} {p.record.name} {p.record.taken}: {p.why}" for p in plan.prune]
+    lines = [f"{verb} #{p.record.id} {p.record.name} {stamp(p.record.taken)}: {p.why}" for p in plan.prune]
     lines.append(f"{verb} {len(plan.prune)} backup(s), kept {len(plan.keep)}, removed {len(removed)} file(s)")
     _print(args, {"result": data}, "\n".join(lines))
     return EXIT_OK
@@ -153,13 +153,13 @@ def cmd_restore(ctx: Context, args: argparse.Namespace) -> int:
         data["previous_backup"] = result.write.backup.as_dict() if result.write.backup else None
         data["changed"] = result.write.changed
     if args.dry_run:
-        text = f"{ref.name}: would restore backup #{b.id} ({b.taken}, {b.reason}) into {result.target.path}"
+        text = f"{ref.name}: would restore backup #{b.id} ({stamp(b.taken)}, {b.reason}) into {result.target.path}"
     elif not result.write.changed:
         text = f"{ref.name}: {result.target.path} already holds backup #{b.id}; nothing to do"
     else:
         prev = result.write.backup
-        text = (f"{ref.name}: restored backup #{b.id} ({b.taken}) into {result.target.path}; the previous content "
-                + (f"is backup #{prev.id}" if prev else "was missing"))
+        text = (f"{ref.name}: restored backup #{b.id} ({stamp(b.taken)}) into {result.target.path}; "
+                "the previous content " + (f"is backup #{prev.id}" if prev else "was missing"))
     _print(args, {"result": data}, text + "\n" + _diff_text(result.diff))
     return EXIT_OK
 

@@ -240,7 +240,7 @@ class BackupStore:
         """Store bytes already read and index them; `st` (the stat before the read) lets the
         next pass skip an unchanged file."""
         sha = self.put(data)
-        at = stamp(self.clock.now())
+        at = self.clock.now()
         record = self.index.add(uuid=uuid, name=name, taken=at, sha256=sha, size=len(data), reason=reason,
                                 source=source)
         if st is not None:
@@ -267,7 +267,7 @@ class BackupStore:
         except OSError:
             return
         self.index.note_seen(SeenVarstore(uuid=uuid, path=path, stat_key=stat_key(st),
-                                          sha256=fsio.sha256_bytes(data), at=stamp(self.clock.now())))
+                                          sha256=fsio.sha256_bytes(data), at=self.clock.now()))
 
     # -- a pass ---------------------------------------------------------------------------
 
@@ -317,7 +317,7 @@ class BackupStore:
             sha = fsio.sha256_bytes(data)
             latest = self.index.latest(t.uuid)  # again: another pass (a stop, the schedule) may have just stored it
             if latest is not None and latest.sha256 == sha:
-                self.index.note_seen(SeenVarstore(t.uuid, t.path, key, sha, stamp(self.clock.now())))
+                self.index.note_seen(SeenVarstore(t.uuid, t.path, key, sha, self.clock.now()))
                 return PassResult(t, unchanged=True, read=True, paused_ms=paused)
             # `st` is from before the read: if the file changed since, the next pass reads again.
             record = self.add(uuid=t.uuid, name=t.name, data=data, reason=reason, source=t.path, st=st)
@@ -407,7 +407,7 @@ def backup_status(store: BackupStore, targets: Iterable[Target]) -> dict[str, di
     out: dict[str, dict] = {}
     for t in targets:
         newest = latest.get(t.uuid)
-        entry: dict = {"newest": newest.taken if newest else None, "sha256": newest.sha256 if newest else None,
+        entry: dict = {"newest": stamp(newest.taken) if newest else None, "sha256": newest.sha256 if newest else None,
                        "id": newest.id if newest else None, "never_backed_up": newest is None}
         current = None
         try:
@@ -423,6 +423,7 @@ def backup_status(store: BackupStore, targets: Iterable[Target]) -> dict[str, di
         entry["current_in_backup"] = bool(current and store.index.has_digest(t.uuid, current))
         ev = events.get(t.uuid)
         if ev is not None:
-            entry["last_event"] = {"at": ev.at, "event": ev.event, "detail": ev.detail, "backup_id": ev.backup_id}
+            entry["last_event"] = {"at": stamp(ev.at), "event": ev.event, "detail": ev.detail,
+                                   "backup_id": ev.backup_id}
         out[t.uuid] = entry
     return out

@@ -23,6 +23,7 @@ import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
@@ -95,8 +96,8 @@ class Lifecycle:
     def hv(self) -> Hypervisor:
         return self.rec.hv
 
-    def now(self) -> str:
-        return stamp(self.rec.clock.now())
+    def now(self) -> datetime:
+        return self.rec.clock.now()
 
     # -- backups at stop and in passes ---------------------------------------------------
 
@@ -224,7 +225,7 @@ class Lifecycle:
         shown = ", ".join(lost[:8]) + (f" and {len(lost) - 8} more" if len(lost) > 8 else "")
         detail = (f"varstore {seen.path} was {what} at this start (virsh start --reset-nvram?)"
                   + (f"; lost {len(lost)} variable(s): {shown}" if lost else "")
-                  + f". The previous variables are in backup #{previous.id} ({previous.taken}): shut the guest "
+                  + f". The previous variables are in backup #{previous.id} ({stamp(previous.taken)}): shut the guest "
                   f"down and run 'varsctl backup restore {ref.name} --id {previous.id}' to get them back")
         event = self.store.index.record_event(at=self.now(), uuid=ref.uuid, name=ref.name,
                                               event="reset-to-template" if is_template else "replaced",

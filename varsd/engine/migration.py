@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from varsd.adapters import fsio, virtfw
-from varsd.clock import SYSTEM, Clock, stamp
+from varsd.clock import SYSTEM, Clock
 from varsd.config import Config
 from varsd.domain.classify import classify, firmware_image_path
 from varsd.domain.xml import parse_domain
@@ -216,7 +216,7 @@ class Migrator:
             raise MigrationFailed(f"domain '{name}': cannot back up the varstore: {exc}; nothing was changed") from None
         backup = self.store.object_path(record.sha256)
         index = self.store.index
-        write_id = index.record_write(at=stamp(now), uuid=plan.uuid, name=name, op="migrate", path=plan.varstore,
+        write_id = index.record_write(at=now, uuid=plan.uuid, name=name, op="migrate", path=plan.varstore,
                                       before_sha256=record.sha256 if plan.in_place else None,
                                       after_sha256=fsio.sha256_bytes(new_bytes), backup_id=record.id)
 
