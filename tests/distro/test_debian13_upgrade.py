@@ -26,8 +26,9 @@ from collections.abc import Iterator
 import pytest
 import testbed
 from debian_debs import ovmf_debs
-from integration.guests import domain_xml, split_os
 from integration.test_migrate import EFI_GLOBAL, IMAGE_SECURITY_DB, NO_S3, SECURE_FEATURES, _load_option
+from support.domains import guest_xml, split_os
+from support.varstores import read_variables
 
 from varsd.adapters import virtfw
 
@@ -84,7 +85,7 @@ def _old_guest(bed: testbed.Bed, label: str, code: str, template: str, *, secure
     serial = f"{testbed.SHARE}/{name}.serial.log"
     os_inner = split_os(f"{OVMF}/{code}", _varstore(bed, name, f"{OVMF}/{template}"), template=f"{OVMF}/{template}",
                         secure=secure)
-    xml = domain_xml(name, os_inner, serial_log=serial, **({"features": SECURE_FEATURES} if secure else {}))
+    xml = guest_xml(name, os_inner, serial_log=serial, **({"features": SECURE_FEATURES} if secure else {}))
     if secure:  # Debian 12's 2 MiB Secure Boot build hangs while QEMU offers S3
         xml = xml.replace("</features>", "</features>" + NO_S3, 1)
     (bed.share / f"{name}.xml").write_text(xml)
@@ -151,12 +152,12 @@ def test_2mib_guests_survive_the_debian13_upgrade_on_real_paths(bed: testbed.Bed
         for g in guests:
             assert archived[g.name] in opened[g.name] and g.varstore in opened[g.name], opened[g.name]
 
-        old = {g.name: virtfw.read_variables(str(bed.path(g.varstore))) for g in guests}
+        old = {g.name: read_variables(str(bed.path(g.varstore))) for g in guests}
         assert all(k in old[sb.name] for k in KEYS + ENTRY) and all(k in old[plain.name] for k in ENTRY)
         m = varsctl(bed, "migrate", "--all", program=SOURCE_VARSCTL)  # the bed holds only these two
         assert m.returncode == 0, m.stdout + m.stderr
         for g in guests:
-            new = virtfw.read_variables(str(bed.path(g.varstore)))
+            new = read_variables(str(bed.path(g.varstore)))
             for key in (KEYS if g is sb else ()) + ENTRY:
                 assert new[key] == old[g.name][key], f"{g.name}: {key} changed in the migration"
             assert virtfw.read_layout(str(bed.path(g.varstore))).size == 540672

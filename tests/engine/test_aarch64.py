@@ -13,10 +13,11 @@ from collections.abc import Iterator
 
 import pytest
 from aavmf_files import FLASH, PLAIN_CODE, QEMU_EFI, VARS
+from support.clock import FixedClock
+from support.domains import domain_xml
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
-from varsd.clock import FixedClock
 from varsd.config import Config
 from varsd.domain.xml import parse_domain
 from varsd.engine.reconciler import Reconciler
@@ -28,8 +29,7 @@ NOW = "2026-12-01T12:00:00Z"
 
 
 def _xml(name: str, arch: str, machine: str, os_inner: str) -> str:
-    return (f"<domain type='test'><name>{name}</name><uuid>{uuidlib.uuid4()}</uuid><memory unit='KiB'>524288</memory>"
-            f"<os><type arch='{arch}' machine='{machine}'>hvm</type>{os_inner}</os><devices/></domain>")
+    return domain_xml(name, os_inner, arch=arch, machine=machine, memory_kib=524288)
 
 
 @pytest.fixture

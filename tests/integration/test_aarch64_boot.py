@@ -13,12 +13,13 @@ import os
 from pathlib import Path
 
 from aavmf_files import DEBIAN12, FLASH, LAYOUT, PLAIN_CODE, QEMU_EFI, VARS
+from support.domains import domain_xml, with_cmdline
 
 from varsd.adapters import virtfw
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.domain.xml import parse_domain
 
-from .guests import NVRAM_DIR, open_paths, qemu_pid, varsctl, wait_for_serial, wait_for_varstore_write, with_cmdline
+from .guests import NVRAM_DIR, open_paths, qemu_pid, varsctl, wait_for_serial, wait_for_varstore_write
 
 BOOT_TIMEOUT = 420
 
@@ -26,20 +27,11 @@ BOOT_TIMEOUT = 420
 def aarch64_xml(name: str, serial_log: str) -> str:
     """A minimal TCG aarch64 guest with no disk (AAVMF falls through to its boot manager and
     shell); no <features>: aarch64 UEFI needs no ACPI element (libvirt's rule is x86's)."""
-    return f"""<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>512</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='aarch64' machine='virt'>hvm</type>
-  </os>
-  <cpu mode='custom' match='exact'><model fallback='forbid'>cortex-a57</model></cpu>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <emulator>/usr/bin/qemu-system-aarch64</emulator>
-    <serial type='file'><source path='{serial_log}'/></serial>
-  </devices>
-</domain>"""
+    devices = ("\n    <emulator>/usr/bin/qemu-system-aarch64</emulator>\n"
+               f"    <serial type='file'><source path='{serial_log}'/></serial>\n  ")
+    return domain_xml(name, "", domain_type="qemu", uuid=None, memory_kib=524288, vcpu=1, arch="aarch64",
+                      machine="virt", extra="<cpu mode='custom' match='exact'><model fallback='forbid'>cortex-a57"
+                      "</model></cpu>", on_crash="destroy", devices=devices)
 
 
 def test_bios_qemu_efi_guest_is_repaired_and_boots_central_aavmf(hv: Hypervisor, guest_factory, config) -> None:

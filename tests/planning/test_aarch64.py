@@ -26,6 +26,7 @@ from aavmf_files import (
     blank_flash,
 )
 from ovmf_files import CODE_4M
+from support.domains import QEMU_NS, commandline, domain_xml
 
 from varsd.adapters import virtfw
 from varsd.domain.xml import parse_domain
@@ -36,25 +37,20 @@ from varsd.planning.repair import CreateVarstore, Redefine
 
 from .test_repair_edges import plan  # the planner on real files, as the engine inspects them
 
-QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
-
 
 @pytest.fixture(scope="module")
 def catalog():
     return load_catalog(["/usr/share/qemu/firmware"])
 
 
-def domain(os_inner: str = "", *, cmdline: str = "", arch: str = "aarch64", machine: str = "virt-7.2") -> str:
-    ns = f" xmlns:qemu='{QEMU_NS}'" if cmdline else ""
-    extra = f"<qemu:commandline>{cmdline}</qemu:commandline>" if cmdline else ""
-    return (f"<domain type='qemu'{ns}><name>arm</name><uuid>a4c40000-0000-4000-8000-000000000064</uuid>"
-            f"<memory unit='KiB'>524288</memory><os><type arch='{arch}' machine='{machine}'>hvm</type>{os_inner}"
-            f"</os><cpu mode='custom' match='exact'><model fallback='allow'>cortex-a57</model></cpu>"
-            f"<devices/>{extra}</domain>")
+CPU = "<cpu mode='custom' match='exact'><model fallback='allow'>cortex-a57</model></cpu>"
 
 
-def args(*values: str) -> str:
-    return "".join(f"<qemu:arg value='{v}'/>" for v in values)
+def domain(os_inner: str = "", *, cmdline: tuple[str, ...] = (), arch: str = "aarch64",
+           machine: str = "virt-7.2") -> str:
+    return domain_xml("arm", os_inner, domain_type="qemu", uuid="a4c40000-0000-4000-8000-000000000064",
+                      namespaces={"qemu": QEMU_NS} if cmdline else None, memory_kib=524288, arch=arch,
+                      machine=machine, extra=CPU, tail=commandline(list(cmdline)) if cmdline else "")
 
 
 def test_debian_aavmf_catalog(catalog) -> None:
@@ -125,9 +121,9 @@ def _repaired(p, nvram_dir: str) -> tuple[CreateVarstore, str]:
 
 
 @pytest.mark.parametrize(("name", "xml", "config"), [
-    ("-bios QEMU_EFI.fd", domain(cmdline=args("-bios", QEMU_EFI)), FirmwareConfig.BIOS_ROM),
+    ("-bios QEMU_EFI.fd", domain(cmdline=("-bios", QEMU_EFI)), FirmwareConfig.BIOS_ROM),
     ("<loader type='rom'>", domain(f"<loader type='rom'>{QEMU_EFI}</loader>"), FirmwareConfig.BIOS_ROM),
-    ("code-only pflash", domain(cmdline=args("-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={CODE}")),
+    ("code-only pflash", domain(cmdline=("-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={CODE}")),
      FirmwareConfig.CODE_ONLY),
 ])
 def test_wrong_ways_become_central_aavmf_plus_private_varstore(name, xml, config, catalog, tmp_path) -> None:
@@ -175,8 +171,8 @@ def test_a_varstore_of_the_wrong_size_is_not_taken_for_aavmf(catalog, tmp_path) 
 @pytest.mark.parametrize("which", ["-bios QEMU_EFI.fd", "code-only pflash"])
 def test_qemu_driver_accepts_the_repair(which, catalog, tmp_path, qemu_driver) -> None:
     """libvirt's real QEMU driver (embedded, this host's qemu-system-aarch64) accepts the output."""
-    xml = {"-bios QEMU_EFI.fd": domain(cmdline=args("-bios", QEMU_EFI)),
-           "code-only pflash": domain(cmdline=args("-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={CODE}"))}
+    xml = {"-bios QEMU_EFI.fd": domain(cmdline=("-bios", QEMU_EFI)),
+           "code-only pflash": domain(cmdline=("-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={CODE}"))}
     _create, new_xml = _repaired(plan(xml[which], catalog, str(tmp_path)), str(tmp_path))
     dom = qemu_driver.defineXMLFlags(new_xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
     try:
@@ -194,7 +190,7 @@ def test_an_aavmf_upgrade_is_tracked_and_a_misfit_one_held(catalog, tmp_path) ->
     from varsd.model.firmware import Catalog, VarstoreLayout
     from varsd.planning.upgrade import Hold, PinKind, Track, decide_tracking
 
-    _create, xml = _repaired(plan(domain(cmdline=args("-bios", QEMU_EFI)), catalog, str(tmp_path)), str(tmp_path))
+    _create, xml = _repaired(plan(domain(cmdline=("-bios", QEMU_EFI)), catalog, str(tmp_path)), str(tmp_path))
     fw = parse_domain(xml)
     new = "b" * 64
     image = FileFacts(path=PLAIN_CODE, exists=True, size=FLASH, sha256=new, realpath=PLAIN_CODE)

@@ -42,6 +42,9 @@ class FileInspector:
         if size > fsio.DEFAULT_MAX_READ:  # no firmware file is this large: refused unread
             return FileFacts(path=path, exists=True, size=size, error=fsio.too_big(path, size))
         blank = False
+        if not os.access(path, os.R_OK):
+            return FileFacts(path=path, exists=True, size=size, realpath=os.path.realpath(path), unreadable=True,
+                             error="this user may not read it")
         try:
             layout = virtfw.read_layout(path)  # reads the varstore volume only
             error = None
