@@ -136,12 +136,11 @@ def _arm_builds(code: Probe, here: Sequence[Probe]) -> list[Build]:
     that of the formatted ones beside it) and a Secure Boot one with an enrolled template,
     as Debian's descriptors pair AAVMF_CODE.fd."""
     formatted = sorted((t for t in here if t.is_template and t.size == code.size), key=lambda t: t.path)
-    layouts = {t.layout for t in formatted}
-    if len(layouts) != 1:
+    layouts = {t.layout for t in formatted if t.layout is not None}  # templates: never None
+    layout = layouts.pop() if len(layouts) == 1 else None
+    if layout is None:
         log.debug("firmware discovery: %s: no single varstore layout beside it", code.path)
         return []
-    layout = layouts.pop()
-    assert layout is not None
     blank = sorted((t for t in here if t.blank and t.size == code.size), key=lambda t: t.path)
     plain = (blank + [t for t in formatted if not t.enrolled])[:1]
     # Code built without Secure Boot (Debian 13's AAVMF_CODE.no-secboot.fd) lacks its setup module.
