@@ -92,6 +92,36 @@ class VarstoreIndex:
         )
         return _Entry(user, real, inode)
 
+    def entry_of(self, fw: DomainFirmware, *, persistent: bool) -> tuple[VarstoreUser | None, str | None]:
+        """The record `fw` would get (its `running` left False) and its file's realpath."""
+        entry = self._entry(fw, running=False, persistent=persistent)
+        return (entry.user, entry.realpath) if entry is not None else (None, None)
+
+    def put_known(self, user: VarstoreUser, realpath: str, inode: tuple[int, int] | None) -> None:
+        """Record a domain from what is known of it (a memo row whose key matched now)."""
+        with self._lock:
+            self._put(user.uuid, _Entry(user, realpath, inode))
+
+    def register(self, fw: DomainFirmware, *, running: bool, persistent: bool) -> None:
+        """Record what `fw` names now, without looking at the other users (yet)."""
+        entry = self._entry(fw, running=running, persistent=persistent)
+        with self._lock:
+            if entry is None:
+                self._drop(fw.uuid)
+            else:
+                self._put(fw.uuid, entry)
+
+    def mark_filled(self) -> None:
+        """The caller recorded every domain there is (status over all of them)."""
+        with self._lock:
+            self._filled = True
+
+    def others(self, uuid: str) -> set[str]:
+        """UUIDs of the other domains whose varstore is this domain's file (by identity)."""
+        with self._lock:
+            entry = self._entries.get(uuid)
+            return self._matches(entry) - {uuid} if entry is not None else set()
+
     def _read(self, uuid: str) -> _Entry | None:
         """Another domain as libvirt has it now; None when it is gone or names no varstore."""
         ref = self.hv.lookup(uuid)
