@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from varsd import __version__
 from varsd.adapters import fsio
+from varsd.adapters.filecache import file_key
 from varsd.adapters.plan_memo_store import StoredMemo
 from varsd.engine import backups
 from varsd.model.domain import DomainRef, FirmwareConfig, Status
@@ -79,25 +80,6 @@ def context_digest(catalog: Catalog, upgrades: UpgradeContext, nvram_dir: str) -
     with _context_lock:
         _context = (catalog, upgrades, nvram_dir, value)
     return value
-
-
-def file_key(path: str) -> list:
-    """What identifies a file's content and metadata: stat (ctime covers chmod, chown and a
-    restore under an old mtime) and, for a symlink, the link itself."""
-    try:
-        lst = os.lstat(path)
-    except OSError as exc:
-        return ["absent", exc.errno]
-    key: list = []
-    if stat.S_ISLNK(lst.st_mode):
-        key = ["link", lst.st_dev, lst.st_ino, lst.st_ctime_ns]
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            return key + ["dangling", exc.errno]
-    else:
-        st = lst
-    return key + [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode]
 
 
 def xml_digest(xml: str | None) -> str | None:
