@@ -428,7 +428,7 @@ def backup_status(store: BackupStore, targets: Iterable[Target],
         except (OSError, VarsdError):
             current = None
         entry["current_sha256"] = current
-        entry["current_in_backup"] = bool(current and store.index.has_digest(t.uuid, current))
+        entry["current_in_backup"] = bool(current and newest is not None and store.index.has_digest(t.uuid, current))
         ev = events.get(t.uuid)
         if ev is not None:
             entry["last_event"] = {"at": ev.at, "event": ev.event, "detail": ev.detail, "backup_id": ev.backup_id}

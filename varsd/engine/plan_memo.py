@@ -88,7 +88,12 @@ def xml_digest(xml: str | None) -> str | None:
 
 def memo_key(context: str, xml: str, live_xml: str | None, *, excluded: bool, persistent: bool,
              files: list[list]) -> str:
-    return _digest([context, xml_digest(xml), xml_digest(live_xml), excluded, persistent, files])
+    h = hashlib.sha256(f"{context}\0{excluded}\0{persistent}\0{files!r}\0".encode())
+    h.update(xml.encode("utf-8"))
+    if live_xml is not None:  # XML holds no NUL: the separator is unambiguous
+        h.update(b"\0live\0")
+        h.update(live_xml.encode("utf-8"))
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
