@@ -75,7 +75,7 @@ def key(cfg: Config) -> str:
             try:
                 with open(os.path.join(d, n), "rb") as f:
                     named.update(_filenames(json.loads(f.read(1 << 20))))
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):  # hostile descriptors: the loader reports them
                 continue  # its key above says it changed, if it does
     dirs = []
     for top in cfg.firmware_search_dirs:
