@@ -20,11 +20,14 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+from support.clock import FixedClock
+from support.domains import domain_xml as support_domain_xml
+from support.domains import rom_os, split_os
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.adapters.plan_memo_store import PlanMemoStore
-from varsd.clock import FixedClock
+from varsd.clock import parse_stamp
 from varsd.config import Config
 from varsd.engine import plan_memo, status
 from varsd.engine.backups import backup_status, open_store
@@ -35,7 +38,7 @@ from varsd.model.domain import DomainRef, Status
 URI = "test:///default"
 CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 VARS_4M = "/usr/share/OVMF/OVMF_VARS_4M.fd"
-NOW = "2026-12-01T12:00:00Z"
+NOW = parse_stamp("2026-12-01T12:00:00Z")
 DESCRIPTOR = """{{"description": "test build", "interface-types": ["uefi"],
   "mapping": {{"device": "flash", "executable": {{"filename": "{code}", "format": "raw"}},
               "nvram-template": {{"filename": "{vars}", "format": "raw"}}}},
@@ -44,15 +47,8 @@ DESCRIPTOR = """{{"description": "test build", "interface-types": ["uefi"],
 """
 
 
-def domain_xml(name: str, os_inner: str = "<loader type='rom'>/usr/share/ovmf/OVMF.fd</loader>") -> str:
-    return f"""<domain type='test'>
-  <name>{name}</name>
-  <uuid>{uuidlib.uuid4()}</uuid>
-  <memory unit='KiB'>262144</memory>
-  <os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type>{os_inner}</os>
-  <features><acpi/></features>
-  <devices/>
-</domain>"""
+def domain_xml(name: str, os_inner: str | None = None) -> str:
+    return support_domain_xml(name, rom_os() if os_inner is None else os_inner, features="<acpi/>")
 
 
 def install_build(fw_dir: Path, generation: int = 0) -> None:
@@ -258,8 +254,7 @@ def test_a_newcomer_sharing_a_reused_domains_varstore_is_seen_by_both(define, cf
     alone = look(ref)
     nvram = alone.outcome.plan.varstore
     code = alone.outcome.plan.code
-    clone = define("clone", domain_xml(f"st-{uuidlib.uuid4().hex[:8]}-clone",
-                                       f"<loader readonly='yes' type='pflash'>{code}</loader><nvram>{nvram}</nvram>"))
+    clone = define("clone", domain_xml(f"st-{uuidlib.uuid4().hex[:8]}-clone", split_os(code, nvram)))
     shared = look(ref)
     assert ref.uuid in look.planned  # its row's key still matches: the index found the sharer
     assert shared.outcome.as_dict() == look.truth(ref)

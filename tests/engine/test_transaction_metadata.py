@@ -8,28 +8,24 @@ from contextlib import closing
 from dataclasses import replace
 
 import pytest
+from support.clock import FixedClock
+from support.domains import domain_xml
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
-from varsd.clock import FixedClock
+from varsd.clock import parse_stamp
 from varsd.domain.xml import parse_domain, set_metadata
 from varsd.engine.transaction import StaleDefinition, Writer
 from varsd.firmware.archive import Archive
 from varsd.model.domain import VarsdMetadata
 
-NOW = "2026-12-01T12:00:00Z"
-XML = """<domain type='test'>
-  <name>{name}</name>
-  <uuid>{uuid}</uuid>
-  <memory unit='KiB'>262144</memory>
-  <os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type></os>
-</domain>"""
+NOW = parse_stamp("2026-12-01T12:00:00Z")
 
 
 @pytest.fixture
 def setup(tmp_path):
     with Hypervisor("test:///default") as hv, closing(Journal(str(tmp_path / "state.sqlite3"))) as journal:
-        ref = hv.define(XML.format(name=f"tx-{uuidlib.uuid4().hex[:8]}", uuid=uuidlib.uuid4()))
+        ref = hv.define(domain_xml(f"tx-{uuidlib.uuid4().hex[:8]}"))
         writer = Writer(hv, journal, Archive(str(tmp_path / "archive")), lambda u: str(tmp_path / f"{u}.lock"),
                         actor="test", clock=FixedClock(NOW))
         calls: list[str] = []

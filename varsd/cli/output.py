@@ -18,8 +18,10 @@ import argparse
 import json
 import sys
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
+from varsd.clock import stamp
 from varsd.domain.xml import redact_secrets
 from varsd.engine.reconciler import Outcome
 from varsd.model.domain import ATTENTION
@@ -52,7 +54,7 @@ def emit_json(doc: dict[str, Any]) -> None:
     """Print one JSON object (never a bare list: every shape has a named key): one
     top-level key per line, and a list's entries one per line (grep finds a domain's whole
     entry; json's indenting encoder is pure Python, 0.2 s for 1000 status entries)."""
-    dumps = json.JSONEncoder(ensure_ascii=True).encode  # the C encoder (no indent)
+    dumps = json.JSONEncoder(default=_json_value).encode  # the C encoder (no indent)
     lines = ["{"]
     for i, (key, value) in enumerate(doc.items()):
         comma = "," if i < len(doc) - 1 else ""
@@ -65,6 +67,13 @@ def emit_json(doc: dict[str, Any]) -> None:
             lines.append(f"  {dumps(key)}: {dumps(value)}{comma}")
     lines.append("}")
     print("\n".join(lines))
+
+
+def _json_value(value: object) -> object:
+    """JSON's edge for time: a datetime as the one text form (clock.stamp)."""
+    if isinstance(value, datetime):
+        return stamp(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def change_dict(change: Any) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import stat
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 
 from varsd import __version__
 from varsd.adapters import fsio
@@ -52,6 +53,8 @@ def canonical(obj: object) -> object:
         return [type(obj).__name__] + [canonical(getattr(obj, f.name)) for f in dataclasses.fields(obj)]
     if isinstance(obj, enum.Enum):
         return obj.value
+    if isinstance(obj, datetime):
+        return obj.isoformat()
     if isinstance(obj, Mapping):
         return sorted([str(k), canonical(v)] for k, v in obj.items())
     if isinstance(obj, (set, frozenset)):

@@ -90,7 +90,7 @@ def look(rec: Reconciler, refs: list[DomainRef], store: PlanMemoStore | None, *,
             plan.append((i, None, row.nvram_path))  # shared with another domain now: sharing decides
             continue
         target = target_of(ref, row.nvram_path)
-        seen = SeenVarstore(ref.uuid, row.nvram_path, row.varstore[0], row.varstore[1], "") \
+        seen = SeenVarstore(ref.uuid, row.nvram_path, row.varstore[0], row.varstore[1], rec.clock.now()) \
             if row.varstore is not None and row.nvram_path else None
         looks[i] = Look(Outcome(ref, row.plan, boot_unrecorded=row.boot_unrecorded), target, seen)
     for i, seen_xml, nvram_path in sorted(plan, key=lambda p: p[0]):
