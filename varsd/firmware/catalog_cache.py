@@ -31,6 +31,7 @@ import stat
 from collections.abc import Iterator
 
 from varsd import __version__
+from varsd.adapters import fsio
 from varsd.adapters.filecache import file_key
 from varsd.config import Config
 from varsd.model.firmware import Catalog
@@ -72,10 +73,9 @@ def key(cfg: Config) -> str:
         names = _listing(d)
         parts.append([d, file_key(d), [[n, file_key(os.path.join(d, n))] for n in names]])
         for n in names:
-            try:
-                with open(os.path.join(d, n), "rb") as f:
-                    named.update(_filenames(json.loads(f.read(1 << 20))))
-            except (OSError, ValueError, RecursionError):  # hostile descriptors: the loader reports them
+            try:  # fsio never blocks in open() (a FIFO) and reads regular files only
+                named.update(_filenames(json.loads(fsio.read_file(os.path.join(d, n), max_size=1 << 20))))
+            except (fsio.ReadError, ValueError, RecursionError):  # hostile descriptors: the loader reports them
                 continue  # its key above says it changed, if it does
     dirs = []
     for top in cfg.firmware_search_dirs:
