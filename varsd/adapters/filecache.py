@@ -47,6 +47,8 @@ def file_key(path: str) -> list:
         lst = os.lstat(path)
     except OSError as exc:
         return ["absent", exc.errno]
+    except ValueError:  # a NUL in the name (a hostile descriptor): no such file
+        return ["absent", "invalid name"]
     key: list = []
     if stat.S_ISLNK(lst.st_mode):
         key = ["link", lst.st_dev, lst.st_ino, lst.st_ctime_ns]

@@ -14,7 +14,8 @@ A new, removed, replaced, touched or chmod-ed file changes the key, and the cata
 loaded afresh (and stored again). The key is computed *before* a load, so a file that
 changes during one is seen by the next process.
 
-The file is written by root into the state dir (temp + rename, 0600); it is loaded only
+The file is written by root into the state dir (temp + rename, 0600, or 0640 to
+`admin_group` like the state database); it is loaded only
 when it is a regular file owned by this user or root and writable by no one else, as a
 pickle must never come from someone else.
 """
@@ -22,6 +23,7 @@ pickle must never come from someone else.
 from __future__ import annotations
 
 import contextlib
+import grp
 import hashlib
 import json
 import logging
@@ -108,6 +110,10 @@ def save(cfg: Config, cache_key: str, catalog: Catalog) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as f:
+            if cfg.admin_group:  # readable by the admins who may read the state database (status)
+                with contextlib.suppress(KeyError, OSError):
+                    os.fchown(f.fileno(), -1, grp.getgrnam(cfg.admin_group).gr_gid)
+                    os.fchmod(f.fileno(), 0o640)
             pickle.dump((cache_key, catalog), f, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, path)
     except OSError as exc:
