@@ -336,13 +336,20 @@ def _with_blank_layouts(builds: list[Build], problems: list[CatalogProblem]) -> 
 
 def load_configured(cfg: Config) -> Catalog:
     """The catalog `cfg` describes, each unusable descriptor or pair logged as a warning
-    (the admin's first hint that a firmware package or /etc/qemu/firmware is broken)."""
-    cache = _load_modules_cache(cfg)
-    before = dict(cache)
-    catalog = load_catalog(cfg.firmware_dirs, cfg.extra_firmware, search_dirs=cfg.firmware_search_dirs,
-                           modules_cache=cache)
-    if cache != before:
-        _save_modules_cache(cfg, cache)
+    (the admin's first hint that a firmware package or /etc/qemu/firmware is broken).
+    Kept between processes while its files are unchanged (`varsd.firmware.catalog_cache`)."""
+    from varsd.firmware import catalog_cache
+
+    cache_key = catalog_cache.key(cfg)
+    catalog = catalog_cache.load(cfg, cache_key)
+    if catalog is None:
+        cache = _load_modules_cache(cfg)
+        before = dict(cache)
+        catalog = load_catalog(cfg.firmware_dirs, cfg.extra_firmware, search_dirs=cfg.firmware_search_dirs,
+                               modules_cache=cache)
+        if cache != before:
+            _save_modules_cache(cfg, cache)
+        catalog_cache.save(cfg, cache_key, catalog)
     for problem in catalog.problems:
         log.warning("firmware catalog: %s", problem.message)
     if cfg.secureboot_templates == "2023":
