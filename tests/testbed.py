@@ -102,12 +102,15 @@ TRIXIE = Release(
     pinned=("ovmf/trixie",),
     downloads=(("unstable", "ovmf"), ("unstable", "ovmf-generic"), ("unstable", "ovmf-amdsev"),
                ("unstable", "ovmf-inteltdx")),
+    # Debian 12's ovmf builds (its 2 MiB images; deb12u1 -> u2) and Debian 13's own .deb
+    test_debs=(*debian_archive.BED_PREFETCH, ("ovmf", None, "trixie", False)),
 )
 BOOKWORM = Release(
     codename="bookworm", version="12",
     packages=(*_BASE, "python3-pip"),
     pinned=("ovmf/bookworm",),
     pip=("virt-firmware",),
+    test_debs=(("ovmf", None, "trixie", False),),
 )
 RELEASES = {r.codename: r for r in (TRIXIE, BOOKWORM)}
 
