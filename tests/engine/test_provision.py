@@ -206,9 +206,9 @@ def _json_template(tmp_path) -> str:
 
 @pytest.mark.parametrize("empty", [False, True], ids=["missing", "empty"])
 def test_a_missing_or_empty_json_varstore_gets_the_template(tmp_path, qemu_owner, empty):
-    target = tmp_path / "varstore" / "guest.json"
-    target.parent.mkdir()
+    target = tmp_path / "varstore" / "guest.json"  # libvirt makes varstore/ at the first start: maybe not yet
     if empty:
+        target.parent.mkdir()
         target.write_bytes(b"")
         os.chmod(target, 0o644)
     made = provision.provision_json_varstore(str(target), _json_template(tmp_path), owner=qemu_owner)
@@ -217,6 +217,8 @@ def test_a_missing_or_empty_json_varstore_gets_the_template(tmp_path, qemu_owner
     assert target.read_bytes() == JSON_TEMPLATE
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o600, *qemu_owner)
     assert sorted(p.name for p in target.parent.iterdir()) == ["guest.json"]  # no temp file left
+    pst = os.lstat(target.parent)
+    assert empty or (stat.S_IMODE(pst.st_mode), pst.st_uid, pst.st_gid) == (0o755, *qemu_owner)
     assert provision.inspect_json_varstore(str(target)).state.value == "valid"
 
 

@@ -166,6 +166,23 @@ def _json_template(template: str) -> bytes:
     return data
 
 
+def _parent_dir(target: str, owner: tuple[int, int]) -> None:
+    """libvirt makes its varstore directory (/var/lib/libvirt/qemu/varstore) at the first
+    start that needs it; a store provisioned before that start makes it as libvirt makes
+    nvram/ (0755, the qemu user's), one level only: a missing grandparent is a
+    configuration error that create_exclusive reports."""
+    parent = os.path.dirname(target)
+    if os.path.isdir(parent) or not os.path.isdir(os.path.dirname(parent)):
+        return  # exists (or cannot be made here: create_exclusive reports it)
+    try:
+        os.mkdir(parent, 0o755)
+        os.chown(parent, *owner, follow_symlinks=False)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ProvisionError(f"cannot create {parent}: {fsio.describe_oserror(exc)}") from None
+
+
 def preflight_json(target: str, template: str) -> str | None:
     """Why `provision_json_varstore(target, template)` would fail now, or None."""
     try:
@@ -191,6 +208,7 @@ def provision_json_varstore(target: str, template: str, *, owner: tuple[int, int
     except OSError as exc:
         raise ProvisionError(f"cannot examine {target}: {fsio.describe_oserror(exc)}") from None
     if st is None:
+        _parent_dir(target, owner)
         try:
             fsio.create_exclusive(target, data, mode=0o600, uid=owner[0], gid=owner[1])
         except fsio.TargetExists:
