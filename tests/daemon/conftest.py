@@ -22,6 +22,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from ovmf_files import UNIFIED as UNIFIED_2M_IMAGE  # Debian 12's files, release-aware
 
 from varsd.config import Config
 from varsd.daemon.service import Backoff, Service
@@ -39,7 +40,7 @@ def wait_until(cond: Callable[[], object], timeout: float = 10.0, what: str = "c
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def bios_xml(name: str, image: str = "/usr/share/ovmf/OVMF.fd") -> str:
+def bios_xml(name: str, image: str = UNIFIED_2M_IMAGE) -> str:
     return f"""<domain type='test'>
   <name>{name}</name>
   <uuid>{uuid.uuid4()}</uuid>

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import libvirt
 import pytest
+from ovmf_files import UNIFIED as UNIFIED_2M_IMAGE  # Debian 12's unified image, release-aware
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
@@ -48,7 +49,7 @@ def domain_xml(name: str, os_inner: str, *, machine: str = "pc-q35-7.2", memory_
 </domain>"""
 
 
-ROM = "<loader type='rom'>/usr/share/ovmf/OVMF.fd</loader>"
+ROM = f"<loader type='rom'>{UNIFIED_2M_IMAGE}</loader>"
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from ovmf_files import DEBIAN12_OVMF  # Debian 12's files, release-aware
 
 from varsd.config import ExtraFirmware
 from varsd.firmware.catalog import load_catalog
@@ -20,7 +21,7 @@ EXTRA = "config:extra_firmware[0]"
 def catalog() -> Catalog:
     cat = load_catalog(
         ["/usr/share/qemu/firmware", "/etc/qemu/firmware"],
-        [ExtraFirmware("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd")],
+        [ExtraFirmware(f"{DEBIAN12_OVMF}/OVMF_CODE.fd", f"{DEBIAN12_OVMF}/OVMF_VARS.fd")],
     )
     assert len(cat.builds) == 4 and cat.problems == ()
     return cat
