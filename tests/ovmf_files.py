@@ -38,7 +38,7 @@ def _debian12_root() -> str:
 
 
 OVMF = "/usr/share/OVMF"
-DEBIAN12_ROOT = _debian12_root()
+DEBIAN12_ROOT = _debian12_root()  # "" on a Debian 12 host
 DEBIAN12_OVMF = f"{DEBIAN12_ROOT}/usr/share/OVMF"
 CODE_2M = f"{DEBIAN12_OVMF}/OVMF_CODE.fd"
 CODE_4M = f"{OVMF}/OVMF_CODE_4M.fd"
@@ -48,6 +48,20 @@ VARS_2M_MS = f"{DEBIAN12_OVMF}/OVMF_VARS.ms.fd"
 VARS_4M = f"{OVMF}/OVMF_VARS_4M.fd"
 VARS_4M_MS = f"{OVMF}/OVMF_VARS_4M.ms.fd"
 UNIFIED = f"{DEBIAN12_ROOT}/usr/share/ovmf/OVMF.fd"  # Debian 12's unified image: 2 MiB layout
+
+
+
+def debian12_path(path: str) -> str:
+    """Where a file of Debian 12's ovmf (named as on Debian 12: /usr/share/...) is on this host."""
+    return DEBIAN12_ROOT + path if path.startswith("/usr/share/") else path
+
+
+def debian12_name(local: str) -> str:
+    """The Debian 12 name (/usr/share/...) of a file under DEBIAN12_ROOT; other paths as they are."""
+    if DEBIAN12_ROOT and local.startswith(DEBIAN12_ROOT + "/usr/share/"):
+        return local[len(DEBIAN12_ROOT):]
+    return local
+
 
 LAYOUT_2M = VarstoreLayout(size=131072, start=100, end=57344)
 LAYOUT_4M = VarstoreLayout(size=540672, start=100, end=262144)
