@@ -11,6 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
+import ovmf_files
+
 from varsd.adapters import virtfw
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.domain.xml import QEMU_NS, parse_domain
@@ -28,7 +30,7 @@ from .guests import (
     with_cmdline,
 )
 
-OVMF_2M_UNIFIED = "/usr/share/ovmf/OVMF.fd"
+OVMF_2M_UNIFIED = ovmf_files.UNIFIED  # Debian 12's, release-aware
 SB_CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
 VENDOR_GUID = "0f7d2c3a-9b1e-4d6f-8a25-3c4b5d6e7f80"
 PROOF = f"{VENDOR_GUID}:VarsdProof"

@@ -12,12 +12,14 @@ import json
 import os
 from pathlib import Path
 
+import ovmf_files
+
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.domain.xml import parse_domain
 
 from .guests import CODE_4M, NVRAM_DIR, domain_xml, open_paths, qemu_pid, varsctl, wait_for_serial, with_cmdline
 
-OVMF_2M_UNIFIED = "/usr/share/ovmf/OVMF.fd"
+OVMF_2M_UNIFIED = ovmf_files.UNIFIED  # Debian 12's, release-aware
 SB_CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ovmf_files
 import pytest
 
 from varsd.adapters import virtfw
@@ -30,9 +31,8 @@ from .guests import (
     wait_for_varstore_write,
 )
 
-OVMF_2M_UNIFIED = "/usr/share/ovmf/OVMF.fd"
-CODE_2M = "/usr/share/OVMF/OVMF_CODE.fd"
-VARS_2M = "/usr/share/OVMF/OVMF_VARS.fd"
+OVMF_2M_UNIFIED = ovmf_files.UNIFIED  # Debian 12's, release-aware
+CODE_2M, VARS_2M = ovmf_files.CODE_2M, ovmf_files.VARS_2M
 VENDOR_GUID = "5b3c9c5e-1f6a-4b8e-9d2a-7a1f0e6d4c21"  # a vendor GUID of our own
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 

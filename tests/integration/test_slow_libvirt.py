@@ -18,6 +18,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import ovmf_files
+
 from varsd.adapters.libvirt_api import Hypervisor
 
 from .guests import NVRAM_DIR
@@ -46,7 +48,7 @@ def test_three_racing_reconciles_on_a_slow_libvirt(hv: Hypervisor, guest_factory
     cfg = tmp_path / "varsd.toml"
     cfg.write_text(f'state_dir = "{tmp_path / "state"}"\nnvram_dir = "{NVRAM_DIR}"\n'
                    'firmware_dirs = ["/usr/share/qemu/firmware"]\n')
-    guests = [guest_factory.define(label, "<loader type='rom'>/usr/share/ovmf/OVMF.fd</loader>")
+    guests = [guest_factory.define(label, f"<loader type='rom'>{ovmf_files.UNIFIED}</loader>")
               for label in ("slow-a", "slow-b")]
     for g in guests:
         guest_factory.track(f"{NVRAM_DIR}/{g.name}_VARS.fd")

@@ -11,11 +11,13 @@ import json
 import os
 from pathlib import Path
 
+import ovmf_files
+
 from varsd.adapters.libvirt_api import Hypervisor
 
 from .guests import CODE_4M, NVRAM_DIR, domain_xml, open_paths, qemu_pid, varsctl, wait_for_serial, with_cmdline
 
-OVMF_2M_UNIFIED = "/usr/share/ovmf/OVMF.fd"
+OVMF_2M_UNIFIED = ovmf_files.UNIFIED  # Debian 12's, release-aware
 
 
 def _status(config: Path, name: str) -> tuple[int, dict, str]:
