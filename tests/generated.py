@@ -13,11 +13,11 @@ import random
 from dataclasses import dataclass
 
 from ovmf_files import UNIFIED as UNIFIED_2M_IMAGE  # Debian 12's files, release-aware
+from support.domains import QEMU_NS, commandline, domain_xml
 
 CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 VARS_4M = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 OVMF_2M = UNIFIED_2M_IMAGE
-QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 
 # form -> (<os> content after <type>, firmware args, file the form needs: (path, kind) or None)
 # Paths may use {name}, {nvram_dir} and {images}; kinds: 'varstore' (a used 4 MiB varstore),
@@ -83,21 +83,13 @@ class Shape:
             domain_type: str = "kvm") -> str:
         os_inner = _fill(FORMS[self.form][0], name, nvram_dir, images)
         args = [_fill(a, name, nvram_dir, images) for a in self.args()]
-        ns = f"xmlns:{self.prefix}='{QEMU_NS}'" if args else ""
-        attrs = " ".join(a for a in ((ns, f"type='{domain_type}'") if self.ns_first else (f"type='{domain_type}'", ns))
-                         if a)
-        c = "<!-- generated -->" if self.comments else ""
         serial = f"<serial type='file'><source path='{serial_log}'/></serial>" if serial_log else ""
-        features = f"<features>{self.features}</features>" if self.features else ""
-        p = self.prefix
-        cmd = (f"<{p}:commandline>" + "".join(f"<{p}:arg value='{a}'/>" for a in args) + f"</{p}:commandline>"
-               if args else "")
-        parts = [f"<domain {attrs}>", f"<name>{name}</name>", c, "<memory unit='MiB'>256</memory>", "<vcpu>1</vcpu>",
-                 f"<os><type arch='x86_64' machine='{self.machine}'>hvm</type>{c}{os_inner}</os>", features,
-                 "<on_crash>destroy</on_crash>",
-                 f"<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>{serial}{c}</devices>", cmd, "</domain>"]
-        parts = [p for p in parts if p]
-        return ("\n  ".join(parts[:-1]) + "\n" + parts[-1] + "\n") if self.pretty else "".join(parts)
+        return domain_xml(
+            name, os_inner, domain_type=domain_type, uuid=None, namespaces={self.prefix: QEMU_NS} if args else None,
+            ns_first=self.ns_first, vcpu=1, machine=self.machine, features=self.features or None,
+            on_crash="destroy", devices=f"<emulator>/usr/bin/qemu-system-x86_64</emulator>{serial}",
+            tail=commandline(args, self.prefix) if args else "", comment="<!-- generated -->" if self.comments else "",
+            pretty=self.pretty)
 
 
 def _fill(text: str, name: str, nvram_dir: str, images: str) -> str:

@@ -60,6 +60,7 @@ metrics_textfile = "/var/lib/prometheus/node-exporter/varsd.prom"
 metrics_listen = "127.0.0.1:9397"
 qemu_user = "qemu"
 qemu_group = "kvm"
+admin_group = "adm"
 backup_schedule = "30 2 * * 1-5"
 backup_jitter = 0
 backup_running = "suspend"
@@ -104,6 +105,7 @@ def test_every_key():
         ),
         qemu_user="qemu",
         qemu_group="kvm",
+        admin_group="adm",
         exclude=("build-*", UUID),
         reconcile_interval=60,
         upgrade_policy="manual",

@@ -12,10 +12,11 @@ import os
 import uuid as uuidlib
 
 import pytest
+from support.clock import FixedClock
+from support.domains import domain_xml, rom_os
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
-from varsd.clock import FixedClock
 from varsd.config import Config
 from varsd.engine.reconciler import Reconciler
 from varsd.firmware.catalog import load_catalog
@@ -63,10 +64,7 @@ def rec(tmp_path):
 
 
 def _define(hv: Hypervisor, name: str) -> DomainRef:
-    return hv.define(f"""<domain type='test'><name>{name}</name><uuid>{uuidlib.uuid4()}</uuid>
-      <memory unit='KiB'>262144</memory>
-      <os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type>
-      <loader type='rom'>/usr/share/ovmf/OVMF.fd</loader></os><devices/></domain>""")
+    return hv.define(domain_xml(name, rom_os()))
 
 
 def test_a_vanished_domain_is_named_once_in_log_and_status(rec, caplog) -> None:

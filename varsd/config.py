@@ -92,6 +92,10 @@ class Config:
     extra_firmware: tuple[ExtraFirmware, ...] = ()
     qemu_user: str | None = None  # None: read qemu.conf, then distro default
     qemu_group: str | None = None
+    # Group that may read the state database (status, journal, firmware list/history without
+    # root). libvirt's own admin group: its members can read every domain's XML, secure parts
+    # included, from libvirt already. "root" keeps the database root-only.
+    admin_group: str = "libvirt"
     exclude: tuple[str, ...] = ()  # domain name globs or UUIDs
     reconcile_interval: int = 300  # seconds between safety-net full passes
     upgrade_policy: UpgradePolicy = UpgradePolicy.AUTO
@@ -164,7 +168,8 @@ def parse_config(text: str, where: str = "<config>") -> Config:
     known = ", ".join(sorted(_TOP_KEYS))
     _expect(not unknown, where, f"unknown key(s) {', '.join(unknown)}; known: {known}")
     kw: dict[str, object] = {}
-    for key in ("uri", "nvram_dir", "state_dir", "qemu_user", "qemu_group", "upgrade_policy", "backup_schedule",
+    for key in ("uri", "nvram_dir", "state_dir", "qemu_user", "qemu_group", "admin_group", "upgrade_policy",
+                "backup_schedule",
                 "backup_running", "offline_dir", "secureboot_templates", "metrics_textfile", "metrics_listen"):
         if key in data:
             _expect(isinstance(data[key], str) and data[key] != "", where, f"'{key}' must be a non-empty string")

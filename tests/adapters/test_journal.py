@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from varsd.adapters.journal import Change, Journal
+from varsd.clock import parse_stamp
 from varsd.errors import StateDirError, VarsdError
 from varsd.model.journal import MIGRATION_REASON, ChangeKind
 
@@ -20,7 +21,7 @@ U2 = "22222222-2222-2222-2222-222222222222"
 
 def _record(j: Journal, uuid: str = U1, n: int = 0, **kw: str) -> int:
     args = dict(
-        at=f"2025-01-01T00:00:{n:02d}Z", uuid=uuid, name=f"vm{n}", actor="varsctl", reason=f"reason {n}",
+        at=parse_stamp(f"2025-01-01T00:00:{n:02d}Z"), uuid=uuid, name=f"vm{n}", actor="varsctl", reason=f"reason {n}",
         old_xml=f"<domain>old {n}</domain>", new_xml=f"<domain>new {n}</domain>",
     )
     args.update(kw)
@@ -53,7 +54,7 @@ def test_record_settle_change_round_trip(journal):
     cid = _record(journal, U1, 1, old_xml="<domain><name>a</name></domain>", new_xml="<domain>b & 'q'</domain>")
     got = journal.change(cid)
     assert got == Change(
-        id=cid, at="2025-01-01T00:00:01Z", uuid=U1, name="vm1", actor="varsctl", reason="reason 1",
+        id=cid, at=parse_stamp("2025-01-01T00:00:01Z"), uuid=U1, name="vm1", actor="varsctl", reason="reason 1",
         old_xml="<domain><name>a</name></domain>", new_xml="<domain>b & 'q'</domain>", outcome="pending",
     )
     journal.settle(cid, "applied")
@@ -221,8 +222,8 @@ def test_one_journal_shared_by_threads(journal):
 
 def test_an_entry_keeps_its_kind(journal):
     edit = _record(journal)
-    migration = journal.record(at="2025-01-01T00:00:09Z", uuid=U1, name="vm", actor="varsctl", reason="any words",
-                               old_xml="<a/>", new_xml="<b/>", kind=ChangeKind.MIGRATION)
+    migration = journal.record(at=parse_stamp("2025-01-01T00:00:09Z"), uuid=U1, name="vm", actor="varsctl",
+                               reason="any words", old_xml="<a/>", new_xml="<b/>", kind=ChangeKind.MIGRATION)
     assert journal.change(edit).kind is ChangeKind.EDIT
     assert journal.change(migration).kind is ChangeKind.MIGRATION
     assert [c.kind for c in journal.changes()] == [ChangeKind.MIGRATION, ChangeKind.EDIT]

@@ -13,6 +13,7 @@ import uuid as uuidlib
 
 import libvirt
 import pytest
+from support.domains import domain_xml, split_os
 
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor, NoSuchDomain, hypervisor_error
 from varsd.errors import HypervisorError
@@ -20,16 +21,9 @@ from varsd.errors import HypervisorError
 NS = "https://varsd.example/test"
 
 
-def _xml(name: str, memory_kib: int = 131072, uuid: str = "") -> str:
-    uuid_element = f"<uuid>{uuid}</uuid>" if uuid else ""
-    return f"""<domain type='test'>
-  <name>{name}</name>{uuid_element}
-  <memory unit='KiB'>{memory_kib}</memory>
-  <os><type arch='x86_64'>hvm</type>
-    <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>
-    <nvram>/var/lib/libvirt/qemu/nvram/{name}_VARS.fd</nvram>
-  </os>
-</domain>"""
+def _xml(name: str, memory_kib: int = 131072, uuid: str | None = None) -> str:
+    return domain_xml(name, split_os("/usr/share/OVMF/OVMF_CODE_4M.fd", f"/var/lib/libvirt/qemu/nvram/{name}_VARS.fd"),
+                      uuid=uuid, memory_kib=memory_kib, machine=None)
 
 
 @pytest.fixture

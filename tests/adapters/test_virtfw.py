@@ -21,6 +21,7 @@ from ovmf_files import (  # tests/ is on the import path (see ovmf_files)
     VARS_4M_MS,
 )
 from ovmf_files import EFI_GLOBAL as GLOBAL
+from support.varstores import read_variables
 
 from varsd.adapters import virtfw
 from varsd.adapters.virtfw import EfiVariable
@@ -84,7 +85,7 @@ def test_not_a_varstore_is_a_varstore_error(tmp_path, content):
         with pytest.raises(VarstoreError) as info:
             virtfw.read_layout(path)
         with pytest.raises(VarstoreError):
-            virtfw.read_variables(path)
+            read_variables(path)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
@@ -94,7 +95,7 @@ def test_not_a_varstore_is_a_varstore_error(tmp_path, content):
 def test_missing_file_is_a_varstore_error_naming_it(tmp_path):
     path = str(tmp_path / "missing.fd")
     with pytest.raises(VarstoreError, match="no such file") as info:
-        virtfw.read_variables(path)
+        read_variables(path)
     assert path in str(info.value)
 
 
@@ -103,14 +104,14 @@ def test_library_does_not_log_to_the_root_logger(tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
     with pytest.raises(VarstoreError):
         virtfw.read_layout(CODE_2M)
-    virtfw.read_variables(VARS_4M_MS)
+    read_variables(VARS_4M_MS)
     assert [r for r in caplog.records if r.name == "root"] == []
     assert logging.getLogger().handlers == handlers
 
 
 def test_read_variables_of_real_templates():
-    assert virtfw.read_variables(VARS_4M) == {}
-    ms = virtfw.read_variables(VARS_4M_MS)
+    assert read_variables(VARS_4M) == {}
+    ms = read_variables(VARS_4M_MS)
     pk = ms[f"{GLOBAL}:PK"]
     assert pk.attr == 0x27 and len(pk.data) > 0
     assert all(key == f"{v.guid}:{v.name}" for key, v in ms.items())
@@ -119,13 +120,13 @@ def test_read_variables_of_real_templates():
 def test_read_variables_shows_a_modified_variable(tmp_path):
     blob = virtfw.with_variable(VARS_4M, "VarsdTest", VENDOR, b"hello varsd", attr=0x3)
     path = _write(tmp_path, "vm_VARS.fd", blob)
-    got = virtfw.read_variables(path)
+    got = read_variables(path)
     assert got == {f"{VENDOR}:VarsdTest": EfiVariable("VarsdTest", VENDOR, 0x3, b"hello varsd")}
     assert virtfw.read_layout(path) == LAYOUT_4M
 
     blob = virtfw.with_variable(path, "BootOrder", GLOBAL, struct.pack("<3H", 2, 0, 1))
     path2 = _write(tmp_path, "vm2_VARS.fd", blob)
-    got2 = virtfw.read_variables(path2)
+    got2 = read_variables(path2)
     assert got2[f"{GLOBAL}:BootOrder"].data == b"\x02\x00\x00\x00\x01\x00"
     assert got2[f"{GLOBAL}:BootOrder"].attr == virtfw.ATTR_NV_BS_RT
     assert got2[f"{VENDOR}:VarsdTest"] == got[f"{VENDOR}:VarsdTest"]
@@ -136,7 +137,7 @@ def test_same_name_under_two_guids_are_two_variables(tmp_path):
         VARS_2M,
         [EfiVariable("Twin", VENDOR, 0x7, b"vendor"), EfiVariable("Twin", GLOBAL, 0x7, b"global")],
     )
-    got = virtfw.read_variables(_write(tmp_path, "v.fd", blob))
+    got = read_variables(_write(tmp_path, "v.fd", blob))
     assert got[f"{VENDOR}:Twin"].data == b"vendor"
     assert got[f"{GLOBAL}:Twin"].data == b"global"
 
@@ -151,19 +152,19 @@ def test_edk2_record_states(tmp_path):
     state = _record_state_offset(blob, "VarsdTest")
     assert blob[state] == 0x3F
     blob[state] = 0x3E  # ADDED & IN_DELETED_TRANSITION with no newer copy: still live in edk2
-    assert f"{VENDOR}:VarsdTest" in virtfw.read_variables(_write(tmp_path, "t.fd", bytes(blob)))
+    assert f"{VENDOR}:VarsdTest" in read_variables(_write(tmp_path, "t.fd", bytes(blob)))
     blob[state] = 0x3C  # DELETED
-    assert virtfw.read_variables(_write(tmp_path, "d.fd", bytes(blob))) == {}
+    assert read_variables(_write(tmp_path, "d.fd", bytes(blob))) == {}
 
 
 def test_read_variables_of_a_unified_image_prefix(tmp_path):
     vars_blob = virtfw.with_variable(VARS_2M, "VarsdTest", VENDOR, b"in the image")
     unified = _write(tmp_path, "vm.fd", vars_blob + open(CODE_2M, "rb").read())
-    got = virtfw.read_variables(unified, 131072)
-    assert got == virtfw.read_variables(_write(tmp_path, "v.fd", vars_blob))
+    got = read_variables(unified, 131072)
+    assert got == read_variables(_write(tmp_path, "v.fd", vars_blob))
     assert f"{VENDOR}:VarsdTest" in got
     with pytest.raises(VarstoreError, match="only"):
-        virtfw.read_variables(_write(tmp_path, "short.fd", vars_blob[:1000]), 131072)
+        read_variables(_write(tmp_path, "short.fd", vars_blob[:1000]), 131072)
 
 
 def test_migrate_2m_to_4m_keeps_every_variable(tmp_path):
@@ -180,22 +181,22 @@ def test_migrate_2m_to_4m_keeps_every_variable(tmp_path):
     assert len(blob) == 540672
     out = _write(tmp_path, "vm_VARS_4M.fd", blob)
     assert virtfw.read_layout(out) == LAYOUT_4M
-    src_vars = virtfw.read_variables(src)
+    src_vars = read_variables(src)
     assert len(src_vars) >= 6  # PK, KEK, db, dbx, ... plus ours
-    assert virtfw.read_variables(out) == src_vars
+    assert read_variables(out) == src_vars
     assert open(src, "rb").read() == before  # the source is only read
 
 
 def test_migrate_4m_to_2m_when_it_fits():
     blob = virtfw.migrate_variables(VARS_4M_MS, VARS_2M)
     assert virtfw.layout_of_bytes(blob, "migrated") == LAYOUT_2M
-    assert virtfw.variables_of_bytes(blob, "migrated") == virtfw.read_variables(VARS_4M_MS)
+    assert virtfw.variables_of_bytes(blob, "migrated") == read_variables(VARS_4M_MS)
 
 
 def test_migrate_into_a_template_too_small_raises(tmp_path):
     big = [EfiVariable(f"VarsdBig{i}", VENDOR, 0x7, bytes([i]) * 8192) for i in range(10)]
     src = _write(tmp_path, "stuffed.fd", virtfw.with_variables(VARS_4M, big))
-    assert len(virtfw.read_variables(src)) == 10
+    assert len(read_variables(src)) == 10
     with pytest.raises(VarstoreError, match="room for only") as info:
         virtfw.migrate_variables(src, VARS_2M)
     assert src in str(info.value) and VARS_2M in str(info.value)

@@ -6,6 +6,7 @@ import uuid as uuidlib
 
 import libvirt
 from ovmf_files import UNIFIED as UNIFIED_2M_IMAGE  # Debian 12's files, release-aware
+from support.domains import domain_xml, rom_os
 
 from varsd.cli.varsctl import main
 
@@ -20,24 +21,6 @@ U_SEABIOS = "0a000000-0000-4000-8000-000000000003"
 U_SEV = "0a000000-0000-4000-8000-000000000004"
 U_SB = "0a000000-0000-4000-8000-000000000005"
 U_SPLIT = "0a000000-0000-4000-8000-000000000006"
-
-SHUTOFF = "<test:runstate>5</test:runstate>"  # VIR_DOMAIN_SHUTOFF; default is running
-
-
-def _dom(name: str, uuid: str, machine: str, os_inner: str, extra: str = "", runstate: str = SHUTOFF) -> str:
-    return f"""
-  <domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>
-    <name>{name}</name>
-    <uuid>{uuid}</uuid>
-    <memory unit='KiB'>262144</memory>
-    <os>
-      <type arch='x86_64' machine='{machine}'>hvm</type>
-      {os_inner}
-    </os>
-    {extra}
-    <devices/>
-    {runstate}
-  </domain>"""
 
 DEFAULT = "test:///default"
 
@@ -70,11 +53,7 @@ def run(capsys, host: dict[str, str], *args: str, uri: str | None = None) -> tup
 
 def define_rom(conn: libvirt.virConnect) -> tuple[str, str]:
     name = f"cli-{uuidlib.uuid4().hex[:8]}-rom"
-    conn.defineXML(
-        f"<domain type='test'><name>{name}</name><uuid>{uuidlib.uuid4()}</uuid>"
-        "<memory unit='KiB'>262144</memory><os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type>"
-        f"<loader type='rom'>{UNIFIED}</loader></os><devices/></domain>"
-    )
+    conn.defineXML(domain_xml(name, rom_os(UNIFIED), pretty=False))
     conn.made.append(name)
     dom = conn.lookupByName(name)
     return name, dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)

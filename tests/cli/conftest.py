@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import libvirt
 import pytest
+from support.domains import SHUTOFF, domain_xml, rom_os, split_os
 
 from .common import (
     CODE_4M,
@@ -21,7 +22,6 @@ from .common import (
     U_SPLIT,
     UNIFIED,
     VARS_4M,
-    _dom,
     write_host,
 )
 
@@ -36,24 +36,21 @@ def host(tmp_path) -> dict[str, str]:
     shutil.copyfile(VARS_4M, split_vars)
     os.chmod(split_vars, 0o600)
     domains = [
-        _dom("romguest", U_ROM, "pc-q35-7.2", f"<loader type='rom'>{UNIFIED}</loader>"),
+        domain_xml("romguest", rom_os(UNIFIED), uuid=U_ROM, runstate=SHUTOFF),
         # a loader without a type is what libvirt passes as -bios too. (-bios smuggled
         # through <qemu:commandline> cannot be tested here: the test driver drops that
         # namespace when it parses the domain.)
-        _dom("biosguest", U_BIOS, "pc-i440fx-7.2", f"<loader>{UNIFIED}</loader>"),
-        _dom("seabiosguest", U_SEABIOS, "pc-i440fx-7.2", "", runstate=""),
-        _dom(
-            "sevguest", U_SEV, "pc-q35-7.2", f"<loader type='pflash'>{UNIFIED}</loader>",
-            "<launchSecurity type='sev'><cbitpos>47</cbitpos><reducedPhysBits>1</reducedPhysBits>"
+        domain_xml("biosguest", f"<loader>{UNIFIED}</loader>", uuid=U_BIOS, machine="pc-i440fx-7.2", runstate=SHUTOFF),
+        domain_xml("seabiosguest", uuid=U_SEABIOS, machine="pc-i440fx-7.2"),
+        domain_xml(
+            "sevguest", f"<loader type='pflash'>{UNIFIED}</loader>", uuid=U_SEV,
+            extra="<launchSecurity type='sev'><cbitpos>47</cbitpos><reducedPhysBits>1</reducedPhysBits>"
             "<policy>0x0003</policy></launchSecurity>",
-            runstate="",
         ),
-        _dom("sbguest", U_SB, "pc-i440fx-7.2", f"<loader type='pflash'>{SB_CODE_4M}</loader>"),
-        _dom(
-            "splitguest", U_SPLIT, "pc-q35-7.2",
-            f"<loader readonly='yes' type='pflash'>{CODE_4M}</loader>"
-            f"<nvram template='{VARS_4M}'>{split_vars}</nvram>",
-        ),
+        domain_xml("sbguest", f"<loader type='pflash'>{SB_CODE_4M}</loader>", uuid=U_SB, machine="pc-i440fx-7.2",
+                   runstate=SHUTOFF),
+        domain_xml("splitguest", split_os(CODE_4M, str(split_vars), template=VARS_4M), uuid=U_SPLIT,
+                   runstate=SHUTOFF),
     ]
     uri, config = write_host(tmp_path, domains, nvram=nvram, state=state)
     return {"uri": uri, "config": config, "nvram": str(nvram), "state": str(state), "split_vars": str(split_vars)}

@@ -24,8 +24,8 @@ def _store(host) -> BackupStore:
                        BackupIndex(os.path.join(host["state"], "state.sqlite3")))
 
 
-def _ago(days: float) -> str:
-    return (datetime.now(UTC) - timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _ago(days: float) -> datetime:
+    return datetime.now(UTC) - timedelta(days=days)
 
 
 def test_create_list_and_json_shape(capsys, host):

@@ -20,6 +20,7 @@ from ovmf_files import (
     DEBIAN12_OVMF,  # Debian 12's files, release-aware
     fit_code,
 )
+from support.domains import domain_xml, split_os
 
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.cli.context import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE
@@ -87,10 +88,7 @@ def define(conn: libvirt.virConnect, h: FwHost, *, template: str = VARS_2M) -> s
     name = f"fwcli-{uuidlib.uuid4().hex[:8]}"
     varstore = os.path.join(h["nvram"], f"{name}_VARS.fd")
     shutil.copyfile(template, varstore)
-    conn.defineXML(f"""<domain type='test'><name>{name}</name><uuid>{uuidlib.uuid4()}</uuid>
-  <memory unit='KiB'>262144</memory>
-  <os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type>
-    <loader readonly='yes' type='pflash'>{h['code']}</loader><nvram>{varstore}</nvram></os><devices/></domain>""")
+    conn.defineXML(domain_xml(name, split_os(h["code"], varstore)))
     conn.made.append(name)
     return name  # bound to the tree's build by the first sync
 

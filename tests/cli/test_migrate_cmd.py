@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from ovmf_files import DEBIAN12_OVMF  # Debian 12's files, release-aware
+from support.domains import SHUTOFF, domain_xml, split_os
+from support.varstores import read_variables
 
 from varsd.adapters import virtfw
 from varsd.adapters.backup_index import BackupIndex
@@ -20,7 +22,7 @@ from varsd.adapters.journal import Journal
 from varsd.cli.varsctl import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, main
 from varsd.domain.xml import parse_domain
 
-from .common import SHUTOFF, _dom, write_host
+from .common import write_host
 
 OVMF = "/usr/share/OVMF"
 SB_CODE_2M, VARS_2M_MS = f"{DEBIAN12_OVMF}/OVMF_CODE.secboot.fd", f"{DEBIAN12_OVMF}/OVMF_VARS.ms.fd"
@@ -35,12 +37,7 @@ U_OK = "0b000000-0000-4000-8000-000000000004"  # already fine: not touched
 U_PLAIN = "0b000000-0000-4000-8000-000000000005"  # shut off plain 2 MiB: migrates
 
 
-def _split(code: str, nvram: Path, *, secure: bool = False) -> str:
-    sec = " secure='yes'" if secure else ""
-    return f"<loader readonly='yes'{sec} type='pflash'>{code}</loader><nvram>{nvram}</nvram>"
-
-
-SMM = "<features><smm state='on'/></features>"
+SMM = "<smm state='on'/>"
 
 
 @pytest.fixture
@@ -55,12 +52,13 @@ def bed(tmp_path) -> dict:
         os.chmod(path, 0o600)
         stores[name] = path
     domains = [
-        _dom("sb2", U_SB2, "pc-q35-7.2", _split(SB_CODE_2M, stores["sb2"], secure=True), SMM),
-        _dom("run", U_RUN, "pc-q35-7.2", _split(CODE_2M, stores["run"]), runstate=""),
-        _dom("i440", U_I440, "pc-i440fx-7.2", _split(SB_CODE_2M, stores["i440"], secure=True)),
-        _dom("ok", U_OK, "pc-q35-7.2",
-             _split(CODE_4M, stores["ok"]).replace("<nvram>", f"<nvram template='{VARS_4M}'>")),
-        _dom("plain", U_PLAIN, "pc-q35-7.2", _split(CODE_2M, stores["plain"])),
+        domain_xml("sb2", split_os(SB_CODE_2M, stores["sb2"], secure=True), uuid=U_SB2, features=SMM,
+                   runstate=SHUTOFF),
+        domain_xml("run", split_os(CODE_2M, stores["run"]), uuid=U_RUN),
+        domain_xml("i440", split_os(SB_CODE_2M, stores["i440"], secure=True), uuid=U_I440, machine="pc-i440fx-7.2",
+                   runstate=SHUTOFF),
+        domain_xml("ok", split_os(CODE_4M, stores["ok"], template=VARS_4M), uuid=U_OK, runstate=SHUTOFF),
+        domain_xml("plain", split_os(CODE_2M, stores["plain"]), uuid=U_PLAIN, runstate=SHUTOFF),
     ]
     uri, config = write_host(tmp_path, domains, nvram=nvram, state=tmp_path / "state")
     before = {name: path.read_bytes() for name, path in stores.items()}
@@ -114,7 +112,7 @@ def test_migrate_one_domain(capsys, bed) -> None:
     assert out.startswith("sb2: migrated 32 variable(s) into ") and f"backup: {backups[0]}" in out
     assert "131072 -> 540672 bytes" in out and "40-edk2-x86_64-secure-enrolled.json" in out
     old_vars = virtfw.variables_of_bytes(bed["before"]["sb2"], "old")
-    assert virtfw.read_variables(str(store)) == old_vars and len(old_vars) == 32
+    assert read_variables(str(store)) == old_vars and len(old_vars) == 32
     [change] = _journal(bed, U_SB2)
     new = parse_domain(change.new_xml)
     assert (new.loader_path, new.loader_secure, new.nvram_path) == (f"{OVMF}/OVMF_CODE_4M.ms.fd", True, str(store))
@@ -196,7 +194,7 @@ def test_all_dry_run_shows_the_plan_and_changes_nothing(capsys, bed) -> None:
 def test_all_with_nothing_to_do_is_exit_0(capsys, tmp_path) -> None:
     store = tmp_path / "ok_VARS.fd"
     store.write_bytes(Path(VARS_4M).read_bytes())
-    uri, config = write_host(tmp_path, [_dom("ok", U_OK, "pc-q35-7.2", _split(CODE_4M, store), runstate=SHUTOFF)],
+    uri, config = write_host(tmp_path, [domain_xml("ok", split_os(CODE_4M, store), uuid=U_OK, runstate=SHUTOFF)],
                              nvram=tmp_path, state=tmp_path / "state")
     rc = main(["--config", config, "--connect", uri, "migrate", "--all"])
     out, _ = capsys.readouterr()

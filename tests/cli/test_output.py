@@ -14,6 +14,7 @@ from varsd import __version__
 from varsd.adapters.journal import Journal
 from varsd.cli.output import EXIT_OK, change_dict, table
 from varsd.cli.varsctl import build_parser, main
+from varsd.clock import parse_stamp
 from varsd.daemon import main as varsd_main
 from varsd.domain.xml import redact_secrets
 
@@ -77,7 +78,7 @@ def test_read_only_commands_create_no_journal(capsys, host, args) -> None:
 def test_journal_json_never_prints_secrets(capsys, host) -> None:
     j = Journal(os.path.join(host["state"], "state.sqlite3"))
     secret = "<domain><devices><graphics type='vnc' port='-1' passwd='hunter2'/></devices></domain>\n"
-    j.record(at="2025-06-01T12:00:00Z", uuid="u", name="g", actor="test", reason="r", old_xml=secret,
+    j.record(at=parse_stamp("2025-06-01T12:00:00Z"), uuid="u", name="g", actor="test", reason="r", old_xml=secret,
              new_xml=secret.replace("hunter2", 'x"y'))
     j.close()
     rc, out, _ = run(capsys, host, "journal", "--json")
@@ -100,3 +101,12 @@ def test_redaction_keeps_everything_else_byte_for_byte() -> None:
 
 def test_table_pads_all_but_the_last_column() -> None:
     assert table(("A", "BB", "C"), [("xx", "y", "free text")]) == "A   BB  C\nxx  y   free text"
+
+
+@pytest.mark.parametrize("command", [("backup", "create"), ("upgrade", "approve"), ("secureboot", "update")])
+def test_domains_or_all_is_declared_to_argparse(capsys, host, command) -> None:
+    """DOMAIN... and --all exclude each other, and one is required: argparse says so (exit 2)."""
+    rc, _, err = run(capsys, host, *command, "--all", "romguest")
+    assert rc == 2 and "not allowed with argument --all" in err, err
+    rc, _, err = run(capsys, host, *command)
+    assert rc == 2 and "one of the arguments DOMAIN --all is required" in err, err

@@ -7,25 +7,25 @@ import os
 import shutil
 
 import pytest
+from support.domains import SHUTOFF, domain_xml, split_os
+from support.varstores import read_variables
 
 from varsd.adapters import virtfw
 from varsd.cli.varsctl import main
 
-from .common import SHUTOFF, _dom, write_host
+from .common import write_host
 
 SB_CODE = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
 VARS_MS = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"
 VARS_PLAIN = "/usr/share/OVMF/OVMF_VARS_4M.fd"
-TPM = "<devices><tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm></devices>"
+TPM = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"
 VENDOR = "5b3c9c5e-1f6a-4b8e-9d2a-7a1f0e6d4c21"
 OLD = virtfw.library_version().startswith("24.")  # Debian 13's virt-firmware: no Option ROM CA
 
 
-def _sb(name: str, uuid: str, store: str, *, extra: str = "", runstate: str = SHUTOFF) -> str:
-    os_inner = (f"<loader readonly='yes' secure='yes' type='pflash'>{SB_CODE}</loader>"
-                f"<nvram template='{VARS_MS}'>{store}</nvram>")
-    return _dom(name, uuid, "pc-q35-7.2", os_inner, "<features><acpi/><smm state='on'/></features>" + extra,
-                runstate=runstate).replace("<devices/>", "" if "<devices>" in extra else "<devices/>")
+def _sb(name: str, uuid: str, store: str, *, devices: str = "", runstate: int | None = SHUTOFF) -> str:
+    return domain_xml(name, split_os(SB_CODE, store, template=VARS_MS, secure=True), uuid=uuid,
+                      features="<acpi/><smm state='on'/>", devices=devices, runstate=runstate)
 
 
 @pytest.fixture
@@ -42,8 +42,8 @@ def fleet(tmp_path):
         _sb("a", "0b000000-0000-4000-8000-000000000001", stores["a"]),
         _sb("b", "0b000000-0000-4000-8000-000000000002", stores["b"]),
         _sb("c", "0b000000-0000-4000-8000-000000000003", stores["c"]),
-        _sb("tpm", "0b000000-0000-4000-8000-000000000004", stores["tpm"], extra=TPM),
-        _sb("run", "0b000000-0000-4000-8000-000000000005", stores["run"], runstate=""),
+        _sb("tpm", "0b000000-0000-4000-8000-000000000004", stores["tpm"], devices=TPM),
+        _sb("run", "0b000000-0000-4000-8000-000000000005", stores["run"], runstate=None),
         _sb("setup", "0b000000-0000-4000-8000-000000000006", stores["setup"]),
     ]
     uri, config = write_host(tmp_path, doms, nvram=nvram, state=state)
@@ -119,10 +119,10 @@ def test_canary_then_the_rest_once_it_booted(fleet, capsys):
 
 def test_update_keeps_every_other_variable_and_the_backup(fleet, capsys, tmp_path):
     path = fleet["stores"]["b"]
-    before = virtfw.read_variables(path)
+    before = read_variables(path)
     rc, res = _results(fleet, capsys, "b")
     assert rc == 0 and res["b"]["backup"].startswith("#")
-    after = virtfw.read_variables(path)
+    after = read_variables(path)
     assert {k for k in before if before[k] != after[k]} == {
         "8be4df61-93ca-11d2-aa0d-00e098032b8c:KEK", "d719b2cb-3d3a-4596-a3bc-dad00e67656f:db"}
     objects = tmp_path / "state" / "backups" / "objects"

@@ -17,6 +17,7 @@ import pytest
 
 from varsd.adapters.journal import Journal
 from varsd.cli.varsctl import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, main
+from varsd.clock import parse_stamp
 from varsd.engine import transaction
 from varsd.model.journal import ChangeKind
 
@@ -321,7 +322,7 @@ def test_undo_of_a_migration_refuses_to_pair_old_code_with_the_migrated_store(ca
     before_migration = current.replace(CODE_4M, "/usr/share/OVMF/OVMF_CODE.fd")
     j = Journal(os.path.join(host["state"], "state.sqlite3"))
     try:
-        cid = j.record(at="2026-11-26T00:00:00Z", uuid=dom.UUIDString(), name=name, actor="varsctl",
+        cid = j.record(at=parse_stamp("2026-11-26T00:00:00Z"), uuid=dom.UUIDString(), name=name, actor="varsctl",
                        reason="migrated varstore (131072 -> 540672 bytes) to x", old_xml=before_migration,
                        new_xml=current, kind=ChangeKind.MIGRATION)
         j.settle(cid, "applied", stored_xml=current)
@@ -372,7 +373,7 @@ def test_an_interrupted_define_is_settled_at_the_next_look(capsys, host, default
     ref = ctx.hv.lookup(name)
     facts, plan = rec.examine(ref)
     (redefine,) = [a for a in plan.actions if type(a).__name__ == "Redefine"]
-    cid = ctx.journal.record(at="2026-12-01T10:00:00Z", uuid=ref.uuid, name=name, actor="varsctl",
+    cid = ctx.journal.record(at=parse_stamp("2026-12-01T10:00:00Z"), uuid=ref.uuid, name=name, actor="varsctl",
                              reason="killed mid-define", old_xml=facts.xml, new_xml=redefine.xml)
     if define_happened:
         default_conn.defineXML(redefine.xml)

@@ -16,13 +16,13 @@ import os
 import pwd
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import libvirt
 import pytest
 from ovmf_files import UNIFIED as UNIFIED_2M_IMAGE  # Debian 12's files, release-aware
+from support.domains import domain_xml, rom_os
 
 from varsd.config import Config
 from varsd.daemon.service import Backoff, Service
@@ -41,16 +41,7 @@ def wait_until(cond: Callable[[], object], timeout: float = 10.0, what: str = "c
 
 
 def bios_xml(name: str, image: str = UNIFIED_2M_IMAGE) -> str:
-    return f"""<domain type='test'>
-  <name>{name}</name>
-  <uuid>{uuid.uuid4()}</uuid>
-  <memory unit='KiB'>262144</memory>
-  <os>
-    <type arch='x86_64' machine='pc-q35-7.2'>hvm</type>
-    <loader type='rom'>{image}</loader>
-  </os>
-  <devices/>
-</domain>"""
+    return domain_xml(name, rom_os(image))
 
 
 @pytest.fixture

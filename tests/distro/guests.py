@@ -1,6 +1,6 @@
 """Guests inside a bed: defined with the bed's own virsh, observed from the host.
 
-The domain XML comes from tests/integration/guests.py (one definition of a TCG test
+The domain XML comes from tests/support/domains.py (one definition of a TCG test
 guest); serial logs go to the bed's shared directory so the host can read them.
 """
 
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import testbed
-from integration.guests import domain_xml, wait_for_serial
+from integration.guests import wait_for_serial
+from support.domains import guest_xml
 
 # the Secure Boot builds have no EFI shell: with no disk their boot manager says so
 BOOT_LINE = r"BdsDxe: ((loading|starting|failed to load) Boot|No bootable option)"
@@ -36,9 +37,7 @@ def define(bed: testbed.Bed, label: str, os_inner: str, *, os_firmware: str | No
     `os_firmware='efi'` asks libvirt to autoselect the firmware."""
     name = f"varsd-test-{secrets.token_hex(3)}-{label}"
     serial = f"{testbed.SHARE}/{name}.serial.log"
-    xml = domain_xml(name, os_inner, serial_log=serial, **kwargs)
-    if os_firmware:
-        xml = xml.replace("<os>", f"<os firmware='{os_firmware}'>", 1)
+    xml = guest_xml(name, os_inner, serial_log=serial, os_firmware=os_firmware, **kwargs)
     (bed.share / f"{name}.xml").write_text(xml)
     bed.run("virsh", "-q", "define", f"{testbed.SHARE}/{name}.xml")
     return BedGuest(name, serial, bed.share / f"{name}.serial.log")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 from lxml import etree
+from support.domains import QEMU_NS, domain_xml
 
+from varsd.clock import parse_stamp
 from varsd.domain.xml import (
     VARSD_NS,
     FirmwareEdit,
@@ -66,7 +70,7 @@ FULL_METADATA = VarsdMetadata(
     template_path="/usr/share/OVMF/OVMF_VARS_4M.fd",
     template_sha256="7e11",
     varstore_source="template",
-    provisioned_at="2024-11-02T08:00:00Z",
+    provisioned_at=parse_stamp("2024-11-02T08:00:00Z"),
     pinned_sha256="917",
     booted_sha256="b007",
 )
@@ -101,10 +105,8 @@ def test_parse_domain_minimal() -> None:
     assert fw == DomainFirmware(name="m", uuid="", arch=None, machine=None)
 
 
-def _domain(os_inner: str = "", *, features: str = "", rest: str = "", root: str = "<domain type='kvm'>") -> str:
-    return (f"{root}\n  <name>d</name>\n  <uuid>11111111-2222-4333-8444-555555555555</uuid>\n"
-            f"  <os>\n    <type arch='x86_64' machine='pc-q35-7.2'>hvm</type>{os_inner}\n  </os>\n"
-            f"{features}  <devices/>\n{rest}</domain>\n")
+_domain = partial(domain_xml, "d", domain_type="kvm", uuid="11111111-2222-4333-8444-555555555555", memory_kib=None)
+QEMU = {"qemu": QEMU_NS}
 
 
 @pytest.mark.parametrize(("nvram", "path", "storage"), [
@@ -129,24 +131,23 @@ def test_nvram_forms(nvram: str, path: str | None, storage: str | None) -> None:
 ])
 def test_cmdline_bios(args: list[str], bios: str | None) -> None:
     cmd = "".join(f"<qemu:arg value='{a}'/>" for a in args)
-    xml = _domain(rest=f"  <qemu:commandline>{cmd}</qemu:commandline>\n",
-                  root="<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>")
+    xml = _domain(tail=f"<qemu:commandline>{cmd}</qemu:commandline>", namespaces=QEMU)
     assert parse_domain(xml).cmdline_bios == bios
 
 
 @pytest.mark.parametrize(("features", "smm"), [
-    ("", False),
-    ("  <features><acpi/></features>\n", False),
-    ("  <features><smm state='on'/></features>\n", True),
-    ("  <features><smm state='off'/></features>\n", False),
-    ("  <features><smm/></features>\n", True),
+    (None, False),
+    ("<acpi/>", False),
+    ("<smm state='on'/>", True),
+    ("<smm state='off'/>", False),
+    ("<smm/>", True),
 ])
-def test_smm(features: str, smm: bool) -> None:
+def test_smm(features: str | None, smm: bool) -> None:
     assert parse_domain(_domain(features=features)).smm is smm
 
 
 def test_launch_security_without_type() -> None:
-    assert parse_domain(_domain(rest="  <launchSecurity/>\n")).launch_security == "unknown"
+    assert parse_domain(_domain(tail="<launchSecurity/>")).launch_security == "unknown"
 
 
 @pytest.mark.parametrize(("xml", "message"), [
@@ -179,8 +180,8 @@ def test_metadata_fragment_as_libvirt_returns_it() -> None:
 
 
 def test_opt_out_syntax_from_the_docs() -> None:
-    xml = _domain(rest='  <metadata><varsd:firmware xmlns:varsd="https://varsd.org/xmlns/firmware/1" '
-                       'manage="no"/></metadata>\n')
+    xml = _domain(tail='<metadata><varsd:firmware xmlns:varsd="https://varsd.org/xmlns/firmware/1" '
+                       'manage="no"/></metadata>')
     assert parse_domain(xml).metadata.opt_out
     assert not parse_domain(xml.replace('manage="no"', 'manage="yes"')).metadata.opt_out
 
@@ -247,14 +248,14 @@ def test_apply_edit_from_nothing_adds_features_and_smm() -> None:
 
 
 def test_apply_edit_turns_smm_on_and_keeps_other_features() -> None:
-    xml = _domain(features="  <features>\n    <acpi/>\n    <smm state='off'/>\n  </features>\n")
+    xml = _domain(features="\n    <acpi/>\n    <smm state='off'/>\n  ")
     fw, new = _firmware_after(xml)
     assert fw.smm and "<acpi/>" in new
 
 
 def test_apply_edit_plain_build_drops_secure_and_leaves_smm_alone() -> None:
     xml = _domain("<loader readonly='yes' secure='yes' type='pflash'>/old.fd</loader>",
-                  features="  <features><smm state='on'/></features>\n")
+                  features="<smm state='on'/>")
     fw, _ = _firmware_after(xml, FirmwareEdit("/c.fd", "/n/v.fd", None, secure=False, smm=False,
                                               metadata=VarsdMetadata()))
     assert fw.loader_secure is None and fw.smm and fw.nvram_template is None
@@ -285,14 +286,13 @@ def test_apply_edit_refuses_network_nvram() -> None:
 
 
 def test_apply_edit_drops_only_the_bios_arguments() -> None:
-    root = "<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
-    keep = _domain(rest="  <qemu:commandline>\n    <qemu:arg value='-bios'/>\n    <qemu:arg value='/x/OVMF.fd'/>\n"
+    keep = _domain(tail="<qemu:commandline>\n    <qemu:arg value='-bios'/>\n    <qemu:arg value='/x/OVMF.fd'/>\n"
                         "    <qemu:arg value='-global'/>\n    <qemu:arg value='ICH9-LPC.disable_s3=1'/>\n"
-                        "  </qemu:commandline>\n", root=root)
+                        "  </qemu:commandline>", namespaces=QEMU)
     fw, new = _firmware_after(keep)
     assert fw.cmdline_bios is None
     assert "  <qemu:commandline>\n    <qemu:arg value='-global'/>\n    <qemu:arg value='ICH9-LPC" in new
-    only = _domain(rest="  <qemu:commandline><qemu:arg value='-bios=/x/OVMF.fd'/></qemu:commandline>\n", root=root)
+    only = _domain(tail="<qemu:commandline><qemu:arg value='-bios=/x/OVMF.fd'/></qemu:commandline>", namespaces=QEMU)
     _, new = _firmware_after(only)
     assert "commandline" not in new
     assert new.startswith("<domain type='kvm' xmlns:qemu=")  # libvirt's attribute order
@@ -312,7 +312,7 @@ def test_apply_edit_on_compact_xml() -> None:
 
 def test_serialisation_quotes_like_libvirt() -> None:
     """Attribute values with both quote characters survive the switch to single quotes."""
-    xml = _domain(rest="  <devices2 note=\"it's &quot;quoted&quot; &amp; &lt;odd&gt;\"/>\n")
+    xml = _domain(tail="<devices2 note=\"it's &quot;quoted&quot; &amp; &lt;odd&gt;\"/>")
     new = set_metadata(xml, VarsdMetadata())
     assert "note='it&apos;s \"quoted\" &amp; &lt;odd&gt;'" in new
     assert etree.fromstring(new.encode()).find("devices2").get("note") == "it's \"quoted\" & <odd>"
@@ -348,7 +348,7 @@ def test_pin_attributes_round_trip_and_without_pin() -> None:
     from varsd.model.domain import PinKind
 
     md = replace(FULL_METADATA, pin_by="incompatible", pin_reason="layout changed; run 'varsctl migrate x'",
-                 pinned_at="2025-06-01T12:00:00Z")
+                 pinned_at=parse_stamp("2025-06-01T12:00:00Z"))
     back = parse_domain(set_metadata(_domain(), md)).metadata
     assert back == md and back.pin_kind is PinKind.INCOMPATIBLE
     assert back.without_pin().pinned_sha256 is None and back.without_pin().pin_by is None
@@ -359,14 +359,14 @@ def test_pin_attributes_round_trip_and_without_pin() -> None:
 
 def test_boot_record_in_live_xml_is_read() -> None:
     boot = '<boot xmlns="https://varsd.org/xmlns/boot/1" code="/c.fd" sha256="b007" at="t" source="qemu-fd"/>'
-    live = _domain(rest=f"  <metadata>{boot}</metadata>\n")
+    live = _domain(tail=f"<metadata>{boot}</metadata>")
     assert parse_domain(live).booted_sha256 == "b007"
     assert parse_domain(_domain()).booted_sha256 is None
 
 
 def test_replace_loader_code_with_metadata_changes_nothing_else() -> None:
     xml = _domain("<loader readonly='yes' secure='yes' type='pflash'>/old.fd</loader>"
-                  "<nvram template='/t.fd'>/n/v.fd</nvram>", features="  <features><smm state='on'/></features>\n")
+                  "<nvram template='/t.fd'>/n/v.fd</nvram>", features="<smm state='on'/>")
     md = VarsdMetadata(build_code_path="/old.fd", build_code_sha256="a", pinned_sha256="a", pin_by="admin")
     new = replace_loader_code(xml, "/archive/a.fd", md)
     fw = parse_domain(new)

@@ -21,10 +21,11 @@ from ovmf_files import (
     DEBIAN12_OVMF,  # Debian 12's files, release-aware
     fit_code,
 )
+from support.clock import FixedClock
+from support.domains import domain_xml, split_os
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
-from varsd.clock import FixedClock
 from varsd.config import Config
 from varsd.domain.xml import parse_domain
 from varsd.engine import firmware_sync
@@ -112,11 +113,7 @@ def domain(hv, cfg, tree) -> Iterator[str]:
     name = f"sync-{uuidlib.uuid4().hex[:8]}"
     varstore = os.path.join(cfg.nvram_dir, f"{name}_VARS.fd")
     shutil.copyfile(VARS_2M, varstore)
-    ref = hv.define(f"""<domain type='test'><name>{name}</name><uuid>{uuidlib.uuid4()}</uuid>
-  <memory unit='KiB'>262144</memory>
-  <os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type>
-    <loader readonly='yes' type='pflash'>{tree.code}</loader><nvram template='{tree.vars}'>{varstore}</nvram></os>
-  <devices/></domain>""")
+    ref = hv.define(domain_xml(name, split_os(tree.code, varstore, template=tree.vars)))
     yield ref.uuid
     try:
         if hv.lookup(ref.uuid).active:

@@ -15,17 +15,21 @@ import stat
 import uuid as uuidlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import pytest
 from ovmf_files import DEBIAN12_OVMF  # Debian 12's files, release-aware
 from ovmf_files import UNIFIED as UNIFIED_2M_IMAGE
+from support.clock import FixedClock
+from support.domains import domain_xml, split_os, varsd_metadata
+from support.varstores import read_variables
 
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.backup_index import BackupIndex
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
-from varsd.clock import FixedClock
+from varsd.clock import parse_stamp, stamp
 from varsd.config import Config, ExtraFirmware
 from varsd.domain.xml import parse_domain
 from varsd.engine import migration
@@ -58,7 +62,7 @@ UNIFIED_2M = UNIFIED_2M_IMAGE
 LAYOUT_2M = VarstoreLayout(size=131072, start=100, end=57344)
 LAYOUT_4M = VarstoreLayout(size=540672, start=100, end=262144)
 NVRAM = "/var/lib/libvirt/qemu/nvram"
-NOW = "2025-06-01T12:00:00Z"
+NOW = parse_stamp("2025-06-01T12:00:00Z")  # the clock's aware datetime; XML holds its stamp
 VENDOR = "5b3c9c5e-1f6a-4b8e-9d2a-7a1f0e6d4c21"
 EFI_GLOBAL = planned.EFI_GLOBAL
 ENROLLED = "40-edk2-x86_64-secure-enrolled.json"
@@ -75,28 +79,8 @@ def catalog() -> Catalog:
     return cat
 
 
-def _xml(name: str, os_inner: str, *, machine: str = "pc-q35-7.2", extra: str = "", uuid: str | None = None) -> str:
-    return f"""<domain type='test'>
-  <name>{name}</name>
-  <uuid>{uuid or uuidlib.uuid4()}</uuid>{extra}
-  <memory unit='KiB'>262144</memory>
-  <os>
-    <type arch='x86_64' machine='{machine}'>hvm</type>
-    {os_inner}
-  </os>
-  <features><smm state='on'/></features>
-  <devices/>
-</domain>"""
-
-
-def _split(code: str, nvram: str, *, secure: bool = False) -> str:
-    sec = " secure='yes'" if secure else ""
-    return f"<loader readonly='yes'{sec} type='pflash'>{code}</loader><nvram>{nvram}</nvram>"
-
-
-def _metadata(inner: str) -> str:
-    return f"\n  <metadata><varsd:firmware xmlns:varsd='https://varsd.org/xmlns/firmware/1'{inner}</varsd:firmware>" \
-        "</metadata>"
+# every migration case has SMM (the Secure Boot builds need it)
+_xml = partial(domain_xml, features="<smm state='on'/>")
 
 
 def _facts(xml: str, *, state: str = "shut off", active: bool = False, persistent: bool = True,
@@ -115,9 +99,9 @@ def _src(path: str, *, keys: bool, layout: VarstoreLayout = LAYOUT_2M, size: int
     return VarstoreFacts(path=path, size=size or layout.size, layout=layout, variables=5, enrolled_keys=keys, **kw)
 
 
-SB2 = _split(SB_CODE_2M, f"{NVRAM}/g_VARS.fd", secure=True)
-PLAIN2 = _split(CODE_2M, f"{NVRAM}/g_VARS.fd")
-PLAIN4 = _split(CODE_4M, f"{NVRAM}/g_VARS.fd")
+SB2 = split_os(SB_CODE_2M, f"{NVRAM}/g_VARS.fd", secure=True)
+PLAIN2 = split_os(CODE_2M, f"{NVRAM}/g_VARS.fd")
+PLAIN4 = split_os(CODE_4M, f"{NVRAM}/g_VARS.fd")
 G = f"{NVRAM}/g_VARS.fd"
 
 # (case, xml, facts overrides, --to, expected descriptor file name)
@@ -131,7 +115,7 @@ TARGETS = [
     ("plain on i440fx -> plain 4 MiB", _xml("g", PLAIN2, machine="pc-i440fx-7.2"), {"source": _src(G, keys=False)},
      None, PLAIN),
     ("tracked central build wins over the first match",
-     _xml("g", SB2, extra=_metadata(f"><varsd:build code='{SB_CODE_4M}' sha256='00'/>")),
+     _xml("g", SB2, metadata=varsd_metadata(f"><varsd:build code='{SB_CODE_4M}' sha256='00'/>")),
      {"source": _src(G, keys=True)}, None, SECURE),
     ("--to descriptor file name", _xml("g", PLAIN2), {}, PLAIN, PLAIN),
     ("--to descriptor stem", _xml("g", PLAIN2), {}, "60-edk2-x86_64", PLAIN),
@@ -176,10 +160,10 @@ REFUSALS = [
     ("running", _xml("g", SB2), {"state": "running", "active": True}, None, ["domain 'g'", "is running", "shut"]),
     ("paused", _xml("g", SB2), {"state": "paused", "active": True}, None, ["domain 'g'", "is paused"]),
     ("transient", _xml("g", SB2), {"persistent": False}, None, ["transient"]),
-    ("opted out", _xml("g", SB2, extra=_metadata(" manage='no'>")), {}, None, ["opted out"]),
+    ("opted out", _xml("g", SB2, metadata=varsd_metadata(" manage='no'>")), {}, None, ["opted out"]),
     ("excluded", _xml("g", SB2), {"excluded": True}, None, ["excluded"]),
     ("confidential", _xml("g", f"<loader type='pflash'>{UNIFIED_2M}</loader>",
-                          extra="\n  <launchSecurity type='sev'/>"), {}, None, ["confidential"]),
+                          extra="<launchSecurity type='sev'/>"), {}, None, ["confidential"]),
     ("bios-rom has no variables", _xml("g", f"<loader type='rom'>{UNIFIED_2M}</loader>"), {}, None,
      ["no variables to migrate", "varsctl reconcile"]),
     ("seabios", _xml("g", ""), {}, None, ["'none'"]),
@@ -188,21 +172,21 @@ REFUSALS = [
     ("varstore is garbage", _xml("g", SB2),
      {"source": VarstoreFacts(path=G, size=4096, error="no NvData firmware volume")}, None,
      ["not a usable edk2 varstore", "no NvData"]),
-    ("varstore is the package's template", _xml("g", _split(SB_CODE_2M, VARS_2M_MS, secure=True)),
+    ("varstore is the package's template", _xml("g", split_os(SB_CODE_2M, VARS_2M_MS, secure=True)),
      {"source": _src(VARS_2M_MS, keys=True)}, None, ["not private"]),
     ("varstore larger than its store (a unified copy as nvram)", _xml("g", SB2),
      {"source": _src(G, keys=True, size=2097152)}, None, ["not private"]),
-    ("pinned by an admin", _xml("g", SB2, extra=_metadata("><varsd:pin sha256='abcdef0123456789'/>")), {}, None,
+    ("pinned by an admin", _xml("g", SB2, metadata=varsd_metadata("><varsd:pin sha256='abcdef0123456789'/>")), {}, None,
      ["pinned to build abcdef012345", "varsctl unpin g"]),
     ("held back by the manual upgrade policy",
-     _xml("g", SB2, extra=_metadata("><varsd:pin sha256='abcdef0123456789' by='policy'/>")), {}, None,
+     _xml("g", SB2, metadata=varsd_metadata("><varsd:pin sha256='abcdef0123456789' by='policy'/>")), {}, None,
      ["upgrade_policy", "varsctl upgrade approve g"]),
     ("secure boot on i440fx: no build may have SMM there", _xml("g", SB2, machine="pc-i440fx-7.2"), {}, None,
      ["no catalog build to migrate to", "not requiring SMM"]),
     ("--to unknown", _xml("g", SB2), {}, "99-nothing.json", ["--to 99-nothing.json", "no catalog build", ENROLLED]),
     ("--to digest prefix too short", _xml("g", SB2), {}, "sha:" + SB_CODE_4M + ":4", ["no catalog build"]),
     ("--to plain build for a domain on a known Secure Boot build",
-     _xml("g", _split(SB_CODE_4M, G, secure=True)), {}, PLAIN, ["what the guest trusts"]),
+     _xml("g", split_os(SB_CODE_4M, G, secure=True)), {}, PLAIN, ["what the guest trusts"]),
     ("--to Secure Boot build for a plain domain", _xml("g", PLAIN2), {}, SECURE, ["what the guest trusts"]),
     ("--to blank", _xml("g", SB2), {}, "", ["no catalog build"]),
 ]
@@ -221,7 +205,7 @@ def test_refusals(catalog, case, xml, over, to, fragments) -> None:
 
 
 def test_already_on_the_target_is_nothing_to_migrate(catalog) -> None:
-    xml = _xml("g", _split(SB_CODE_4M, G, secure=True))
+    xml = _xml("g", split_os(SB_CODE_4M, G, secure=True))
     with pytest.raises(NothingToMigrate, match="already uses"):
         plan_migration(_facts(xml, source=_src(G, keys=False, layout=LAYOUT_4M)), catalog, to=None,
                        nvram_dir=NVRAM, now=NOW)
@@ -236,7 +220,8 @@ def test_a_varstore_not_created_yet_is_nothing_to_migrate(catalog) -> None:
 def test_varsds_own_incompatible_pin_is_lifted(catalog) -> None:
     """The pin varsd set because the central build no longer fits is what migrating resolves."""
     pin = "><varsd:pin sha256='abcdef0123456789' by='incompatible' reason='layout' at='2025-05-01T00:00:00Z'/>"
-    plan = plan_migration(_facts(_xml("g", SB2, extra=_metadata(pin))), catalog, to=None, nvram_dir=NVRAM, now=NOW)
+    xml = _xml("g", SB2, metadata=varsd_metadata(pin))
+    plan = plan_migration(_facts(xml), catalog, to=None, nvram_dir=NVRAM, now=NOW)
     md = parse_domain(plan.new_xml).metadata
     assert (md.pinned_sha256, md.pin_by, md.pin_reason, md.pinned_at, md.pin_kind) == (None,) * 5
     assert "<varsd:pin" not in plan.new_xml
@@ -268,14 +253,14 @@ def test_resolve_build(catalog) -> None:
 
 
 def test_enrolled_keys_needs_pk_kek_and_db() -> None:
-    ms = virtfw.read_variables(VARS_2M_MS)
+    ms = read_variables(VARS_2M_MS)
     assert enrolled_keys(ms)
-    assert not enrolled_keys(virtfw.read_variables(VARS_2M))
+    assert not enrolled_keys(read_variables(VARS_2M))
     assert not enrolled_keys({k: v for k, v in ms.items() if not k.endswith(":KEK")})
 
 
 def test_compare_variables_names_what_differs() -> None:
-    old = virtfw.read_variables(VARS_2M_MS)
+    old = read_variables(VARS_2M_MS)
     assert compare_variables(old, dict(old)) is None
     changed = dict(old)
     key = f"{EFI_GLOBAL}:BootOrder"
@@ -391,7 +376,7 @@ def test_migrate_moves_every_variable_backs_up_and_rebinds(bed: Bed, qemu_owner)
     old = _guest_store(VARS_2M_MS)
     store = bed.varstore("sb2", old, mode=0o640)
     os.chown(store, *qemu_owner)
-    uuid = bed.define("sb2", _split(SB_CODE_2M, str(store), secure=True))
+    uuid = bed.define("sb2", split_os(SB_CODE_2M, str(store), secure=True))
     ref = bed.hv.lookup(uuid)
     assert bed.rec.examine(ref)[1].status is Status.NEEDS_MIGRATION
     old_xml = bed.hv.persistent_xml(uuid)
@@ -402,7 +387,7 @@ def test_migrate_moves_every_variable_backs_up_and_rebinds(bed: Bed, qemu_owner)
     assert os.path.basename(result.plan.target.origin) == ENROLLED
     # every variable moved, byte-equal, into the 4 MiB layout, at the same path
     old_vars = virtfw.variables_of_bytes(old, "old")
-    new_vars = virtfw.read_variables(str(store))
+    new_vars = read_variables(str(store))
     assert new_vars == old_vars and result.variables == len(old_vars)
     for key in ("Boot0007", "BootOrder", "PK", "KEK"):
         assert f"{EFI_GLOBAL}:{key}" in new_vars
@@ -413,7 +398,7 @@ def test_migrate_moves_every_variable_backs_up_and_rebinds(bed: Bed, qemu_owner)
     # the backup: in the backup store, indexed, 0600, equal to the old store
     backup = Path(result.backup or "")
     [record] = BackupIndex(str(bed.state / "state.sqlite3")).records(uuid)
-    assert record.reason == "before-write:migrate" and record.taken == "2025-06-01T12:00:00Z"
+    assert record.reason == "before-write:migrate" and stamp(record.taken) == "2025-06-01T12:00:00Z"
     assert backup == bed.state / "backups" / "objects" / f"{record.sha256}.fd"
     assert backup.read_bytes() == old and stat.S_IMODE(backup.stat().st_mode) == 0o600
     # the XML, journaled with the old one
@@ -442,7 +427,7 @@ def test_unified_image_is_read_and_left_alone(bed: Bed, tmp_path) -> None:
     assert image.read_bytes() == before
     new_store = bed.nvram / "uni_VARS.fd"
     assert result.plan.varstore == str(new_store) and not result.plan.in_place
-    assert virtfw.read_variables(str(new_store)) == virtfw.variables_of_bytes(before[: LAYOUT_2M.size], "u")
+    assert read_variables(str(new_store)) == virtfw.variables_of_bytes(before[: LAYOUT_2M.size], "u")
     assert Path(result.backup or "").read_bytes() == before[: LAYOUT_2M.size]
     assert parse_domain(bed.hv.persistent_xml(uuid)).loader_path == CODE_4M
 
@@ -467,7 +452,7 @@ def _big_store() -> bytes:
 def test_too_small_template_changes_nothing(bed: Bed) -> None:
     old = _big_store()
     store = bed.varstore("big", old)
-    uuid = bed.define("big", _split(CODE_4M, str(store)))
+    uuid = bed.define("big", split_os(CODE_4M, str(store)))
     xml = bed.hv.persistent_xml(uuid)
     inode = store.stat().st_ino
     with pytest.raises(MigrationFailed) as info:
@@ -483,7 +468,7 @@ def test_too_small_template_changes_nothing(bed: Bed) -> None:
 def test_failed_define_restores_the_backup(bed: Bed, monkeypatch) -> None:
     old = _guest_store(VARS_2M)
     store = bed.varstore("fd", old)
-    uuid = bed.define("fd", _split(CODE_2M, str(store)))
+    uuid = bed.define("fd", split_os(CODE_2M, str(store)))
     xml = bed.hv.persistent_xml(uuid)
 
     def refuse(_xml: str):
@@ -504,7 +489,7 @@ def test_a_write_that_does_not_read_back_is_undone(bed: Bed, monkeypatch) -> Non
     """A disk that returns something else than was written: the old store goes back."""
     old = _guest_store(VARS_2M)
     store = bed.varstore("rb", old)
-    uuid = bed.define("rb", _split(CODE_2M, str(store)))
+    uuid = bed.define("rb", split_os(CODE_2M, str(store)))
     xml = bed.hv.persistent_xml(uuid)
     real = migration.replace_file
     calls: list[int] = []
@@ -527,7 +512,7 @@ def test_a_full_disk_leaves_the_varstore_and_xml_as_they_were(bed: Bed, mount_tm
     old = _guest_store(VARS_2M)
     store = mnt / "full_VARS.fd"
     store.write_bytes(old)
-    uuid = bed.define("full", _split(CODE_2M, str(store)))
+    uuid = bed.define("full", split_os(CODE_2M, str(store)))
     xml = bed.hv.persistent_xml(uuid)
     with pytest.raises(MigrationFailed) as info:
         bed.migrator().migrate(bed.hv.lookup(uuid), to=PLAIN)
@@ -540,7 +525,7 @@ def test_a_full_disk_leaves_the_varstore_and_xml_as_they_were(bed: Bed, mount_tm
 def test_running_domain_is_refused_without_a_trace(bed: Bed) -> None:
     old = _guest_store(VARS_2M)
     store = bed.varstore("run", old)
-    uuid = bed.define("run", _split(CODE_2M, str(store)))
+    uuid = bed.define("run", split_os(CODE_2M, str(store)))
     bed.hv.start(uuid)
     with pytest.raises(MigrationRefused, match="domain 'run': is running"):
         bed.migrator().migrate(bed.hv.lookup(uuid))
@@ -552,7 +537,7 @@ def test_symlinked_varstore_is_refused(bed: Bed, tmp_path) -> None:
     real.write_bytes(Path(VARS_2M).read_bytes())
     link = bed.nvram / "ln_VARS.fd"
     link.symlink_to(real)
-    uuid = bed.define("ln", _split(CODE_2M, str(link)))
+    uuid = bed.define("ln", split_os(CODE_2M, str(link)))
     with pytest.raises(MigrationRefused, match="symbolic link"):
         bed.migrator().migrate(bed.hv.lookup(uuid))
     assert link.is_symlink() and real.read_bytes() == Path(VARS_2M).read_bytes()
@@ -586,7 +571,7 @@ def test_domain_held_on_its_archived_build_migrates_to_the_central_path_it_track
     journal = Journal(cfg.journal_path)
     try:
         with Hypervisor(URI) as hv:
-            uuid = hv.define(_xml("held", _split(str(archived), str(store)), extra=_metadata(pin))).uuid
+            uuid = hv.define(_xml("held", split_os(str(archived), str(store)), metadata=varsd_metadata(pin))).uuid
             try:
                 rec = Reconciler(cfg, hv, catalog, journal, qemu_owner, clock=FixedClock(NOW))
                 result = Migrator(rec, clock=FixedClock(T0)).migrate(hv.lookup(uuid))
@@ -599,7 +584,7 @@ def test_domain_held_on_its_archived_build_migrates_to_the_central_path_it_track
     assert (fw.loader_path, fw.nvram_path, fw.nvram_template) == (str(code), str(store), str(template))
     assert (fw.metadata.pinned_sha256, fw.metadata.pin_by, fw.metadata.build_code_sha256) == (
         None, None, fsio.sha256_file(str(code)))
-    assert virtfw.read_variables(str(store)) == virtfw.variables_of_bytes(old, "old")
+    assert read_variables(str(store)) == virtfw.variables_of_bytes(old, "old")
     assert virtfw.read_layout(str(store)) == LAYOUT_4M
 
 
@@ -608,7 +593,7 @@ def test_a_guest_started_mid_migration_keeps_what_it_wrote(bed: Bed, monkeypatch
     redefine failed: the restore must not put the older backup over the guest's variables."""
     old = _guest_store(VARS_2M)
     store = bed.varstore("race", old)
-    uuid = bed.define("race", _split(CODE_2M, str(store)))
+    uuid = bed.define("race", split_os(CODE_2M, str(store)))
     guest_wrote = b""
 
     def define_fails_after_a_start(xml: str):

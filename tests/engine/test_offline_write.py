@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from ovmf_files import EFI_GLOBAL, VARS_2M, VARS_4M
+from support.domains import domain_xml, split_os
 
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.backup_index import BackupIndex
@@ -31,11 +32,8 @@ UUID = "0b000000-0000-4000-8000-000000000001"
 
 def _node(tmp_path, nvram: str, runstate: int) -> str:
     node = tmp_path / "node.xml"
-    node.write_text(f"""<node><domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>
-  <name>guest</name><uuid>{UUID}</uuid><memory unit='KiB'>262144</memory>
-  <os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type>
-    <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader><nvram>{nvram}</nvram></os>
-  <devices/><test:runstate>{runstate}</test:runstate></domain></node>""")
+    guest = domain_xml("guest", split_os("/usr/share/OVMF/OVMF_CODE_4M.fd", nvram), uuid=UUID, runstate=runstate)
+    node.write_text(f"<node>{guest}</node>")
     return f"test://{node}"
 
 

@@ -18,6 +18,7 @@ from ovmf_files import (  # tests/ is on the import path (see ovmf_files)
     VARS_4M,
     VARS_4M_MS,
 )
+from support.varstores import read_variables
 
 from varsd.adapters import fsio, virtfw
 from varsd.engine import provision
@@ -47,7 +48,7 @@ def test_from_template(tmp_path, qemu_owner):
     assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
     assert (st.st_uid, st.st_gid) == qemu_owner
     assert _read(target) == template
-    assert virtfw.read_variables(target) == virtfw.read_variables(VARS_4M_MS)
+    assert read_variables(target) == read_variables(VARS_4M_MS)
     assert os.listdir(tmp_path) == ["vm_VARS.fd"]
 
 
@@ -70,15 +71,15 @@ def test_from_unified_image_prefix(tmp_path, qemu_owner):
     assert not got.adopted and got.layout == LAYOUT_2M
     assert _read(target) == vars_blob
     assert os.path.getsize(target) == 131072
-    assert virtfw.read_variables(target) == virtfw.read_variables(str(image), 131072)
-    assert f"{VENDOR}:VarsdTest" in virtfw.read_variables(target)
+    assert read_variables(target) == read_variables(str(image), 131072)
+    assert f"{VENDOR}:VarsdTest" in read_variables(target)
 
 
 def test_from_the_distro_unified_image(tmp_path, qemu_owner):
     target = str(tmp_path / "vm_VARS.fd")
     provision_varstore(target, UNIFIED, expected_layout=LAYOUT_2M, owner=qemu_owner, length=131072)
     assert _read(target) == _read(UNIFIED)[:131072]
-    assert virtfw.read_variables(target) == virtfw.read_variables(UNIFIED, 131072)
+    assert read_variables(target) == read_variables(UNIFIED, 131072)
 
 
 def test_unified_image_without_length_is_refused(tmp_path, qemu_owner):

@@ -17,10 +17,12 @@ from collections.abc import Iterator
 import libvirt
 import pytest
 from ovmf_files import UNIFIED as UNIFIED_2M_IMAGE  # Debian 12's unified image, release-aware
+from support.clock import FixedClock
+from support.domains import domain_xml
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
-from varsd.clock import FixedClock
+from varsd.clock import parse_stamp, stamp
 from varsd.config import Config
 from varsd.engine import reconciler as reconciler_mod
 from varsd.engine import transaction
@@ -33,20 +35,7 @@ from varsd.model.firmware import Catalog
 URI = "test:///default"
 CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 VARS_4M = "/usr/share/OVMF/OVMF_VARS_4M.fd"
-NOW = "2025-06-01T12:00:00Z"
-
-
-def domain_xml(name: str, os_inner: str, *, machine: str = "pc-q35-7.2", memory_kib: int = 262144) -> str:
-    return f"""<domain type='test'>
-  <name>{name}</name>
-  <uuid>{uuidlib.uuid4()}</uuid>
-  <memory unit='KiB'>{memory_kib}</memory>
-  <os>
-    <type arch='x86_64' machine='{machine}'>hvm</type>
-    {os_inner}
-  </os>
-  <devices/>
-</domain>"""
+NOW = parse_stamp("2025-06-01T12:00:00Z")  # the clock's aware datetime
 
 
 ROM = f"<loader type='rom'>{UNIFIED_2M_IMAGE}</loader>"
@@ -458,7 +447,7 @@ def test_status_tells_the_truth_about_a_failed_repair_until_it_succeeds(rec, def
     assert first.status is Status.ERROR and first.failure is not None and first.failure.count == 1
     assert first.failure.action.startswith(f"create varstore {target}")
     assert "symbolic link" in first.failure.error
-    assert first.as_dict()["last_error"] == {"at": first.failure.at, "first_at": first.failure.at,
+    assert first.as_dict()["last_error"] == {"at": stamp(first.failure.at), "first_at": stamp(first.failure.at),
                                              "action": first.failure.action, "error": first.failure.error,
                                              "count": 1}
     second = rec.reconcile(hv.lookup(ref.uuid))

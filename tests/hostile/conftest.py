@@ -27,11 +27,11 @@ import pytest
 # The real files, release-aware (Debian 12's 2 MiB ones fetched for bookworm where the host is not Debian 12).
 from ovmf_files import CODE_2M, CODE_4M, OVMF, UNIFIED, VARS_2M, VARS_4M  # noqa: F401
 from ovmf_files import CODE_4M_SECBOOT as SB_CODE_4M  # noqa: F401
+from support.domains import VARSD_NS, domain_xml, split_os
 
 from varsd.cli.varsctl import main
 
 URI = "test:///default"
-VARSD_NS = "https://varsd.org/xmlns/firmware/1"
 
 
 class Bed:
@@ -69,13 +69,9 @@ class Bed:
         name: str | None = None,
     ) -> str:
         name = name or f"hostile-{uuidlib.uuid4().hex[:10]}"
-        md = f"<metadata><varsd:firmware xmlns:varsd='{VARSD_NS}'{metadata}</metadata>" if metadata else ""
-        self.conn.defineXML(
-            f"<domain type='test'><name>{name}</name><uuid>{uuidlib.uuid4()}</uuid>{md}"
-            "<memory unit='KiB'>262144</memory>"
-            f"<os><type arch='x86_64' machine='{machine}'>hvm</type>{os_inner}</os>"
-            f"<features>{features}</features>{extra}<devices/></domain>"
-        )
+        md = f"<varsd:firmware xmlns:varsd='{VARSD_NS}'{metadata}" if metadata else ""
+        self.conn.defineXML(domain_xml(name, os_inner, metadata=md, machine=machine, features=features, extra=extra,
+                                       pretty=False))
         self.names.append(name)
         if start:
             self.conn.lookupByName(name).create()
@@ -92,7 +88,7 @@ class Bed:
         return path
 
     def split(self, varstore: str, code: str = CODE_4M) -> str:
-        return f"<loader readonly='yes' type='pflash'>{code}</loader><nvram>{varstore}</nvram>"
+        return split_os(code, varstore)
 
     def descriptor(self, name: str, text: str | bytes) -> None:
         path = self.etc / name

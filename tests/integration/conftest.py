@@ -26,11 +26,12 @@ from typing import TypeVar
 import pytest
 from lxml import etree
 from ovmf_files import HOST_IS_DEBIAN12
+from support.domains import guest_xml
 
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor, NoSuchDomain
 from varsd.errors import HypervisorError
 
-from .guests import NVRAM_DIR, domain_xml
+from .guests import NVRAM_DIR
 
 PREFIX = "varsd-test-"
 OWNER_TAG = "varsd-test owner="
@@ -212,7 +213,7 @@ class GuestFactory:
             raise TypeError("give exactly one of os_inner and xml")
         name = label_or_name if label_or_name.startswith(PREFIX) else self.name(label_or_name)
         serial_log = str(self.log_dir / f"{name}.serial.log")
-        template = xml if xml is not None else domain_xml(name, os_inner or "", serial_log=serial_log, **kwargs)
+        template = xml if xml is not None else guest_xml(name, os_inner or "", serial_log=serial_log, **kwargs)
         for placeholder, value in (("{name}", name), ("{serial_log}", serial_log), ("{nvram_dir}", NVRAM_DIR)):
             template = template.replace(placeholder, value)
         ref = self.hv.define(_mark_owned(template))

@@ -1,4 +1,5 @@
-"""Helpers for tier-3 tests: domain XML for TCG guests and host-side observation.
+"""Helpers for tier-3 tests: host-side observation of TCG guests (their XML comes from
+tests/support/domains.py).
 
 What a test can see from the host is what varsd's claims are about: which files
 the QEMU process has open (and which inodes), what OVMF prints on the serial
@@ -25,47 +26,6 @@ CODE_2M, VARS_2M = ovmf_files.CODE_2M, ovmf_files.VARS_2M  # Debian 12's, releas
 
 # CSI sequences including OVMF's private-mode ones such as ESC[=3h, plus lone ESC c etc.
 _ANSI = re.compile(r"\x1b\[[0-9;=?]*[A-Za-z]|\x1b[@-Z\\-_]")
-
-
-def domain_xml(
-    name: str,
-    os_inner: str,
-    *,
-    machine: str = "q35",
-    serial_log: str,
-    extra_devices: str = "",
-    features: str = "<acpi/>",
-    metadata: str = "",
-) -> str:
-    """A minimal TCG x86_64 guest; `os_inner` is everything inside <os> after <type>.
-
-    libvirt 9.0 wants <acpi/> for UEFI guests; there is no disk, so OVMF falls
-    through to its built-in EFI shell, which is enough to exercise the varstore.
-    """
-    metadata_element = f"\n  <metadata>{metadata}</metadata>" if metadata else ""
-    return f"""<domain type='qemu'>
-  <name>{name}</name>{metadata_element}
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='{machine}'>hvm</type>
-    {os_inner}
-  </os>
-  <features>{features}</features>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <serial type='file'><source path='{serial_log}'/></serial>
-    {extra_devices}
-  </devices>
-</domain>"""
-
-
-def split_os(code: str, varstore: str, *, template: str | None = None, secure: bool = False) -> str:
-    """<os> content for the normal case: read-only central code + private varstore."""
-    template_attr = f" template='{template}'" if template else ""
-    secure_attr = " secure='yes'" if secure else ""
-    return f"<loader readonly='yes'{secure_attr} type='pflash'>{code}</loader><nvram{template_attr}>{varstore}</nvram>"
 
 
 def qemu_pid(name: str) -> int:
@@ -136,20 +96,10 @@ def wait_for_varstore_write(path: str, before_bytes: bytes, timeout: float = 60)
         time.sleep(0.2)
 
 
-QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
-
-
 def varsctl(config: str | os.PathLike[str], *args: str) -> subprocess.CompletedProcess[str]:
     """Run varsctl as an admin would, with this test's configuration."""
     return subprocess.run([sys.executable, "-m", "varsd.cli.varsctl", "--config", str(config), *args],
                           capture_output=True, text=True, timeout=300)
-
-
-def with_cmdline(xml: str, args: list[str]) -> str:
-    """`xml` with a `<qemu:commandline>` carrying `args` (in order)."""
-    cmd = "".join(f"<qemu:arg value='{a}'/>" for a in args)
-    return xml.replace("<domain type='qemu'>", f"<domain type='qemu' xmlns:qemu='{QEMU_NS}'>").replace(
-        "</devices>", f"</devices>\n  <qemu:commandline>{cmd}</qemu:commandline>")
 
 
 def open_paths(pid: int) -> dict[str, os.stat_result]:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.domains import split_os
 
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.journal import Journal
@@ -33,7 +34,7 @@ from varsd.engine.reconciler import Reconciler
 from varsd.engine.restore import Restorer
 from varsd.firmware.catalog import load_configured
 
-from .guests import CODE_4M, NVRAM_DIR, VARS_4M, open_files, qemu_pid, split_os, wait_for_serial
+from .guests import CODE_4M, NVRAM_DIR, VARS_4M, open_files, qemu_pid, wait_for_serial
 from .test_daemon_live import Daemon, wait_until
 from .test_dpkg_upgrade import _exclude_all_but
 from .test_migrate import _place_varstore

@@ -12,23 +12,14 @@ import shutil
 from pathlib import Path
 
 import ovmf_files
+from support.domains import guest_xml, with_cmdline
+from support.varstores import read_variables
 
 from varsd.adapters import virtfw
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.domain.xml import QEMU_NS, parse_domain
 
-from .guests import (
-    CODE_4M,
-    NVRAM_DIR,
-    VARS_4M,
-    domain_xml,
-    open_paths,
-    qemu_pid,
-    varsctl,
-    wait_for_serial,
-    wait_for_varstore_write,
-    with_cmdline,
-)
+from .guests import CODE_4M, NVRAM_DIR, VARS_4M, open_paths, qemu_pid, varsctl, wait_for_serial, wait_for_varstore_write
 
 OVMF_2M_UNIFIED = ovmf_files.UNIFIED  # Debian 12's, release-aware
 SB_CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
@@ -65,7 +56,7 @@ def test_every_cmdline_form_is_repaired_and_boots(hv: Hypervisor, guest_factory,
     def guest(label: str, args: list[str], *, features: str = "<acpi/>", vars_path: str | None = None,
               proof: bool = False, name: str | None = None):
         name = name or guest_factory.name(label)
-        xml = with_cmdline(domain_xml(name, "", serial_log="{serial_log}", features=features), args + KEEP)
+        xml = with_cmdline(guest_xml(name, "", serial_log="{serial_log}", features=features), args + KEEP)
         define[label] = (guest_factory.define(name, xml=xml), vars_path, proof)
 
     # issue 12 defect 1: -bios beside a code-only pflash; QEMU boots the pflash
@@ -89,7 +80,7 @@ def test_every_cmdline_form_is_repaired_and_boots(hv: Hypervisor, guest_factory,
     ], features="<acpi/><smm state='on'/>", vars_path=sb_vars, proof=True, name=n)
     odd_name = guest_factory.name("odd")
     odd = guest_factory.define(odd_name, xml=with_cmdline(
-        domain_xml(odd_name, "", serial_log="{serial_log}"),
+        guest_xml(odd_name, "", serial_log="{serial_log}"),
         ["-drive", f"if=pflash,format=qcow2,file={images}/fw.qcow2"]))
 
     names = [g.name for g, _, _ in define.values()]
@@ -109,7 +100,7 @@ def test_every_cmdline_form_is_repaired_and_boots(hv: Hypervisor, guest_factory,
         if vars_path:
             assert fw.nvram_path == vars_path, label
         if proof:
-            assert PROOF in virtfw.read_variables(fw.nvram_path), f"{label}: variable lost"
+            assert PROOF in read_variables(fw.nvram_path), f"{label}: variable lost"
     assert parse_domain(hv.persistent_xml(define["blockdev-sb"][0].uuid)).loader_secure is True
 
     again = varsctl(config, "reconcile", "--json", *names)
@@ -137,7 +128,7 @@ def test_every_cmdline_form_is_repaired_and_boots(hv: Hypervisor, guest_factory,
             assert str(images) not in " ".join(files), f"{label} still uses a private image"
             wait_for_varstore_write(varstores[g.name], fresh[g.name], timeout=240)
             if proof:
-                assert PROOF in virtfw.read_variables(varstores[g.name]), f"{label}: variable lost after boot"
+                assert PROOF in read_variables(varstores[g.name]), f"{label}: variable lost after boot"
     finally:
         for g, _, _ in define.values():
             hv.destroy(g.uuid)

@@ -18,11 +18,12 @@ from pathlib import Path
 import ovmf_files
 import pytest
 from lxml import etree
+from support.domains import guest_xml
 
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.errors import HypervisorError
 
-from .guests import CODE_4M, NVRAM_DIR, VARS_4M, domain_xml, open_files, qemu_pid, wait_for_serial
+from .guests import CODE_4M, NVRAM_DIR, VARS_4M, open_files, qemu_pid, wait_for_serial
 
 OVMF_2M_UNIFIED = ovmf_files.UNIFIED  # Debian 12's, release-aware
 LIBVIRT_QEMU_CONF_DIR = "/etc/libvirt/qemu"
@@ -167,7 +168,7 @@ def test_varsd_survives_libvirtd_restart_and_converges(hv, guest_factory, daemon
     # so no DEFINED event will ever be sent. Only the full pass on reconnect finds it.
     offline_name = guest_factory.name("offline")
     offline_uuid = str(uuidlib.uuid4())
-    offline_xml = domain_xml(offline_name, rom_os(), machine="pc", serial_log=str(tmp_path / "offline.log"))
+    offline_xml = guest_xml(offline_name, rom_os(), machine="pc", serial_log=str(tmp_path / "offline.log"))
     root = etree.fromstring(offline_xml)
     etree.SubElement(root, "uuid").text = offline_uuid
     etree.SubElement(root, "description").text = "varsd-test owner=offline-define"

@@ -29,12 +29,14 @@ from pathlib import Path
 
 import debian_archive
 import pytest
+from support.domains import guest_xml, split_os
+from support.varstores import read_variables
 
 from varsd.adapters import virtfw
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.domain.xml import parse_domain
 
-from .guests import NVRAM_DIR, domain_xml, open_paths, qemu_pid, split_os, varsctl, wait_for_serial
+from .guests import NVRAM_DIR, open_paths, qemu_pid, varsctl, wait_for_serial
 from .test_migrate import BOOT_LINE, EFI_GLOBAL, IMAGE_SECURITY_DB, NO_S3, SECURE_FEATURES, _load_option
 
 DEB12 = debian_archive.OVMF_DEB12U2
@@ -118,7 +120,7 @@ def test_2mib_guests_survive_the_debian13_upgrade_and_migrate(hv: Hypervisor, gu
     plain = guest_factory.define(plain_name, plain_os)
     sb_os = split_os(str(ovmf / "OVMF_CODE.ms.fd"), store(sb_name, ovmf / "OVMF_VARS.ms.fd"),
                      template=str(ovmf / "OVMF_VARS.ms.fd"), secure=True)
-    sb_xml = domain_xml(sb_name, sb_os, serial_log="{serial_log}", features=SECURE_FEATURES)
+    sb_xml = guest_xml(sb_name, sb_os, serial_log="{serial_log}", features=SECURE_FEATURES)
     sb_xml = sb_xml.replace("</features>", "</features>" + NO_S3)
     sb = guest_factory.define(sb_name, xml=sb_xml)
     names = [plain.name, sb.name]
@@ -144,14 +146,14 @@ def test_2mib_guests_survive_the_debian13_upgrade_and_migrate(hv: Hypervisor, gu
     _started(hv, [plain, sb], {plain.name: archived[plain.name], sb.name: archived[sb.name]}, serial={plain.name})
 
     nvram = {n: parse_domain(hv.persistent_xml(g.uuid)).nvram_path for n, g in ((plain.name, plain), (sb.name, sb))}
-    old = {n: virtfw.read_variables(p) for n, p in nvram.items()}
+    old = {n: read_variables(p) for n, p in nvram.items()}
     assert all(k in old[sb.name] for k in KEYS + ENTRY) and all(k in old[plain.name] for k in ENTRY)
 
     for n in names:  # as `migrate --all` would, but never touching other tests' domains
         m = varsctl(config, "migrate", n)
         assert m.returncode == 0, m.stdout + m.stderr
     for n, p in nvram.items():
-        new = virtfw.read_variables(p)
+        new = read_variables(p)
         for key in (KEYS if n == sb.name else ()) + ENTRY + (f"{EFI_GLOBAL}:BootOrder",):
             assert new[key] == old[n][key], f"{n}: {key} changed in the migration"
         assert virtfw.read_layout(p).size == 540672

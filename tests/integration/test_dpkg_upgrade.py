@@ -42,12 +42,13 @@ from pathlib import Path
 
 import debian_archive
 import pytest
+from support.domains import split_os
 
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.engine.boots import record_boot
 
 from .conftest import PREFIX
-from .guests import NVRAM_DIR, clean_serial, qemu_pid, split_os, wait_for_serial, wait_for_varstore_write
+from .guests import NVRAM_DIR, clean_serial, qemu_pid, wait_for_serial, wait_for_varstore_write
 
 REPO = Path(__file__).resolve().parents[2]
 VARSCTL = REPO / ".venv" / "bin" / "varsctl"

@@ -20,12 +20,14 @@ import sys
 from pathlib import Path
 
 import ovmf_files
+from support.domains import guest_xml, split_os
+from support.varstores import read_variables
 
 from varsd.adapters import virtfw
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.domain.xml import parse_domain
 
-from .guests import NVRAM_DIR, domain_xml, open_files, qemu_pid, split_os, wait_for_serial, wait_for_varstore_write
+from .guests import NVRAM_DIR, open_files, qemu_pid, wait_for_serial, wait_for_varstore_write
 
 OVMF = "/usr/share/OVMF"
 SB_CODE_2M = f"{ovmf_files.DEBIAN12_OVMF}/OVMF_CODE.secboot.fd"  # Debian 12's, release-aware
@@ -90,7 +92,7 @@ def test_migrate_2m_secure_boot_domain_to_the_4m_build_and_boot_it(hv: Hyperviso
         virtfw.EfiVariable("BootOrder", EFI_GLOBAL, 7, b"\x07\x00\x00\x00\x01\x00\x02\x00"),
         virtfw.EfiVariable("VarsdProof", VENDOR, 7, b"kept across the migration"),
     ]))
-    xml = domain_xml(name, split_os(SB_CODE_2M, str(store), template=VARS_2M_MS, secure=True),
+    xml = guest_xml(name, split_os(SB_CODE_2M, str(store), template=VARS_2M_MS, secure=True),
                      serial_log="{serial_log}", features=SECURE_FEATURES).replace("</features>", "</features>" + NO_S3)
     guest = guest_factory.define(name, xml=xml)
     entry = _status(config, name)
@@ -120,7 +122,7 @@ def test_migrate_2m_secure_boot_domain_to_the_4m_build_and_boot_it(hv: Hyperviso
     assert done.stdout.startswith(f"{name}: migrated {len(old_vars)} variable(s) into {store} ")
 
     # Every variable, equal; the 4 MiB layout; the same path; the backup equals the old store.
-    assert virtfw.read_variables(str(store)) == old_vars
+    assert read_variables(str(store)) == old_vars
     assert virtfw.read_layout(str(store)) == virtfw.read_layout(VARS_4M_MS)
     assert store.stat().st_size == os.path.getsize(VARS_4M_MS)
     assert not list(Path(NVRAM_DIR).glob(f".{name}_VARS.fd.varsd-tmp.*"))  # no temp file left behind

@@ -13,19 +13,19 @@ import os
 from pathlib import Path
 
 import ovmf_files
+from support.domains import guest_xml, with_cmdline
 
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.domain.xml import parse_domain
 
-from .guests import CODE_4M, NVRAM_DIR, domain_xml, open_paths, qemu_pid, varsctl, wait_for_serial, with_cmdline
+from .guests import CODE_4M, NVRAM_DIR, open_paths, qemu_pid, varsctl, wait_for_serial
 
 OVMF_2M_UNIFIED = ovmf_files.UNIFIED  # Debian 12's, release-aware
 SB_CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
 
 
 def _no_features(name: str, args: list[str], machine: str = "q35") -> str:
-    xml = domain_xml(name, "", serial_log="{serial_log}", features="", machine=machine)
-    return with_cmdline(xml.replace("  <features></features>\n", ""), args)
+    return with_cmdline(guest_xml(name, "", serial_log="{serial_log}", features=None, machine=machine), args)
 
 
 def test_no_acpi_guest_is_repaired_with_acpi_and_boots(hv: Hypervisor, guest_factory, config) -> None:

@@ -15,26 +15,17 @@ from pathlib import Path
 
 import ovmf_files
 import pytest
+from support.domains import guest_xml, split_os, with_cmdline
+from support.varstores import read_variables
 
 from varsd.adapters import virtfw
 from varsd.adapters.libvirt_api import Hypervisor
 
-from .guests import (
-    CODE_4M,
-    NVRAM_DIR,
-    VARS_4M,
-    domain_xml,
-    open_files,
-    qemu_pid,
-    split_os,
-    wait_for_serial,
-    wait_for_varstore_write,
-)
+from .guests import CODE_4M, NVRAM_DIR, VARS_4M, open_files, qemu_pid, wait_for_serial, wait_for_varstore_write
 
 OVMF_2M_UNIFIED = ovmf_files.UNIFIED  # Debian 12's, release-aware
 CODE_2M, VARS_2M = ovmf_files.CODE_2M, ovmf_files.VARS_2M
 VENDOR_GUID = "5b3c9c5e-1f6a-4b8e-9d2a-7a1f0e6d4c21"  # a vendor GUID of our own
-QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 
 
 def varsctl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -89,13 +80,7 @@ def test_every_wrong_configuration_is_repaired_and_boots(hv: Hypervisor, guest_f
     rom = guest_factory.define("rom", f"<loader type='rom'>{OVMF_2M_UNIFIED}</loader>", machine="pc")
     # 2. -bios smuggled through <qemu:commandline> on q35
     cmd_name = guest_factory.name("cmdline")
-    cmd_xml = domain_xml(cmd_name, "", serial_log="{serial_log}").replace(
-        "<domain type='qemu'>", f"<domain type='qemu' xmlns:qemu='{QEMU_NS}'>"
-    ).replace(
-        "</devices>",
-        f"</devices>\n  <qemu:commandline><qemu:arg value='-bios'/><qemu:arg value='{OVMF_2M_UNIFIED}'/>"
-        "</qemu:commandline>",
-    )
+    cmd_xml = with_cmdline(guest_xml(cmd_name, "", serial_log="{serial_log}"), ["-bios", OVMF_2M_UNIFIED])
     cmdline = guest_factory.define(cmd_name, xml=cmd_xml)
     # 3. one writable pflash holding only the code
     code_only = guest_factory.define("codeonly", f"<loader readonly='no' type='pflash'>{CODE_4M}</loader>")
@@ -148,8 +133,8 @@ def test_every_wrong_configuration_is_repaired_and_boots(hv: Hypervisor, guest_f
     for g, image, length in ((unified, unified_4m, 540672), (unified2, unified_2m, 131072)):
         new_vars = report[g.name]["varstore"]
         assert new_vars.startswith(NVRAM_DIR + "/")
-        assert virtfw.read_variables(new_vars) == virtfw.read_variables(image, length)
-        assert f"{VENDOR_GUID}:VarsdProof" in virtfw.read_variables(new_vars)
+        assert read_variables(new_vars) == read_variables(image, length)
+        assert f"{VENDOR_GUID}:VarsdProof" in read_variables(new_vars)
 
     # Second reconcile: nothing to do.
     second = varsctl(config, "reconcile", "--json", *names)
@@ -176,7 +161,7 @@ def test_every_wrong_configuration_is_repaired_and_boots(hv: Hypervisor, guest_f
             assert after != before[g.name]
             proof = f"{VENDOR_GUID}:VarsdProof"
             if g in (unified, unified2, stale):
-                assert proof in virtfw.read_variables(varstore), f"{g.name}: variable lost after boot"
+                assert proof in read_variables(varstore), f"{g.name}: variable lost after boot"
     finally:
         for g in repaired:
             hv.destroy(g.uuid)

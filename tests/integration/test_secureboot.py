@@ -21,6 +21,7 @@ from pathlib import Path
 from metrics_check import assert_matches
 from metrics_check import samples as parse_samples
 from prometheus_client.parser import text_string_to_metric_families
+from support.domains import guest_xml, split_os
 
 from varsd.adapters import virtfw
 from varsd.adapters.journal import Journal
@@ -32,7 +33,7 @@ from varsd.engine.reconciler import Reconciler
 from varsd.engine.secureboot import for_reconciler
 from varsd.firmware.catalog import load_configured
 
-from .guests import NVRAM_DIR, domain_xml, open_files, qemu_pid, split_os, wait_for_serial, wait_for_varstore_write
+from .guests import NVRAM_DIR, open_files, qemu_pid, wait_for_serial, wait_for_varstore_write
 from .test_daemon_live import Daemon
 from .test_dpkg_upgrade import _exclude_all_but
 from .test_migrate import _config, varsctl
@@ -62,7 +63,7 @@ def _sb_guest(factory, label: str, *, tpm: bool = False):
     name = factory.name(label)
     store = f"{NVRAM_DIR}/{name}_VARS.fd"
     factory.track(store)
-    xml = domain_xml(name, split_os(SB_CODE_4M, store, template=VARS_4M_MS, secure=True),
+    xml = guest_xml(name, split_os(SB_CODE_4M, store, template=VARS_4M_MS, secure=True),
                      serial_log="{serial_log}", features=SECURE_FEATURES, extra_devices=TPM if tpm else "")
     return factory.define(name, xml=xml), Path(store)
 
@@ -183,7 +184,7 @@ def test_templates_2023_reach_new_guests(hv: Hypervisor, guest_factory, tmp_path
     name = guest_factory.name("sbnew")
     store = f"{NVRAM_DIR}/{name}_VARS.fd"
     guest_factory.track(store)
-    xml = domain_xml(name, split_os(f"{OVMF}/OVMF_CODE_4M.ms.fd", store, template=VARS_4M_MS, secure=True),
+    xml = guest_xml(name, split_os(f"{OVMF}/OVMF_CODE_4M.ms.fd", store, template=VARS_4M_MS, secure=True),
                      serial_log="{serial_log}", features=SECURE_FEATURES)
     guest = guest_factory.define(name, xml=xml)
     r = varsctl(config, "reconcile", guest.name)

@@ -14,11 +14,14 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from support.domains import guest_xml, split_os
+from support.varstores import read_variables
+
 from varsd.adapters import virtfw
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.domain.xml import parse_domain
 
-from .guests import CODE_4M, NVRAM_DIR, VARS_4M, domain_xml, open_paths, qemu_pid, split_os, varsctl, wait_for_serial
+from .guests import CODE_4M, NVRAM_DIR, VARS_4M, open_paths, qemu_pid, varsctl, wait_for_serial
 
 VENDOR_GUID = "2d7c9a41-5e3b-4f1a-9c8d-6b5a4e3d2c1f"
 PROOF = f"{VENDOR_GUID}:VarsdProof"
@@ -84,7 +87,7 @@ def test_clones_sharing_by_symlink_and_by_inode_get_their_own_copies(hv: Hypervi
         (entry,) = json.loads(r.stdout)["domains"]
         assert entry["status"] == "ok" and entry["changes"], entry
         new = entry["varstore"]
-        assert new not in (str(base_vars), str(link), str(hard)) and PROOF in virtfw.read_variables(new)
+        assert new not in (str(base_vars), str(link), str(hard)) and PROOF in read_variables(new)
     assert parse_domain(hv.persistent_xml(base.uuid)).nvram_path == str(base_vars)
 
     inodes = _boot_all(hv, [base, by_link, by_inode])
@@ -107,7 +110,7 @@ def test_after_domrename_a_newcomer_with_the_old_name_gets_its_own_varstore(hv: 
     assert parse_domain(hv.persistent_xml(old.uuid)).nvram_path == old_vars  # what domrename leaves
 
     log = str(tmp_path / "newcomer.serial.log")  # the renamed guest keeps writing the old name's log
-    newcomer = guest_factory.define(old_name, xml=domain_xml(
+    newcomer = guest_factory.define(old_name, xml=guest_xml(
         old_name, f"<loader readonly='yes' type='pflash'>{CODE_4M}</loader>", serial_log=log))
     newcomer = replace(newcomer, serial_log=log)
     assert parse_domain(hv.persistent_xml(newcomer.uuid)).nvram_path == old_vars  # the trap

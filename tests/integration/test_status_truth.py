@@ -12,10 +12,11 @@ import os
 from pathlib import Path
 
 import ovmf_files
+from support.domains import guest_xml, with_cmdline
 
 from varsd.adapters.libvirt_api import Hypervisor
 
-from .guests import CODE_4M, NVRAM_DIR, domain_xml, open_paths, qemu_pid, varsctl, wait_for_serial, with_cmdline
+from .guests import CODE_4M, NVRAM_DIR, open_paths, qemu_pid, varsctl, wait_for_serial
 
 OVMF_2M_UNIFIED = ovmf_files.UNIFIED  # Debian 12's, release-aware
 
@@ -32,7 +33,7 @@ def test_status_shows_a_failed_repair_until_it_succeeds(hv: Hypervisor, guest_fa
     name = guest_factory.name("link")
     link = guest_factory.track(f"{NVRAM_DIR}/{name}_VARS.fd")
     os.symlink(tmp_path / "elsewhere_VARS.fd", link)
-    g = guest_factory.define(name, xml=with_cmdline(domain_xml(name, "", serial_log="{serial_log}"),
+    g = guest_factory.define(name, xml=with_cmdline(guest_xml(name, "", serial_log="{serial_log}"),
                                                     ["-bios", OVMF_2M_UNIFIED]))
 
     rc, entry, table = _status(config, g.name)

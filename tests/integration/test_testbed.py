@@ -11,16 +11,9 @@ import os
 import shutil
 from pathlib import Path
 
-from .guests import (
-    CODE_4M,
-    NVRAM_DIR,
-    VARS_4M,
-    open_firmware_files,
-    qemu_pid,
-    split_os,
-    wait_for_serial,
-    wait_for_varstore_write,
-)
+from support.domains import split_os
+
+from .guests import CODE_4M, NVRAM_DIR, VARS_4M, open_firmware_files, qemu_pid, wait_for_serial, wait_for_varstore_write
 
 
 def test_split_guest_boots_holds_code_and_varstore_and_writes_varstore(hv, guest_factory):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import debian_archive
 import pytest
+from support.varstores import read_variables
 
 from varsd.adapters import virtfw
 from varsd.adapters.libvirt_api import Hypervisor
@@ -264,11 +265,11 @@ def test_unfitting_or_removed_build_keeps_the_domain_on_its_archived_build(
 
     # The admin migrates it: every variable moves into the new layout, then the next cold
     # boot maps the central 4 MiB code with the migrated varstore.
-    held = virtfw.read_variables(varstore)
+    held = read_variables(varstore)
     assert any(k.endswith(":BootOrder") for k in held) and any(":Boot0" in k for k in held), sorted(held)
     out = host.varsctl("migrate", g.name)
     assert out.returncode == 0, out.stdout + out.stderr
-    migrated = virtfw.read_variables(varstore)
+    migrated = read_variables(varstore)
     assert {k: migrated.get(k) for k in held} == held, "a variable was lost or changed by the migration"
     assert virtfw.read_layout(varstore) == virtfw.read_layout(host.vars)  # now the 4 MiB layout
     fw = parse_domain(hv.persistent_xml(g.uuid))

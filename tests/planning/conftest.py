@@ -28,6 +28,7 @@ import pytest
 from ovmf_files import DEBIAN12_ROOT, EFI_GLOBAL, debian12_name, debian12_path  # noqa: F401
 
 from varsd.adapters import virtfw
+from varsd.clock import parse_stamp
 from varsd.config import ExtraFirmware
 from varsd.engine.inspect import FileInspector
 from varsd.firmware.catalog import load_catalog
@@ -36,7 +37,7 @@ from varsd.model.firmware import Catalog
 
 CASES_DIR = Path(__file__).parent / "cases"
 REGEN = os.environ.get("VARSD_REGEN") == "1"
-NOW = "2025-01-15T10:00:00Z"
+NOW = parse_stamp("2025-01-15T10:00:00Z")  # the clock's aware datetime; XML holds its stamp
 NVRAM_DIR = "/var/lib/libvirt/qemu/nvram"
 
 FW_DIR = "/usr/share/qemu/firmware"

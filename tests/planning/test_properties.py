@@ -21,8 +21,8 @@ from generated import FEATURES, FORMS, OTHER_ARGS, Shape
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
+from support.varstores import read_variables
 
-from varsd.adapters import virtfw
 from varsd.domain.classify import firmware_image_path
 from varsd.domain.xml import QEMU_NS, outside_firmware, parse_domain
 from varsd.model.domain import FirmwareConfig, Status
@@ -96,8 +96,8 @@ def test_plan_apply_replan(shape: Shape, name: str, catalogs, drivers) -> None:
         for action in plan.actions:
             if isinstance(action, CreateVarstore):
                 hostfs.create_varstore(action.path, action.source, action.length)
-                src = virtfw.read_variables(hostfs.local(action.source), action.length)
-                assert virtfw.read_variables(hostfs.local(action.path)) == src, "a variable was lost"
+                src = read_variables(hostfs.local(action.source), action.length)
+                assert read_variables(hostfs.local(action.path)) == src, "a variable was lost"
             elif isinstance(action, Redefine):
                 new = action.xml
         assert outside_firmware(new) == outside_firmware(xml)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import libvirt
 import pytest
 from lxml import etree
+from support.varstores import read_variables
 
 from varsd.adapters import virtfw
 from varsd.domain.classify import firmware_image_path
@@ -318,7 +319,7 @@ def test_replanning_asks_for_nothing_more(outcome, catalogs, hostfs) -> None:
             created = hostfs.local(action.path)
             assert virtfw.read_layout(created) == action.layout
             # every variable of the source is in the new varstore
-            assert virtfw.read_variables(created) == virtfw.read_variables(hostfs.local(action.source), action.length)
+            assert read_variables(created) == read_variables(hostfs.local(action.source), action.length)
         else:
             xml = action.xml
     again = plan_repair(
@@ -345,7 +346,7 @@ def test_variables_survive(case, catalogs, hostfs) -> None:
     for action in out.plan.actions:
         if isinstance(action, CreateVarstore):
             hostfs.create_varstore(action.path, action.source, action.length)
-    variables = virtfw.read_variables(hostfs.local(out.plan.varstore))
+    variables = read_variables(hostfs.local(out.plan.varstore))
     assert "8be4df61-93ca-11d2-aa0d-00e098032b8c:BootOrder" in variables
     assert variables["6f2a9c1e-1d3b-4c8e-9a47-2b5d8e0f1c3a:VarsdTest"].data == b"kept"
 

@@ -4,20 +4,22 @@ where it must not, or act wrongly."""
 from __future__ import annotations
 
 import shutil
+from functools import partial
 
 import pytest
 from ovmf_files import DEBIAN12_OVMF  # Debian 12's files, release-aware
 from ovmf_files import UNIFIED as UNIFIED_2M_IMAGE
+from support.domains import QEMU_NS, domain_xml, split_os, varsd_metadata
 
+from varsd.clock import parse_stamp
 from varsd.config import ExtraFirmware
 from varsd.domain.xml import parse_domain
 from varsd.engine.inspect import FileInspector
 from varsd.firmware.catalog import load_catalog
-from varsd.model.domain import FirmwareConfig, Status
+from varsd.model.domain import FileFacts, FirmwareConfig, Status
 from varsd.planning.repair import CreateVarstore, DomainFacts, plan_repair
 
-QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
-NOW = "2026-11-26T00:00:00Z"
+NOW = parse_stamp("2026-11-26T00:00:00Z")  # the clock's aware datetime; XML holds its stamp
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +40,14 @@ def plan(xml: str, catalog, nvram_dir: str):
     return plan_repair(facts, catalog, nvram_dir, NOW)
 
 
-def domain(os_inner: str, *, extra: str = "", machine: str = "pc-q35-7.2", ns: str = "") -> str:
-    return (f"<domain type='kvm'{ns}><name>edge</name><uuid>5e1c0000-0000-4000-8000-000000000001</uuid>"
-            f"<memory unit='KiB'>262144</memory><os><type arch='x86_64' machine='{machine}'>hvm</type>{os_inner}"
-            f"</os><features><acpi/></features><devices/>{extra}</domain>")
+# compact, as some tools write it; `tail=` holds what follows <devices>
+domain = partial(domain_xml, "edge", domain_type="kvm", uuid="5e1c0000-0000-4000-8000-000000000001",
+                 features="<acpi/>", pretty=False)
 
 
 def test_snp_guest_through_qemu_commandline_is_confidential_and_untouched(catalog, tmp_path) -> None:
     """libvirt 9.0 has no <launchSecurity type='sev-snp'>: SNP guests pass QEMU objects."""
-    xml = domain("", ns=f" xmlns:qemu='{QEMU_NS}'", extra=(
+    xml = domain("", namespaces={"qemu": QEMU_NS}, tail=(
         "<qemu:commandline><qemu:arg value='-machine'/><qemu:arg value='confidential-guest-support=sev0'/>"
         "<qemu:arg value='-object'/><qemu:arg value='sev-snp-guest,id=sev0,cbitpos=51'/>"
         f"<qemu:arg value='-bios'/><qemu:arg value='{UNIFIED_2M_IMAGE}'/></qemu:commandline>"))
@@ -60,8 +61,8 @@ def test_never_started_secure_domain_gets_the_enrolled_template_its_xml_names(ca
     xml = domain(
         "<loader readonly='yes' secure='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.secboot.fd</loader>"
         f"<nvram template='/usr/share/OVMF/OVMF_VARS_4M.ms.fd'>{tmp_path}/edge_VARS.fd</nvram>",
-        extra="",
-    ).replace("<features><acpi/></features>", "<features><acpi/><smm state='on'/></features>")
+        features="<acpi/><smm state='on'/>",
+    )
     p = plan(xml, catalog, str(tmp_path))
     (create,) = [a for a in p.actions if isinstance(a, CreateVarstore)]
     assert create.source == "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"
@@ -78,7 +79,7 @@ def test_seabios_image_in_a_directory_named_edk2_stays_seabios(catalog, tmp_path
 def test_a_pin_on_a_unified_domain_never_repoints_its_loader(catalog, tmp_path) -> None:
     image = tmp_path / "unified.fd"
     shutil.copyfile(UNIFIED_2M_IMAGE, image)
-    xml = domain(f"<loader readonly='no' type='pflash'>{image}</loader>", extra=(
+    xml = domain(f"<loader readonly='no' type='pflash'>{image}</loader>", tail=(
         "<metadata><varsd:firmware xmlns:varsd='https://varsd.org/xmlns/firmware/1'>"
         "<varsd:pin sha256='" + "ab" * 32 + "' by='admin'/></varsd:firmware></metadata>"))
     p = plan(xml, catalog, str(tmp_path))
@@ -112,7 +113,7 @@ def test_oversized_varstore_is_called_oversized_not_shared(catalog, tmp_path) ->
 
 def test_manage_maybe_is_reported_as_written(catalog, tmp_path) -> None:
     """#12 defect 16: an unknown manage= value opts out (safe) and is named, not called 'no'."""
-    xml = domain(f"<loader type='rom'>{UNIFIED_2M_IMAGE}</loader>", extra=(
+    xml = domain(f"<loader type='rom'>{UNIFIED_2M_IMAGE}</loader>", tail=(
         "<metadata><varsd:firmware xmlns:varsd='https://varsd.org/xmlns/firmware/1' manage='maybe'/></metadata>"))
     p = plan(xml, catalog, str(tmp_path))
     assert (p.status, p.actions) == (Status.UNMANAGED, ())
@@ -130,10 +131,23 @@ def test_a_pin_in_the_metadata_is_checked_for_fit(catalog, tmp_path, machine) ->
     plain = fsio.sha256_file("/usr/share/OVMF/OVMF_CODE_4M.fd")
     secure = fsio.sha256_file("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
     xml = domain("<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>"
-                 f"<nvram>{nvram}</nvram>", machine=machine, extra=(
-                     "<metadata><varsd:firmware xmlns:varsd='https://varsd.org/xmlns/firmware/1'>"
-                     f"<varsd:build code='/usr/share/OVMF/OVMF_CODE_4M.fd' sha256='{plain}'/>"
-                     f"<varsd:pin sha256='{secure}' by='admin'/></varsd:firmware></metadata>"))
+                 f"<nvram>{nvram}</nvram>", machine=machine, metadata=varsd_metadata(
+                     f"><varsd:build code='/usr/share/OVMF/OVMF_CODE_4M.fd' sha256='{plain}'/>"
+                     f"<varsd:pin sha256='{secure}' by='admin'/>"))
     p = plan(xml, catalog, str(tmp_path))
     assert (p.status, p.actions) == (Status.ERROR, ()), p.detail
     assert "needs SMM" in p.detail and "varsctl unpin edge" in p.detail
+
+
+def test_a_varstore_this_user_may_not_read_is_unknown_not_wrong(catalog, tmp_path) -> None:
+    """A non-root admin's status: the qemu user's 0600 varstore is not called 'not a varstore'."""
+    store = f"{tmp_path}/edge_VARS.fd"
+    xml = domain(split_os("/usr/share/OVMF/OVMF_CODE_4M.fd", store))
+    fw = parse_domain(xml)
+    facts = DomainFacts(xml, fw, image=FileInspector().inspect(fw.loader_path, digest=True),
+                        nvram=FileFacts(store, exists=True, size=540672, unreadable=True,
+                                        error="this user may not read it"))
+    p = plan_repair(facts, catalog, str(tmp_path), NOW)
+    assert (p.config, p.status, p.actions) == (FirmwareConfig.SPLIT, Status.ERROR, ())
+    assert p.detail == (f"varstore {store} cannot be read by this user, so whether it fits is unknown; "
+                        "run as root to see")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
+from varsd.clock import stamp
 from varsd.model.backup import BackupKeep, BackupRecord
 from varsd.planning.retention import plan_retention
 
@@ -12,8 +13,8 @@ U1, U2 = "00000000-0000-4000-8000-000000000001", "00000000-0000-4000-8000-000000
 
 
 def _records(uuid: str, ages: list[timedelta], start: int = 1) -> list[BackupRecord]:
-    return [BackupRecord(start + i, uuid, "g", (NOW - age).strftime("%Y-%m-%dT%H:%M:%SZ"), f"{i:064x}", 1, "stop",
-                         "/v") for i, age in enumerate(ages)]
+    return [BackupRecord(start + i, uuid, "g", (NOW - age).replace(tzinfo=UTC), f"{i:064x}", 1, "stop", "/v")
+            for i, age in enumerate(ages)]
 
 
 def _kept(plan) -> set[int]:
@@ -32,12 +33,12 @@ def test_one_per_day_and_one_per_week_survive():
     rs = _records(U1, hourly_for_30_days)
     plan = plan_retention(rs, BackupKeep(last=1, daily=7, weekly=4), NOW, {U1})
     kept = [r for r in plan.keep]
-    days = {r.taken[:10] for r in kept}
+    days = {stamp(r.taken)[:10] for r in kept}
     assert len(kept) < len(rs)
     # each of the last 7 days has its newest backup kept
     for d in range(7):
         day = (NOW - timedelta(days=d)).strftime("%Y-%m-%d")
-        newest = max((r for r in rs if r.taken.startswith(day)), key=lambda r: r.taken, default=None)
+        newest = max((r for r in rs if stamp(r.taken).startswith(day)), key=lambda r: r.taken, default=None)
         if newest is not None:
             assert newest.id in _kept(plan)
     assert len(days) <= 7 + 4 + 1

@@ -14,7 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import pytest
+from support.domains import domain_xml, split_os, varsd_metadata
 
+from varsd.clock import parse_stamp
 from varsd.domain.xml import parse_domain
 from varsd.firmware.archive import ArchiveIndex, archive_path
 from varsd.firmware.fit import Needs, why_not
@@ -31,7 +33,7 @@ from varsd.planning.upgrade import (
     place_hold,
 )
 
-NOW = "2025-06-01T12:00:00Z"
+NOW = parse_stamp("2025-06-01T12:00:00Z")  # the clock's aware datetime; XML holds its stamp
 NV = "/var/lib/libvirt/qemu/nvram"
 ARCHIVE = "/var/lib/varsd/archive"
 CODE = "/usr/share/OVMF/OVMF_CODE.fd"
@@ -57,29 +59,18 @@ BUILD_B_SECURE = build(B, features=frozenset({"secure-boot", "requires-smm"}))
 BUILD_B_Q35_ONLY = build(B, targets=(Target("x86_64", ("pc-q35-*",)),))
 
 
-def domain_xml(*, loader: str = CODE, bound: str = A, pin: str | None = None, pin_by: str | None = None,
-               machine: str = "pc-q35-7.2", booted: str | None = None) -> str:
+def web_xml(*, loader: str = CODE, bound: str = A, pin: str | None = None, pin_by: str | None = None,
+            machine: str = "pc-q35-7.2", booted: str | None = None) -> str:
+    """The domain `web` on `loader`, bound to build `bound`, maybe pinned, maybe booted."""
     pin_el = ""
     if pin:
         by = f' by="{pin_by}"' if pin_by else ""
         pin_el = f'<varsd:pin sha256="{pin}"{by}/>'
     boot = f'<boot xmlns="https://varsd.org/xmlns/boot/1" code="{loader}" sha256="{booted}"/>' if booted else ""
-    return f"""<domain type='kvm'>
-  <name>web</name>
-  <uuid>3f2a0d1e-0000-4000-8000-000000000001</uuid>
-  <metadata>
-    <varsd:firmware xmlns:varsd="https://varsd.org/xmlns/firmware/1">
-      <varsd:build code="{CODE}" sha256="{bound}"/>{pin_el}
-    </varsd:firmware>{boot}
-  </metadata>
-  <os>
-    <type arch='x86_64' machine='{machine}'>hvm</type>
-    <loader readonly='yes' type='pflash'>{loader}</loader>
-    <nvram template='{VARS}'>{VARSTORE}</nvram>
-  </os>
-  <devices/>
-</domain>
-"""
+    metadata = varsd_metadata(f'>\n      <varsd:build code="{CODE}" sha256="{bound}"/>{pin_el}\n    ') + boot
+    return domain_xml("web", split_os(loader, VARSTORE, template=VARS), domain_type="kvm",
+                      uuid="3f2a0d1e-0000-4000-8000-000000000001", metadata=f"\n    {metadata}\n  ", memory_kib=None,
+                      machine=machine)
 
 
 @dataclass(frozen=True)
@@ -142,7 +133,7 @@ class Row:
     bound: str | None = A
     pin: tuple[str, PinKind] | None = None
     detail: str = ""  # a phrase the detail must contain
-    xml: str = field(default_factory=domain_xml)
+    xml: str = field(default_factory=web_xml)
 
     def __str__(self) -> str:
         return self.name
@@ -165,9 +156,9 @@ TRACKING: tuple[Row, ...] = (
     Row("upgrade-fits-running", Host((BUILD_B,), ON_B, ARCHIVED_A, booted=A), Status.PENDING_COLD_BOOT, True,
         bound=B, detail="applies at next cold boot"),
     Row("running-on-old-build-already-rebound", Host((BUILD_B,), ON_B, ARCHIVED_A, booted=A),
-        Status.PENDING_COLD_BOOT, False, bound=B, xml=domain_xml(bound=B)),
+        Status.PENDING_COLD_BOOT, False, bound=B, xml=web_xml(bound=B)),
     Row("running-on-the-bound-build", Host((BUILD_B,), ON_B, booted=B), Status.OK, False, bound=B,
-        xml=domain_xml(bound=B)),
+        xml=web_xml(bound=B)),
     # rule 5: manual policy holds the fitting build back
     Row("upgrade-fits-manual", Host((BUILD_B,), ON_B, ARCHIVED_A, policy="manual"), Status.PINNED, True,
         loader=arch(A), pin=(A, PinKind.POLICY), detail="varsctl upgrade approve web"),
@@ -186,10 +177,10 @@ TRACKING: tuple[Row, ...] = (
         detail="is not a Secure Boot build"),
     Row("needs-smm-on-i440fx", Host((build(B, features=frozenset({"requires-smm"})),), ON_B, ARCHIVED_A),
         Status.NEEDS_MIGRATION, True, loader=arch(A), pin=(A, PinKind.INCOMPATIBLE), detail="needs SMM",
-        xml=domain_xml(machine="pc-i440fx-7.2")),
+        xml=web_xml(machine="pc-i440fx-7.2")),
     Row("machine-dropped", Host((BUILD_B_Q35_ONLY,), ON_B, ARCHIVED_A), Status.NEEDS_MIGRATION, True,
         loader=arch(A), pin=(A, PinKind.INCOMPATIBLE), detail="does not support x86_64 machine 'pc-i440fx-7.2'",
-        xml=domain_xml(machine="pc-i440fx-7.2")),
+        xml=web_xml(machine="pc-i440fx-7.2")),
     Row("qcow2-build", Host((build(B, code_format="qcow2"),), ON_B, ARCHIVED_A), Status.NEEDS_MIGRATION, True,
         loader=arch(A), pin=(A, PinKind.INCOMPATIBLE), detail="qcow2"),
     # rule 2: the central file is gone
@@ -212,47 +203,47 @@ TRACKING: tuple[Row, ...] = (
 PINNED: tuple[Row, ...] = (
     # admin: held whatever happens centrally; the loader is the pinned build's file
     Row("admin-on-central", Host((BUILD_A,), ON_A), Status.PINNED, False, pin=(A, PinKind.ADMIN),
-        xml=domain_xml(pin=A, pin_by="admin")),
+        xml=web_xml(pin=A, pin_by="admin")),
     Row("admin-central-upgraded", Host((BUILD_B,), ON_B, ARCHIVED_A), Status.PINNED, True, loader=arch(A),
-        pin=(A, PinKind.ADMIN), xml=domain_xml(pin=A, pin_by="admin")),
+        pin=(A, PinKind.ADMIN), xml=web_xml(pin=A, pin_by="admin")),
     Row("admin-rollback-on-archive", Host((BUILD_B,), ON_B, ARCHIVED_A), Status.PINNED, False, loader=arch(A),
-        bound=B, pin=(A, PinKind.ADMIN), xml=domain_xml(loader=arch(A), bound=B, pin=A, pin_by="admin")),
+        bound=B, pin=(A, PinKind.ADMIN), xml=web_xml(loader=arch(A), bound=B, pin=A, pin_by="admin")),
     Row("admin-back-to-central", Host((BUILD_A,), ON_A, ARCHIVED_A), Status.PINNED, False, loader=arch(A),
-        pin=(A, PinKind.ADMIN), xml=domain_xml(loader=arch(A), pin=A, pin_by="admin")),
+        pin=(A, PinKind.ADMIN), xml=web_xml(loader=arch(A), pin=A, pin_by="admin")),
     Row("legacy-pin-without-by", Host((BUILD_B,), ON_B, ARCHIVED_A), Status.PINNED, False, loader=arch(A),
-        pin=(A, PinKind.ADMIN), xml=domain_xml(loader=arch(A), pin=A)),
+        pin=(A, PinKind.ADMIN), xml=web_xml(loader=arch(A), pin=A)),
     Row("admin-archive-corrupt", Host((BUILD_B,), ON_B, corrupt={A: f"archived image {arch(A)} is corrupt"}),
         Status.ERROR, False, loader=arch(A), pin=(A, PinKind.ADMIN), detail="is corrupt",
-        xml=domain_xml(loader=arch(A), pin=A, pin_by="admin")),
+        xml=web_xml(loader=arch(A), pin=A, pin_by="admin")),
     # policy: until approved, or the policy is auto again, or the held build is central again
     Row("policy-holds", Host((BUILD_B,), ON_B, ARCHIVED_A, policy="manual"), Status.PINNED, True, loader=arch(A),
-        pin=(A, PinKind.POLICY), xml=domain_xml(loader=arch(A), pin=A, pin_by="policy")),
+        pin=(A, PinKind.POLICY), xml=web_xml(loader=arch(A), pin=A, pin_by="policy")),
     Row("policy-auto-again", Host((BUILD_B,), ON_B, ARCHIVED_A), Status.OK, True, bound=B,
-        detail="hold released", xml=domain_xml(loader=arch(A), pin=A, pin_by="policy")),
+        detail="hold released", xml=web_xml(loader=arch(A), pin=A, pin_by="policy")),
     Row("policy-held-build-central-again", Host((BUILD_A,), ON_A, ARCHIVED_A, policy="manual"), Status.OK, True,
-        xml=domain_xml(loader=arch(A), pin=A, pin_by="policy")),
+        xml=web_xml(loader=arch(A), pin=A, pin_by="policy")),
     Row("policy-then-layout-change", Host((BUILD_B4,), ON_B, ARCHIVED_A, policy="manual"),
         Status.NEEDS_MIGRATION, True, loader=arch(A), pin=(A, PinKind.INCOMPATIBLE),
-        xml=domain_xml(loader=arch(A), pin=A, pin_by="policy")),
+        xml=web_xml(loader=arch(A), pin=A, pin_by="policy")),
     # the held-back build's file is gone: approving cannot help any more, migrating can
     Row("policy-central-removed", Host((), {CODE: None}, ARCHIVED_A, policy="manual"), Status.NEEDS_MIGRATION,
-        True, loader=arch(A), pin=(A, PinKind.INCOMPATIBLE), xml=domain_xml(loader=arch(A), pin=A, pin_by="policy")),
+        True, loader=arch(A), pin=(A, PinKind.INCOMPATIBLE), xml=web_xml(loader=arch(A), pin=A, pin_by="policy")),
     # incompatible: until migrated, or a fitting build is central again
     Row("incompatible-holds", Host((BUILD_B4,), ON_B, ARCHIVED_A), Status.NEEDS_MIGRATION, False, loader=arch(A),
-        pin=(A, PinKind.INCOMPATIBLE), xml=domain_xml(loader=arch(A), pin=A, pin_by="incompatible")),
+        pin=(A, PinKind.INCOMPATIBLE), xml=web_xml(loader=arch(A), pin=A, pin_by="incompatible")),
     Row("incompatible-fitting-build-back", Host((BUILD_B,), ON_B, ARCHIVED_A), Status.OK, True, bound=B,
-        xml=domain_xml(loader=arch(A), pin=A, pin_by="incompatible")),
+        xml=web_xml(loader=arch(A), pin=A, pin_by="incompatible")),
     Row("incompatible-same-build-listed-elsewhere",
         Host((BUILD_B4, build(A, path="/srv/firmware/OVMF_CODE.fd")),
              {CODE: B, "/srv/firmware/OVMF_CODE.fd": A}, ARCHIVED_A),
         Status.OK, True, bound=A, loader="/srv/firmware/OVMF_CODE.fd",
-        xml=domain_xml(loader=arch(A), pin=A, pin_by="incompatible")),
+        xml=web_xml(loader=arch(A), pin=A, pin_by="incompatible")),
     Row("incompatible-fitting-build-back-manual", Host((BUILD_B,), ON_B, ARCHIVED_A, policy="manual"),
         Status.PINNED, True, loader=arch(A), pin=(A, PinKind.POLICY),
-        xml=domain_xml(loader=arch(A), pin=A, pin_by="incompatible")),
+        xml=web_xml(loader=arch(A), pin=A, pin_by="incompatible")),
     Row("incompatible-running-old", Host((BUILD_B4,), ON_B, ARCHIVED_A, booted=C), Status.NEEDS_MIGRATION, False,
         loader=arch(A), pin=(A, PinKind.INCOMPATIBLE), detail="running build cccccccccccc until its next cold boot",
-        xml=domain_xml(loader=arch(A), pin=A, pin_by="incompatible")),
+        xml=web_xml(loader=arch(A), pin=A, pin_by="incompatible")),
 )
 
 
@@ -293,14 +284,14 @@ def test_replanning_asks_for_nothing_more(row: Row) -> None:
 
 def test_a_held_domain_records_who_why_and_when() -> None:
     host = Host((BUILD_B4,), ON_B, ARCHIVED_A)
-    md = parse_domain(_new_xml(host.plan(domain_xml()))).metadata
+    md = parse_domain(_new_xml(host.plan(web_xml()))).metadata
     assert (md.pin_by, md.pinned_at) == ("incompatible", NOW)
     assert "expects a varstore of 540672 bytes" in md.pin_reason and "varsctl migrate web" in md.pin_reason
 
 
 def test_next_boot_digest_is_reported() -> None:
-    assert Host((BUILD_B,), ON_B, ARCHIVED_A).plan(domain_xml()).next_boot_sha256 == B
-    assert Host((BUILD_B4,), ON_B, ARCHIVED_A).plan(domain_xml()).next_boot_sha256 == A
+    assert Host((BUILD_B,), ON_B, ARCHIVED_A).plan(web_xml()).next_boot_sha256 == B
+    assert Host((BUILD_B4,), ON_B, ARCHIVED_A).plan(web_xml()).next_boot_sha256 == A
 
 
 # -- the rules one by one --------------------------------------------------------------------
@@ -327,7 +318,7 @@ def test_upgrade_misfit_sentences(candidate, machine, secure, why) -> None:
 
 def test_decide_tracking_returns_none_when_the_bound_build_is_central() -> None:
     image = FileFacts(CODE, True, 1, A, CODE)
-    fw = replace(FW, metadata=parse_domain(domain_xml()).metadata)
+    fw = replace(FW, metadata=parse_domain(web_xml()).metadata)
     assert decide_tracking(fw, image, Catalog((BUILD_A,)), L2M, False, "auto") is None
     assert isinstance(decide_tracking(fw, image, Catalog(()), L2M, False, "auto"), Wait)
     moved = decide_tracking(fw, FileFacts(CODE, True, 1, B, CODE), Catalog((BUILD_B,)), L2M, False, "auto")
@@ -337,7 +328,7 @@ def test_decide_tracking_returns_none_when_the_bound_build_is_central() -> None:
 
 
 def test_decide_pinned_admin_is_never_released() -> None:
-    fw = parse_domain(domain_xml(loader=arch(A), bound=B, pin=A, pin_by="admin"))
+    fw = parse_domain(web_xml(loader=arch(A), bound=B, pin=A, pin_by="admin"))
     for policy in ("auto", "manual"):
         got = decide_pinned(fw, Catalog((BUILD_B,)), L2M, False, policy)
         assert isinstance(got, Hold) and got.kind is PinKind.ADMIN
@@ -346,17 +337,17 @@ def test_decide_pinned_admin_is_never_released() -> None:
 def test_an_incompatible_hold_follows_its_build_listed_again_at_another_path() -> None:
     """The central path is gone (Debian 13), the admin adds the same 2 MiB pair as
     extra_firmware at another path: the domain follows it there, off the archive."""
-    fw = parse_domain(domain_xml(loader=arch(A), bound=A, pin=A, pin_by="incompatible"))
+    fw = parse_domain(web_xml(loader=arch(A), bound=A, pin=A, pin_by="incompatible"))
     elsewhere = build(A, path="/srv/firmware/OVMF_CODE.fd")
     got = decide_pinned(fw, Catalog((BUILD_B4, elsewhere)), L2M, False, "auto")
     assert isinstance(got, Track) and got.build.code_path == "/srv/firmware/OVMF_CODE.fd"
     # an admin's pin is still never released by this
-    admin = parse_domain(domain_xml(loader=arch(A), bound=A, pin=A, pin_by="admin"))
+    admin = parse_domain(web_xml(loader=arch(A), bound=A, pin=A, pin_by="admin"))
     assert isinstance(decide_pinned(admin, Catalog((elsewhere,)), L2M, False, "auto"), Hold)
 
 
 def test_place_hold_prefers_the_archived_copy_which_no_upgrade_can_change() -> None:
-    fw = parse_domain(domain_xml(loader="/srv/fw/copy-of-A.fd", pin=A, pin_by="admin"))
+    fw = parse_domain(web_xml(loader="/srv/fw/copy-of-A.fd", pin=A, pin_by="admin"))
     index = ArchiveIndex(ARCHIVE, frozenset({A}))
     # the archived copy first, even when the loader file or the central path is the build now
     here = place_hold((A,), FileFacts("/srv/fw/copy-of-A.fd", True, 1, A), fw, Catalog((BUILD_A,)), index)

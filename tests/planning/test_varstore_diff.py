@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 
 from ovmf_files import EFI_GLOBAL, VARS_4M, VARS_4M_MS
+from support.varstores import read_variables
 
 from varsd.adapters import virtfw
 from varsd.adapters.virtfw import EfiVariable
@@ -19,7 +20,7 @@ def _load_option(title: str, path: str) -> bytes:
 
 
 def test_enrolled_keys_are_shown_by_certificate_subject():
-    plain, ms = virtfw.read_variables(VARS_4M), virtfw.read_variables(VARS_4M_MS)
+    plain, ms = read_variables(VARS_4M), read_variables(VARS_4M_MS)
     diff = {d.name: d for d in diff_variables(plain, ms, virtfw.describe_variable)}
     assert diff["db"].change is Change.ADDED
     assert "CN=Microsoft Corporation UEFI CA 2011" in diff["db"].new
@@ -43,7 +44,7 @@ def test_boot_entries_and_boot_order_are_decoded():
 
 
 def test_equal_stores_have_no_diff_and_odd_data_never_raises():
-    v = virtfw.read_variables(VARS_4M)
+    v = read_variables(VARS_4M)
     assert diff_variables(v, v, virtfw.describe_variable) == []
     odd = EfiVariable("Boot0001", EFI_GLOBAL, 7, b"\x01")
     assert virtfw.describe_variable(odd) == "01"

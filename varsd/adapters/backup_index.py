@@ -8,7 +8,9 @@ varsd made to a varstore, and varstore events it noticed (a `--reset-nvram`).
 
 from __future__ import annotations
 
-from varsd.adapters.journal import StateDB
+from datetime import datetime
+
+from varsd.adapters.journal import StateDB, column_text, column_time
 from varsd.model.backup import BackupRecord, SeenVarstore, VarstoreEvent, VarstoreWrite
 
 _SCHEMA = """
@@ -57,24 +59,34 @@ CREATE TABLE IF NOT EXISTS varstore_events (
 _COLS = "id, uuid, name, taken, sha256, size, reason, source"
 
 
+def _record(row: tuple) -> BackupRecord:
+    i, uuid, name, taken, *rest = row
+    return BackupRecord(i, uuid, name, column_time(taken), *rest)
+
+
+def _seen(row: tuple) -> SeenVarstore:
+    return SeenVarstore(*row[:4], column_time(row[4]))
+
+
 class BackupIndex(StateDB):
     SCHEMA = _SCHEMA
 
     # -- backups -----------------------------------------------------------------------
 
-    def add(self, *, uuid: str, name: str, taken: str, sha256: str, size: int, reason: str,
+    def add(self, *, uuid: str, name: str, taken: datetime, sha256: str, size: int, reason: str,
             source: str) -> BackupRecord:
         with self._sql("write to"):
             cur = self._db.execute(
                 "INSERT INTO backups (uuid, name, taken, sha256, size, reason, source) VALUES (?,?,?,?,?,?,?)",
-                (uuid, name, taken, sha256, size, reason, source),
+                (uuid, name, column_text(taken), sha256, size, reason, source),
             )
-        return BackupRecord(int(cur.lastrowid), uuid, name, taken, sha256, size, reason, source)
+        return BackupRecord(int(cur.lastrowid), uuid, name, column_time(column_text(taken)), sha256, size, reason,
+                            source)
 
     def get(self, backup_id: int) -> BackupRecord | None:
         with self._sql("read"):
             row = self._db.execute(f"SELECT {_COLS} FROM backups WHERE id=?", (backup_id,)).fetchone()
-        return BackupRecord(*row) if row else None
+        return _record(row) if row else None
 
     def records(self, uuid: str | None = None) -> list[BackupRecord]:
         """Oldest first."""
@@ -82,25 +94,25 @@ class BackupIndex(StateDB):
         if uuid is not None:
             q, args = q + " WHERE uuid=?", (uuid,)
         with self._sql("read"):
-            return [BackupRecord(*r) for r in self._db.execute(q + " ORDER BY id", args).fetchall()]
+            return [_record(r) for r in self._db.execute(q + " ORDER BY id", args).fetchall()]
 
     def by_name(self, name: str) -> list[BackupRecord]:
         """Every backup taken under this domain name (any UUID), oldest first."""
         with self._sql("read"):
             rows = self._db.execute(f"SELECT {_COLS} FROM backups WHERE name=? ORDER BY id", (name,)).fetchall()
-        return [BackupRecord(*r) for r in rows]
+        return [_record(r) for r in rows]
 
     def latest(self, uuid: str) -> BackupRecord | None:
         with self._sql("read"):
             row = self._db.execute(f"SELECT {_COLS} FROM backups WHERE uuid=? ORDER BY id DESC LIMIT 1",
                                    (uuid,)).fetchone()
-        return BackupRecord(*row) if row else None
+        return _record(row) if row else None
 
     def latest_all(self) -> dict[str, BackupRecord]:
         """Each domain's newest backup, by UUID (one query for a whole pass)."""
         q = f"SELECT {_COLS} FROM backups WHERE id IN (SELECT MAX(id) FROM backups GROUP BY uuid)"
         with self._sql("read"):
-            return {r[1]: BackupRecord(*r) for r in self._db.execute(q).fetchall()}
+            return {r[1]: _record(r) for r in self._db.execute(q).fetchall()}
 
     def has_digest(self, uuid: str, sha256: str) -> bool:
         with self._sql("read"):
@@ -122,12 +134,12 @@ class BackupIndex(StateDB):
         with self._sql("read"):
             row = self._db.execute("SELECT uuid, path, stat_key, sha256, at FROM varstore_seen WHERE uuid=?",
                                    (uuid,)).fetchone()
-        return SeenVarstore(*row) if row else None
+        return _seen(row) if row else None
 
     def seen_all(self) -> dict[str, SeenVarstore]:
         with self._sql("read"):
             rows = self._db.execute("SELECT uuid, path, stat_key, sha256, at FROM varstore_seen").fetchall()
-        return {r[0]: SeenVarstore(*r) for r in rows}
+        return {r[0]: _seen(r) for r in rows}
 
     def note_seen(self, seen: SeenVarstore) -> None:
         with self._sql("write to"):
@@ -135,19 +147,19 @@ class BackupIndex(StateDB):
                 "INSERT INTO varstore_seen (uuid, path, stat_key, sha256, at) VALUES (?,?,?,?,?) "
                 "ON CONFLICT(uuid) DO UPDATE SET path=excluded.path, stat_key=excluded.stat_key, "
                 "sha256=excluded.sha256, at=excluded.at",
-                (seen.uuid, seen.path, seen.stat_key, seen.sha256, seen.at),
+                (seen.uuid, seen.path, seen.stat_key, seen.sha256, column_text(seen.at)),
             )
 
     # -- varsd's own writes ---------------------------------------------------------
 
-    def record_write(self, *, at: str, uuid: str, name: str, op: str, path: str, before_sha256: str | None,
+    def record_write(self, *, at: datetime, uuid: str, name: str, op: str, path: str, before_sha256: str | None,
                      after_sha256: str, backup_id: int | None) -> int:
         """The intent, before the file is replaced; settled afterwards."""
         with self._sql("write to"):
             cur = self._db.execute(
                 "INSERT INTO varstore_writes (at, uuid, name, op, path, before_sha256, after_sha256, backup_id) "
                 "VALUES (?,?,?,?,?,?,?,?)",
-                (at, uuid, name, op, path, before_sha256, after_sha256, backup_id),
+                (column_text(at), uuid, name, op, path, before_sha256, after_sha256, backup_id),
             )
         return int(cur.lastrowid)
 
@@ -163,18 +175,18 @@ class BackupIndex(StateDB):
             q, args = q + " WHERE uuid=?", (uuid,)
         with self._sql("read"):
             rows = self._db.execute(q + " ORDER BY id DESC LIMIT ?", args + (limit,)).fetchall()
-        return [VarstoreWrite(*r) for r in rows]
+        return [VarstoreWrite(r[0], column_time(r[1]), *r[2:]) for r in rows]
 
     # -- events ---------------------------------------------------------------------
 
-    def record_event(self, *, at: str, uuid: str, name: str, event: str, detail: str,
+    def record_event(self, *, at: datetime, uuid: str, name: str, event: str, detail: str,
                      backup_id: int | None) -> VarstoreEvent:
         with self._sql("write to"):
             cur = self._db.execute(
                 "INSERT INTO varstore_events (at, uuid, name, event, detail, backup_id) VALUES (?,?,?,?,?,?)",
-                (at, uuid, name, event, detail, backup_id),
+                (column_text(at), uuid, name, event, detail, backup_id),
             )
-        return VarstoreEvent(int(cur.lastrowid), at, uuid, name, event, detail, backup_id)
+        return VarstoreEvent(int(cur.lastrowid), column_time(column_text(at)), uuid, name, event, detail, backup_id)
 
     def events(self, uuid: str | None = None, limit: int = 100) -> list[VarstoreEvent]:
         q, args = "SELECT id, at, uuid, name, event, detail, backup_id FROM varstore_events", ()
@@ -182,4 +194,4 @@ class BackupIndex(StateDB):
             q, args = q + " WHERE uuid=?", (uuid,)
         with self._sql("read"):
             rows = self._db.execute(q + " ORDER BY id DESC LIMIT ?", args + (limit,)).fetchall()
-        return [VarstoreEvent(*r) for r in rows]
+        return [VarstoreEvent(r[0], column_time(r[1]), *r[2:]) for r in rows]

@@ -7,8 +7,8 @@ are therefore computed once per stat key. One entry per name: a varstore rewritt
 every boot replaces its entry instead of accumulating versions.
 
 Used by the file inspector (facts per image and varstore), the catalog loader (digests
-and template layouts), provisioning (verified template bytes) and the archive
-(verified images).
+and template layouts), provisioning (verified template bytes), the archive (verified
+images) and the Secure Boot key reader (each store's digest).
 """
 
 from __future__ import annotations
@@ -62,6 +62,11 @@ class ContentCache(Generic[V]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def values(self) -> list[V]:
+        """What is cached now (e.g. to keep what some name still refers to)."""
+        with self._lock:
+            return [v for _, v in self._entries.values()]
 
     def drop(self, name: Hashable) -> None:
         with self._lock:

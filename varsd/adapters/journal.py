@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import grp
 import os
 import re
 import sqlite3
+import stat
 import threading
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from varsd.adapters import fsio
+from varsd.clock import parse_stamp, stamp
 from varsd.errors import StateDirError, VarsdError
 from varsd.model.domain import AttemptFailure
 from varsd.model.firmware import VarstoreLayout
@@ -108,15 +112,15 @@ class DomainRecord:
 
     uuid: str
     name: str
-    opened_at: str
-    closed_at: str | None
+    opened_at: datetime
+    closed_at: datetime | None
     varstore: str | None
 
 
 @dataclass(frozen=True)
 class Change:
     id: int
-    at: str
+    at: datetime
     uuid: str
     name: str
     actor: str
@@ -132,7 +136,7 @@ class FirmwareEvent:
     """One change of a watched code image path (`event` is one of FIRMWARE_EVENTS)."""
 
     id: int
-    at: str
+    at: datetime
     code_path: str
     sha256: str
     event: str
@@ -145,8 +149,8 @@ class ArchivedBuild:
     sha256: str
     code_path: str  # where it was first seen
     size: int
-    first_seen: str
-    last_used: str
+    first_seen: datetime
+    last_used: datetime
     layout: VarstoreLayout | None = None  # of the build's template, when a catalog build listed it
     features: frozenset[str] = frozenset()
 
@@ -157,7 +161,7 @@ class QueuedUpdate:
 
     uuid: str
     name: str
-    queued_at: str
+    queued_at: datetime
     actor: str
     tpm_ack: bool
     canary: bool
@@ -169,8 +173,22 @@ class Canary:
 
     uuid: str
     name: str
-    at: str
+    at: datetime
     written_sha256: str | None
+
+
+def column_text(t: datetime) -> str:
+    """A time as the database column holds it (the one text form, clock.stamp)."""
+    return stamp(t)
+
+
+def column_time(text: str) -> datetime:
+    """A time column: varsd's stamp (an older row in another ISO 8601 form: read as such)."""
+    try:
+        return parse_stamp(text)
+    except ValueError:
+        t = datetime.fromisoformat(text)
+        return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def _layout_text(layout: VarstoreLayout | None) -> str | None:
@@ -197,19 +215,66 @@ def _disk_full(directory: str) -> bool:
 
 
 def _connect_read_only(path: str) -> sqlite3.Connection:
-    """A read-only connection: `mode=ro` (sees a live writer's WAL), else `immutable=1` for a
-    file system that cannot take the -shm file (a read-only mount)."""
+    """A read-only connection: `mode=ro` (sees a live writer's WAL through its -shm file, even
+    one this reader may only read), else `immutable=1` where SQLite cannot make the -shm file
+    (a read-only mount, or an admin who may read the database but not write its directory,
+    while no varsd has it open). Never immutable over a WAL it could not read: that would
+    show the journal as it was before the WAL's changes."""
     quoted = urllib.parse.quote(path)
-    for uri in (f"file:{quoted}?mode=ro", f"file:{quoted}?mode=ro&immutable=1"):
-        db = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
-        try:
-            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            return db
-        except sqlite3.Error:
-            db.close()  # nothing left open on the file system (it may be unmounted next)
-            if "immutable" in uri:
-                raise
-    raise AssertionError("unreachable")
+    db = sqlite3.connect(f"file:{quoted}?mode=ro", uri=True, timeout=30, isolation_level=None,
+                         check_same_thread=False)
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return db
+    except sqlite3.Error:
+        db.close()  # nothing left open on the file system (it may be unmounted next)
+        if _size(path + "-wal"):
+            raise
+    db = sqlite3.connect(f"file:{quoted}?mode=ro&immutable=1", uri=True, timeout=30, isolation_level=None,
+                         check_same_thread=False)
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error:
+        db.close()
+        raise
+    return db
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _share(path: str, readers: str) -> None:
+    """Let group `readers` read the database: the file 0640 in that group, and SQLite's -wal
+    and -shm files too (SQLite creates them with the database file's mode and owner, so this
+    holds for later ones). "root", or a group that does not exist: 0600, root only. The state
+    directory gets search permission. Where it cannot be changed (not root), it stays as is."""
+    try:
+        gid = 0 if readers == "root" else grp.getgrnam(readers).gr_gid
+    except KeyError:
+        gid = 0
+    mode = 0o600 if gid == 0 else 0o640
+    try:
+        state = os.path.dirname(path)
+        if gid and not os.stat(state).st_mode & 0o001:
+            os.chmod(state, stat.S_IMODE(os.stat(state).st_mode) | 0o011)
+        for name in (path, path + "-wal", path + "-shm"):
+            try:
+                st = os.lstat(name)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue  # StateDB refuses a link in the database's place; SQLite the others
+            # by path, never by an fd: closing one would drop this process's SQLite locks
+            if st.st_gid != gid:
+                os.chown(name, -1, gid, follow_symlinks=False)
+            if stat.S_IMODE(st.st_mode) != mode:
+                os.chmod(name, mode)
+    except OSError:
+        pass
 
 
 _CREATE_TABLE = re.compile(r"(CREATE TABLE IF NOT EXISTS (\w+) \(.*?\);)", re.S)
@@ -227,7 +292,9 @@ class StateDB:
 
     SCHEMA = ""
 
-    def __init__(self, path: str, *, read_only: bool = False) -> None:
+    def __init__(self, path: str, *, read_only: bool = False, readers: str | None = None) -> None:
+        """`readers`: the group that may read the database (Config.admin_group; see `_share`);
+        None leaves its permissions as they are."""
         self.path = path
         self.read_only = False
         self._lock = threading.RLock()  # one connection, several worker threads; `batch` nests
@@ -239,7 +306,7 @@ class StateDB:
             self._open_read_only()
             return
         try:
-            os.makedirs(state, mode=0o700, exist_ok=True)
+            os.makedirs(state, mode=0o711 if readers else 0o700, exist_ok=True)
             # Create it 0600 first, but never open and close an *existing* database file here:
             # closing any fd of a file drops every POSIX lock this process holds on it, and a
             # process with another connection open (journal and backup index) would lose the
@@ -257,6 +324,8 @@ class StateDB:
                 raise OSError(errno.EROFS, "read-only file system", state)
             if not (os.access(path, os.W_OK) and os.access(state, os.W_OK)):
                 raise OSError(errno.EACCES, "permission denied", path)
+            if readers:
+                _share(path, readers)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.EISDIR):
                 raise StateDirError(f"{path}: the varsd journal is not a plain file (a symbolic link or "
@@ -329,7 +398,7 @@ class StateDB:
 
 
 def _change(row: tuple) -> Change:
-    return Change(*row[:-1], kind=ChangeKind(row[-1]))
+    return Change(row[0], column_time(row[1]), *row[2:-1], kind=ChangeKind(row[-1]))
 
 
 class Journal(StateDB):
@@ -338,9 +407,9 @@ class Journal(StateDB):
 
     SCHEMA = _SCHEMA + _SECUREBOOT_SCHEMA
 
-    def __init__(self, path: str, *, read_only: bool = False) -> None:
-        """Open (creating it if need be) the journal; `read_only`: see StateDB."""
-        super().__init__(path, read_only=read_only)
+    def __init__(self, path: str, *, read_only: bool = False, readers: str | None = None) -> None:
+        """Open (creating it if need be) the journal; `read_only`, `readers`: see StateDB."""
+        super().__init__(path, read_only=read_only, readers=readers)
         try:
             if self.read_only:
                 self._kind_column = self._has_kind()
@@ -377,7 +446,7 @@ class Journal(StateDB):
         return (f"CASE WHEN substr(reason, 1, {len(MIGRATION_REASON)}) = '{MIGRATION_REASON}' "
                 f"THEN '{ChangeKind.MIGRATION.value}' ELSE '{ChangeKind.EDIT.value}' END")
 
-    def record(self, *, at: str, uuid: str, name: str, actor: str, reason: str, old_xml: str, new_xml: str,
+    def record(self, *, at: datetime, uuid: str, name: str, actor: str, reason: str, old_xml: str, new_xml: str,
                kind: ChangeKind = ChangeKind.EDIT) -> int:
         """Write the intent (old and new XML) before the change is made; returns its id.
 
@@ -386,23 +455,23 @@ class Journal(StateDB):
             self._db.execute(
                 "INSERT INTO domain_records (uuid, name, opened_at) VALUES (?,?,?) "
                 "ON CONFLICT(uuid) DO UPDATE SET name=excluded.name, closed_at=NULL",
-                (uuid, name, at),
+                (uuid, name, column_text(at)),
             )
             cur = self._db.execute(
                 "INSERT INTO xml_changes (at, uuid, name, actor, reason, old_xml, new_xml, kind) "
                 "VALUES (?,?,?,?,?,?,?,?)",
-                (at, uuid, name, actor, reason, old_xml, new_xml, kind.value),
+                (column_text(at), uuid, name, actor, reason, old_xml, new_xml, kind.value),
             )
         return int(cur.lastrowid)
 
-    def close_record(self, uuid: str, at: str, varstore: str | None = None) -> DomainRecord | None:
+    def close_record(self, uuid: str, at: datetime, varstore: str | None = None) -> DomainRecord | None:
         """The domain was undefined: close varsd's record of it, noting the varstore that
         stays on disk (varsd never deletes one). None when varsd never changed it."""
         with self._sql("write to"):
             self._db.execute(
                 "UPDATE domain_records SET closed_at=?, varstore=COALESCE(?, varstore) "
                 "WHERE uuid=? AND closed_at IS NULL",
-                (at, varstore, uuid),
+                (column_text(at), varstore, uuid),
             )
         return self.domain_record(uuid)
 
@@ -411,7 +480,10 @@ class Journal(StateDB):
             row = self._db.execute(
                 "SELECT uuid, name, opened_at, closed_at, varstore FROM domain_records WHERE uuid=?", (uuid,)
             ).fetchone()
-        return DomainRecord(*row) if row else None
+        if row is None:
+            return None
+        uuid, name, opened, closed, varstore = row
+        return DomainRecord(uuid, name, column_time(opened), column_time(closed) if closed else None, varstore)
 
     def settle(self, change_id: int, outcome: str, *, stored_xml: str | None = None) -> None:
         """Mark how a change ended; `stored_xml` is the definition as libvirt stored it
@@ -467,7 +539,7 @@ class Journal(StateDB):
             rows = self._db.execute(q).fetchall()
         return {path: sha for path, sha, event in rows if event != "removed"}
 
-    def record_firmware(self, at: str, events: list[tuple[str, str, str]]) -> None:
+    def record_firmware(self, at: datetime, events: list[tuple[str, str, str]]) -> None:
         """Record (code_path, sha256, event) changes in one transaction."""
         bad = [e for _, _, e in events if e not in FIRMWARE_EVENTS]
         if bad:
@@ -477,7 +549,7 @@ class Journal(StateDB):
             try:
                 self._db.executemany(
                     "INSERT INTO firmware_history (at, code_path, sha256, event) VALUES (?,?,?,?)",
-                    [(at, path, sha, event) for path, sha, event in events],
+                    [(column_text(at), path, sha, event) for path, sha, event in events],
                 )
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -489,12 +561,12 @@ class Journal(StateDB):
             rows = self._db.execute(
                 "SELECT id, at, code_path, sha256, event FROM firmware_history ORDER BY id DESC LIMIT ?", (limit,)
             ).fetchall()
-        return [FirmwareEvent(*row) for row in rows]
+        return [FirmwareEvent(i, column_time(at), path, sha, event) for i, at, path, sha, event in rows]
 
     # -- archived builds -------------------------------------------------------------
 
     def note_archived(
-        self, *, sha256: str, code_path: str, size: int, at: str,
+        self, *, sha256: str, code_path: str, size: int, at: datetime,
         layout: VarstoreLayout | None = None, features: frozenset[str] = frozenset(),
     ) -> None:
         """Remember an archived image; layout and features are filled in once known."""
@@ -504,14 +576,15 @@ class Journal(StateDB):
                 "VALUES (?,?,?,?,?,?,?) ON CONFLICT(sha256) DO UPDATE SET "
                 "layout=COALESCE(archived_builds.layout, excluded.layout), "
                 "features=COALESCE(archived_builds.features, excluded.features)",
-                (sha256, code_path, size, at, at, _layout_text(layout),
+                (sha256, code_path, size, column_text(at), column_text(at), _layout_text(layout),
                  " ".join(sorted(features)) if layout is not None else None),
             )
 
-    def touch_archived(self, shas: set[str] | frozenset[str], at: str) -> None:
+    def touch_archived(self, shas: set[str] | frozenset[str], at: datetime) -> None:
         """Mark these digests used now (retention counts from the last use)."""
         with self._sql("write to"):
-            self._db.executemany("UPDATE archived_builds SET last_used=? WHERE sha256=?", [(at, s) for s in shas])
+            self._db.executemany("UPDATE archived_builds SET last_used=? WHERE sha256=?",
+                                 [(column_text(at), s) for s in shas])
 
     def archived_builds(self) -> dict[str, ArchivedBuild]:
         with self._sql("read"):
@@ -519,7 +592,7 @@ class Journal(StateDB):
                 "SELECT sha256, code_path, size, first_seen, last_used, layout, features FROM archived_builds"
             ).fetchall()
         return {
-            sha: ArchivedBuild(sha, path, size, first, last, _layout_of(layout),
+            sha: ArchivedBuild(sha, path, size, column_time(first), column_time(last), _layout_of(layout),
                                frozenset((features or "").split()))
             for sha, path, size, first, last, layout, features in rows
         }
@@ -530,36 +603,37 @@ class Journal(StateDB):
 
     # -- the Secure Boot rollout ----------------------------------------------------
 
-    def queue_secureboot(self, *, uuid: str, name: str, at: str, actor: str, tpm_ack: bool, canary: bool) -> None:
+    def queue_secureboot(self, *, uuid: str, name: str, at: datetime, actor: str, tpm_ack: bool, canary: bool) -> None:
         with self._sql("write to"):
             self._db.execute(
                 "INSERT INTO secureboot_queue (uuid, name, queued_at, actor, tpm_ack, canary) VALUES (?,?,?,?,?,?) "
                 "ON CONFLICT(uuid) DO UPDATE SET name=excluded.name, tpm_ack=excluded.tpm_ack, "
-                "canary=MAX(canary, excluded.canary)", (uuid, name, at, actor, int(tpm_ack), int(canary)),
+                "canary=MAX(canary, excluded.canary)", (uuid, name, column_text(at), actor, int(tpm_ack), int(canary)),
             )
 
     def secureboot_queue(self) -> dict[str, QueuedUpdate]:
         with self._sql("read"):
             rows = self._db.execute(
                 "SELECT uuid, name, queued_at, actor, tpm_ack, canary FROM secureboot_queue").fetchall()
-        return {r[0]: QueuedUpdate(r[0], r[1], r[2], r[3], bool(r[4]), bool(r[5])) for r in rows}
+        return {r[0]: QueuedUpdate(r[0], r[1], column_time(r[2]), r[3], bool(r[4]), bool(r[5])) for r in rows}
 
     def unqueue_secureboot(self, uuid: str) -> None:
         with self._sql("write to"):
             self._db.execute("DELETE FROM secureboot_queue WHERE uuid=?", (uuid,))
 
-    def note_canary(self, *, uuid: str, name: str, at: str, written_sha256: str | None) -> None:
+    def note_canary(self, *, uuid: str, name: str, at: datetime, written_sha256: str | None) -> None:
         with self._sql("write to"):
             self._db.execute(
                 "INSERT INTO secureboot_canaries (uuid, name, at, written_sha256) VALUES (?,?,?,?) "
                 "ON CONFLICT(uuid) DO UPDATE SET at=excluded.at, "
-                "written_sha256=COALESCE(excluded.written_sha256, written_sha256)", (uuid, name, at, written_sha256),
+                "written_sha256=COALESCE(excluded.written_sha256, written_sha256)",
+                (uuid, name, column_text(at), written_sha256),
             )
 
     def canaries(self) -> list[Canary]:
         with self._sql("read"):
             rows = self._db.execute("SELECT uuid, name, at, written_sha256 FROM secureboot_canaries").fetchall()
-        return [Canary(*r) for r in rows]
+        return [Canary(u, n, column_time(at), w) for u, n, at, w in rows]
 
     def forget_canaries(self) -> None:
         with self._sql("write to"):
@@ -567,7 +641,7 @@ class Journal(StateDB):
 
     # -- failed attempts ---------------------------------------------------------------
 
-    def note_failure(self, *, uuid: str, name: str, at: str, action: str, error: str,
+    def note_failure(self, *, uuid: str, name: str, at: datetime, action: str, error: str,
                      definition_sha256: str) -> AttemptFailure:
         """Record a failed attempt; the count goes on while the definition is the same."""
         with self._sql("write to"):
@@ -580,10 +654,11 @@ class Journal(StateDB):
                 "THEN domain_failures.first_at ELSE excluded.first_at END, "
                 "name=excluded.name, at=excluded.at, action=excluded.action, error=excluded.error, "
                 "definition_sha256=excluded.definition_sha256",
-                (uuid, name, at, at, action, error, definition_sha256),
+                (uuid, name, column_text(at), column_text(at), action, error, definition_sha256),
             )
         failure = self.failure(uuid)
-        assert failure is not None
+        if failure is None:  # written above in this connection: only a damaged database does this
+            raise StateDirError(f"{self.path}: a failure just recorded for {uuid} cannot be read back")
         return failure
 
     def failure(self, uuid: str) -> AttemptFailure | None:
@@ -591,7 +666,11 @@ class Journal(StateDB):
             row = self._db.execute(
                 "SELECT uuid, name, first_at, at, action, error, count, definition_sha256 FROM domain_failures "
                 "WHERE uuid=?", (uuid,)).fetchone()
-        return AttemptFailure(*row) if row else None
+        if row is None:
+            return None
+        uuid, name, first_at, at, action, error, count, definition_sha256 = row
+        return AttemptFailure(uuid, name, column_time(first_at), column_time(at), action, error, count,
+                              definition_sha256)
 
     def failed_uuids(self) -> set[str]:
         with self._sql("read"):

@@ -309,11 +309,6 @@ def variables_of_bytes(data: bytes, name: str) -> dict[str, EfiVariable]:
     return _public(_parse(data, name).records)
 
 
-def read_variables(path: str, length: int | None = None) -> dict[str, EfiVariable]:
-    """Live variables of the varstore `path` (only its first `length` bytes if given)."""
-    return variables_of_bytes(_read(path, length), path)
-
-
 def migrate_variables(src_path: str, template_path: str, *, template_length: int | None = None) -> bytes:
     """A fresh copy of the template holding every variable of `src_path`, as bytes.
 

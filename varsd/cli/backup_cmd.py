@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 
 from varsd.adapters.libvirt_api import DomainRef, NoSuchDomain
-from varsd.cli.context import Context
+from varsd.cli.context import Context, add_domains_or_all
 from varsd.cli.output import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, add_json, emit_json, error
-from varsd.clock import SYSTEM
+from varsd.clock import SYSTEM, stamp
 from varsd.config import qemu_owner
 from varsd.engine.backups import BackupError, BackupStore, domain_targets, open_store
 from varsd.engine.offline_write import VarstoreWriter, WriteFailed, WriteRefused
@@ -57,9 +57,6 @@ def _diff_text(diff: list[VariableDiff]) -> str:
 
 
 def cmd_create(ctx: Context, args: argparse.Namespace) -> int:
-    if args.all == bool(args.domains):
-        error("give DOMAIN... or --all", prog="varsctl backup create")
-        return EXIT_USAGE
     refs = ctx.hv.list_domains() if args.all else [ctx.hv.lookup(d) for d in args.domains]
     targets, errors = domain_targets(ctx.hv, refs, ctx.cfg if args.all else None, load_configured(ctx.cfg))
     # An explicit request copies running guests too ("skip" is for the schedule).
@@ -134,7 +131,7 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     data = {"pruned": [dict(p.record.as_dict(), why=p.why) for p in plan.prune], "kept": len(plan.keep),
             "files_removed": len(removed), "dry_run": args.dry_run}
     verb = "would prune" if args.dry_run else "pruned"
-    lines = [f"{verb} #{p.record.id} {p.record.name} {p.record.taken}: {p.why}" for p in plan.prune]
+    lines = [f"{verb} #{p.record.id} {p.record.name} {stamp(p.record.taken)}: {p.why}" for p in plan.prune]
     lines.append(f"{verb} {len(plan.prune)} backup(s), kept {len(plan.keep)}, removed {len(removed)} file(s)")
     _print(args, {"result": data}, "\n".join(lines))
     return EXIT_OK
@@ -156,13 +153,13 @@ def cmd_restore(ctx: Context, args: argparse.Namespace) -> int:
         data["previous_backup"] = result.write.backup.as_dict() if result.write.backup else None
         data["changed"] = result.write.changed
     if args.dry_run:
-        text = f"{ref.name}: would restore backup #{b.id} ({b.taken}, {b.reason}) into {result.target.path}"
+        text = f"{ref.name}: would restore backup #{b.id} ({stamp(b.taken)}, {b.reason}) into {result.target.path}"
     elif not result.write.changed:
         text = f"{ref.name}: {result.target.path} already holds backup #{b.id}; nothing to do"
     else:
         prev = result.write.backup
-        text = (f"{ref.name}: restored backup #{b.id} ({b.taken}) into {result.target.path}; the previous content "
-                + (f"is backup #{prev.id}" if prev else "was missing"))
+        text = (f"{ref.name}: restored backup #{b.id} ({stamp(b.taken)}) into {result.target.path}; "
+                "the previous content " + (f"is backup #{prev.id}" if prev else "was missing"))
     _print(args, {"result": data}, text + "\n" + _diff_text(result.diff))
     return EXIT_OK
 
@@ -220,8 +217,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     bs = b.add_subparsers(dest="backup_command", required=True)
 
     c = bs.add_parser("create", help="back up domains' varstores now (unchanged ones are not stored again)")
-    c.add_argument("domains", nargs="*", metavar="DOMAIN", help="domain name or UUID")
-    c.add_argument("--all", action="store_true", help="every domain with a varstore file (except excluded ones)")
+    add_domains_or_all(c, domains_help="domain name or UUID",
+                       all_help="every domain with a varstore file (except excluded ones)")
     add_json(c)
     c.set_defaults(func=cmd_create)
 

@@ -36,6 +36,16 @@ def bounded_int(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def add_domains_or_all(p: argparse.ArgumentParser, *, domains_help: str, all_help: str) -> None:
+    """`DOMAIN...` or `--all`, exactly one, declared to argparse (usage error, exit 2).
+
+    `default=[]` is what makes it work: an empty `nargs='*'` positional then takes its
+    default object, which argparse does not count as given (with `None` it would)."""
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("domains", nargs="*", default=[], metavar="DOMAIN", help=domains_help)
+    which.add_argument("--all", action="store_true", help=all_help)
+
+
 class Context:
     """What every subcommand needs, opened lazily and closed once."""
 
@@ -54,7 +64,7 @@ class Context:
     @property
     def journal(self) -> Journal:
         if self._journal is None:
-            self._journal = Journal(self.cfg.journal_path, read_only=self.read_only)
+            self._journal = Journal(self.cfg.journal_path, read_only=self.read_only, readers=self.cfg.admin_group)
         return self._journal
 
     def reconciler(self) -> Reconciler:

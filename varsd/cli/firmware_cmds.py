@@ -20,12 +20,11 @@ import re
 import sys
 from dataclasses import replace
 
-from varsd.cli.context import MAX_LIMIT, Context, bounded_int
+from varsd.cli.context import MAX_LIMIT, Context, add_domains_or_all, bounded_int
 from varsd.cli.output import (
     ATTENTION,
     EXIT_ATTENTION,
     EXIT_OK,
-    EXIT_USAGE,
     Report,
     add_json,
     emit_json,
@@ -103,7 +102,7 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
               for b in catalog.builds]
     archived = [{"sha256": e.sha256, "path": e.path, "size": e.size, "ok": e.ok, "problem": e.problem,
                  "from": known[e.sha256].code_path if e.sha256 in known else None,
-                 "last_used": known[e.sha256].last_used if e.sha256 in known else None} for e in entries]
+                 "last_used": stamp(known[e.sha256].last_used) if e.sha256 in known else None} for e in entries]
     status = EXIT_OK if all(a["ok"] for a in archived) else EXIT_ATTENTION
     if args.json:
         emit_json({"catalog": builds, "archive": archived, "problems": [p.message for p in catalog.problems]})
@@ -127,7 +126,7 @@ def cmd_history(ctx: Context, args: argparse.Namespace) -> int:
         emit_json({"events": [e.__dict__ for e in events]})
         return EXIT_OK
     for e in events:
-        print(f"#{e.id}  {e.at}  {e.event:<8}  {e.sha256[:12]}  {e.code_path}")
+        print(f"#{e.id}  {stamp(e.at)}  {e.event:<8}  {e.sha256[:12]}  {e.code_path}")
     return EXIT_OK
 
 
@@ -225,7 +224,7 @@ def cmd_pin(ctx: Context, args: argparse.Namespace) -> int:
         # A catalog build is archived now, so the pin survives its upgrade.
         for build in rec.catalog.by_code_sha(sha)[:1]:
             rec.archive_build(build)
-        pinned = set_metadata(xml, admin_pin(md, sha, args.reason, stamp(rec.clock.now()), ref.name))
+        pinned = set_metadata(xml, admin_pin(md, sha, args.reason, rec.clock.now(), ref.name))
         new_facts, new_plan = rec.plan_xml(ref, pinned)
         if new_plan.status is not Status.PINNED:
             raise Refused(f"cannot pin domain '{ref.name}' to build {sha[:12]}: {new_plan.detail}")
@@ -300,9 +299,6 @@ def _approve_one(rec: Reconciler, ctx: Context, ref, named: bool, out: Report) -
 
 
 def cmd_approve(ctx: Context, args: argparse.Namespace) -> int:
-    if bool(args.domains) == bool(args.all):
-        error("name domains or give --all (not both)", prog="varsctl upgrade approve")
-        return EXIT_USAGE
     rec = ctx.reconciler()
     refs = ctx.refs(args.domains)
     out = Report("results", args.json)
@@ -380,8 +376,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser("upgrade", help="firmware upgrades held back by upgrade_policy = \"manual\"")
     upsub = up.add_subparsers(dest="upgrade_command", required=True, metavar="COMMAND")
     a = upsub.add_parser("approve", help="let the new central build through (applies at the next cold boot)")
-    # Not an argparse group: Python 3.11's counts an empty nargs='*' positional as given.
-    a.add_argument("domains", nargs="*", metavar="DOMAIN", help="these domains (name or UUID); or --all")
-    a.add_argument("--all", action="store_true", help="every domain with a held-back build")
+    add_domains_or_all(a, domains_help="these domains (name or UUID); or --all",
+                       all_help="every domain with a held-back build")
     add_json(a)
     a.set_defaults(func=_refusing(cmd_approve))

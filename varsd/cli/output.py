@@ -18,8 +18,10 @@ import argparse
 import json
 import sys
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
+from varsd.clock import stamp
 from varsd.domain.xml import redact_secrets
 from varsd.engine.reconciler import Outcome
 from varsd.model.domain import ATTENTION
@@ -50,7 +52,14 @@ def exit_for(outcomes: Iterable[Outcome]) -> Exit:
 
 def emit_json(doc: dict[str, Any]) -> None:
     """Print one JSON object (never a bare list: every shape has a named key)."""
-    print(json.dumps(doc, indent=2))
+    print(json.dumps(doc, indent=2, default=_json_value))
+
+
+def _json_value(value: object) -> object:
+    """JSON's edge for time: a datetime as the one text form (clock.stamp)."""
+    if isinstance(value, datetime):
+        return stamp(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def change_dict(change: Any) -> dict[str, Any]:

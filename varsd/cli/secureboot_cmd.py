@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from varsd.cli.context import Context
-from varsd.cli.output import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, add_json, emit_json, error, table
+from varsd.cli.context import MAX_LIMIT, Context, add_domains_or_all, bounded_int
+from varsd.cli.output import EXIT_ATTENTION, EXIT_OK, add_json, emit_json, table
 from varsd.engine.secureboot import Audit, Outcome, SecureBoot, UpdateResult
 from varsd.messages import line
 from varsd.model.secureboot import Ms2023State
@@ -73,12 +73,6 @@ def _print_results(results: list[UpdateResult]) -> None:
 
 
 def cmd_update(ctx: Context, args: argparse.Namespace) -> int:
-    if bool(args.domains) == bool(args.all):
-        error("secureboot update: name domains or give --all, not both")
-        return EXIT_USAGE
-    if args.canary is not None and args.canary < 1:
-        error("secureboot update: --canary N needs N >= 1")
-        return EXIT_USAGE
     sb = engine(ctx)
     refs = ctx.refs(args.domains)
     if args.all:
@@ -107,9 +101,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_status, read_only=True)
 
     u = ssub.add_parser("update", help="add the Microsoft 2023 KEK/db certificates (backup first)")
-    u.add_argument("domains", nargs="*", metavar="DOMAIN", help="domains to update (or --all)")
-    u.add_argument("--all", action="store_true", help="every domain whose store is update-available")
-    u.add_argument("--canary", type=int, metavar="N", help="update N domains only; run again once they booted")
+    add_domains_or_all(u, domains_help="domains to update (or --all)",
+                       all_help="every domain whose store is update-available")
+    u.add_argument("--canary", type=bounded_int(1, MAX_LIMIT), metavar="N",
+                   help="update N domains only; run again once they booted")
     u.add_argument("--tpm-ack", action="store_true",
                    help="update guests with a vTPM too (PCR7 changes: BitLocker/LUKS recovery)")
     u.add_argument("--dry-run", action="store_true", help="say what would be done; change nothing")

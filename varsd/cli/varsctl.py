@@ -27,6 +27,7 @@ from varsd.cli.output import (
     exit_for,
     outcome_table,
 )
+from varsd.clock import stamp
 from varsd.config import load_config
 from varsd.domain.xml import parse_domain, set_metadata
 from varsd.engine.backups import backup_status, domain_targets, open_store
@@ -82,7 +83,7 @@ def cmd_journal(ctx: Context, args: argparse.Namespace) -> int:
         emit_json({"changes": [change_dict(c) for c in changes]})
         return EXIT_OK
     for c in changes:
-        print(f"#{c.id}  {c.at}  {c.name}  {c.actor}  {c.outcome}  {c.reason}")
+        print(f"#{c.id}  {stamp(c.at)}  {c.name}  {c.actor}  {c.outcome}  {c.reason}")
     return EXIT_OK
 
 

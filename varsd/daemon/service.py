@@ -97,7 +97,7 @@ class Service:
         self.notify = notify
         self.queue = WorkQueue()
         self.inspector = FileInspector()
-        self.journal = Journal(cfg.journal_path)
+        self.journal = Journal(cfg.journal_path, readers=cfg.admin_group)
         self.backups = open_store(cfg)
         self.owner = qemu_owner(cfg)
         self.archive = Archive(cfg.archive_dir, state_dir=cfg.state_dir)
@@ -462,8 +462,12 @@ class Service:
                 return
             self._busy.pop(key, None)
             if outcome.retry:
+                first = key not in self._retries
                 delay = self._retry_delay(key)
-                log.warning("domain '%s': will look again in %.0f s", ref.name, delay)
+                # once when the trouble starts (the outcome's own message is logged by _report);
+                # every later retry only at debug level
+                log.log(logging.WARNING if first else logging.DEBUG, "%s",
+                        about_domain(ref.name, f"will look again in {delay:.0f} s", ref.uuid))
                 self.queue.put_later(key, delay)
             else:
                 self._retries.pop(key, None)
@@ -471,7 +475,7 @@ class Service:
         except HypervisorError as exc:
             action = decide(exc, alive=not exc.retryable or hv.is_alive(), settings=self.retry).action
             if action is Action.RECONNECT:
-                log.warning("%s: %s; reconnecting", self._names.get(key, key), exc)
+                log.warning("%s; reconnecting", about_domain(self._names.get(key, key), exc, key))
                 self._disconnected.set()  # the reconnect re-lists and queues everything
             elif action is Action.RETRY:
                 self.queue.put_later(key, self._retry_delay(key))
@@ -502,7 +506,7 @@ class Service:
             log.error("%s", about_domain(ref.name, f"queued Secure Boot update failed: {for_row(ref.name, exc)}"))
             return
         if result is not None:
-            log.info("domain '%s': secureboot %s: %s", ref.name, result.outcome.value, result.detail)
+            log.info("%s", about_domain(ref.name, f"secureboot {result.outcome.value}: {result.detail}", ref.uuid))
 
     def export_metrics(self) -> None:
         """Publish a metrics snapshot (scheduler thread); never raises."""
@@ -541,8 +545,9 @@ class Service:
         problem, before = outcome.problem, self._reported.get(ref.uuid)
         if outcome.cleared is not None:
             done = outcome.done[-1] if outcome.done else "the attempt"
+            since = stamp(outcome.cleared.first_at)
             log.info("%s", about_domain(ref.name, f"{done} succeeded; the failure seen {outcome.cleared.count} "
-                                                  f"time(s) since {outcome.cleared.first_at} is cleared", ref.uuid))
+                                                  f"time(s) since {since} is cleared", ref.uuid))
         elif before is not None and problem is None:
             log.info("%s", about_domain(ref.name, f"{outcome.status.value} now; cleared: {before[1]}", ref.uuid))
         if problem is not None and problem != before:
@@ -573,9 +578,9 @@ class Service:
             varstore = None
         name = self._names.pop(uuid, uuid)
         try:
-            rec = self.journal.close_record(uuid, stamp(self.clock.now()), varstore)
+            rec = self.journal.close_record(uuid, self.clock.now(), varstore)
         except VarsdError as exc:
-            log.error("domain '%s': undefined, but its record could not be closed: %s", name, exc)
+            log.error("%s", about_domain(name, f"undefined, but its record could not be closed: {exc}", uuid))
             return
         kept = (rec.varstore if rec else None) or varstore
         log.info("domain '%s' was undefined; record closed%s", name,

@@ -219,16 +219,14 @@ def _parse(args: list[str], xml_loader: str | None) -> CmdlineFirmware:
     secure = False
     drive_ids: set[str] = set()
     for i, name, value in opts:
-        if name in _VALUED and value is None:
+        if value is None:  # every option below takes a value (_VALUED); a bare one changes nothing here
             if name in ("bios", "pflash", "drive", "blockdev"):
                 raise _NotUnderstood(f"-{name} without a value")
             continue
         if name == "bios":
-            assert value is not None
             bios.append(value)
             remove |= _span(i, name, args)
         elif name in ("pflash", "drive"):
-            assert value is not None
             items = [("if", "pflash"), ("file", value)] if name == "pflash" else split_options(value)
             props = dict(items)
             if props.get("if") != "pflash":
@@ -263,13 +261,11 @@ def _parse(args: list[str], xml_loader: str | None) -> CmdlineFirmware:
             units[unit] = (path, ro, f"-{name}")
             remove |= _span(i, name, args)
         elif name == "blockdev":
-            assert value is not None
             props_b = _blockdev(value)
             node_name = props_b.get("node-name")
             if isinstance(node_name, str):
                 nodes[node_name] = _Node(i, props_b)
         elif name in ("machine", "M"):
-            assert value is not None
             items = split_options(value)
             flash = [(k, v) for k, v in items if k in ("pflash0", "pflash1")]
             if not flash:
@@ -284,13 +280,12 @@ def _parse(args: list[str], xml_loader: str | None) -> CmdlineFirmware:
             else:
                 remove |= _span(i, name, args)
         elif name == "global":
-            assert value is not None
             if _is_pflash_secure(value):
                 secure = True
                 remove |= _span(i, name, args)
             elif "cfi.pflash01" in value:
                 raise _NotUnderstood(f"-global {value!r}: a pflash property varsd does not manage")
-        elif name == "device" and value is not None and "cfi.pflash01" in value:
+        elif name == "device" and "cfi.pflash01" in value:
             raise _NotUnderstood(f"-device {value!r}: a flash device varsd does not manage")
     # Nodes used by the machine's flash properties.
     if machine_flash:

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from lxml import etree
 
+from varsd.clock import parse_stamp, stamp
 from varsd.domain.cmdline import CmdlineFirmware, parse_cmdline_firmware
 from varsd.errors import DomainXMLError
 from varsd.model.domain import DomainFirmware, VarsdMetadata
@@ -143,13 +145,29 @@ def parse_metadata(el: etree._Element | None) -> VarsdMetadata:
         template_path=attr("varstore", "template"),
         template_sha256=attr("varstore", "template-sha256"),
         varstore_source=attr("varstore", "source"),
-        provisioned_at=attr("varstore", "created"),
+        provisioned_at=_time(attr("varstore", "created")),
         pinned_sha256=attr("pin", "sha256"),
         pin_by=attr("pin", "by"),
         pin_reason=attr("pin", "reason"),
-        pinned_at=attr("pin", "at"),
+        pinned_at=_time(attr("pin", "at")),
         booted_sha256=attr("booted", "sha256"),
     )
+
+
+def _time(text: str | None) -> datetime | None:
+    """A metadata time: varsd's own stamp, or any ISO 8601 time an admin or older tool wrote
+    (no zone: UTC). Anything else reads as unknown, which only loses the text of a time."""
+    if not text:
+        return None
+    try:
+        return parse_stamp(text)
+    except ValueError:
+        pass
+    try:
+        t = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def parse_metadata_fragment(fragment: str | None) -> VarsdMetadata:
@@ -375,10 +393,11 @@ def metadata_element(md: VarsdMetadata) -> etree._Element:
         template=md.template_path,
         template_sha256=md.template_sha256,
         source=md.varstore_source,
-        created=md.provisioned_at,
+        created=stamp(md.provisioned_at) if md.provisioned_at else None,
     )
     if md.pinned_sha256:
-        child("pin", sha256=md.pinned_sha256, by=md.pin_by, reason=md.pin_reason, at=md.pinned_at)
+        at = stamp(md.pinned_at) if md.pinned_at else None
+        child("pin", sha256=md.pinned_sha256, by=md.pin_by, reason=md.pin_reason, at=at)
     child("booted", sha256=md.booted_sha256)
     return el
 

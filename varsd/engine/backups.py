@@ -38,6 +38,7 @@ from varsd.clock import SYSTEM, Clock, stamp
 from varsd.config import Config
 from varsd.domain.xml import parse_domain
 from varsd.errors import VarsdError, VarstoreError
+from varsd.messages import about_domain
 from varsd.model.backup import BackupRecord, BackupRunning, SeenVarstore
 from varsd.model.firmware import Catalog, VarstoreLayout
 
@@ -146,7 +147,8 @@ class PassResult:
 def open_store(cfg: Config, *, clock: Clock = SYSTEM, read_only: bool = False) -> BackupStore:
     """The host's backup store (`<state_dir>/backups`, index in the state database);
     `read_only` for commands that only look (status, list, diff): nothing is created."""
-    return BackupStore(cfg.backup_dir, BackupIndex(cfg.journal_path, read_only=read_only), clock=clock)
+    index = BackupIndex(cfg.journal_path, read_only=read_only, readers=cfg.admin_group)
+    return BackupStore(cfg.backup_dir, index, clock=clock)
 
 
 class BackupStore:
@@ -238,7 +240,7 @@ class BackupStore:
         """Store bytes already read and index them; `st` (the stat before the read) lets the
         next pass skip an unchanged file."""
         sha = self.put(data)
-        at = stamp(self.clock.now())
+        at = self.clock.now()
         record = self.index.add(uuid=uuid, name=name, taken=at, sha256=sha, size=len(data), reason=reason,
                                 source=source)
         if st is not None:
@@ -265,7 +267,7 @@ class BackupStore:
         except OSError:
             return
         self.index.note_seen(SeenVarstore(uuid=uuid, path=path, stat_key=stat_key(st),
-                                          sha256=fsio.sha256_bytes(data), at=stamp(self.clock.now())))
+                                          sha256=fsio.sha256_bytes(data), at=self.clock.now()))
 
     # -- a pass ---------------------------------------------------------------------------
 
@@ -315,7 +317,7 @@ class BackupStore:
             sha = fsio.sha256_bytes(data)
             latest = self.index.latest(t.uuid)  # again: another pass (a stop, the schedule) may have just stored it
             if latest is not None and latest.sha256 == sha:
-                self.index.note_seen(SeenVarstore(t.uuid, t.path, key, sha, stamp(self.clock.now())))
+                self.index.note_seen(SeenVarstore(t.uuid, t.path, key, sha, self.clock.now()))
                 return PassResult(t, unchanged=True, read=True, paused_ms=paused)
             # `st` is from before the read: if the file changed since, the next pass reads again.
             record = self.add(uuid=t.uuid, name=t.name, data=data, reason=reason, source=t.path, st=st)
@@ -340,7 +342,7 @@ class BackupStore:
             try:
                 hv.resume(t.uuid)
             except VarsdError as exc:
-                log.error("domain '%s': could not resume after the backup copy: %s", t.name, exc)
+                log.error("%s", about_domain(t.name, f"could not resume after the backup copy: {exc}", t.uuid))
                 raise
         return data, paused
 
@@ -405,7 +407,7 @@ def backup_status(store: BackupStore, targets: Iterable[Target]) -> dict[str, di
     out: dict[str, dict] = {}
     for t in targets:
         newest = latest.get(t.uuid)
-        entry: dict = {"newest": newest.taken if newest else None, "sha256": newest.sha256 if newest else None,
+        entry: dict = {"newest": stamp(newest.taken) if newest else None, "sha256": newest.sha256 if newest else None,
                        "id": newest.id if newest else None, "never_backed_up": newest is None}
         current = None
         try:
@@ -421,6 +423,7 @@ def backup_status(store: BackupStore, targets: Iterable[Target]) -> dict[str, di
         entry["current_in_backup"] = bool(current and store.index.has_digest(t.uuid, current))
         ev = events.get(t.uuid)
         if ev is not None:
-            entry["last_event"] = {"at": ev.at, "event": ev.event, "detail": ev.detail, "backup_id": ev.backup_id}
+            entry["last_event"] = {"at": stamp(ev.at), "event": ev.event, "detail": ev.detail,
+                                   "backup_id": ev.backup_id}
         out[t.uuid] = entry
     return out

@@ -34,7 +34,7 @@ from datetime import datetime, timedelta
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
-from varsd.clock import SYSTEM, Clock, parse_stamp, stamp
+from varsd.clock import SYSTEM, Clock, stamp
 from varsd.config import Config
 from varsd.domain.classify import firmware_image_path
 from varsd.engine.boots import record_boot
@@ -118,7 +118,7 @@ class SyncReport:
         }
 
 
-def _archive_catalog(archive: Archive, journal: Journal, catalog: Catalog, at: str) -> tuple[list[str], list[str]]:
+def _archive_catalog(archive: Archive, journal: Journal, catalog: Catalog, at: datetime) -> tuple[list[str], list[str]]:
     archived, problems = [], []
     done: set[str] = set()
     for build in catalog.builds:
@@ -141,7 +141,7 @@ def _archive_catalog(archive: Archive, journal: Journal, catalog: Catalog, at: s
 
 
 def _record_changes(
-    journal: Journal, inspector: FileInspector, current: dict[str, str], at: str, watch_known: bool = True
+    journal: Journal, inspector: FileInspector, current: dict[str, str], at: datetime, watch_known: bool = True
 ) -> list[FirmwareChange]:
     """Compare `current` (path -> digest) and, with `watch_known`, every path seen before."""
     known = journal.firmware_state()
@@ -184,7 +184,7 @@ def refresh(
     catalog = catalog if catalog is not None else load_configured(cfg)
     inspector = inspector or FileInspector()
     problems = [p.message for p in catalog.problems]
-    at = stamp(clock.now())
+    at = clock.now()
     with host_lock(cfg.firmware_lock_path, doing="firmware sync"):
         try:
             archive.prepare()
@@ -227,13 +227,6 @@ def watch_signature(cfg: Config, catalog: Catalog, watched: Iterable[str] = ()) 
     paths |= set(watched)
     parts += [key(p) for p in sorted(paths)]
     return tuple(parts)
-
-
-def _parse_at(at: str) -> datetime | None:
-    try:
-        return parse_stamp(at)
-    except ValueError:
-        return None
 
 
 def _in_use(rec: Reconciler, ref: DomainRef) -> tuple[set[str], dict[str, str]]:
@@ -319,7 +312,7 @@ def sync(
         used |= shas
         images.update(imgs)
     archived, pruned = [], []
-    at = stamp(clock.now())
+    at = clock.now()
     try:
         with host_lock(cfg.firmware_lock_path, doing="firmware sync"):
             for path, sha in sorted(images.items()):
@@ -333,10 +326,9 @@ def sync(
                     archived.append(f"{sha} {path}")
             _record_changes(journal, inspector, images, at, watch_known=False)
             journal.touch_archived(used, at)
-            now = _parse_at(at)
-            if complete and now is not None:
-                last_used = {s: t for s, b in journal.archived_builds().items() if (t := _parse_at(b.last_used))}
-                pruned = archive.prune(used, last_used, now, timedelta(days=cfg.archive_retention_days))
+            if complete:
+                last_used = {s: b.last_used for s, b in journal.archived_builds().items()}
+                pruned = archive.prune(used, last_used, at, timedelta(days=cfg.archive_retention_days))
                 if pruned:
                     journal.forget_archived(pruned)
                     for sha in pruned:
@@ -361,14 +353,11 @@ def prune_daemon(
             return []
         except VarsdError:
             return []
-    at = stamp(clock.now())
-    now = _parse_at(at)
-    if now is None:
-        return []
+    at = clock.now()
     with host_lock(rec.cfg.firmware_lock_path, doing="firmware sync"):
         journal.touch_archived(used, at)
-        last_used = {s: t for s, b in journal.archived_builds().items() if (t := _parse_at(b.last_used))}
-        pruned = rec.archive.prune(used, last_used, now, timedelta(days=rec.cfg.archive_retention_days))
+        last_used = {s: b.last_used for s, b in journal.archived_builds().items()}
+        pruned = rec.archive.prune(used, last_used, at, timedelta(days=rec.cfg.archive_retention_days))
         if pruned:
             journal.forget_archived(pruned)
     return pruned

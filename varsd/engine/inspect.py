@@ -41,6 +41,9 @@ class FileInspector:
     def _read(self, path: str, size: int, digest: bool) -> FileFacts:
         if size > fsio.DEFAULT_MAX_READ:  # no firmware file is this large: refused unread
             return FileFacts(path=path, exists=True, size=size, error=fsio.too_big(path, size))
+        if not os.access(path, os.R_OK):
+            return FileFacts(path=path, exists=True, size=size, realpath=os.path.realpath(path), unreadable=True,
+                             error="this user may not read it")
         try:
             layout = virtfw.read_layout(path)  # reads the varstore volume only
             error = None

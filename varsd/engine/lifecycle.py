@@ -23,6 +23,7 @@ import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
@@ -95,8 +96,8 @@ class Lifecycle:
     def hv(self) -> Hypervisor:
         return self.rec.hv
 
-    def now(self) -> str:
-        return stamp(self.rec.clock.now())
+    def now(self) -> datetime:
+        return self.rec.clock.now()
 
     # -- backups at stop and in passes ---------------------------------------------------
 
@@ -207,8 +208,8 @@ class Lifecycle:
             now = read_coherent(seen.path)
             old = self.store.load(previous)
         except VarsdError as exc:
-            log.warning("domain '%s': its varstore was replaced at this start, but cannot be compared: %s",
-                        ref.name, exc)
+            log.warning("%s", about_domain(
+                ref.name, f"its varstore was replaced at this start, but cannot be compared: {exc}", ref.uuid))
             return None
         cur_vars = virtfw.variables_of_bytes(now, seen.path)
         old_vars = virtfw.variables_of_bytes(old, f"backup #{previous.id}")
@@ -224,7 +225,7 @@ class Lifecycle:
         shown = ", ".join(lost[:8]) + (f" and {len(lost) - 8} more" if len(lost) > 8 else "")
         detail = (f"varstore {seen.path} was {what} at this start (virsh start --reset-nvram?)"
                   + (f"; lost {len(lost)} variable(s): {shown}" if lost else "")
-                  + f". The previous variables are in backup #{previous.id} ({previous.taken}): shut the guest "
+                  + f". The previous variables are in backup #{previous.id} ({stamp(previous.taken)}): shut the guest "
                   f"down and run 'varsctl backup restore {ref.name} --id {previous.id}' to get them back")
         event = self.store.index.record_event(at=self.now(), uuid=ref.uuid, name=ref.name,
                                               event="reset-to-template" if is_template else "replaced",
@@ -232,7 +233,7 @@ class Lifecycle:
         # Not the content varsd last saw any more: remember the new file, so this is reported once.
         self.store.index.note_seen(SeenVarstore(ref.uuid, seen.path, stat_key(st), fsio.sha256_bytes(now),
                                                 self.now()))
-        log.warning("domain '%s': %s", ref.name, detail)
+        log.warning("%s", about_domain(ref.name, detail, ref.uuid))
         return event
 
 

@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.libvirt_api import DomainRef
+from varsd.clock import stamp
 from varsd.engine.reconciler import Outcome, Reconciler
 from varsd.engine.secureboot import Audit, SecureBoot, for_reconciler
 from varsd.errors import VarsdError
@@ -203,7 +204,7 @@ def take_snapshot(rec: Reconciler, refs: Sequence[DomainRef] | None = None, *,
     try:
         latest = sb.writer.store.index.latest_all()
         backups: list[BackupFigure] | None = [
-            BackupFigure(a.name, a.uuid or "", latest[a.uuid].taken if a.uuid in latest else None)
+            BackupFigure(a.name, a.uuid or "", stamp(latest[a.uuid].taken) if a.uuid in latest else None)
             for a in audits if a.varstore]  # domains with a varstore file: the ones a backup can cover
     except VarsdError as exc:
         log.warning("metrics: backup index: %s", exc)

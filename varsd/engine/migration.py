@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from varsd.adapters import fsio, virtfw
-from varsd.clock import SYSTEM, Clock, stamp
+from varsd.clock import SYSTEM, Clock
 from varsd.config import Config
 from varsd.domain.classify import classify, firmware_image_path
 from varsd.domain.xml import parse_domain
@@ -182,7 +182,7 @@ class Migrator:
         """The migration `migrate` would carry out now (no lock, nothing written)."""
         facts, _, _ = self._facts(ref)
         return plan_migration(facts, self.rec.catalog, to=to, nvram_dir=self.cfg.nvram_dir,
-                              now=stamp(self.clock.now()))
+                              now=self.clock.now())
 
     def migrate(self, ref: DomainRef, *, to: str | None = None) -> MigrationResult:
         """Migrate one shut-off domain (module steps), under its lock."""
@@ -190,7 +190,7 @@ class Migrator:
                 InHand(self.cfg.offline_dir, ref.uuid, op="migrate", wait=self.cfg.start_wait) as hand:
             now = self.clock.now()
             facts, old_bytes, old_vars = self._facts(ref)
-            plan = plan_migration(facts, self.rec.catalog, to=to, nvram_dir=self.cfg.nvram_dir, now=stamp(now))
+            plan = plan_migration(facts, self.rec.catalog, to=to, nvram_dir=self.cfg.nvram_dir, now=now)
             return self._carry_out(tx, facts, plan, old_bytes, old_vars, now, hand)
 
     def _carry_out(
@@ -216,7 +216,7 @@ class Migrator:
             raise MigrationFailed(f"domain '{name}': cannot back up the varstore: {exc}; nothing was changed") from None
         backup = self.store.object_path(record.sha256)
         index = self.store.index
-        write_id = index.record_write(at=stamp(now), uuid=plan.uuid, name=name, op="migrate", path=plan.varstore,
+        write_id = index.record_write(at=now, uuid=plan.uuid, name=name, op="migrate", path=plan.varstore,
                                       before_sha256=record.sha256 if plan.in_place else None,
                                       after_sha256=fsio.sha256_bytes(new_bytes), backup_id=record.id)
 

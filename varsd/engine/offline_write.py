@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
-from varsd.clock import SYSTEM, Clock, stamp
+from varsd.clock import SYSTEM, Clock
 from varsd.config import Config, qemu_owner
 from varsd.domain.xml import parse_domain
 from varsd.engine.backups import BackupStore, open_store, read_offline
@@ -224,7 +224,7 @@ class VarstoreWriter:
         if new == old:
             return WriteResult(ref.uuid, name, op, path, backup, before_sha, after_sha, False, None)
         index = self.store.index
-        write_id = index.record_write(at=stamp(self.clock.now()), uuid=ref.uuid, name=name, op=op, path=path,
+        write_id = index.record_write(at=self.clock.now(), uuid=ref.uuid, name=name, op=op, path=path,
                                       before_sha256=before_sha, after_sha256=after_sha,
                                       backup_id=backup.id if backup else None)
         if on_stage:

@@ -24,7 +24,7 @@ from itertools import islice
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
-from varsd.clock import SYSTEM, Clock, stamp
+from varsd.clock import SYSTEM, Clock
 from varsd.config import Config
 from varsd.domain.classify import firmware_image_path
 from varsd.domain.xml import firmware_signature, parse_domain
@@ -278,7 +278,7 @@ class Reconciler:
         try:
             with host_lock(self.cfg.firmware_lock_path):
                 stored = self.archive.store_file(build.code_path, expect_sha256=sha)
-                at = stamp(self.clock.now())
+                at = self.clock.now()
                 self.journal.note_archived(sha256=sha, code_path=build.code_path, size=stored.entry.size,
                                            at=at, layout=build.layout, features=build.features)
                 # The first sight of a build is history too, so a later sync reports a change
@@ -319,7 +319,7 @@ class Reconciler:
         ):
             return memo.facts, memo.plan
         facts = self.facts(xml, live_xml, excluded=excluded, persistent=ref.persistent)
-        plan = plan_repair(facts, self.catalog, self.cfg.nvram_dir, stamp(self.clock.now()), upgrades)
+        plan = plan_repair(facts, self.catalog, self.cfg.nvram_dir, self.clock.now(), upgrades)
         if plan.actions or facts.sharing is not None:  # a sharer's plan follows the others' state
             self._memo.pop(ref.uuid, None)
         else:
@@ -366,7 +366,7 @@ class Reconciler:
         wants and the daemon has nothing left to change. Never memoised."""
         live_xml = self.hv.live_xml(ref.uuid) if ref.active else None
         facts = self.facts(xml, live_xml, excluded=self.cfg.is_excluded(ref.name, ref.uuid), persistent=ref.persistent)
-        return facts, plan_repair(facts, self.catalog, self.cfg.nvram_dir, stamp(self.clock.now()),
+        return facts, plan_repair(facts, self.catalog, self.cfg.nvram_dir, self.clock.now(),
                                   self.upgrade_context(policy=policy))
 
     def forget(self, uuid: str) -> str | None:
@@ -398,7 +398,7 @@ class Reconciler:
                 return outcome
             # The daemon: another actor is on it (or its holder froze); the retry policy
             # (Purpose.LOCK) says when to look again. Not an error.
-            log.info("domain '%s': %s; will look again", ref.name, exc)
+            log.info("%s", about_domain(ref.name, f"{exc}; will look again", ref.uuid))
             return replace(_error(ref, exc, retry=True), busy=True)
         except HypervisorError as exc:
             action = decide(exc, alive=not exc.retryable or self.hv.is_alive(), settings=self.retry).action
@@ -464,7 +464,7 @@ class Reconciler:
             if verdict is Action.RECONNECT:
                 raise  # the connection is gone: the caller reconnects and looks again
             failure = self.journal.note_failure(
-                uuid=ref.uuid, name=ref.name, at=stamp(self.clock.now()), action=attempt[-1] if attempt else "plan",
+                uuid=ref.uuid, name=ref.name, at=self.clock.now(), action=attempt[-1] if attempt else "plan",
                 error=str(exc), definition_sha256=_definition_sha(facts.xml))
             self._failed_uuids().add(ref.uuid)
             return replace(_outcome(ref, facts, plan, ()), failure=failure, retry=verdict is Action.RETRY)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.libvirt_api import DomainRef
+from varsd.clock import stamp
 from varsd.domain.xml import parse_domain
 from varsd.engine.backups import BackupError, BackupStore, read_offline
 from varsd.engine.offline_write import VarstoreWriter, WriteRefused, WriteResult
@@ -217,7 +218,7 @@ class Restorer:
             first = found[-1]
         a = self.store.load(first)
         if second is not None:
-            b, label = self.store.load(second), f"backup #{second.id} ({second.taken})"
+            b, label = self.store.load(second), f"backup #{second.id} ({stamp(second.taken)})"
         else:
             if ref is None:
                 raise BackupError("comparing with the current varstore needs the domain")
@@ -225,7 +226,7 @@ class Restorer:
             b, label = _current(path), f"now ({path})"
             if b is None:
                 raise BackupError(f"{path}: no varstore file now (virsh undefine --nvram?); restore a backup first")
-        return (f"backup #{first.id} ({first.taken})", label,
+        return (f"backup #{first.id} ({stamp(first.taken)})", label,
                 diff_variables(variables(a, "backup"), variables(b, label), describe))
 
 

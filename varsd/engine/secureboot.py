@@ -22,16 +22,17 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from varsd.adapters import fsio, virtfw
+from varsd.adapters.filecache import ContentCache, stat_key
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
-from varsd.clock import Clock, stamp
+from varsd.clock import Clock
 from varsd.domain.classify import classify, firmware_image_path
 from varsd.domain.xml import parse_domain
 from varsd.engine.offline_write import VarstoreWriter
 from varsd.engine.reconciler import Reconciler
 from varsd.errors import VarsdError, VarstoreError
 from varsd.firmware.secureboot import judge
-from varsd.messages import for_row
+from varsd.messages import about_domain, for_row
 from varsd.model.domain import DomainFirmware, DomainRef, FileFacts, FirmwareConfig
 from varsd.model.firmware import Build, Catalog, MappingMode
 from varsd.model.secureboot import Judgement, Ms2023State, Pcr7, SecureBootVars, ShippedCert
@@ -58,26 +59,29 @@ class KeyReader:
     MAX_DIGESTS = 4096
 
     def __init__(self) -> None:
-        self._by_stat: dict[str, tuple[tuple, str]] = {}
+        self._by_stat: ContentCache[str] = ContentCache()  # path -> digest, while its stat key holds
         # digest -> (keys, error, the path the error names)
         self._by_digest: dict[str, tuple[SecureBootVars | None, str | None, str]] = {}
         self.parses = 0  # distinct contents parsed (the benchmark and tests read it)
 
     def read(self, path: str, *, follow_symlinks: bool = False) -> StoreKeys:
         try:
-            st = os.stat(path, follow_symlinks=follow_symlinks)
-            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            key = stat_key(os.stat(path, follow_symlinks=follow_symlinks))
         except OSError as exc:
             return StoreKeys(path, None, None, f"{path}: {fsio.describe_oserror(exc)}")
-        hit = self._by_stat.get(path)
-        if hit is not None and hit[0] == key and hit[1] in self._by_digest:
-            return self._keys(path, hit[1])
+        read: list[bytes] = []
+
+        def digest() -> str:
+            read.append(fsio.read_file(path, follow_symlinks=follow_symlinks))
+            return hashlib.sha256(read[0]).hexdigest()
+
         try:
-            data = fsio.read_file(path, follow_symlinks=follow_symlinks)
+            sha = self._by_stat.get((path, follow_symlinks), key, digest)
+            if sha in self._by_digest:
+                return self._keys(path, sha)
+            data = read[0] if read else fsio.read_file(path, follow_symlinks=follow_symlinks)
         except fsio.ReadError as exc:
             return StoreKeys(path, None, None, str(exc))
-        sha = hashlib.sha256(data).hexdigest()
-        self._by_stat[path] = (key, sha)
         return self.of_bytes(data, path, sha)
 
     def of_bytes(self, data: bytes, path: str, sha: str | None = None) -> StoreKeys:
@@ -86,7 +90,7 @@ class KeyReader:
             if len(self._by_digest) >= self.MAX_DIGESTS:
                 # A long-running daemon sees a new digest at every boot (OVMF rewrites the store):
                 # keep what some path still has, drop the rest.
-                live = {d for _, d in self._by_stat.values()}
+                live = set(self._by_stat.values())
                 self._by_digest = {d: v for d, v in self._by_digest.items() if d in live}
             self.parses += 1
             try:
@@ -373,7 +377,8 @@ class SecureBoot:
             # Everything the installed virt-firmware ships is there (24.11 has no Option ROM CA):
             # nothing to do here, said plainly, and not a failure of every later --all run.
             return self._result(ref, Outcome.UNCHANGED, verdict.why)
-        assert audit.varstore is not None
+        if audit.varstore is None:  # an update is judged available only from a store that was read
+            return self._result(ref, Outcome.REFUSED, "no varstore file to update")
         try:
             old = fsio.read_file(audit.varstore, follow_symlinks=False)
             new = virtfw.with_certificates(old, audit.varstore, verdict.addable)
@@ -388,10 +393,10 @@ class SecureBoot:
             if dry_run:
                 return self._result(ref, Outcome.WOULD_QUEUE, "running: would queue the update for after it stops"
                                     + note, added=added, pcr7=pcr7, tpm=bool(fw.tpm))
-            self.journal.queue_secureboot(uuid=ref.uuid, name=ref.name, at=stamp(self.clock.now()), actor=self.actor,
+            self.journal.queue_secureboot(uuid=ref.uuid, name=ref.name, at=self.clock.now(), actor=self.actor,
                                           tpm_ack=tpm_ack, canary=canary)
             if canary:
-                self.journal.note_canary(uuid=ref.uuid, name=ref.name, at=stamp(self.clock.now()), written_sha256=None)
+                self.journal.note_canary(uuid=ref.uuid, name=ref.name, at=self.clock.now(), written_sha256=None)
             return self._result(ref, Outcome.QUEUED, "running: update-queued; applied after the guest stops, before "
                                 "its next start" + note, added=added, pcr7=pcr7, tpm=bool(fw.tpm))
         if dry_run:
@@ -399,7 +404,7 @@ class SecureBoot:
                                 added=added, pcr7=pcr7, tpm=bool(fw.tpm))
         backup, written = self._write(ref, audit.varstore, fw)
         if canary:
-            self.journal.note_canary(uuid=ref.uuid, name=ref.name, at=stamp(self.clock.now()), written_sha256=written)
+            self.journal.note_canary(uuid=ref.uuid, name=ref.name, at=self.clock.now(), written_sha256=written)
         return self._result(ref, Outcome.UPDATED, "added " + ", ".join(added) + f" (backup {backup})" + note,
                             added=added, backup=backup, pcr7=pcr7, tpm=bool(fw.tpm))
 
@@ -450,12 +455,14 @@ class SecureBoot:
             self.journal.unqueue_secureboot(ref.uuid)
             why = "it has a vTPM and the update was queued without --tpm-ack" if fw.tpm and not queued.tpm_ack \
                 else audit.judgement.why
-            log.warning("domain '%s': queued Secure Boot update dropped: %s", ref.name, why)
+            log.warning("%s", about_domain(ref.name, f"queued Secure Boot update dropped: {why}", ref.uuid))
             return self._result(ref, Outcome.REFUSED, f"queued update dropped: {why}")
-        assert audit.varstore is not None
+        if audit.varstore is None:  # as in _update_one: cannot happen with an update available
+            self.journal.unqueue_secureboot(ref.uuid)
+            return self._result(ref, Outcome.REFUSED, "queued update dropped: no varstore file to update")
         backup, written = self._write(ref, audit.varstore, fw)
         if queued.canary:
-            self.journal.note_canary(uuid=ref.uuid, name=ref.name, at=stamp(self.clock.now()), written_sha256=written)
+            self.journal.note_canary(uuid=ref.uuid, name=ref.name, at=self.clock.now(), written_sha256=written)
         return self._result(ref, Outcome.UPDATED, f"applied the queued update (backup {backup})", backup=backup)
 
 

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
-from varsd.clock import Clock, stamp
+from varsd.clock import Clock
 from varsd.domain.xml import firmware_formats, parse_domain, with_raw_formats
 from varsd.engine.lock import host_lock
 from varsd.errors import HypervisorError, VarsdError
@@ -118,7 +118,7 @@ class Writer:
         # explicit format='raw' (and templateFormat) where the connected libvirt has them
         new_xml = with_raw_formats(new_xml, firmware_formats(self.hv.lib_version()))
         change = self.journal.record(
-            at=stamp(self.clock.now()), uuid=ref.uuid, name=ref.name, actor=self.actor, reason=reason,
+            at=self.clock.now(), uuid=ref.uuid, name=ref.name, actor=self.actor, reason=reason,
             old_xml=planned_from, new_xml=new_xml, kind=kind,
         )
         try:

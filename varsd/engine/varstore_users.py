@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.domain.xml import parse_domain
 from varsd.errors import VarsdError
+from varsd.messages import about_domain
 from varsd.model.domain import DomainFirmware
 from varsd.planning.sharing import VarstoreUser
 
@@ -90,7 +91,7 @@ class VarstoreIndex:
             try:
                 entry = self._read(ref.uuid)
             except VarsdError as exc:  # one unreadable domain does not hide the others
-                log.debug("varstore index: domain '%s': %s", ref.name, exc)
+                log.debug("varstore index: %s", about_domain(ref.name, exc, ref.uuid))
                 continue
             with self._lock:
                 if entry is not None and ref.uuid not in self._entries:

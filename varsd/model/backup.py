@@ -7,7 +7,10 @@ them, the retention planner and `varsctl backup` read them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
+
+from varsd.clock import stamp
 
 
 class BackupRunning(StrEnum):
@@ -54,19 +57,19 @@ class BackupRecord:
     """One row of the backup index: a varstore's content at a time, by digest.
 
     The bytes live once per digest in the content-addressed store; many records (many
-    domains, many times) share one file. `taken` is ISO 8601 UTC (`...Z`)."""
+    domains, many times) share one file. `taken` is an aware datetime."""
 
     id: int
     uuid: str
     name: str
-    taken: str
+    taken: datetime
     sha256: str
     size: int
     reason: str
     source: str  # the varstore path it was copied from
 
     def as_dict(self, *, defined: bool | None = None) -> dict:
-        d = {"id": self.id, "domain": self.name, "uuid": self.uuid, "taken": self.taken, "sha256": self.sha256,
+        d = {"id": self.id, "domain": self.name, "uuid": self.uuid, "taken": stamp(self.taken), "sha256": self.sha256,
              "size": self.size, "reason": self.reason, "source": self.source}
         if defined is not None:
             d["undefined"] = not defined
@@ -85,7 +88,7 @@ class SeenVarstore:
     path: str
     stat_key: str  # "dev:ino:size:mtime_ns:ctime_ns"
     sha256: str
-    at: str
+    at: datetime
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ class VarstoreWrite:
     """One offline write varsd made to a varstore (journal of varstore changes)."""
 
     id: int
-    at: str
+    at: datetime
     uuid: str
     name: str
     op: str
@@ -109,7 +112,7 @@ class VarstoreEvent:
     """Something varsd noticed happen to a varstore that it did not do itself."""
 
     id: int
-    at: str
+    at: datetime
     uuid: str
     name: str
     event: str  # 'reset-to-template', 'replaced', 'missing'

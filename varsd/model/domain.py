@@ -7,8 +7,10 @@ These are plain data: `varsd.domain.xml` builds them from domain XML, the engine
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from enum import StrEnum
 
+from varsd.clock import stamp
 from varsd.model.firmware import VarstoreLayout
 
 
@@ -71,11 +73,11 @@ class VarsdMetadata:
     template_path: str | None = None  # where the varstore came from
     template_sha256: str | None = None
     varstore_source: str | None = None  # "template" or "unified:<path>"
-    provisioned_at: str | None = None  # ISO 8601 UTC
+    provisioned_at: datetime | None = None  # aware; the XML holds its clock.stamp
     pinned_sha256: str | None = None  # build the domain is held on (see PinKind)
     pin_by: str | None = None  # a PinKind value; None on a pin means admin (older varsd)
     pin_reason: str | None = None
-    pinned_at: str | None = None
+    pinned_at: datetime | None = None
     booted_sha256: str | None = None  # live metadata: what this QEMU process runs
     # The manage= value as written, for messages: anything but 'yes' opts out (the safe
     # reading of a typo), and the admin is told which value it was.
@@ -159,6 +161,9 @@ class FileFacts:
     # planner can recognise which build the image was made from.
     trailing_sha256: str | None = None
     error: str | None = None  # unreadable, corrupt, ...
+    # This process may not read it (a non-root admin's `status`; varstores are the qemu
+    # user's, 0600): its content is unknown, not wrong.
+    unreadable: bool = False
 
 
 @dataclass(frozen=True)
@@ -187,17 +192,17 @@ class AttemptFailure:
 
     uuid: str
     name: str
-    first_at: str  # first failure of this run of failures (ISO 8601 UTC)
-    at: str  # the latest one
+    first_at: datetime  # first failure of this run of failures
+    at: datetime  # the latest one
     action: str  # what was being done, e.g. "create varstore /var/lib/.../x_VARS.fd"
     error: str
     count: int
     definition_sha256: str
 
     def as_dict(self) -> dict:
-        return {"at": self.at, "first_at": self.first_at, "action": self.action, "error": self.error,
+        return {"at": stamp(self.at), "first_at": stamp(self.first_at), "action": self.action, "error": self.error,
                 "count": self.count}
 
     def describe(self) -> str:
-        times = f"{self.count} attempts since {self.first_at}" if self.count > 1 else "once"
-        return f"last attempt failed at {self.at} ({times}): {self.action}: {self.error}"
+        times = f"{self.count} attempts since {stamp(self.first_at)}" if self.count > 1 else "once"
+        return f"last attempt failed at {stamp(self.at)} ({times}): {self.action}: {self.error}"

@@ -26,6 +26,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from datetime import datetime
 
 from varsd.domain.classify import classify
 from varsd.domain.xml import FirmwareEdit, apply_edit, nvram_storage
@@ -255,7 +256,7 @@ def _refuse(fw: DomainFirmware, why: str) -> MigrationRefused:
 
 
 def plan_migration(
-    facts: MigrationFacts, catalog: Catalog, *, to: str | None, nvram_dir: str, now: str
+    facts: MigrationFacts, catalog: Catalog, *, to: str | None, nvram_dir: str, now: datetime
 ) -> MigrationPlan:
     """The migration of one domain (module rules), or MigrationRefused saying why not."""
     fw = facts.firmware

@@ -1,7 +1,7 @@
 """Repair planning: what is wrong with one domain's firmware and what to do (pure).
 
 Contract: `plan_repair(facts, catalog, nvram_dir, now)` looks only at its arguments
-(parsed XML, file facts the engine read, the catalog, the clock value passed in) and
+(parsed XML, file facts the engine read, the catalog, the clock's aware datetime passed in) and
 returns a `Plan`: the configuration class, the status to report, a sentence for the
 admin and the actions that bring the domain to the normal case: two pflash, the
 central code of a catalog build read-only + a private varstore with that build's
@@ -59,6 +59,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from datetime import datetime
 
 from varsd.domain.classify import classify, firmware_image_path
 from varsd.domain.xml import FirmwareEdit, apply_edit, nvram_storage, parse_domain, replace_loader_code, set_metadata
@@ -217,12 +218,12 @@ def _smm_problem(build: Build, fw: DomainFirmware) -> str | None:
     return f"{why}; change the machine type or the firmware by hand" if why else None
 
 
-def _bind(md: VarsdMetadata, build: Build, **extra: str | None) -> VarsdMetadata:
+def _bind(md: VarsdMetadata, build: Build, **extra: object) -> VarsdMetadata:
     return replace(md, build_code_path=build.code_path, build_code_sha256=build.code_sha256, **extra)
 
 
 def _provenance(
-    md: VarsdMetadata, build: Build, source: str, now: str, *, catalog: Catalog | None = None,
+    md: VarsdMetadata, build: Build, source: str, now: datetime, *, catalog: Catalog | None = None,
     template: str | None = None,
 ) -> VarsdMetadata:
     """Bind to `build` and record where a varstore we create comes from (`template`, when
@@ -255,7 +256,7 @@ def _finish(facts: DomainFacts, plan: Plan) -> Plan:
 
 
 def plan_repair(
-    facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str, upgrades: UpgradeContext = DEFAULT_UPGRADES
+    facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: datetime, upgrades: UpgradeContext = DEFAULT_UPGRADES
 ) -> Plan:
     """The plan for one domain (module rules); never raises for a domain's configuration.
 
@@ -363,7 +364,7 @@ def _explain_acpi(fw: DomainFirmware, plan: Plan) -> Plan:
 
 
 def _plan_pinned(facts: DomainFacts, config: FirmwareConfig, catalog: Catalog, ctx: UpgradeContext,
-                 now: str) -> Plan:
+                 now: datetime) -> Plan:
     fw = facts.firmware
     layout = facts.nvram.varstore_layout if facts.nvram is not None and facts.nvram.exists else None
     problem = _pin_misfit(facts, catalog, layout)
@@ -403,7 +404,7 @@ def _pin_misfit(facts: DomainFacts, catalog: Catalog, layout: VarstoreLayout | N
 
 
 def _plan_hold(facts: DomainFacts, config: FirmwareConfig, hold: Hold, catalog: Catalog, ctx: UpgradeContext,
-               now: str) -> Plan:
+               now: datetime) -> Plan:
     """Keep the domain on a build it booted with this varstore: only the loader path and the
     pin change, so the varstore, its template and the Secure Boot/SMM attributes stay."""
     fw, image = facts.firmware, facts.image
@@ -500,7 +501,7 @@ def is_private_varstore(catalog: Catalog, nvram_dir: str, nvram: FileFacts) -> b
 
 
 def _plan_new_varstore(
-    facts: DomainFacts, config: FirmwareConfig, catalog: Catalog, nvram_dir: str, now: str, secure: bool
+    facts: DomainFacts, config: FirmwareConfig, catalog: Catalog, nvram_dir: str, now: datetime, secure: bool
 ) -> Plan:
     fw, nvram = facts.firmware, facts.nvram
     query = dict(arch=fw.arch, machine=fw.machine, secure_boot=secure, smm_allowed=machine_has_smm(fw.machine))
@@ -544,7 +545,7 @@ def _plan_new_varstore(
     )
 
 
-def _plan_unified(facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str, secure: bool) -> Plan:
+def _plan_unified(facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: datetime, secure: bool) -> Plan:
     fw, image = facts.firmware, facts.image
     if image is None or image.varstore_layout is None or not fw.loader_path:  # classify() says unified: never
         return Plan(FirmwareConfig.UNIFIED, Status.ERROR, "unified image without a readable varstore",
@@ -611,7 +612,7 @@ def _central(catalog: Catalog, fw: DomainFirmware, image: FileFacts | None) -> B
 
 
 def _plan_split(
-    facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str, secure: bool, ctx: UpgradeContext
+    facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: datetime, secure: bool, ctx: UpgradeContext
 ) -> Plan:
     fw, image, nvram = facts.firmware, facts.image, facts.nvram
     config = FirmwareConfig.SPLIT
@@ -623,6 +624,9 @@ def _plan_split(
         return _plan_missing_varstore(facts, catalog, nvram_dir, now, secure, central)
 
     layout = nvram.varstore_layout
+    if nvram.unreadable:
+        return Plan(config, Status.ERROR, f"varstore {nvram.path} cannot be read by this user, so whether it "
+                    "fits is unknown; run as root to see", code=fw.loader_path, varstore=nvram.path)
     if layout is None:
         return Plan(config, Status.ERROR, f"varstore {nvram.path} is not an edk2 varstore"
                     f"{': ' + nvram.error if nvram.error else ''}; left untouched",
@@ -706,7 +710,7 @@ def _why_not_private(facts: DomainFacts, nvram: FileFacts, layout: VarstoreLayou
 
 
 def _plan_shared_varstore(
-    facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str, build: Build, nvram: FileFacts,
+    facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: datetime, build: Build, nvram: FileFacts,
     layout: VarstoreLayout,
 ) -> Plan:
     """Give the domain its own copy of the varstore it shares, every variable kept."""
@@ -738,7 +742,7 @@ def _plan_shared_varstore(
 
 
 def _plan_missing_varstore(
-    facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: str, secure: bool, central: Build | None
+    facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: datetime, secure: bool, central: Build | None
 ) -> Plan:
     """No varstore yet (a domain never started): create it, so we record where it came from."""
     fw, image = facts.firmware, facts.image

@@ -35,7 +35,7 @@ class RetentionPlan:
 
 def _taken(record: BackupRecord) -> datetime:
     """The record's time (an ISO 8601 stamp) as naive UTC."""
-    return datetime.fromisoformat(record.taken).astimezone(UTC).replace(tzinfo=None)
+    return record.taken.astimezone(UTC).replace(tzinfo=None)
 
 
 def plan_retention(records: Iterable[BackupRecord], keep: BackupKeep, now: datetime,

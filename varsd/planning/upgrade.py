@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 
 from varsd.firmware.fit import Needs, why_not
 from varsd.model.archive import ArchiveIndex
@@ -280,7 +281,7 @@ def place_hold(
     return "; ".join(problems)
 
 
-def held_metadata(md: VarsdMetadata, hold: Hold, sha: str, now: str, name: str) -> VarsdMetadata:
+def held_metadata(md: VarsdMetadata, hold: Hold, sha: str, now: datetime, name: str) -> VarsdMetadata:
     """The metadata of a domain held on `sha`; unchanged when it already says so (a pin an
     older varsd wrote without `by`/`reason` is not rewritten for that alone), and
     `pinned_at` changes only with the hold itself."""
@@ -298,7 +299,7 @@ def released_metadata(md: VarsdMetadata, build: Build) -> VarsdMetadata:
     return replace(md.without_pin(), build_code_path=build.code_path, build_code_sha256=build.code_sha256)
 
 
-def admin_pin(md: VarsdMetadata, sha: str, reason: str | None, now: str, name: str) -> VarsdMetadata:
+def admin_pin(md: VarsdMetadata, sha: str, reason: str | None, now: datetime, name: str) -> VarsdMetadata:
     """What `varsctl pin` writes: an admin hold on `sha` (the planner then places the loader)."""
     return replace(md, pinned_sha256=sha, pin_by=PinKind.ADMIN.value,
                    pin_reason=reason or _default_reason(PinKind.ADMIN, name), pinned_at=now)
