@@ -32,6 +32,9 @@ HOST_ONLY = {
                                           "24.11 runs them directly",
 }
 KNOWN_DEBIAN13: dict[str, str] = {
+    # integration tier (libvirt 12.9, QEMU 11.1)
+    "tests/integration/test_backups.py::test_domrename_moves_the_varstore_and_the_guest_boots_with_its_variables":
+        "domrename on libvirt 12.9 (not investigated)",
     # unit tiers
     "tests/cli/test_optout_cmd.py::test_opt_out_is_respected_and_reversible":
         "libvirt 12.9's test:/// driver: the repaired XML differs (not investigated)",
