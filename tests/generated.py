@@ -12,11 +12,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from ovmf_files import UNIFIED as UNIFIED_2M_IMAGE  # Debian 12's files, release-aware
 from support.domains import QEMU_NS, commandline, domain_xml
 
 CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 VARS_4M = "/usr/share/OVMF/OVMF_VARS_4M.fd"
-OVMF_2M = "/usr/share/ovmf/OVMF.fd"
+OVMF_2M = UNIFIED_2M_IMAGE
 
 # form -> (<os> content after <type>, firmware args, file the form needs: (path, kind) or None)
 # Paths may use {name}, {nvram_dir} and {images}; kinds: 'varstore' (a used 4 MiB varstore),

@@ -33,6 +33,7 @@ PURE_MODULES = (
     "varsd.domain.xml",
     "varsd.firmware.descriptors",
     "varsd.firmware.fit",
+    "varsd.firmware.json_varstore",
     "varsd.firmware.secureboot",
     "varsd.firmware.selection",
     "varsd.planning.migration",

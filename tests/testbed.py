@@ -38,20 +38,21 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import debian_archive
+
 CACHE = Path(os.environ.get("VARSD_TEST_CACHE", "/var/cache/varsd-tests")) / "beds"
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
-KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+KEYRING = debian_archive.KEYRING
 HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SHARE = "/srv/share"  # bind-mounted host directory: the bed's /tmp is a private tmpfs
 SOURCE = "/srv/varsd"  # the repository, bound read-only
-RECIPE_VERSION = 4  # bump when the steps below change in a way the package lists do not show
+RECIPE_VERSION = 5  # bump when the steps below change in a way the package lists do not show
 
 # Packages every bed gets: a virt host with systemd as PID 1, Debian's python3 stack for varsd,
 # pytest for the integration tier, and the tools to build and check varsd's Debian package.
 _BASE = ("systemd", "systemd-sysv", "dbus", "libvirt-daemon-system", "libvirt-clients", "qemu-system-x86",
          "qemu-utils", "python3-libvirt", "python3-lxml", "python3-apscheduler", "python3-prometheus-client",
-         "python3-pytest",
+         "python3-pytest", "python3-hypothesis",
          "procps", "iproute2", "less", "swtpm", "swtpm-tools")
 _BUILD = ("debhelper", "dh-python", "pybuild-plugin-pyproject", "python3-all", "python3-setuptools", "lintian",
           "fakeroot", "build-essential")
@@ -76,6 +77,9 @@ class Release:
     pinned: tuple[str, ...] = ()
     downloads: tuple[tuple[str, str], ...] = ()  # (suite, package)
     pip: tuple[str, ...] = ()
+    # other releases' packages the tests inside need, placed in the tree's test cache
+    # (/var/cache/varsd-tests, see tests/debian_archive.py): the running bed has no network
+    test_debs: tuple[tuple[str, str | None, str, bool], ...] = ()
 
     @property
     def suites(self) -> tuple[str, ...]:
@@ -86,7 +90,8 @@ class Release:
         """What the cached tree was built from: a different recipe means a rebuild."""
         return json.dumps({"v": RECIPE_VERSION, "release": self.codename, "mirror": mirror,
                            "packages": self.packages, "backports": self.backports, "pinned": self.pinned,
-                           "downloads": self.downloads, "pip": self.pip}, sort_keys=True)
+                           "downloads": self.downloads, "pip": self.pip,
+                           "test_debs": self.test_debs}, sort_keys=True)
 
 
 TRIXIE = Release(
@@ -97,12 +102,15 @@ TRIXIE = Release(
     pinned=("ovmf/trixie",),
     downloads=(("unstable", "ovmf"), ("unstable", "ovmf-generic"), ("unstable", "ovmf-amdsev"),
                ("unstable", "ovmf-inteltdx")),
+    # Debian 12's ovmf builds (its 2 MiB images; deb12u1 -> u2) and Debian 13's own .deb
+    test_debs=(*debian_archive.BED_PREFETCH, ("ovmf", None, "trixie", False)),
 )
 BOOKWORM = Release(
     codename="bookworm", version="12",
     packages=(*_BASE, "python3-pip"),
     pinned=("ovmf/bookworm",),
     pip=("virt-firmware",),
+    test_debs=(("ovmf", None, "trixie", False),),
 )
 RELEASES = {r.codename: r for r in (TRIXIE, BOOKWORM)}
 
@@ -121,14 +129,7 @@ def second_platform() -> Release:
     return BOOKWORM if host_release() == "trixie" else TRIXIE
 
 
-def host_mirror() -> str:
-    """The Debian mirror the host's apt uses (so a local mirror or proxy is used for beds too)."""
-    for path in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
-        for m in re.finditer(r"^URIs:\s*(\S+)", path.read_text(), re.M):
-            uri = m.group(1).rstrip("/")
-            if uri.endswith("/debian"):
-                return uri
-    return DEFAULT_MIRROR
+host_mirror = debian_archive.host_mirror  # one place for "the mirror the host uses"
 
 
 class BedError(RuntimeError):
@@ -197,7 +198,9 @@ class Tree:
 
     @property
     def base(self) -> Path:
-        return self.cache / self.release.codename
+        """One directory per recipe version: worktrees of branches with an older recipe keep
+        using their tree while a newer one is built, instead of rebuilding it back and forth."""
+        return self.cache / f"{self.release.codename}.r{RECIPE_VERSION}"
 
     @property
     def root(self) -> Path:
@@ -273,6 +276,7 @@ class Tree:
                              "--cert", "/tmp/host-ca.crt", *rel.pip, what="pip install")
                 (new / "tmp/host-ca.crt").unlink()
             self._download(new)
+            debian_archive.prefetch(new / debian_archive.CACHE.relative_to("/"), self.release.test_debs)
             self._chroot(new, "apt-get", "clean")
             _log(f"packages: {time.monotonic() - t0:.0f} s")
         finally:
@@ -516,7 +520,7 @@ def _stop_pids(nspawn_pid: int, init_pid: int | None, timeout: float) -> float:
 
 def reap_stale(release: Release) -> None:
     """Stop and remove beds of this release left by runs whose pytest/script process died."""
-    runs = CACHE / release.codename / "runs"
+    runs = Tree(release).base / "runs"
     if not runs.is_dir():
         return
     for run in runs.iterdir():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid as uuidlib
 
 import libvirt
+from ovmf_files import UNIFIED as UNIFIED_2M_IMAGE  # Debian 12's files, release-aware
 from support.domains import domain_xml, rom_os
 
 from varsd.cli.varsctl import main
@@ -12,7 +13,7 @@ from varsd.cli.varsctl import main
 CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 VARS_4M = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 SB_CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
-UNIFIED = "/usr/share/ovmf/OVMF.fd"
+UNIFIED = UNIFIED_2M_IMAGE
 
 U_ROM = "0a000000-0000-4000-8000-000000000001"
 U_BIOS = "0a000000-0000-4000-8000-000000000002"

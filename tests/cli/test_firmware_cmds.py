@@ -16,7 +16,10 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from ovmf_files import fit_code
+from ovmf_files import (
+    DEBIAN12_OVMF,  # Debian 12's files, release-aware
+    fit_code,
+)
 from support.domains import domain_xml, split_os
 
 from varsd.adapters.libvirt_api import Hypervisor
@@ -26,7 +29,7 @@ from varsd.engine.boots import record_boot
 
 from .common import DEFAULT, run
 
-VARS_2M = "/usr/share/OVMF/OVMF_VARS.fd"
+VARS_2M = f"{DEBIAN12_OVMF}/OVMF_VARS.fd"
 VARS_4M = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 CODE_A = fit_code(b"\x90" * 8192 + b"build A", VARS_2M)  # 2 MiB builds' code size
 CODE_B = fit_code(b"\x90" * 8192 + b"build B", VARS_2M)

@@ -12,6 +12,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from ovmf_files import DEBIAN12_OVMF  # Debian 12's files, release-aware
 from support.domains import SHUTOFF, domain_xml, split_os
 from support.varstores import read_variables
 
@@ -24,8 +25,8 @@ from varsd.domain.xml import parse_domain
 from .common import write_host
 
 OVMF = "/usr/share/OVMF"
-SB_CODE_2M, VARS_2M_MS = f"{OVMF}/OVMF_CODE.secboot.fd", f"{OVMF}/OVMF_VARS.ms.fd"
-CODE_2M, VARS_2M = f"{OVMF}/OVMF_CODE.fd", f"{OVMF}/OVMF_VARS.fd"
+SB_CODE_2M, VARS_2M_MS = f"{DEBIAN12_OVMF}/OVMF_CODE.secboot.fd", f"{DEBIAN12_OVMF}/OVMF_VARS.ms.fd"
+CODE_2M, VARS_2M = f"{DEBIAN12_OVMF}/OVMF_CODE.fd", f"{DEBIAN12_OVMF}/OVMF_VARS.fd"
 CODE_4M, VARS_4M = f"{OVMF}/OVMF_CODE_4M.fd", f"{OVMF}/OVMF_VARS_4M.fd"
 VENDOR = "5b3c9c5e-1f6a-4b8e-9d2a-7a1f0e6d4c21"
 

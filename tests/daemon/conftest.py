@@ -21,6 +21,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from ovmf_files import UNIFIED as UNIFIED_2M_IMAGE  # Debian 12's files, release-aware
 from support.domains import domain_xml, rom_os
 
 from varsd.config import Config
@@ -39,7 +40,7 @@ def wait_until(cond: Callable[[], object], timeout: float = 10.0, what: str = "c
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def bios_xml(name: str, image: str = "/usr/share/ovmf/OVMF.fd") -> str:
+def bios_xml(name: str, image: str = UNIFIED_2M_IMAGE) -> str:
     return domain_xml(name, rom_os(image))
 
 

@@ -23,9 +23,9 @@ import shutil
 import time
 from collections.abc import Iterator
 
+import debian_archive
 import pytest
 import testbed
-from debian_debs import ovmf_debs
 from integration.test_migrate import EFI_GLOBAL, IMAGE_SECURITY_DB, NO_S3, SECURE_FEATURES, _load_option
 from support.domains import guest_xml, split_os
 from support.varstores import read_variables
@@ -120,7 +120,7 @@ def _boot(bed: testbed.Bed, guests: list[BedGuest], *, silent: set[str] = frozen
 
 
 def test_2mib_guests_survive_the_debian13_upgrade_on_real_paths(bed: testbed.Bed) -> None:
-    debs = ovmf_debs()
+    debs = debian_archive.ovmf_debs()
     _dpkg_i(bed, debs["12"])  # Debian 12's ovmf over the bed's (a downgrade, as a Debian 12 host has it)
     assert bed.run("dpkg-query", "-W", "-f=${Version}", "ovmf").stdout == "2022.11-6+deb12u2"
     debian12_code = set(bed.sh(f"sha256sum {OVMF}/*.fd | cut -d' ' -f1").stdout.split())

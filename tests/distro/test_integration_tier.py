@@ -1,17 +1,23 @@
-"""The integration tier (tests/integration) run inside the beds.
+"""The unit tiers and the integration tier (tests/integration) run inside the beds.
 
-pytest runs there on Debian 13's own python3 packages (python3-pytest, python3-libvirt,
-python3-lxml, python3-apscheduler, python3-virt-firmware 24.11), from this checkout bound
-read-only, against the bed's libvirtd 12.9 and QEMU 11.1.
+pytest runs there on Debian 13's own python3 packages (python3-pytest, python3-hypothesis,
+python3-libvirt, python3-lxml, python3-apscheduler, python3-virt-firmware 24.11, Python
+3.13), from this checkout bound read-only, against the bed's libvirtd 12.9 and QEMU 11.1:
+Debian 13 as a host. Debian 12's 2 MiB images come from Debian 12's ovmf .deb, which the
+bed's tree was given when it was built (tests/debian_archive.py; the bed has no network).
 
-Only the tests that are not tied to Debian 12 run here: the others use Debian 12's
-2 MiB images (gone in Debian 13) or download Debian 12's ovmf deb12u1/u2 packages; their
-Debian 13 counterparts are this directory's own tests (test_firmware_upgrade.py for the
-dpkg upgrade, test_libvirt12.py for libvirt's frozen autoselection).
+What does not run there, and why, is listed here (never silently):
+- HOST_ONLY: tests of the host's own venvs (their Debian 13 counterparts run here anyway);
+- KNOWN_DEBIAN13: tests that fail on Debian 13 today, each with what differs. Any other
+  failure fails the test; a listed one that passes is printed (take it off the list).
+- tests marked `debian12_host` report themselves as not applicable (they change the Debian
+  12 host's own ovmf; their Debian 13 counterpart is tests/distro/test_firmware_upgrade.py).
 """
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -19,11 +25,39 @@ import testbed
 
 from .conftest import REPO
 
-PORTABLE = (
-    "tests/integration/test_testbed.py",
-    "tests/integration/test_daemon_live.py::test_bios_domain_defined_while_varsd_runs_is_repaired_and_boots",
-    "tests/integration/test_daemon_live.py::test_sigterm_during_a_burst_leaves_nothing_half_written",
-)
+HOST_ONLY = {
+    "tests/systemd/test_unit.py": "checks the unit against the host venv's entry points; the installed unit "
+                                  "runs under systemd in tests/distro/test_systemd.py",
+    "tests/adapters/test_virtfw_2411.py": "runs the Secure Boot tests in the host's 24.11 venv; here Debian's own "
+                                          "24.11 runs them directly",
+}
+KNOWN_DEBIAN13: dict[str, str] = {
+    # integration tier (libvirt 12.9, QEMU 11.1)
+    "tests/integration/test_backups.py::test_domrename_moves_the_varstore_and_the_guest_boots_with_its_variables":
+        "domrename on libvirt 12.9 (not investigated)",
+    # unit tiers
+    "tests/cli/test_optout_cmd.py::test_opt_out_is_respected_and_reversible":
+        "libvirt 12.9's test:/// driver: the repaired XML differs (not investigated)",
+    "tests/cli/test_varsctl.py::test_journal_and_undo": "libvirt 12.9's test:/// driver XML (not investigated)",
+    "tests/cli/test_varsctl.py::test_undo_refuses_when_the_domain_changed_since":
+        "libvirt 12.9's test:/// driver XML (not investigated)",
+    "tests/daemon/test_service.py::test_defined_bios_domain_is_repaired_without_any_command":
+        "libvirt 12.9's test:/// driver XML (not investigated)",
+    "tests/daemon/test_backups_events.py::test_rename_moves_the_varstore_and_points_the_xml_at_it":
+        "domrename on libvirt 12.9's test:/// driver (not investigated; passed in one of three runs)",
+    "tests/engine/test_firmware_sync.py::test_prune_keeps_what_domains_use_and_what_is_recent": "not investigated",
+    "tests/firmware/test_catalog.py::test_each_image_is_read_once_per_load":
+        "Debian 13's descriptors and images differ from Debian 12's (the test lists Debian 12's)",
+    "tests/firmware/test_catalog.py::test_broken_descriptors_are_problems_and_good_ones_still_load":
+        "Debian 13's descriptors differ from Debian 12's",
+    "tests/firmware/test_discovery.py::test_debian12_2mib_builds_are_found_beside_the_descriptor_ones":
+        "discovers the host's /usr/share/OVMF, which has no 2 MiB builds on Debian 13",
+    "tests/firmware/test_discovery.py::test_descriptor_builds_come_first_and_are_not_listed_twice":
+        "discovers the host's /usr/share/OVMF (Debian 13's files)",
+    "tests/planning/test_properties.py::test_plan_apply_replan": "generated cases over the host's 4 MiB catalog: "
+                                                                "Debian 13's Secure Boot build (not investigated)",
+}
+UNIT = ("tests", "--ignore=tests/integration", "--ignore=tests/distro")
 # Debian 13 always (the package tests need it); on a Debian 13 host also Debian 12, the
 # second platform there (checked here: libvirt 9.0 + QEMU 7.2 under nspawn pass the same tests).
 RELEASES = tuple(dict.fromkeys((testbed.TRIXIE, testbed.second_platform())))
@@ -38,12 +72,69 @@ def platform(request: pytest.FixtureRequest) -> Iterator[testbed.Bed]:
         yield bed
 
 
+def _pytest_in(bed: testbed.Bed, *args: str, timeout: float) -> tuple[set[str], set[str], str, float]:
+    """pytest inside `bed`: (passed, failed) node ids, the output's tail, wall seconds."""
+    deselect = [f"--deselect={t}" for t in HOST_ONLY]
+    t0 = time.monotonic()
+    r = bed.run("sh", "-c", f"cd {testbed.SOURCE} && python3 -m pytest -q -p no:cacheprovider -rA "
+                + " ".join([*args, *deselect]), check=False, timeout=timeout,
+                env={"PYTHONPATH": testbed.SOURCE, "PYTHONDONTWRITEBYTECODE": "1"})
+    took = time.monotonic() - t0
+    out = r.stdout + r.stderr
+
+    def ids(word: str) -> set[str]:
+        return {re.sub(r"\[.*$", "", m) for m in re.findall(rf"^{word} (\S+)", out, re.M)}
+
+    return ids("PASSED"), ids("FAILED") | ids("ERROR"), out, took
+
+
+def _prepare_as_host_setup(bed: testbed.Bed) -> None:
+    """What scripts/host-setup does on a host for the tests, done in the (throw-away) bed:
+    the non-root admin of tests/cli/test_admin_reads.py."""
+    bed.sh("getent passwd varsd-test-admin >/dev/null || useradd --system --no-create-home --home-dir /nonexistent "
+           "--shell /usr/sbin/nologin --gid libvirt varsd-test-admin")
+
+
+def test_unit_tiers_pass_inside_the_debian13_bed(debian13: testbed.Bed) -> None:
+    """Every pure test on Debian 13's Python 3.13 and python3 packages, virt-firmware 24.11."""
+    _prepare_as_host_setup(debian13)
+    passed, failed, out, took = _pytest_in(debian13, *UNIT, timeout=1200)
+    count = len(re.findall(r"^PASSED ", out, re.M))
+    print(f"\n[distro] unit tiers in the Debian 13 bed: {count} passed, {len(failed)} failed "
+          f"(known: {len(KNOWN_DEBIAN13)}), {took:.0f} s")
+    known = {k for k in KNOWN_DEBIAN13 if not k.startswith("tests/integration/")}
+    if known - failed:
+        print(f"[distro] passing again, take off KNOWN_DEBIAN13: {sorted(known - failed)}")
+    assert not failed - known, f"new failures on Debian 13: {sorted(failed - known)}\n" + out[-6000:]
+    assert count > 1000, out[-3000:]
+
+
+# The integration tier inside the bed: every module that is portable, within the CI budget.
+# Not here, and why: see INTEGRATION_NOT_HERE.
+INTEGRATION = (
+    "tests/integration",
+)
+HOOK = "/etc/libvirt/hooks/qemu.d/varsd"
+INTEGRATION_NOT_HERE: dict[str, str] = {
+}
+
+
 def test_integration_tier_passes_inside_the_bed(platform: testbed.Bed) -> None:
-    r = platform.run("sh", "-c", f"cd {testbed.SOURCE} && python3 -m pytest -q -p no:cacheprovider -rA "
-                     + " ".join(PORTABLE), check=False, timeout=1200,
-                     env={"PYTHONPATH": testbed.SOURCE, "PYTHONDONTWRITEBYTECODE": "1"})
-    print(f"\n[distro] integration tier in the Debian {platform.release.version} bed:\n"
-          + "\n".join(r.stdout.splitlines()[-8:]))
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
-    passed = [ln for ln in r.stdout.splitlines() if ln.startswith("PASSED ")]
-    assert len(passed) == 3, r.stdout[-3000:]
+    """The real libvirtd of the bed (12.9 / QEMU 11.1 on Debian 13; 9.0 / 7.2 on Debian 12)."""
+    args = [*INTEGRATION, *(f"--deselect={t}" for t in INTEGRATION_NOT_HERE)]
+    # What scripts/host-setup does on a host: varsd's QEMU hook in place before libvirtd starts
+    # (libvirt looks for hooks when it starts). Removed afterwards: the package tests install theirs.
+    _prepare_as_host_setup(platform)
+    platform.sh(f"install -D -m 0755 {testbed.SOURCE}/packaging/libvirt/varsd-qemu-hook {HOOK} "
+                "&& systemctl restart libvirtd")
+    try:
+        passed, failed, out, took = _pytest_in(platform, *args, timeout=2400)
+    finally:
+        platform.run("rm", "-f", HOOK)
+    print(f"\n[distro] integration tier in the Debian {platform.release.version} bed: {len(passed)} passed, "
+          f"{len(failed)} failed, {took:.0f} s\n" + "\n".join(out.splitlines()[-6:]))
+    known = {k for k in KNOWN_DEBIAN13 if k.startswith("tests/integration/")} \
+        if platform.release == testbed.TRIXIE else set()
+    assert not failed - known, f"failures in the Debian {platform.release.version} bed: {sorted(failed - known)}\n" \
+        + out[-8000:]
+    assert len(passed) >= 3, out[-3000:]

@@ -134,18 +134,58 @@ def test_explicit_split_xml_gets_libvirts_firmware_description_and_stays_bound(b
 
 def test_json_varstore_domain_is_its_own_class_and_never_rewritten(bed: testbed.Bed) -> None:
     """libvirt 12.1+ <varstore> with a ROM loader (QEMU 11.1 has uefi-vars-x64; Debian ships no
-    qemuvars OVMF build, so this is defined, classified and reconciled, not booted)."""
+    qemuvars OVMF build, so this is defined, classified and reconciled, not booted).
+
+    The JSON file libvirt assigned does not exist yet: QEMU would start the guest with no
+    variables, so varsd provisions it from its template first (here the Secure Boot template
+    as Debian 13's virt-firmware 24.11 writes it as JSON), and `status` says so until then."""
+    template = "/var/lib/varsd-test/OVMF_VARS_4M.ms.qemuvars.json"
+    bed.sh(f"mkdir -p /var/lib/varsd-test && virt-fw-vars --input /usr/share/OVMF/OVMF_VARS_4M.ms.fd "
+           f"--output-json {template} >/dev/null")
     guest = define(bed, "json-vars", "<loader type='rom'>/usr/share/OVMF/OVMF.qemuvars.fd</loader>"
-                   "<varstore template='/usr/share/OVMF/OVMF_VARS_4M.qemuvars.json'/>")
+                   f"<varstore template='{template}'/>")
     try:
         before = inactive_xml(bed, guest)
         path = f"/var/lib/libvirt/qemu/varstore/{guest.name}.json"
         assert f"path='{path}'" in before, _os_element(before)  # libvirt assigned it at define
         assert "uefi-vars-x64" in bed.run("qemu-system-x86_64", "-device", "help").stdout
+        assert not bed.path(path).exists()
         entry = status(bed, guest.name, program=SOURCE_VARSCTL)
-        assert (entry["config"], entry["status"], entry["varstore"]) == ("uefi-vars", "ok", path), entry
+        assert (entry["config"], entry["status"], entry["varstore"]) == ("uefi-vars", "error", path), entry
+        assert f"JSON varstore {path} does not exist: provisioned from {template}" in entry["detail"], entry
         r = varsctl(bed, "reconcile", guest.name, program=SOURCE_VARSCTL)
         assert r.returncode == 0, r.stdout + r.stderr
+        assert bed.path(path).read_bytes() == bed.path(template).read_bytes()
+        mode_owner = bed.run("stat", "-c", "%a %U", path).stdout.split()
+        assert mode_owner == ["600", "libvirt-qemu"], mode_owner
+        entry = status(bed, guest.name, program=SOURCE_VARSCTL)
+        assert (entry["config"], entry["status"], entry["varstore"]) == ("uefi-vars", "ok", path), entry
         assert inactive_xml(bed, guest) == before  # never rewritten into pflash
+
+        # An empty file is a store without variables too; one with content is never touched.
+        bed.run("truncate", "-s", "0", path)
+        assert status(bed, guest.name, program=SOURCE_VARSCTL)["status"] == "error"
+        assert varsctl(bed, "reconcile", guest.name, program=SOURCE_VARSCTL).returncode == 0
+        assert bed.path(path).read_bytes() == bed.path(template).read_bytes()
+        again = varsctl(bed, "reconcile", "--json", guest.name, program=SOURCE_VARSCTL)
+        assert again.returncode == 0 and json.loads(again.stdout)["domains"][0]["changes"] == [], again.stdout
+        assert inactive_xml(bed, guest) == before
+    finally:
+        remove(bed, guest)
+        bed.run("rm", "-f", f"/var/lib/libvirt/qemu/varstore/{guest.name}.json")
+
+
+def test_a_json_varstore_template_that_is_not_one_is_an_error_naming_it(bed: testbed.Bed) -> None:
+    """Pointing <varstore template> at a pflash template (the likely mix-up) provisions nothing."""
+    template = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"
+    guest = define(bed, "json-bad", "<loader type='rom'>/usr/share/OVMF/OVMF.qemuvars.fd</loader>"
+                   f"<varstore template='{template}'/>")
+    try:
+        path = f"/var/lib/libvirt/qemu/varstore/{guest.name}.json"
+        entry = status(bed, guest.name, program=SOURCE_VARSCTL)
+        assert entry["status"] == "error" and f"{template}: not a QEMU JSON varstore" in entry["detail"], entry
+        r = varsctl(bed, "reconcile", guest.name, program=SOURCE_VARSCTL)
+        assert r.returncode == 1 and f"{template}: not a QEMU JSON varstore" in r.stdout + r.stderr, r.stdout
+        assert not bed.path(path).exists()
     finally:
         remove(bed, guest)

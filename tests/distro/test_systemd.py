@@ -165,6 +165,40 @@ def test_stop_is_clean_and_within_timeout_stop_sec(installed: testbed.Bed, bios_
     bed.run("systemctl", "start", "varsd")
 
 
+def test_the_packages_libvirt_hook_makes_a_start_wait_for_a_write_in_hand(installed: testbed.Bed) -> None:
+    """The QEMU hook the package installs (/usr/libexec/varsd/qemu-hook, linked from
+    /etc/libvirt/hooks/qemu.d/varsd) runs under libvirt 12.9: a `virsh start` waits, bounded,
+    while a varstore write is in hand for the domain, then gives up and says so (the
+    contract of varsd/engine/offline_write.py, held here by hand: flock + `wait=3`)."""
+    bed = installed
+    hook = "/etc/libvirt/hooks/qemu.d/varsd"
+    assert bed.run("readlink", hook).stdout.strip() == "/usr/libexec/varsd/qemu-hook"
+    # libvirt looks for hook scripts when it starts; the package added qemu.d after that
+    bed.run("systemctl", "restart", "libvirtd")
+    guest = define(bed, "hook", f"<loader readonly='yes' type='pflash'>{CODE}</loader><nvram template='{VARS}'/>")
+    uuid = "none"
+    try:
+        uuid = bed.run("virsh", "domuuid", guest.name).stdout.strip()
+        write = f"/run/varsd/offline/{uuid}.write"
+        bed.sh(f"mkdir -p /run/varsd/offline && printf 'wait=3\nop=test\n' > {write}")
+        holder = f"flock -x {write} sleep 20"
+        bed.sh(f"systemd-run --unit=varsd-test-holder --collect {holder} >/dev/null && sleep 0.5")
+        since = bed_now(bed)
+        t0 = time.monotonic()
+        bed.run("virsh", "-q", "start", guest.name)
+        waited = time.monotonic() - t0
+        print(f"\n[distro] libvirt 12.9 ran varsd's hook: the start waited {waited:.1f} s for the write in hand")
+        assert waited >= 3, waited
+        assert bed.run("test", "-e", f"/run/varsd/offline/{uuid}.gaveup", check=False).returncode == 0
+        said = bed.run("journalctl", "-t", "varsd-hook", "--since", since, "--no-pager", "-o", "cat").stdout
+        assert f"start of domain {uuid} waited 3s" in said, said
+    finally:
+        bed.run("systemctl", "stop", "varsd-test-holder", check=False)
+        bed.run("rm", "-f", f"/run/varsd/offline/{uuid}.write", f"/run/varsd/offline/{uuid}.gaveup",
+                f"/run/varsd/offline/{uuid}.commit", check=False)
+        remove(bed, guest)
+
+
 def test_security_exposure(installed: testbed.Bed) -> None:
     out = installed.run("systemd-analyze", "security", "--no-pager", "varsd.service").stdout
     m = re.search(r"Overall exposure level for varsd\.service: (\d+\.\d+)", out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,3 +80,24 @@ def test_a_bed_whose_owner_was_killed_is_reaped(tmp_path: Path) -> None:
     assert testbed._start_time(int(init)) is not None  # orphaned, still running
     testbed.reap_stale(testbed.TRIXIE)
     _gone([int(nspawn), int(init)], Path(run_dir), name)
+
+
+def _host_setup_packages() -> list[str]:
+    text = (REPO / "scripts" / "host-setup").read_text()
+    block = re.search(r"^PACKAGES=\((.*?)^\)", text, re.S | re.M)
+    assert block, "scripts/host-setup has no PACKAGES=( ... ) list"
+    lines = (ln.split("#", 1)[0] for ln in block.group(1).splitlines())
+    return [p for ln in lines for p in ln.split()]
+
+
+def test_every_package_host_setup_installs_exists_in_debian13(debian13: testbed.Bed) -> None:
+    """scripts/host-setup must work on a Debian 13 host: each package it installs is in trixie
+    (or trixie-updates/backports), checked against the Debian 13 bed's own apt lists."""
+    packages = _host_setup_packages()
+    assert len(packages) > 10, packages
+    known: set[str] = set()
+    for lst in debian13.path("/var/lib/apt/lists").glob("*_Packages"):
+        known |= set(re.findall(r"^Package: (\S+)$", lst.read_text(errors="replace"), re.M))
+    assert "libvirt-daemon-system" in known, "the bed's apt lists are missing"
+    missing = [p for p in packages if p not in known]
+    assert not missing, f"scripts/host-setup installs packages Debian 13 does not have: {missing}"

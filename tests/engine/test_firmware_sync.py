@@ -17,7 +17,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from ovmf_files import fit_code
+from ovmf_files import (
+    DEBIAN12_OVMF,  # Debian 12's files, release-aware
+    fit_code,
+)
 from support.clock import FixedClock
 from support.domains import domain_xml, split_os
 
@@ -32,7 +35,7 @@ from varsd.firmware.archive import Archive
 from varsd.firmware.catalog import load_catalog
 
 URI = "test:///default"
-VARS_2M = "/usr/share/OVMF/OVMF_VARS.fd"
+VARS_2M = f"{DEBIAN12_OVMF}/OVMF_VARS.fd"
 VARS_4M = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 CODE_A = fit_code(b"\x90" * 8192 + b"build A", VARS_2M)  # 2 MiB builds' code size
 CODE_B = fit_code(b"\x90" * 8192 + b"build B", VARS_2M)

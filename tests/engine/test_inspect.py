@@ -8,6 +8,8 @@ import shutil
 import threading
 
 import pytest
+from ovmf_files import DEBIAN12_OVMF  # Debian 12's files, release-aware
+from ovmf_files import UNIFIED as UNIFIED_2M_IMAGE
 
 from varsd.adapters import virtfw
 from varsd.engine.inspect import FileInspector
@@ -16,9 +18,9 @@ from varsd.model.firmware import VarstoreLayout
 
 CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 VARS_4M = "/usr/share/OVMF/OVMF_VARS_4M.fd"
-CODE_2M = "/usr/share/OVMF/OVMF_CODE.fd"
-VARS_2M = "/usr/share/OVMF/OVMF_VARS.fd"
-UNIFIED = "/usr/share/ovmf/OVMF.fd"
+CODE_2M = f"{DEBIAN12_OVMF}/OVMF_CODE.fd"
+VARS_2M = f"{DEBIAN12_OVMF}/OVMF_VARS.fd"
+UNIFIED = UNIFIED_2M_IMAGE
 
 LAYOUT_2M = VarstoreLayout(size=131072, start=100, end=57344)
 LAYOUT_4M = VarstoreLayout(size=540672, start=100, end=262144)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 from aavmf_files import x86_only
+from ovmf_files import DEBIAN12_OVMF  # Debian 12's files, release-aware
+from ovmf_files import UNIFIED as UNIFIED_2M_IMAGE
 from support.clock import FixedClock
 from support.domains import domain_xml, split_os, varsd_metadata
 from support.varstores import read_variables
@@ -53,11 +55,11 @@ from varsd.planning.migration import (
 
 OVMF = "/usr/share/OVMF"
 FW_DIR = "/usr/share/qemu/firmware"
-CODE_2M, VARS_2M = f"{OVMF}/OVMF_CODE.fd", f"{OVMF}/OVMF_VARS.fd"
-SB_CODE_2M, VARS_2M_MS = f"{OVMF}/OVMF_CODE.secboot.fd", f"{OVMF}/OVMF_VARS.ms.fd"
+CODE_2M, VARS_2M = f"{DEBIAN12_OVMF}/OVMF_CODE.fd", f"{DEBIAN12_OVMF}/OVMF_VARS.fd"
+SB_CODE_2M, VARS_2M_MS = f"{DEBIAN12_OVMF}/OVMF_CODE.secboot.fd", f"{DEBIAN12_OVMF}/OVMF_VARS.ms.fd"
 CODE_4M, VARS_4M = f"{OVMF}/OVMF_CODE_4M.fd", f"{OVMF}/OVMF_VARS_4M.fd"
 SB_CODE_4M, VARS_4M_MS = f"{OVMF}/OVMF_CODE_4M.secboot.fd", f"{OVMF}/OVMF_VARS_4M.ms.fd"
-UNIFIED_2M = "/usr/share/ovmf/OVMF.fd"
+UNIFIED_2M = UNIFIED_2M_IMAGE
 LAYOUT_2M = VarstoreLayout(size=131072, start=100, end=57344)
 LAYOUT_4M = VarstoreLayout(size=540672, start=100, end=262144)
 NVRAM = "/var/lib/libvirt/qemu/nvram"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from pathlib import Path
 
 import pytest
 from ovmf_files import (  # tests/ is on the import path (see ovmf_files)
@@ -190,3 +191,70 @@ def test_read_only_nvram_dir(mount_tmpfs, qemu_owner):
     with pytest.raises(ProvisionError, match="read-only file system"):
         provision_varstore(os.path.join(d, "vm_VARS.fd"), VARS_2M, expected_layout=LAYOUT_2M, owner=qemu_owner)
     assert os.listdir(d) == []
+
+
+# -- JSON varstores (QEMU uefi-vars, libvirt <varstore>) ------------------------------
+
+JSON_TEMPLATE = (b'{"version": 2, "variables": [{"name": "PK", "guid": "8be4df61-93ca-11d2-aa0d-00e098032b8c", '
+                 b'"attr": 39, "data": "a1c0"}]}\n')
+
+
+def _json_template(tmp_path) -> str:
+    path = tmp_path / "OVMF_VARS.qemuvars.json"
+    path.write_bytes(JSON_TEMPLATE)
+    return str(path)
+
+
+@pytest.mark.parametrize("empty", [False, True], ids=["missing", "empty"])
+def test_a_missing_or_empty_json_varstore_gets_the_template(tmp_path, qemu_owner, empty):
+    target = tmp_path / "varstore" / "guest.json"  # libvirt makes varstore/ at the first start: maybe not yet
+    if empty:
+        target.parent.mkdir()
+        target.write_bytes(b"")
+        os.chmod(target, 0o644)
+    made = provision.provision_json_varstore(str(target), _json_template(tmp_path), owner=qemu_owner)
+    assert made is not None and made.path == str(target) and not made.adopted
+    st = os.lstat(target)
+    assert target.read_bytes() == JSON_TEMPLATE
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o600, *qemu_owner)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["guest.json"]  # no temp file left
+    pst = os.lstat(target.parent)
+    assert empty or (stat.S_IMODE(pst.st_mode), pst.st_uid, pst.st_gid) == (0o755, *qemu_owner)
+    assert provision.inspect_json_varstore(str(target)).state.value == "valid"
+
+
+def test_a_json_varstore_with_content_is_never_touched(tmp_path, qemu_owner):
+    target = tmp_path / "guest.json"
+    target.write_bytes(b'{"version": 2, "variables": []}')
+    before = _snapshot(target)
+    assert provision.provision_json_varstore(str(target), _json_template(tmp_path), owner=qemu_owner) is None
+    assert _snapshot(target) == before
+
+
+def test_a_symlink_at_the_json_path_is_refused_and_its_target_untouched(tmp_path, qemu_owner):
+    victim = tmp_path / "other.json"
+    victim.write_bytes(b"")
+    link = tmp_path / "guest.json"
+    link.symlink_to(victim)
+    with pytest.raises(ProvisionError, match="is not a regular file"):
+        provision.provision_json_varstore(str(link), _json_template(tmp_path), owner=qemu_owner)
+    assert victim.read_bytes() == b"" and link.is_symlink()
+    assert provision.inspect_json_varstore(str(link)).state.value == "invalid"
+
+
+@pytest.mark.parametrize("template", [VARS_4M, "text"], ids=["pflash-template", "not-json"])
+def test_a_template_that_is_not_a_json_varstore_is_an_error_naming_it(tmp_path, qemu_owner, template):
+    if template == "text":
+        template = str(tmp_path / "t.json")
+        Path(template).write_text("hello\n")
+    target = tmp_path / "guest.json"
+    with pytest.raises(VarstoreError, match=f"^{template}: not a QEMU JSON varstore"):
+        provision.provision_json_varstore(str(target), template, owner=qemu_owner)
+    assert not target.exists()
+    assert provision.preflight_json(str(target), template).startswith(f"{template}: not a QEMU JSON varstore")
+
+
+def test_a_missing_template_is_an_error_naming_it(tmp_path, qemu_owner):
+    with pytest.raises(ProvisionError, match="cannot read JSON varstore template: .*nope.json"):
+        provision.provision_json_varstore(str(tmp_path / "g.json"), str(tmp_path / "nope.json"), owner=qemu_owner)
+    assert not (tmp_path / "g.json").exists()

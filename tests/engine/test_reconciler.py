@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import libvirt
 import pytest
 from aavmf_files import x86_only
+from ovmf_files import UNIFIED as UNIFIED_2M_IMAGE  # Debian 12's unified image, release-aware
 from support.clock import FixedClock
 from support.domains import domain_xml
 
@@ -38,7 +39,7 @@ VARS_4M = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 NOW = parse_stamp("2025-06-01T12:00:00Z")  # the clock's aware datetime
 
 
-ROM = "<loader type='rom'>/usr/share/ovmf/OVMF.fd</loader>"
+ROM = f"<loader type='rom'>{UNIFIED_2M_IMAGE}</loader>"
 
 
 @pytest.fixture(scope="module")

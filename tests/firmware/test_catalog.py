@@ -9,6 +9,8 @@ import shutil
 
 import pytest
 from aavmf_files import hide_aarch64, without_aarch64, x86_only
+from ovmf_files import DEBIAN12_OVMF  # Debian 12's files, release-aware
+from ovmf_files import UNIFIED as UNIFIED_2M_IMAGE
 
 from varsd.adapters import fsio, virtfw
 from varsd.config import ExtraFirmware
@@ -20,7 +22,7 @@ FW = "/usr/share/qemu/firmware"
 OVMF = "/usr/share/OVMF"
 LAYOUT_4M = VarstoreLayout(size=540672, start=100, end=262144)
 LAYOUT_2M = VarstoreLayout(size=131072, start=100, end=57344)
-EXTRA_2M = ExtraFirmware(code=f"{OVMF}/OVMF_CODE.fd", template=f"{OVMF}/OVMF_VARS.fd")
+EXTRA_2M = ExtraFirmware(code=f"{DEBIAN12_OVMF}/OVMF_CODE.fd", template=f"{DEBIAN12_OVMF}/OVMF_VARS.fd")
 
 
 def digest(path: str) -> str:
@@ -77,8 +79,8 @@ def test_real_debian_catalog():
 
 def test_extra_pair_is_appended_as_split_build():
     extra = ExtraFirmware(
-        code=f"{OVMF}/OVMF_CODE.fd",
-        template=f"{OVMF}/OVMF_VARS.fd",
+        code=f"{DEBIAN12_OVMF}/OVMF_CODE.fd",
+        template=f"{DEBIAN12_OVMF}/OVMF_VARS.fd",
         machines=("pc-i440fx-*",),
         features=("acpi-s3",),
     )
@@ -125,13 +127,13 @@ def test_copies_are_distinct_files_each_read(tmp_path):
     img = tmp_path / "img"
     img.mkdir()
     shutil.copy(f"{OVMF}/OVMF_VARS_4M.fd", img / "a.fd")
-    shutil.copy(f"{OVMF}/OVMF_VARS.fd", img / "b.fd")
+    shutil.copy(f"{DEBIAN12_OVMF}/OVMF_VARS.fd", img / "b.fd")
     c = Counting()
     cat = load_catalog(
         (),
         [
             ExtraFirmware(f"{OVMF}/OVMF_CODE_4M.fd", str(img / "a.fd")),
-            ExtraFirmware(f"{OVMF}/OVMF_CODE.fd", str(img / "b.fd")),
+            ExtraFirmware(f"{DEBIAN12_OVMF}/OVMF_CODE.fd", str(img / "b.fd")),
         ],
         sha256=c.sha256,
         read_layout=c.read_layout,
@@ -171,7 +173,7 @@ def fw_dirs(tmp_path):
     img.mkdir()
     for name in ("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd", "OVMF_CODE.fd", "OVMF_VARS.fd"):
         (img / name).symlink_to(f"{OVMF}/{name}")
-    (img / "OVMF.fd").symlink_to("/usr/share/ovmf/OVMF.fd")
+    (img / "OVMF.fd").symlink_to(UNIFIED_2M_IMAGE)
     usr = tmp_path / "usr"
     shutil.copytree(FW, usr)
     for name in set(os.listdir(usr)) - set(without_aarch64(os.listdir(usr))):
@@ -248,11 +250,11 @@ def test_broken_descriptors_are_problems_and_good_ones_still_load(fw_dirs):
     ]
     combined, stateless, good = cat.builds[:3]
     assert combined.origin == str(etc / "32-combined.json")
-    assert (combined.code_size, combined.code_sha256) == (2097152, digest("/usr/share/ovmf/OVMF.fd"))
+    assert (combined.code_size, combined.code_sha256) == (2097152, digest(UNIFIED_2M_IMAGE))
     assert combined.template_path is combined.template_sha256 is None
     assert (stateless.code_size, stateless.template_path) == (3653632, None)
-    assert (good.code_size, good.code_sha256) == (1966080, digest(f"{OVMF}/OVMF_CODE.fd"))
-    assert good.template_sha256 == digest(f"{OVMF}/OVMF_VARS.fd")
+    assert (good.code_size, good.code_sha256) == (1966080, digest(f"{DEBIAN12_OVMF}/OVMF_CODE.fd"))
+    assert good.template_sha256 == digest(f"{DEBIAN12_OVMF}/OVMF_VARS.fd")
 
 
 def test_reader_failures_never_raise(fw_dirs):
@@ -311,12 +313,12 @@ def _one_problem(tmp_path, name: str, text: str, extra=()):
 def test_mismatched_code_and_template_is_a_catalog_problem(tmp_path):
     """#12 defect 4: 4 MiB code with the 2 MiB OVMF_VARS.fd is no build's pair, never used."""
     cat, problems = _one_problem(tmp_path, "50-bad-pair.json",
-                                 descriptor(f"{OVMF}/OVMF_CODE_4M.fd", f"{OVMF}/OVMF_VARS.fd"))
+                                 descriptor(f"{OVMF}/OVMF_CODE_4M.fd", f"{DEBIAN12_OVMF}/OVMF_VARS.fd"))
     assert cat.builds == ()
     assert "are not one build's pair" in problems["50-bad-pair.json"]
     assert "fix the descriptor" in problems["50-bad-pair.json"]
     # the same for an extra_firmware pair the other way round
-    cat = load_catalog([], [ExtraFirmware(f"{OVMF}/OVMF_CODE.fd", f"{OVMF}/OVMF_VARS_4M.fd")])
+    cat = load_catalog([], [ExtraFirmware(f"{DEBIAN12_OVMF}/OVMF_CODE.fd", f"{OVMF}/OVMF_VARS_4M.fd")])
     assert cat.builds == () and "not one build's pair" in cat.problems[0].message
 
 

@@ -7,6 +7,7 @@ import os
 
 import pytest
 from aavmf_files import without_aarch64
+from ovmf_files import debian12_path
 
 from varsd.errors import DescriptorError
 from varsd.firmware.catalog import list_descriptor_paths
@@ -17,7 +18,7 @@ from varsd.firmware.descriptors import (
 )
 from varsd.model.firmware import MappingMode, Target
 
-DEBIAN_DIR = "/usr/share/qemu/firmware"
+DEBIAN_DIR = debian12_path("/usr/share/qemu/firmware")  # Debian 12's (the host's there, else its unpacked .deb)
 Q35 = (Target("x86_64", ("pc-q35-*",)),)
 BOTH = (Target("x86_64", ("pc-i440fx-*", "pc-q35-*")),)
 COMMON = {"acpi-s3", "amd-sev", "verbose-dynamic"}

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from aavmf_files import hide_aarch64
+from ovmf_files import DEBIAN12_OVMF  # Debian 12's files, release-aware
 
 from varsd.firmware.catalog import load_catalog
 from varsd.firmware.discovery import Probe, discover, pair_builds
@@ -58,8 +59,8 @@ def test_descriptor_builds_come_first_and_are_not_listed_twice(tmp_path: Path) -
 
 def test_symlinks_are_resolved_and_names_mean_nothing(tmp_path: Path) -> None:
     # Debian's layout, but with names that say nothing: content decides.
-    d = _tree(tmp_path, {"a.fd": f"{OVMF}/OVMF_CODE.secboot.fd", "b.fd": f"{OVMF}/OVMF_VARS.fd",
-                         "c.fd": f"{OVMF}/OVMF_VARS.ms.fd", "OVMF_CODE.ms.fd": "->a.fd",
+    d = _tree(tmp_path, {"a.fd": f"{DEBIAN12_OVMF}/OVMF_CODE.secboot.fd", "b.fd": f"{DEBIAN12_OVMF}/OVMF_VARS.fd",
+                         "c.fd": f"{DEBIAN12_OVMF}/OVMF_VARS.ms.fd", "OVMF_CODE.ms.fd": "->a.fd",
                          "bios-256k.bin": "/usr/share/seabios/bios-256k.bin"})
     builds = discover([str(d)], set())
     sb, enrolled = ("requires-smm", "secure-boot"), ("enrolled-keys", "requires-smm", "secure-boot")
@@ -69,8 +70,8 @@ def test_symlinks_are_resolved_and_names_mean_nothing(tmp_path: Path) -> None:
 
 
 def test_a_path_whose_target_changes_is_a_new_build(tmp_path: Path) -> None:
-    d = _tree(tmp_path, {"plain.fd": f"{OVMF}/OVMF_CODE.fd", "sb.fd": f"{OVMF}/OVMF_CODE.secboot.fd",
-                         "VARS.fd": f"{OVMF}/OVMF_VARS.fd", "CODE.fd": "->plain.fd"})
+    d = _tree(tmp_path, {"plain.fd": f"{DEBIAN12_OVMF}/OVMF_CODE.fd", "sb.fd": f"{DEBIAN12_OVMF}/OVMF_CODE.secboot.fd",
+                         "VARS.fd": f"{DEBIAN12_OVMF}/OVMF_VARS.fd", "CODE.fd": "->plain.fd"})
     first = {b.code_sha256 for b in discover([str(d)], set())}
     os.unlink(d / "CODE.fd")
     os.unlink(d / "plain.fd")
@@ -80,7 +81,7 @@ def test_a_path_whose_target_changes_is_a_new_build(tmp_path: Path) -> None:
 
 
 def test_code_without_a_template_of_its_layout_is_no_build(tmp_path: Path) -> None:
-    d = _tree(tmp_path, {"OVMF_CODE.fd": f"{OVMF}/OVMF_CODE.fd", "OVMF_VARS_4M.fd": f"{OVMF}/OVMF_VARS_4M.fd"})
+    d = _tree(tmp_path, {"OVMF_CODE.fd": f"{DEBIAN12_OVMF}/OVMF_CODE.fd", "OVMF_VARS_4M.fd": f"{OVMF}/OVMF_VARS_4M.fd"})
     assert discover([str(d)], set()) == []
 
 

@@ -6,6 +6,7 @@ import os
 
 import pytest
 from aavmf_files import x86_only
+from ovmf_files import DEBIAN12_OVMF  # Debian 12's files, release-aware
 
 from varsd.config import ExtraFirmware
 from varsd.firmware.catalog import load_catalog
@@ -21,7 +22,7 @@ EXTRA = "config:extra_firmware[0]"
 def catalog() -> Catalog:
     cat = x86_only(load_catalog(
         ["/usr/share/qemu/firmware", "/etc/qemu/firmware"],
-        [ExtraFirmware("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd")],
+        [ExtraFirmware(f"{DEBIAN12_OVMF}/OVMF_CODE.fd", f"{DEBIAN12_OVMF}/OVMF_VARS.fd")],
     ))
     assert len(cat.builds) == 4 and cat.problems == ()
     return cat

@@ -23,15 +23,15 @@ from pathlib import Path
 
 import libvirt
 import pytest
+
+# The real files, release-aware (Debian 12's 2 MiB ones fetched for bookworm where the host is not Debian 12).
+from ovmf_files import CODE_2M, CODE_4M, OVMF, UNIFIED, VARS_2M, VARS_4M  # noqa: F401
+from ovmf_files import CODE_4M_SECBOOT as SB_CODE_4M  # noqa: F401
 from support.domains import VARSD_NS, domain_xml, split_os
 
 from varsd.cli.varsctl import main
 
 URI = "test:///default"
-OVMF = "/usr/share/OVMF"
-CODE_4M, VARS_4M = f"{OVMF}/OVMF_CODE_4M.fd", f"{OVMF}/OVMF_VARS_4M.fd"
-SB_CODE_4M, VARS_2M, CODE_2M = f"{OVMF}/OVMF_CODE_4M.secboot.fd", f"{OVMF}/OVMF_VARS.fd", f"{OVMF}/OVMF_CODE.fd"
-UNIFIED = "/usr/share/ovmf/OVMF.fd"
 
 
 class Bed:

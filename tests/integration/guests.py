@@ -15,13 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+import ovmf_files
+
 QEMU_RUN_DIR = "/run/libvirt/qemu"
 NVRAM_DIR = "/var/lib/libvirt/qemu/nvram"
 OVMF_DIR = "/usr/share/OVMF"
 CODE_4M = f"{OVMF_DIR}/OVMF_CODE_4M.fd"
 VARS_4M = f"{OVMF_DIR}/OVMF_VARS_4M.fd"
-CODE_2M = f"{OVMF_DIR}/OVMF_CODE.fd"
-VARS_2M = f"{OVMF_DIR}/OVMF_VARS.fd"
+CODE_2M, VARS_2M = ovmf_files.CODE_2M, ovmf_files.VARS_2M  # Debian 12's, release-aware (tests/ovmf_files.py)
 
 # CSI sequences including OVMF's private-mode ones such as ESC[=3h, plus lone ESC c etc.
 _ANSI = re.compile(r"\x1b\[[0-9;=?]*[A-Za-z]|\x1b[@-Z\\-_]")

@@ -15,6 +15,7 @@ import uuid as uuidlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import ovmf_files
 import pytest
 from lxml import etree
 from support.domains import guest_xml
@@ -24,7 +25,7 @@ from varsd.errors import HypervisorError
 
 from .guests import CODE_4M, NVRAM_DIR, VARS_4M, open_files, qemu_pid, wait_for_serial
 
-OVMF_2M_UNIFIED = "/usr/share/ovmf/OVMF.fd"
+OVMF_2M_UNIFIED = ovmf_files.UNIFIED  # Debian 12's, release-aware
 LIBVIRT_QEMU_CONF_DIR = "/etc/libvirt/qemu"
 
 
@@ -133,14 +134,26 @@ def _libvirtd_pids() -> list[int]:
     return [int(p) for p in out.split()]
 
 
+# Under systemd (the Debian bed: tests/distro) libvirtd is socket-activated: stopping the
+# process alone would let the next connection start it again, so the units are stopped.
+# There pgrep sees only the bed's own processes (its PID namespace), never the host's.
+_UNDER_SYSTEMD = os.path.isdir("/run/systemd/system")
+_LIBVIRTD_UNITS = ("libvirtd.socket", "libvirtd-ro.socket", "libvirtd-admin.socket", "libvirtd.service")
+
+
 def _stop_libvirtd() -> None:
+    if _UNDER_SYSTEMD:
+        subprocess.run(["systemctl", "stop", *_LIBVIRTD_UNITS], check=True)
     for pid in _libvirtd_pids():
         os.kill(pid, signal.SIGTERM)
     wait_until(lambda: not _libvirtd_pids(), 30, "libvirtd exits")
 
 
 def _start_libvirtd() -> None:
-    subprocess.run(["libvirtd", "-d"], check=True)
+    if _UNDER_SYSTEMD:
+        subprocess.run(["systemctl", "start", *_LIBVIRTD_UNITS], check=True)
+    else:
+        subprocess.run(["libvirtd", "-d"], check=True)
     wait_until(
         lambda: subprocess.run(["virsh", "-c", "qemu:///system", "uri"], capture_output=True).returncode == 0,
         30,

@@ -27,8 +27,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import debian_archive
 import pytest
-from debian_debs import ovmf_debs
 from support.domains import guest_xml, split_os
 from support.varstores import read_variables
 
@@ -45,8 +45,8 @@ ENTRY = (f"{EFI_GLOBAL}:Boot0007",)
 
 @pytest.fixture(scope="session")
 def debs() -> dict[str, Path]:
-    """Debian 12's and Debian 13's ovmf .deb, downloaded once (cached across runs)."""
-    return ovmf_debs()
+    """Debian 12's and Debian 13's ovmf .deb, each fetched from its own release (cached across runs)."""
+    return debian_archive.ovmf_debs()
 
 
 @pytest.fixture

@@ -40,6 +40,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import debian_archive
+import pytest
 from support.domains import split_os
 
 from varsd.adapters.libvirt_api import Hypervisor
@@ -50,8 +52,7 @@ from .guests import NVRAM_DIR, clean_serial, qemu_pid, wait_for_serial, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 VARSCTL = REPO / ".venv" / "bin" / "varsctl"
-CACHE = Path(os.environ.get("VARSD_TEST_CACHE", "/var/cache/varsd-tests")) / "debs"
-U1, U2 = "2022.11-6+deb12u1", "2022.11-6+deb12u2"
+U1, U2 = debian_archive.OVMF_DEB12U1, debian_archive.OVMF_DEB12U2
 HOOK_PKG = "varsd-upgrade-hook-test"
 OVMF = "/usr/share/OVMF"
 CODE_4M, VARS_4M = f"{OVMF}/OVMF_CODE_4M.fd", f"{OVMF}/OVMF_VARS_4M.fd"
@@ -76,15 +77,8 @@ debtools = _debtools()
 
 
 def _deb(version: str) -> Path:
-    """Debian's ovmf .deb of `version`, downloaded once into the cache."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    found = sorted(CACHE.glob(f"ovmf_{version.replace('+', '*')}_all.deb"))
-    if not found:
-        r = subprocess.run(["apt-get", "download", f"ovmf={version}"], cwd=CACHE, capture_output=True, text=True,
-                           timeout=600)
-        found = sorted(CACHE.glob(f"ovmf_{version.replace('+', '*')}_all.deb"))
-        assert found, f"apt-get download ovmf={version} failed:\n{r.stdout}{r.stderr}"
-    return found[0]
+    """Debian 12's ovmf .deb of `version`, fetched from bookworm explicitly once (cached)."""
+    return debian_archive.deb("ovmf", version, "bookworm")
 
 
 def _digests(deb: Path, *paths: str) -> dict[str, str]:
@@ -171,6 +165,8 @@ def _restore_u2(u2_deb: Path) -> None:
 # -- the test -------------------------------------------------------------------------
 
 
+@pytest.mark.debian12_host("it upgrades the host's own ovmf deb12u1 -> u2; on Debian 13 the same "
+                           "upgrade through the installed package is tests/distro/test_firmware_upgrade.py")
 def test_real_ovmf_upgrade_through_the_dpkg_trigger(hv: Hypervisor, guest_factory, tmp_path) -> None:
     assert VARSCTL.exists(), f"{VARSCTL} missing: run scripts/host-setup"
     installed = debtools.version("ovmf")

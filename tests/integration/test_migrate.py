@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ovmf_files
 from support.domains import guest_xml, split_os
 from support.varstores import read_variables
 
@@ -29,12 +30,12 @@ from varsd.domain.xml import parse_domain
 from .guests import NVRAM_DIR, open_files, qemu_pid, wait_for_serial, wait_for_varstore_write
 
 OVMF = "/usr/share/OVMF"
-SB_CODE_2M = f"{OVMF}/OVMF_CODE.secboot.fd"
-VARS_2M_MS = f"{OVMF}/OVMF_VARS.ms.fd"
+SB_CODE_2M = f"{ovmf_files.DEBIAN12_OVMF}/OVMF_CODE.secboot.fd"  # Debian 12's, release-aware
+VARS_2M_MS = ovmf_files.VARS_2M_MS
 SB_CODE_4M_MS = f"{OVMF}/OVMF_CODE_4M.ms.fd"  # -> OVMF_CODE_4M.secboot.fd
 VARS_4M_MS = f"{OVMF}/OVMF_VARS_4M.ms.fd"
 CODE_4M, VARS_4M = f"{OVMF}/OVMF_CODE_4M.fd", f"{OVMF}/OVMF_VARS_4M.fd"
-CODE_2M, VARS_2M = f"{OVMF}/OVMF_CODE.fd", f"{OVMF}/OVMF_VARS.fd"
+CODE_2M, VARS_2M = ovmf_files.CODE_2M, ovmf_files.VARS_2M
 EFI_GLOBAL = "8be4df61-93ca-11d2-aa0d-00e098032b8c"
 IMAGE_SECURITY_DB = "d719b2cb-3d3a-4596-a3bc-dad00e67656f"
 VENDOR = "5b3c9c5e-1f6a-4b8e-9d2a-7a1f0e6d4c21"

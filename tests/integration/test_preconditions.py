@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import ovmf_files
 from support.domains import guest_xml, with_cmdline
 
 from varsd.adapters.libvirt_api import Hypervisor
@@ -19,7 +20,7 @@ from varsd.domain.xml import parse_domain
 
 from .guests import CODE_4M, NVRAM_DIR, open_paths, qemu_pid, varsctl, wait_for_serial
 
-OVMF_2M_UNIFIED = "/usr/share/ovmf/OVMF.fd"
+OVMF_2M_UNIFIED = ovmf_files.UNIFIED  # Debian 12's, release-aware
 SB_CODE_4M = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ovmf_files
 import pytest
 from support.domains import guest_xml, split_os, with_cmdline
 from support.varstores import read_variables
@@ -22,9 +23,8 @@ from varsd.adapters.libvirt_api import Hypervisor
 
 from .guests import CODE_4M, NVRAM_DIR, VARS_4M, open_files, qemu_pid, wait_for_serial, wait_for_varstore_write
 
-OVMF_2M_UNIFIED = "/usr/share/ovmf/OVMF.fd"
-CODE_2M = "/usr/share/OVMF/OVMF_CODE.fd"
-VARS_2M = "/usr/share/OVMF/OVMF_VARS.fd"
+OVMF_2M_UNIFIED = ovmf_files.UNIFIED  # Debian 12's, release-aware
+CODE_2M, VARS_2M = ovmf_files.CODE_2M, ovmf_files.VARS_2M
 VENDOR_GUID = "5b3c9c5e-1f6a-4b8e-9d2a-7a1f0e6d4c21"  # a vendor GUID of our own
 
 

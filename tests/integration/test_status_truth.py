@@ -11,13 +11,14 @@ import json
 import os
 from pathlib import Path
 
+import ovmf_files
 from support.domains import guest_xml, with_cmdline
 
 from varsd.adapters.libvirt_api import Hypervisor
 
 from .guests import CODE_4M, NVRAM_DIR, open_paths, qemu_pid, varsctl, wait_for_serial
 
-OVMF_2M_UNIFIED = "/usr/share/ovmf/OVMF.fd"
+OVMF_2M_UNIFIED = ovmf_files.UNIFIED  # Debian 12's, release-aware
 
 
 def _status(config: Path, name: str) -> tuple[int, dict, str]:

@@ -2,7 +2,7 @@
 
 Each test builds its own firmware tree (a descriptor + `CODE.fd`/`VARS.fd`) from
 Debian 12's real OVMF packages, `2022.11-6+deb12u1` and `+deb12u2` (downloaded once
-with `apt-get download`, cached, extracted): the system's /usr/share/OVMF may be
+from bookworm explicitly, cached, extracted: tests/debian_archive.py): the system's /usr/share/OVMF may be
 changed under us by the dpkg upgrade test. The tree is then changed the way dpkg
 does (rename over, or removal) and `varsctl firmware sync` runs, as a package hook
 would. The proof is on the host: which code file the QEMU process has open (and
@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import debian_archive
 import pytest
 from support.varstores import read_variables
 
@@ -36,8 +37,7 @@ from varsd.engine.boots import record_boot
 from .conftest import Guest, GuestFactory
 from .guests import NVRAM_DIR, clean_serial, qemu_pid, wait_for_varstore_write
 
-DEBS = {"u1": "2022.11-6+deb12u1", "u2": "2022.11-6+deb12u2"}
-CACHE = Path(os.environ.get("VARSD_TEST_CACHE", "/var/cache/varsd-tests"))
+DEBS = {"u1": debian_archive.OVMF_DEB12U1, "u2": debian_archive.OVMF_DEB12U2}
 BDS = r"BdsDxe: starting Boot"
 
 
@@ -50,17 +50,7 @@ def ovmf() -> dict[str, Path]:
     """version key -> extracted /usr/share/OVMF of that Debian package (cached across runs)."""
     trees = {}
     for key, version in DEBS.items():
-        root = CACHE / f"ovmf_{version}"
-        tree = root / "usr/share/OVMF"
-        if not (tree / "OVMF_CODE.fd").exists():
-            root.mkdir(parents=True, exist_ok=True)
-            debs = list(root.glob("ovmf_*.deb"))
-            if not debs:
-                got = subprocess.run(["apt-get", "download", f"ovmf={version}"], cwd=root, capture_output=True,
-                                     text=True, timeout=300)
-                debs = list(root.glob("ovmf_*.deb"))
-                assert debs, f"apt-get download ovmf={version} failed:\n{got.stdout}{got.stderr}"
-            subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(root)], check=True, timeout=120)
+        tree = debian_archive.extracted("ovmf", version, "bookworm") / "usr/share/OVMF"
         trees[key] = tree
     # The two builds the tests tell apart: same 2 MiB varstore layout, different code.
     assert _sha(trees["u1"] / "OVMF_CODE.fd") != _sha(trees["u2"] / "OVMF_CODE.fd")

@@ -2,7 +2,9 @@
 
 Contract of this tier:
 - No libvirt daemon and no QEMU process. The planner gets the facts the engine would
-  read: firmware files are Debian 12's real OVMF images under /usr/share, and every
+  read: firmware files are Debian 12's real OVMF images and descriptors under /usr/share
+  (on any other host, Debian 12's ovmf .deb unpacked in the test cache stands in for
+  /usr/share, see ovmf_files.debian12_path: the golden XML holds Debian 12's digests), and every
   other path a case's XML names lives under a per-test fake root (`HostFS`), so the
   golden XML keeps the paths real hosts have (/var/lib/libvirt/...).
 - Each case is a directory `cases/<name>/` with `input.xml` (as `virsh dumpxml` or the
@@ -23,9 +25,8 @@ from pathlib import Path
 import pytest
 from aavmf_files import x86_only
 
-# Re-exported for the planning tests. tests/ is on the import path (see ovmf_files).
-from ovmf_files import CODE_2M, CODE_4M, CODE_4M_SECBOOT, EFI_GLOBAL, VARS_2M, VARS_4M, VARS_4M_MS  # noqa: F401
-from ovmf_files import UNIFIED as UNIFIED_2M  # noqa: F401
+# tests/ is on the import path (see ovmf_files).
+from ovmf_files import DEBIAN12_ROOT, EFI_GLOBAL, debian12_name, debian12_path  # noqa: F401
 
 from varsd.adapters import virtfw
 from varsd.clock import parse_stamp
@@ -41,6 +42,12 @@ NOW = parse_stamp("2025-01-15T10:00:00Z")  # the clock's aware datetime; XML hol
 NVRAM_DIR = "/var/lib/libvirt/qemu/nvram"
 
 FW_DIR = "/usr/share/qemu/firmware"
+# Debian 12's files by their Debian 12 names (read through debian12_path), for the planning tests.
+OVMF = "/usr/share/OVMF"
+CODE_2M, VARS_2M = f"{OVMF}/OVMF_CODE.fd", f"{OVMF}/OVMF_VARS.fd"
+CODE_4M, VARS_4M = f"{OVMF}/OVMF_CODE_4M.fd", f"{OVMF}/OVMF_VARS_4M.fd"
+CODE_4M_SECBOOT, VARS_4M_MS = f"{OVMF}/OVMF_CODE_4M.secboot.fd", f"{OVMF}/OVMF_VARS_4M.ms.fd"
+UNIFIED_2M = "/usr/share/ovmf/OVMF.fd"
 VENDOR_GUID = "6f2a9c1e-1d3b-4c8e-9a47-2b5d8e0f1c3a"  # a test variable under a vendor GUID
 
 @dataclass(frozen=True)
@@ -55,7 +62,7 @@ class Recipe:
 
 
 def read(path: str) -> bytes:
-    return Path(path).read_bytes()
+    return Path(debian12_path(path)).read_bytes()
 
 
 def copy_of(path: str) -> Recipe:
@@ -79,12 +86,12 @@ def used_varstore(template: str, *, tail: str | None = None) -> Recipe:
 
     def make() -> bytes:
         data = virtfw.with_variables(
-            template,
+            debian12_path(template),
             [
                 virtfw.EfiVariable("BootOrder", EFI_GLOBAL, virtfw.ATTR_NV_BS_RT, b"\x01\x00\x00\x00"),
                 virtfw.EfiVariable("VarsdTest", VENDOR_GUID, virtfw.ATTR_NV_BS_RT, b"kept"),
             ],
-            length=virtfw.read_layout(template).size,
+            length=virtfw.read_layout(debian12_path(template)).size,
         )
         return data + (read(tail) if tail else b"")
 
@@ -102,11 +109,11 @@ class HostFS:
 
     def local(self, path: str) -> str:
         if path.startswith(self.SYSTEM):
-            return path
+            return debian12_path(path)
         return str(self.root) + os.path.normpath(path)
 
     def visible(self, local: str) -> str:
-        return local[len(str(self.root)) :] if local.startswith(str(self.root) + "/") else local
+        return local[len(str(self.root)) :] if local.startswith(str(self.root) + "/") else debian12_name(local)
 
     def put(self, path: str, recipe: Recipe) -> None:
         target = Path(self.local(path))
@@ -135,11 +142,29 @@ class HostFS:
 @pytest.fixture(scope="session")
 def catalogs() -> dict[str, Catalog]:
     """'4m': Debian 12's descriptors only. '2m': plus the 2 MiB pair as an extra_firmware entry."""
-    four = x86_only(load_catalog([FW_DIR]))
-    two = x86_only(load_catalog([FW_DIR], [ExtraFirmware(CODE_2M, VARS_2M)]))
+    four = x86_only(debian12_catalog())
+    two = x86_only(debian12_catalog([ExtraFirmware(CODE_2M, VARS_2M)]))
     assert len(four.builds) == 3 and not four.problems, four
     assert len(two.builds) == 4 and not two.problems, two
     return {"4m": four, "2m": two}
+
+
+def debian12_catalog(extra: list[ExtraFirmware] | None = None, tmp: Path | None = None) -> Catalog:
+    """The catalog a Debian 12 host has (its descriptors, its images, `extra` pairs), with
+    Debian 12's names, also where its files are the unpacked .deb (debian12_path)."""
+    if not DEBIAN12_ROOT:
+        return load_catalog([FW_DIR], extra or [])
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="varsd-d12-fw-") as d:
+        for src in sorted(Path(debian12_path(FW_DIR)).glob("*.json")):
+            (Path(d) / src.name).write_text(src.read_text().replace('"/usr/share/', f'"{DEBIAN12_ROOT}/usr/share/'))
+        local = [replace(e, code=debian12_path(e.code), template=debian12_path(e.template)) for e in extra or []]
+        cat = load_catalog([d], local)
+    builds = tuple(replace(b, origin=b.origin.replace(d, FW_DIR), code_path=debian12_name(b.code_path),
+                           template_path=debian12_name(b.template_path) if b.template_path else None)
+                   for b in cat.builds)
+    return replace(cat, builds=builds)
 
 
 @pytest.fixture

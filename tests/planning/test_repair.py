@@ -21,9 +21,18 @@ from support.varstores import read_variables
 from varsd.adapters import virtfw
 from varsd.domain.classify import firmware_image_path
 from varsd.domain.xml import outside_firmware, parse_domain
+from varsd.engine.provision import inspect_json_varstore
 from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig, Status
 from varsd.model.firmware import Catalog
-from varsd.planning.repair import CreateVarstore, DomainFacts, Plan, Redefine, plan_repair, wants_secure_boot
+from varsd.planning.repair import (
+    CreateJsonVarstore,
+    CreateVarstore,
+    DomainFacts,
+    Plan,
+    Redefine,
+    plan_repair,
+    wants_secure_boot,
+)
 
 from .conftest import (
     CASES_DIR,
@@ -163,7 +172,8 @@ CASES: tuple[Case, ...] = (
     Case("tdx", C.CONFIDENTIAL, S.UNMANAGED, skip_libvirt=NEWER_LIBVIRT + " (tdx: 11.2)"),
     Case("stateless", C.STATELESS, S.UNMANAGED),
     # libvirt 12.1+ <varstore>: variables in a JSON file (QEMU uefi-vars), the ROM loader is right
-    Case("uefi-vars-json", C.HOST_VARSTORE, S.OK, skip_libvirt=NEWER_LIBVIRT + " (varstore: 12.1)"),
+    Case("uefi-vars-json", C.HOST_VARSTORE, S.OK, skip_libvirt=NEWER_LIBVIRT + " (varstore: 12.1)",
+         files={"/var/lib/libvirt/qemu/varstore/qemuvars-guest.json": Recipe(lambda: JSON_STORE)}),
     Case("opt-out", C.SPLIT, S.UNMANAGED,
          files={STALE_CODE: copy_of(CODE_4M), f"{NV}/appliance-frozen_VARS.fd": used_varstore(VARS_4M)}),
     Case("pinned", C.SPLIT, S.PINNED,
@@ -219,6 +229,8 @@ def _facts(hostfs: HostFS, xml: str, *, live: DomainFirmware | None, persistent:
         image=hostfs.inspect(image_path, digest=True) if image_path else None,
         nvram=hostfs.inspect(fw.nvram_path, digest=False) if fw.nvram_path else None,
         persistent=persistent,
+        json_varstore=replace(inspect_json_varstore(hostfs.local(fw.host_varstore_path)), path=fw.host_varstore_path)
+        if fw.host_varstore_path else None,
     )
 
 
@@ -543,3 +555,42 @@ def test_a_json_varstore_domain_is_reported_with_its_file_and_never_rewritten(ca
     assert "QEMU uefi-vars device" in out.plan.detail and "OVMF.qemuvars.json" in out.plan.detail
     fw = parse_domain((CASES_DIR / case.name / "input.xml").read_text())
     assert fw.host_varstore and fw.host_varstore_template == "/usr/share/edk2/ovmf/OVMF.qemuvars.json"
+
+
+JSON_STORE = (b'{"version": 2, "variables": [{"name": "BootOrder", "guid": "8be4df61-93ca-11d2-aa0d-00e098032b8c", '
+              b'"attr": 7, "data": "0100"}]}')
+JSON_PATH = "/var/lib/libvirt/qemu/varstore/qemuvars-guest.json"
+JSON_TEMPLATE = "/usr/share/edk2/ovmf/OVMF.qemuvars.json"
+
+
+@pytest.mark.parametrize("content", [None, b""], ids=["missing", "empty"])
+def test_a_missing_or_empty_json_varstore_is_provisioned_from_its_template_first(catalogs, hostfs, content) -> None:
+    """QEMU would start the guest with no variables at all (no Secure Boot keys)."""
+    if content is not None:
+        hostfs.put(JSON_PATH, Recipe(lambda: content))
+    xml = (CASES_DIR / "uefi-vars-json" / "input.xml").read_text()
+    plan = plan_repair(_facts(hostfs, xml, live=None), catalogs["4m"], NV, NOW)
+    assert plan.actions == (CreateJsonVarstore(JSON_PATH, JSON_TEMPLATE),)
+    assert (plan.config, plan.status, plan.varstore) == (C.HOST_VARSTORE, S.OK, JSON_PATH)
+    what = "does not exist" if content is None else "is empty"
+    assert plan.detail.startswith(f"JSON varstore {JSON_PATH} {what}: provisioned from {JSON_TEMPLATE}")
+    assert not any(isinstance(a, Redefine) for a in plan.actions)  # the XML is never rewritten
+
+
+@pytest.mark.parametrize(("running", "template", "content", "says"), [
+    (True, True, None, "while the guest runs: QEMU started it with no variables"),
+    (False, False, None, "names no template"),
+    (False, True, b"{\"version\": 1}",
+     f"{JSON_PATH}: not a QEMU JSON varstore (version 1, expected 2); left untouched"),
+], ids=["running", "no-template", "invalid"])
+def test_a_json_varstore_varsd_cannot_provision_is_an_error_saying_why(catalogs, hostfs, running, template, content,
+                                                                      says) -> None:
+    if content is not None:
+        hostfs.put(JSON_PATH, Recipe(lambda: content))
+    xml = (CASES_DIR / "uefi-vars-json" / "input.xml").read_text()
+    if not template:
+        xml = xml.replace(f"template='{JSON_TEMPLATE}' ", "")
+    facts = _facts(hostfs, xml, live=parse_domain(xml) if running else None)
+    plan = plan_repair(facts, catalogs["4m"], NV, NOW)
+    assert (plan.status, plan.actions, plan.varstore) == (S.ERROR, (), JSON_PATH)
+    assert says in plan.detail

@@ -7,6 +7,8 @@ import shutil
 from functools import partial
 
 import pytest
+from ovmf_files import DEBIAN12_OVMF  # Debian 12's files, release-aware
+from ovmf_files import UNIFIED as UNIFIED_2M_IMAGE
 from support.domains import QEMU_NS, domain_xml, split_os, varsd_metadata
 
 from varsd.clock import parse_stamp
@@ -22,8 +24,8 @@ NOW = parse_stamp("2026-11-26T00:00:00Z")  # the clock's aware datetime; XML hol
 
 @pytest.fixture(scope="module")
 def catalog():
-    return load_catalog(["/usr/share/qemu/firmware"], [ExtraFirmware("/usr/share/OVMF/OVMF_CODE.fd",
-                                                                    "/usr/share/OVMF/OVMF_VARS.fd")])
+    return load_catalog(["/usr/share/qemu/firmware"], [ExtraFirmware(f"{DEBIAN12_OVMF}/OVMF_CODE.fd",
+                                                                    f"{DEBIAN12_OVMF}/OVMF_VARS.fd")])
 
 
 def plan(xml: str, catalog, nvram_dir: str):
@@ -48,7 +50,7 @@ def test_snp_guest_through_qemu_commandline_is_confidential_and_untouched(catalo
     xml = domain("", namespaces={"qemu": QEMU_NS}, tail=(
         "<qemu:commandline><qemu:arg value='-machine'/><qemu:arg value='confidential-guest-support=sev0'/>"
         "<qemu:arg value='-object'/><qemu:arg value='sev-snp-guest,id=sev0,cbitpos=51'/>"
-        "<qemu:arg value='-bios'/><qemu:arg value='/usr/share/ovmf/OVMF.fd'/></qemu:commandline>"))
+        f"<qemu:arg value='-bios'/><qemu:arg value='{UNIFIED_2M_IMAGE}'/></qemu:commandline>"))
     p = plan(xml, catalog, str(tmp_path))
     assert (p.config, p.status, p.actions) == (FirmwareConfig.CONFIDENTIAL, Status.UNMANAGED, ())
 
@@ -76,7 +78,7 @@ def test_seabios_image_in_a_directory_named_edk2_stays_seabios(catalog, tmp_path
 
 def test_a_pin_on_a_unified_domain_never_repoints_its_loader(catalog, tmp_path) -> None:
     image = tmp_path / "unified.fd"
-    shutil.copyfile("/usr/share/ovmf/OVMF.fd", image)
+    shutil.copyfile(UNIFIED_2M_IMAGE, image)
     xml = domain(f"<loader readonly='no' type='pflash'>{image}</loader>", tail=(
         "<metadata><varsd:firmware xmlns:varsd='https://varsd.org/xmlns/firmware/1'>"
         "<varsd:pin sha256='" + "ab" * 32 + "' by='admin'/></varsd:firmware></metadata>"))
@@ -111,7 +113,7 @@ def test_oversized_varstore_is_called_oversized_not_shared(catalog, tmp_path) ->
 
 def test_manage_maybe_is_reported_as_written(catalog, tmp_path) -> None:
     """#12 defect 16: an unknown manage= value opts out (safe) and is named, not called 'no'."""
-    xml = domain(f"<loader type='rom'>{'/usr/share/ovmf/OVMF.fd'}</loader>", tail=(
+    xml = domain(f"<loader type='rom'>{UNIFIED_2M_IMAGE}</loader>", tail=(
         "<metadata><varsd:firmware xmlns:varsd='https://varsd.org/xmlns/firmware/1' manage='maybe'/></metadata>"))
     p = plan(xml, catalog, str(tmp_path))
     assert (p.status, p.actions) == (Status.UNMANAGED, ())

@@ -340,8 +340,10 @@ class ReplaceError(VarsdError):
     """An atomic replace failed; the old file is still in place, whole."""
 
 
-def replace_atomic(path: str, data: bytes, *, expect: bytes | None = None) -> None:
-    """Atomically replace the regular file `path` with `data`, keeping its owner and mode.
+def replace_atomic(path: str, data: bytes, *, expect: bytes | None = None,
+                   owner: tuple[int, int] | None = None, mode: int | None = None) -> None:
+    """Atomically replace the regular file `path` with `data`, keeping its owner and mode
+    (or setting `owner` (uid, gid) and `mode` on the new file).
 
     Readers see the old file or the new one, never a mix, and a crash leaves one of the
     two under the name: the bytes go to a temp file in the same directory, fsynced,
@@ -380,8 +382,8 @@ def replace_atomic(path: str, data: bytes, *, expect: bytes | None = None) -> No
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fchown(fd, st.st_uid, st.st_gid)
-        os.fchmod(fd, stat.S_IMODE(st.st_mode))
+        os.fchown(fd, *(owner or (st.st_uid, st.st_gid)))
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) if mode is None else mode)
         os.fsync(fd)
         os.close(fd)
         fd = -1

@@ -525,7 +525,8 @@ def ms2023_certificates() -> tuple[ShippedCert, ...]:
 
     26.x names them `certs.MS_KEK_2023 = 'microsoft.com/ms-kek-2023'` (a resource
     for `certs.load_cert`); 24.11 names them by file path
-    (`certs/MicrosoftCorporationKEK2KCA2023.pem`) and has no Option ROM CA. A file
+    (`certs/MicrosoftCorporationKEK2KCA2023.pem`: a str from pkg_resources on PyPI, a
+    Traversable from importlib_resources in Debian 13's package) and has no Option ROM CA. A file
     whose subject is not the one expected is not used: varsd never guesses.
     """
 
@@ -533,9 +534,13 @@ def ms2023_certificates() -> tuple[ShippedCert, ...]:
     for want in MS_2023_CERTS:
         ref = getattr(vf_certs, _SHIPPED_ATTR[want.subject], None)
         der = source = None
-        if isinstance(ref, str):
+        if isinstance(ref, str) or hasattr(ref, "read_bytes"):
             try:
-                if os.path.isabs(ref):
+                if not isinstance(ref, str):
+                    # Debian's 24.11 (python3-virt-firmware) is patched to importlib_resources:
+                    # its names are Traversable paths, not strings (seen in the Debian 13 bed)
+                    pem, source = fsio.read_file(str(ref)), str(ref)
+                elif os.path.isabs(ref):
                     pem, source = fsio.read_file(ref), ref
                 else:
                     pem, source = vf_certs.load_cert(ref), f"virt.firmware certs/{ref}.pem"

@@ -35,7 +35,7 @@ from varsd.engine.backups import backup_status, open_store
 from varsd.errors import ConfigError, HypervisorError, VarsdError
 from varsd.model.domain import Status
 from varsd.model.journal import ChangeKind
-from varsd.planning.repair import Action, CreateVarstore
+from varsd.planning.repair import Action, CreateJsonVarstore, CreateVarstore
 
 
 def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
@@ -58,6 +58,8 @@ def describe_action(action: Action) -> str:
     if isinstance(action, CreateVarstore):
         what = f"the first {action.length} bytes of {action.source}" if action.length else action.source
         return f"create varstore {action.path} from {what} ({action.layout.describe()})"
+    if isinstance(action, CreateJsonVarstore):
+        return f"provision the JSON varstore {action.path} from {action.template}"
     return f"redefine the domain: {action.reason}"
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.filecache import ContentCache, stat_key_of
 from varsd.errors import ProvisionError, VarstoreError
+from varsd.firmware import json_varstore
 from varsd.model.firmware import VarstoreLayout
 
 
@@ -30,7 +31,7 @@ class Provisioned:
 
     path: str
     adopted: bool
-    layout: VarstoreLayout
+    layout: VarstoreLayout | None  # None for a JSON varstore
 
 
 def provision_varstore(
@@ -150,3 +151,87 @@ def _adoptable(target: str, data: bytes, source: str) -> bool:
             "domain at it; if it is stale, move it aside (e.g. to a .bak name) and retry."
         )
     return True
+
+
+# -- JSON varstores (QEMU uefi-vars, libvirt <varstore>) ---------------------------------
+
+
+def inspect_json_varstore(path: str) -> json_varstore.JsonFileFacts:
+    """What is at a `<varstore path>`: missing, empty, a valid JSON varstore, or not one.
+    A symlink there is not followed (it is reported as invalid)."""
+    try:
+        data = fsio.read_file(path, follow_symlinks=False)
+    except fsio.ReadError as exc:
+        if not os.path.lexists(path):
+            return json_varstore.facts_of(path, None)
+        return json_varstore.JsonFileFacts(path, json_varstore.JsonState.INVALID, str(exc))
+    return json_varstore.facts_of(path, data)
+
+
+def _json_template(template: str) -> bytes:
+    try:
+        data = fsio.read_file(template)
+    except fsio.ReadError as exc:
+        raise ProvisionError(f"cannot read JSON varstore template: {exc}") from None
+    json_varstore.parse(data, template)  # VarstoreError naming the template
+    return data
+
+
+def _parent_dir(target: str, owner: tuple[int, int]) -> None:
+    """libvirt makes its varstore directory (/var/lib/libvirt/qemu/varstore) at the first
+    start that needs it; a store provisioned before that start makes it as libvirt makes
+    nvram/ (0755, the qemu user's), one level only: a missing grandparent is a
+    configuration error that create_exclusive reports."""
+    parent = os.path.dirname(target)
+    if os.path.isdir(parent) or not os.path.isdir(os.path.dirname(parent)):
+        return  # exists (or cannot be made here: create_exclusive reports it)
+    try:
+        os.mkdir(parent, 0o755)
+        os.chown(parent, *owner, follow_symlinks=False)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ProvisionError(f"cannot create {parent}: {fsio.describe_oserror(exc)}") from None
+
+
+def preflight_json(target: str, template: str) -> str | None:
+    """Why `provision_json_varstore(target, template)` would fail now, or None."""
+    try:
+        _json_template(template)
+    except (ProvisionError, VarstoreError) as exc:
+        return str(exc)
+    return None
+
+
+def provision_json_varstore(target: str, template: str, *, owner: tuple[int, int]) -> Provisioned | None:
+    """Give the JSON varstore `target` the content of `template` when it is missing or empty.
+
+    Same rules as a pflash varstore: atomic (temp file in the same directory, fsync,
+    rename, fsync of the directory), never through a symlink, 0600, owned by `owner`.
+    An empty regular file holds no variables, so it is replaced (only while still empty);
+    anything with content is never touched. Returns None when `target` already has
+    content (someone provisioned it meanwhile, e.g. libvirt at a start)."""
+    data = _json_template(template)
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise ProvisionError(f"cannot examine {target}: {fsio.describe_oserror(exc)}") from None
+    if st is None:
+        _parent_dir(target, owner)
+        try:
+            fsio.create_exclusive(target, data, mode=0o600, uid=owner[0], gid=owner[1])
+        except fsio.TargetExists:
+            return None  # created by someone else between our look and our link
+        return Provisioned(path=target, adopted=False, layout=None)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+        raise ProvisionError(f"{target} is not a regular file; varsd never writes through it: replace it with the "
+                             "domain's JSON varstore, or remove it, and retry")
+    if st.st_size:
+        return None
+    try:
+        fsio.replace_atomic(target, data, expect=b"", owner=owner, mode=0o600)
+    except fsio.ReplaceError as exc:
+        raise ProvisionError(str(exc)) from None
+    return Provisioned(path=target, adopted=False, layout=None)

@@ -32,7 +32,13 @@ from varsd.domain.xml import firmware_signature, parse_domain
 from varsd.engine import plan_memo
 from varsd.engine.inspect import FileInspector
 from varsd.engine.lock import host_lock
-from varsd.engine.provision import preflight, provision_varstore
+from varsd.engine.provision import (
+    inspect_json_varstore,
+    preflight,
+    preflight_json,
+    provision_json_varstore,
+    provision_varstore,
+)
 from varsd.engine.transaction import Transaction, Writer
 from varsd.engine.varstore_users import VarstoreIndex
 from varsd.errors import HypervisorError, LockBusy, ProvisionError, StateDirError, VarsdError
@@ -42,6 +48,7 @@ from varsd.model.domain import AttemptFailure, DomainFirmware, DomainRef, Firmwa
 from varsd.model.firmware import Build, Catalog, UpgradePolicy
 from varsd.planning import sharing
 from varsd.planning.repair import (
+    CreateJsonVarstore,
     CreateVarstore,
     DomainFacts,
     Plan,
@@ -169,7 +176,8 @@ def _changes_firmware(facts: DomainFacts, plan: Plan) -> bool:
     """Whether the plan repairs firmware (vs. bookkeeping such as recording the binding)."""
     before = firmware_signature(facts.xml)
     return any(
-        isinstance(a, CreateVarstore) or (isinstance(a, Redefine) and firmware_signature(a.xml) != before)
+        isinstance(a, CreateVarstore | CreateJsonVarstore)
+        or (isinstance(a, Redefine) and firmware_signature(a.xml) != before)
         for a in plan.actions
     )
 
@@ -324,7 +332,7 @@ class Reconciler:
             self._memo.pop(ref.uuid, None)
         else:
             fw = facts.firmware
-            paths = tuple(p for p in (firmware_image_path(fw), fw.nvram_path) if p)
+            paths = tuple(p for p in (firmware_image_path(fw), fw.nvram_path, fw.host_varstore_path) if p)
             self._memo[ref.uuid] = _Memo(
                 xml, live_xml, self.catalog, upgrades, excluded, ref.persistent, paths,
                 tuple(self.inspector.stat_key(p) for p in paths), facts, plan,
@@ -364,8 +372,10 @@ class Reconciler:
         image_path = firmware_image_path(fw)
         image = self.inspector.inspect(image_path, digest=True) if image_path else None
         nvram = self.inspector.inspect(fw.nvram_path, digest=False) if fw.nvram_path else None
+        json_store = inspect_json_varstore(fw.host_varstore_path) if fw.host_varstore_path else None
         return DomainFacts(
             xml=xml, firmware=fw, live=live, image=image, nvram=nvram, excluded=excluded, persistent=persistent,
+            json_varstore=json_store,
             sharing=self._sharing(fw, running=live is not None, persistent=persistent),
             other_varstores=self.varstores.taken(
                 [p for p in (fw.nvram_path, *islice(varstore_names(self.cfg.nvram_dir, fw), 8)) if p], fw.uuid),
@@ -468,8 +478,10 @@ class Reconciler:
         for action in plan.actions:
             if isinstance(action, CreateVarstore):
                 blocked = preflight(action.path, action.source, length=action.length, expected_layout=action.layout)
-                if blocked:
-                    break
+            elif isinstance(action, CreateJsonVarstore):
+                blocked = preflight_json(action.path, action.template)
+            if blocked:
+                break
         out = _outcome(ref, facts, plan, (), unrepaired=_changes_firmware(facts, plan))
         return replace(out, failure=failure, blocked=blocked)
 
@@ -543,6 +555,12 @@ class Reconciler:
                         created.append(action.path)
                     done.append(f"{what} varstore {action.path}")
                     log.info("domain '%s': %s varstore %s from %s", tx.ref.name, what, action.path, action.source)
+                elif isinstance(action, CreateJsonVarstore):
+                    attempt.append(f"provision JSON varstore {action.path} from {action.template}")
+                    made = provision_json_varstore(action.path, action.template, owner=self.owner)
+                    what = "provisioned JSON" if made else "found already provisioned JSON"
+                    done.append(f"{what} varstore {action.path}")
+                    log.info("domain '%s': %s varstore %s from %s", tx.ref.name, what, action.path, action.template)
                 elif isinstance(action, Redefine):
                     attempt.append(f"redefine ({action.reason})")
                     tx.write(action.xml, action.reason, planned_from=facts.xml)

@@ -121,6 +121,23 @@ def _targets(doc: Mapping[str, object], path: str) -> tuple[Target, ...]:
     return tuple(out)
 
 
+MAX_NESTING = 32  # real descriptors nest 3 levels; the spec's deepest shape is 4
+
+
+def _nesting(doc: object) -> int:
+    """How deeply lists and objects nest in a parsed JSON document (iteratively: no recursion)."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth <= MAX_NESTING:
+            stack.extend((c, depth + 1) for c in children)
+    return deepest
+
+
 def parse_descriptor(text: str | bytes, path: str) -> Descriptor:
     """Parse one descriptor's content; raise DescriptorError naming `path` and the fault.
 
@@ -138,6 +155,8 @@ def parse_descriptor(text: str | bytes, path: str) -> Descriptor:
         raise _fail(path, "nested too deeply to be a firmware descriptor") from None
     except ValueError as exc:  # e.g. an integer of more digits than Python converts
         raise _fail(path, f"not a usable JSON document: {exc}") from None
+    if _nesting(doc) > MAX_NESTING:  # Python 3.13's parser takes 1000 levels without a RecursionError
+        raise _fail(path, "nested too deeply to be a firmware descriptor")
     doc = _object(doc, path, "the document")
 
     description = doc.get("description", "")

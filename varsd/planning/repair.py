@@ -64,6 +64,7 @@ from datetime import datetime
 from varsd.domain.classify import classify, firmware_image_path
 from varsd.domain.xml import FirmwareEdit, apply_edit, nvram_storage, parse_domain, replace_loader_code, set_metadata
 from varsd.firmware.fit import Needs, code_secure_boot, machine_has_smm, misfits, uefi_needs_acpi, why_not
+from varsd.firmware.json_varstore import JsonFileFacts, JsonState
 from varsd.firmware.selection import explain_no_build, select_build
 from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig, Status, VarsdMetadata
 from varsd.model.firmware import Build, Catalog, MappingMode, VarstoreLayout
@@ -88,6 +89,7 @@ class DomainFacts:
     sharing: Sharing | None = None
     # Varstore paths other domains name: a new varstore never goes there.
     other_varstores: frozenset[str] = frozenset()
+    json_varstore: JsonFileFacts | None = None  # the file at <os><varstore path> (libvirt 12.1+)
 
     @property
     def running(self) -> bool:
@@ -112,7 +114,15 @@ class Redefine:
     reason: str
 
 
-Action = CreateVarstore | Redefine
+@dataclass(frozen=True)
+class CreateJsonVarstore:
+    """Provision the JSON varstore `path` (missing, or empty) from the JSON template `template`."""
+
+    path: str
+    template: str
+
+
+Action = CreateVarstore | Redefine | CreateJsonVarstore
 
 
 @dataclass(frozen=True)
@@ -280,7 +290,7 @@ def plan_repair(
             fw,
         )
     if config is FirmwareConfig.HOST_VARSTORE:
-        return _plan_host_varstore(fw)
+        return _plan_host_varstore(fw, facts)
     if config is FirmwareConfig.STATELESS:
         return _unmanaged(config, "stateless firmware: no varstore by design", fw)
     if config is FirmwareConfig.UNKNOWN:
@@ -317,13 +327,34 @@ def plan_repair(
     return _outside_warning(plan, nvram_dir) if config is FirmwareConfig.SPLIT else plan
 
 
-def _plan_host_varstore(fw: DomainFirmware) -> Plan:
-    """libvirt 12.1+ `<varstore>`: the ROM loader is right and stays; nothing is rewritten."""
+def _plan_host_varstore(fw: DomainFirmware, facts: DomainFacts) -> Plan:
+    """libvirt 12.1+ `<varstore>`: the ROM loader is right and stays, the XML is never
+    rewritten; but a missing or empty JSON file is provisioned from its template first
+    (QEMU would start the guest with no variables at all: no Secure Boot keys)."""
     where = fw.host_varstore_path or "the path libvirt assigns at define time"
     source = f", made from {fw.host_varstore_template}" if fw.host_varstore_template else ""
-    return Plan(FirmwareConfig.HOST_VARSTORE, Status.OK,
-                f"variables in the JSON varstore {where} (QEMU uefi-vars device{source}); firmware {fw.loader_path} "
-                "kept as defined", code=fw.loader_path, varstore=fw.host_varstore_path)
+
+    def plan(status: Status, detail: str, actions: tuple[Action, ...] = ()) -> Plan:
+        return Plan(FirmwareConfig.HOST_VARSTORE, status, detail, actions, code=fw.loader_path,
+                    varstore=fw.host_varstore_path)
+
+    found = facts.json_varstore
+    kept = f"firmware {fw.loader_path} kept as defined"
+    if fw.host_varstore_path is None or found is None or found.state is JsonState.VALID:
+        return plan(Status.OK, f"variables in the JSON varstore {where} (QEMU uefi-vars device{source}); {kept}")
+    path = fw.host_varstore_path
+    if found.state is JsonState.INVALID:
+        return plan(Status.ERROR, f"{found.problem}; left untouched (it may hold the guest's variables): restore it "
+                    "from a backup, or move it aside so varsd provisions it from its template")
+    what = "does not exist" if found.state is JsonState.MISSING else "is empty"
+    if facts.running:
+        return plan(Status.ERROR, f"JSON varstore {path} {what} while the guest runs: QEMU started it with no "
+                    "variables (no Secure Boot keys); shut it down and varsd provisions it from its template")
+    if not fw.host_varstore_template:
+        return plan(Status.ERROR, f"JSON varstore {path} {what} and <varstore> names no template: QEMU would start "
+                    "the guest with no variables; add template='...' (a JSON varstore) or provide the file")
+    return plan(Status.OK, f"JSON varstore {path} {what}: provisioned from {fw.host_varstore_template}; {kept}",
+                (CreateJsonVarstore(path, fw.host_varstore_template),))
 
 
 ACPI_NOTE = "adds <acpi/>: UEFI on x86 needs ACPI (the guest sees ACPI tables from its next cold boot)"
