@@ -180,3 +180,28 @@ def test_sweep_removes_only_old_varsd_temp_files(tmp_path):
         os.utime(p, (past, past))
     assert fsio.sweep_temp_files(str(tmp_path)) == [old_tmp.name]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh_tmp.name, varstore.name, other.name])
+
+
+@pytest.mark.parametrize("data", [
+    bytes(64 << 20),  # a blank AAVMF varstore: all holes
+    b"\x5a" * 100 + bytes((3 << 20) - 100) + b"\x01",  # data, a hole, data at the very end
+    b"\x00" * 1000,  # less than one block: written
+    b"",
+])
+def test_zero_blocks_become_holes_and_content_is_exact(tmp_path, data):
+    target = tmp_path / "v.fd"
+    fsio.create_exclusive(str(target), data)
+    assert target.read_bytes() == data and target.stat().st_size == len(data)
+    if len(data) >= 64 << 20:
+        assert target.stat().st_blocks * 512 < 1 << 20
+
+
+def test_erased_from(tmp_path):
+    f = tmp_path / "f"
+    f.write_bytes(b"head" + bytes(3 << 20))
+    assert fsio.erased_from(str(f), 4) and not fsio.erased_from(str(f), 0)
+    f.write_bytes(b"head" + b"\xff" * 5000)
+    assert fsio.erased_from(str(f), 4)
+    f.write_bytes(b"head" + b"\xff" * 5000 + b"\x00")  # mixed is not erased
+    assert not fsio.erased_from(str(f), 4, chunk=1024)
+    assert not fsio.erased_from(str(f), 1 << 20)  # nothing there

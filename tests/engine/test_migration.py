@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+from aavmf_files import x86_only
 from support.clock import FixedClock
 from support.domains import domain_xml, split_os, varsd_metadata
 from support.varstores import read_variables
@@ -72,7 +73,7 @@ EXTRA_2M = "config:extra_firmware[0]"
 @pytest.fixture(scope="module")
 def catalog() -> Catalog:
     """Debian's three 4 MiB descriptors plus the plain 2 MiB pair from the config."""
-    cat = load_catalog([FW_DIR], [ExtraFirmware(code=CODE_2M, template=VARS_2M)])
+    cat = x86_only(load_catalog([FW_DIR], [ExtraFirmware(code=CODE_2M, template=VARS_2M)]))
     assert len(cat.builds) == 4 and cat.problems == ()
     return cat
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import libvirt
 import pytest
+from aavmf_files import x86_only
 from support.clock import FixedClock
 from support.domains import domain_xml
 
@@ -42,7 +43,7 @@ ROM = "<loader type='rom'>/usr/share/ovmf/OVMF.fd</loader>"
 
 @pytest.fixture(scope="module")
 def catalog() -> Catalog:
-    cat = load_catalog(["/usr/share/qemu/firmware"])
+    cat = x86_only(load_catalog(["/usr/share/qemu/firmware"]))
     assert len(cat.builds) == 3 and cat.problems == ()
     return cat
 

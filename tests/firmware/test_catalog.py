@@ -8,6 +8,7 @@ import os
 import shutil
 
 import pytest
+from aavmf_files import hide_aarch64, without_aarch64, x86_only
 
 from varsd.adapters import fsio, virtfw
 from varsd.config import ExtraFirmware
@@ -44,7 +45,7 @@ class Counting:
 
 
 def test_real_debian_catalog():
-    cat = load_catalog(DEBIAN_DIRS)
+    cat = x86_only(load_catalog(DEBIAN_DIRS))
     assert cat.problems == ()
     assert [os.path.basename(b.origin) for b in cat.builds] == [
         "40-edk2-x86_64-secure-enrolled.json",
@@ -81,7 +82,7 @@ def test_extra_pair_is_appended_as_split_build():
         machines=("pc-i440fx-*",),
         features=("acpi-s3",),
     )
-    cat = load_catalog(DEBIAN_DIRS, [extra])
+    cat = x86_only(load_catalog(DEBIAN_DIRS, [extra]))
     assert cat.problems == ()
     assert len(cat.builds) == 4
     b = cat.builds[3]
@@ -96,9 +97,10 @@ def test_extra_pair_is_appended_as_split_build():
     assert not b.secure_boot
 
 
-def test_each_image_is_read_once_per_load():
+def test_each_image_is_read_once_per_load(tmp_path):
     c = Counting()
-    cat = load_catalog(DEBIAN_DIRS, [EXTRA_2M], sha256=c.sha256, read_layout=c.read_layout)
+    dirs = (*DEBIAN_DIRS, hide_aarch64(tmp_path / "hide"))
+    cat = load_catalog(dirs, [EXTRA_2M], sha256=c.sha256, read_layout=c.read_layout)
     assert len(cat.builds) == 4
     # OVMF_CODE_4M.ms.fd is a symlink to .secboot.fd, and two builds share OVMF_VARS_4M.fd
     assert sorted(os.path.realpath(p) for p in c.hashed) == sorted(
@@ -114,7 +116,7 @@ def test_each_image_is_read_once_per_load():
     )
     assert sorted(c.layouts) == sorted(f"{OVMF}/{n}" for n in ("OVMF_VARS_4M.ms.fd", "OVMF_VARS_4M.fd", "OVMF_VARS.fd"))
     # memo is per call: a second load reads again
-    load_catalog(DEBIAN_DIRS, sha256=c.sha256, read_layout=c.read_layout)
+    load_catalog(dirs, sha256=c.sha256, read_layout=c.read_layout)
     assert len(c.layouts) == 5
 
 
@@ -172,6 +174,8 @@ def fw_dirs(tmp_path):
     (img / "OVMF.fd").symlink_to("/usr/share/ovmf/OVMF.fd")
     usr = tmp_path / "usr"
     shutil.copytree(FW, usr)
+    for name in set(os.listdir(usr)) - set(without_aarch64(os.listdir(usr))):
+        os.unlink(usr / name)  # these rows are about x86 descriptors (aarch64: test_aarch64.py)
     etc = tmp_path / "etc"
     etc.mkdir()
     files = {
@@ -287,7 +291,7 @@ def test_qcow2_builds_are_skipped_quietly_not_problems(tmp_path):
         "targets": [{"architecture": "x86_64", "machines": ["pc-q35-*"]}],
         "features": ["secure-boot", "requires-smm"], "tags": [],
     }))
-    catalog = load_catalog(["/usr/share/qemu/firmware", str(d)])
+    catalog = x86_only(load_catalog(["/usr/share/qemu/firmware", str(d)]))
     assert catalog.problems == ()
     assert [b.origin.rsplit("/", 1)[1] for b in catalog.builds] == [
         "40-edk2-x86_64-secure-enrolled.json", "50-edk2-x86_64-secure.json", "60-edk2-x86_64.json"]
@@ -332,3 +336,36 @@ def test_nul_in_filename_is_a_plain_descriptor_error(tmp_path, caplog):
         cat, problems = _one_problem(tmp_path, "20-nul.json", text)
     assert "contains a NUL byte" in problems["20-nul.json"]
     assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"]
+
+
+# -- aarch64: blank templates ---------------------------------------------------------
+
+
+def _arm(code, template) -> str:
+    doc = json.loads(descriptor(code, template))
+    doc["targets"] = [{"architecture": "aarch64", "machines": ["virt-*"]}]
+    return json.dumps(doc)
+
+
+def test_a_blank_template_alone_is_a_problem_not_a_build(tmp_path):
+    """Without a formatted template of the same code nothing says which layout the code formats."""
+    from aavmf_files import CODE, blank_flash
+
+    d = tmp_path / "fw"
+    d.mkdir()
+    (d / "60-arm.json").write_text(_arm(CODE, blank_flash(tmp_path / "VARS.fd")))
+    cat = load_catalog([str(d)])
+    assert cat.builds == ()
+    (problem,) = cat.problems
+    assert "is blank flash" in problem.message and "does not offer it" in problem.message
+
+
+def test_a_blank_template_is_never_taken_for_x86(tmp_path):
+    """OVMF needs a formatted varstore: on x86 a blank file is no template at all."""
+    from aavmf_files import blank_flash
+
+    d = tmp_path / "fw"
+    d.mkdir()
+    (d / "60-x86.json").write_text(descriptor(f"{OVMF}/OVMF_CODE_4M.fd", blank_flash(tmp_path / "VARS.fd")))
+    (problem,) = load_catalog([str(d)]).problems
+    assert "not usable as a varstore template" in problem.message

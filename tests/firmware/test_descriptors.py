@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+from aavmf_files import without_aarch64
 
 from varsd.errors import DescriptorError
 from varsd.firmware.catalog import list_descriptor_paths
@@ -48,7 +49,7 @@ DEBIAN = {
 
 
 def test_debian_ships_exactly_the_three_descriptors():
-    assert sorted(os.listdir(DEBIAN_DIR)) == sorted(DEBIAN)
+    assert sorted(without_aarch64(os.listdir(DEBIAN_DIR))) == sorted(DEBIAN)
 
 
 @pytest.mark.parametrize("name", sorted(DEBIAN))
@@ -238,7 +239,7 @@ def test_list_descriptor_paths_on_disk(tmp_path):
 
 
 def test_list_real_debian_dirs():
-    assert list_descriptor_paths([DEBIAN_DIR, "/etc/qemu/firmware"]) == [
+    assert without_aarch64(list_descriptor_paths([DEBIAN_DIR, "/etc/qemu/firmware"])) == [
         os.path.join(DEBIAN_DIR, n) for n in sorted(DEBIAN)
     ]
 

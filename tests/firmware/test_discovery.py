@@ -7,6 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
+from aavmf_files import hide_aarch64
+
 from varsd.firmware.catalog import load_catalog
 from varsd.firmware.discovery import Probe, discover, pair_builds
 
@@ -45,8 +47,8 @@ def test_debian12_2mib_builds_are_found_beside_the_descriptor_ones() -> None:
     assert all(b.origin == f"discovered:{b.code_path}" for b in builds)
 
 
-def test_descriptor_builds_come_first_and_are_not_listed_twice() -> None:
-    catalog = load_catalog([FW_DIR], search_dirs=[OVMF])
+def test_descriptor_builds_come_first_and_are_not_listed_twice(tmp_path: Path) -> None:
+    catalog = load_catalog([FW_DIR, hide_aarch64(tmp_path / "hide")], search_dirs=[OVMF])
     origins = [b.origin for b in catalog.builds]
     assert [o for o in origins if not o.startswith("discovered:")] == origins[:3]
     pairs = [(b.code_path, b.template_path) for b in catalog.builds]
@@ -92,3 +94,40 @@ def test_a_unified_image_proves_the_layout_of_its_code() -> None:
     (build,) = pair_builds(probes, set())
     assert (build.template_path, build.layout) == ("/fw/V4.fd", four)
     assert pair_builds(probes, {"c0de"}) == []  # already listed by a descriptor
+
+
+# -- aarch64: AAVMF's 64 MiB banks ------------------------------------------------------
+
+
+def test_aavmf_code_pairs_with_the_templates_of_its_bank_size_by_content(tmp_path: Path) -> None:
+    """Names that say nothing (links to Debian 12's files): the code is ArmVirtQemu's, the
+    blank template takes the layout of the formatted one beside it; no SMM, so the plain
+    build has the blank template and the Secure Boot one the enrolled template."""
+    from aavmf_files import CODE, LAYOUT, VARS_MS, blank_flash
+
+    d = _tree(tmp_path, {"c.fd": f"->{CODE}", "keys.fd": f"->{VARS_MS}",
+                         "efi.fd": "->/usr/share/qemu-efi-aarch64/QEMU_EFI.fd"})
+    blank_flash(d / "blank.fd")
+    builds = discover([str(d)], set())
+    assert _summary(builds) == [("c.fd", "keys.fd", ("enrolled-keys", "secure-boot")), ("c.fd", "blank.fd", ())]
+    assert all(b.layout == LAYOUT and b.targets[0].architecture == "aarch64" for b in builds)
+    assert [b.template_blank for b in builds] == [False, True]
+
+
+def test_aavmf_code_without_a_formatted_template_is_no_build(tmp_path: Path) -> None:
+    """A blank template alone says nothing about the layout the code formats."""
+    from aavmf_files import CODE, blank_flash
+
+    d = _tree(tmp_path, {"c.fd": f"->{CODE}"})
+    blank_flash(d / "blank.fd")
+    assert discover([str(d)], set()) == []
+
+
+def test_listed_aavmf_code_is_not_listed_again(tmp_path: Path) -> None:
+    """Debian's descriptors list AAVMF_CODE.fd (Debian 12; .no-secboot/.secboot on 13) and its
+    links: discovery adds nothing for that code (Debian 13's unlisted strictnx build it may)."""
+    catalog = load_catalog([FW_DIR], search_dirs=["/usr/share/AAVMF"])
+    listed = {b.code_sha256 for b in catalog.builds if not b.origin.startswith("discovered:")}
+    found = [b for b in catalog.builds if b.origin.startswith("discovered:")]
+    assert listed and not [b for b in found if b.code_sha256 in listed]
+    assert all("strictnx" in b.code_path for b in found), [b.code_path for b in found]

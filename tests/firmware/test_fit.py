@@ -79,3 +79,12 @@ def test_every_kind_has_words() -> None:
 def test_target_globs_and_aliases(glob, machine, expected):
     assert target_matches(Target("x86_64", (glob,)), "x86_64", machine) is expected
     assert target_matches(Target("aarch64", (glob,)), "x86_64", machine) is False
+
+
+def test_code_secure_boot_is_none_when_one_code_serves_both_kinds() -> None:
+    """AAVMF: Debian pairs one code image with a blank template (plain) and an enrolled one
+    (secure-boot); the varstore decides. x86 code is one kind or the other."""
+    from varsd.firmware.fit import code_secure_boot
+
+    assert code_secure_boot([SECURE, ENROLLED]) is True and code_secure_boot([PLAIN]) is False
+    assert code_secure_boot([PLAIN, ENROLLED]) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from aavmf_files import x86_only
 
 from varsd.config import ExtraFirmware
 from varsd.firmware.catalog import load_catalog
@@ -18,10 +19,10 @@ EXTRA = "config:extra_firmware[0]"
 
 @pytest.fixture(scope="module")
 def catalog() -> Catalog:
-    cat = load_catalog(
+    cat = x86_only(load_catalog(
         ["/usr/share/qemu/firmware", "/etc/qemu/firmware"],
         [ExtraFirmware("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd")],
-    )
+    ))
     assert len(cat.builds) == 4 and cat.problems == ()
     return cat
 

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from debian_debs import ovmf_debs
 from support.domains import guest_xml, split_os
 from support.varstores import read_variables
 
@@ -38,49 +39,14 @@ from varsd.domain.xml import parse_domain
 from .guests import NVRAM_DIR, open_paths, qemu_pid, varsctl, wait_for_serial
 from .test_migrate import BOOT_LINE, EFI_GLOBAL, IMAGE_SECURITY_DB, NO_S3, SECURE_FEATURES, _load_option
 
-CACHE = Path(os.environ.get("VARSD_TEST_CACHE", "/var/cache/varsd-tests"))
-DEB12 = "2022.11-6+deb12u2"
 KEYS = (f"{EFI_GLOBAL}:PK", f"{EFI_GLOBAL}:KEK", f"{IMAGE_SECURITY_DB}:db", f"{IMAGE_SECURITY_DB}:dbx")
 ENTRY = (f"{EFI_GLOBAL}:Boot0007",)
-
-
-def _apt(root: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """apt-get against Debian 13 (trixie) with all of its state under `root` (the host's apt is untouched)."""
-    (root / "lists" / "partial").mkdir(parents=True, exist_ok=True)
-    (root / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
-    sources = root / "sources.list"
-    sources.write_text("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
-                       "http://deb.debian.org/debian trixie main\n")
-    opts = [f"-oDir::Etc::sourcelist={sources}", "-oDir::Etc::sourceparts=-", f"-oDir::State::Lists={root}/lists",
-            f"-oDir::Cache={root}/cache", "-oAPT::Get::List-Cleanup=0", "-q"]
-    return subprocess.run(["apt-get", *opts, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="session")
 def debs() -> dict[str, Path]:
     """Debian 12's and Debian 13's ovmf .deb, downloaded once (cached across runs)."""
-    out = {}
-    d12 = CACHE / "debs"
-    d12.mkdir(parents=True, exist_ok=True)
-    found = sorted(d12.glob(f"ovmf_{DEB12}_all.deb"))
-    if not found:
-        got = subprocess.run(["apt-get", "download", f"ovmf={DEB12}"], cwd=d12, capture_output=True, text=True,
-                             timeout=600)
-        found = sorted(d12.glob(f"ovmf_{DEB12}_all.deb"))
-        assert found, f"apt-get download ovmf={DEB12} failed:\n{got.stdout}{got.stderr}"
-    out["12"] = found[0]
-    apt = CACHE / "apt-trixie"
-    d13 = apt / "debs"
-    d13.mkdir(parents=True, exist_ok=True)
-    found = sorted(d13.glob("ovmf_*_all.deb"))
-    if not found:
-        update = _apt(apt, "update")
-        assert update.returncode == 0, update.stdout + update.stderr
-        got = _apt(apt, "download", "ovmf", cwd=d13)
-        found = sorted(d13.glob("ovmf_*_all.deb"))
-        assert found, f"apt-get download ovmf (trixie) failed:\n{got.stdout}{got.stderr}"
-    out["13"] = found[-1]
-    return out
+    return ovmf_debs()
 
 
 @pytest.fixture

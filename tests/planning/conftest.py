@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+from aavmf_files import x86_only
 
 # Re-exported for the planning tests. tests/ is on the import path (see ovmf_files).
 from ovmf_files import CODE_2M, CODE_4M, CODE_4M_SECBOOT, EFI_GLOBAL, VARS_2M, VARS_4M, VARS_4M_MS  # noqa: F401
@@ -134,8 +135,8 @@ class HostFS:
 @pytest.fixture(scope="session")
 def catalogs() -> dict[str, Catalog]:
     """'4m': Debian 12's descriptors only. '2m': plus the 2 MiB pair as an extra_firmware entry."""
-    four = load_catalog([FW_DIR])
-    two = load_catalog([FW_DIR], [ExtraFirmware(CODE_2M, VARS_2M)])
+    four = x86_only(load_catalog([FW_DIR]))
+    two = x86_only(load_catalog([FW_DIR], [ExtraFirmware(CODE_2M, VARS_2M)]))
     assert len(four.builds) == 3 and not four.problems, four
     assert len(two.builds) == 4 and not two.problems, two
     return {"4m": four, "2m": two}

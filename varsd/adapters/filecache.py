@@ -14,6 +14,7 @@ images) and the Secure Boot key reader (each store's digest).
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
@@ -36,6 +37,28 @@ def stat_key_of(path: str) -> StatKey | None:
         return stat_key(os.stat(path))
     except OSError:
         return None
+
+
+def file_key(path: str) -> list:
+    """For caches kept between processes (the plan memo, the catalog): what identifies a
+    file's content and metadata. stat (ctime covers chmod, chown and a restore under an
+    old mtime) and, for a symlink, the link itself; JSON-able."""
+    try:
+        lst = os.lstat(path)
+    except OSError as exc:
+        return ["absent", exc.errno]
+    except ValueError:  # a NUL in the name (a hostile descriptor): no such file
+        return ["absent", "invalid name"]
+    key: list = []
+    if stat.S_ISLNK(lst.st_mode):
+        key = ["link", lst.st_dev, lst.st_ino, lst.st_ctime_ns]
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            return key + ["dangling", exc.errno]
+    else:
+        st = lst
+    return key + [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode]
 
 
 class ContentCache(Generic[V]):

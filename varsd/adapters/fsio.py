@@ -132,6 +132,30 @@ def read_head(path: str, length: int, *, max_size: int = DEFAULT_MAX_READ) -> by
         os.close(fd)
 
 
+def erased_from(path: str, offset: int, *, chunk: int = 1 << 20) -> bool:
+    """Whether the regular file `path` holds only erased flash (all 0x00 or all 0xff) from
+    `offset` to its end, read in chunks (an AAVMF varstore's 63 MiB of padding); False if
+    there is nothing there."""
+    fd, st = _open_regular(path, True)
+    try:
+        if st.st_size <= offset:
+            return False
+        os.lseek(fd, offset, os.SEEK_SET)
+        erased: bytes | None = None
+        while True:
+            block = os.read(fd, chunk)
+            if not block:
+                return erased is not None
+            if erased is None:
+                if block[0] not in (0, 0xFF):
+                    return False
+                erased = bytes([block[0]]) * chunk
+            if block != erased[: len(block)]:  # memcmp: far faster than counting bytes
+                return False
+    finally:
+        os.close(fd)
+
+
 def too_big(path: str, size: int, max_size: int = DEFAULT_MAX_READ) -> str:
     """The one message for a file larger than any firmware file or varstore."""
     return (f"{path}: file is {size} bytes, more than the {max_size} any firmware file or varstore is; "
@@ -220,6 +244,26 @@ def _temp_name(name: str) -> str:
     return f".{name[:200]}{TEMP_MARKER}{secrets.token_hex(8)}"
 
 
+_SPARSE_BLOCK = 1 << 20
+
+
+def _write_sparse(fd: int, data: bytes) -> None:
+    """Write `data` at the start of the empty file `fd`, leaving whole MiB blocks of zeros as
+    holes: an AAVMF varstore is 64 MiB, all but 768 KiB of it zero padding, and every guest
+    gets one. Reading a hole gives zeros, so the content is the same byte for byte."""
+    zero = bytes(_SPARSE_BLOCK)
+    view = memoryview(data)
+    for at in range(0, len(data), _SPARSE_BLOCK):
+        block = view[at : at + _SPARSE_BLOCK]
+        if len(block) == _SPARSE_BLOCK and block == zero:
+            os.lseek(fd, _SPARSE_BLOCK, os.SEEK_CUR)
+            continue
+        while block:
+            written = os.write(fd, block)
+            block = block[written:]
+    os.ftruncate(fd, len(data))  # a trailing hole still counts towards the size
+
+
 def create_exclusive(path: str, data: bytes, *, mode: int = 0o600, uid: int = -1, gid: int = -1) -> None:
     """Create `path` holding `data`, atomically and exclusively, or raise ProvisionError.
 
@@ -245,10 +289,7 @@ def create_exclusive(path: str, data: bytes, *, mode: int = 0o600, uid: int = -1
     try:
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dfd)
         tmp_created = True
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        _write_sparse(fd, data)
         if uid != -1 or gid != -1:
             os.fchown(fd, uid, gid)
         os.fchmod(fd, mode)

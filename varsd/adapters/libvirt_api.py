@@ -136,6 +136,7 @@ class Hypervisor:
         self._uri = uri
         self._conn: libvirt.virConnect | None = None
         self._handles: dict[str, libvirt.virDomain] = {}
+        self._lib_version: int | None = None
 
     # -- connection -----------------------------------------------------------------
 
@@ -155,6 +156,7 @@ class Hypervisor:
         """Disconnect; never raises, so it is safe in cleanup paths."""
         conn, self._conn = self._conn, None
         self._handles.clear()
+        self._lib_version = None
         if conn is not None:
             try:
                 conn.close()
@@ -252,9 +254,12 @@ class Hypervisor:
         return xml
 
     def lib_version(self) -> int:
-        """Version of the libvirt serving this connection (major * 1e6 + minor * 1e3 + micro)."""
-        with _translated("cannot read libvirt's version"):
-            return int(self.connection.getLibVersion())
+        """Version of the libvirt serving this connection (major * 1e6 + minor * 1e3 + micro),
+        read once per connection."""
+        if self._lib_version is None:  # asked before every write; fixed for a connection's life
+            with _translated("cannot read libvirt's version"):
+                self._lib_version = int(self.connection.getLibVersion())
+        return self._lib_version
 
     def define(self, xml: str) -> DomainRef:
         """Define or redefine a domain; a running one changes only at its next cold boot."""

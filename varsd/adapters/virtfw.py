@@ -100,9 +100,11 @@ siglist.logging = _liblog  # type: ignore[attr-defined]
 
 
 def _find_nvdata(data: bytes) -> int | None:
-    """edk2.Edk2VarStore.find_nvdata, minus its endless loop on a volume length < header."""
+    """edk2.Edk2VarStore.find_nvdata, minus its endless loop on a volume length < header, and
+    looking in the first MiB only (where every varstore's volume starts, see `read_layout`):
+    the library's 1 KiB steps through a 64 MiB AAVMF code image's padding take seconds."""
     offset = 0
-    while offset + 64 < len(data):
+    while offset + 64 < len(data) and offset < _HEAD:
         guid = str(guids.parse_bin(data, offset + 16))
         if guid == guids.NvData:
             return offset
@@ -200,7 +202,8 @@ def _parse(data: bytes, name: str) -> _Parsed:
             f"{name}: truncated or damaged edk2 varstore (volume ends at 0x{volume_end:x}, "
             f"variables 0x{store.start:x}-0x{store.end:x}, file has 0x{len(data):x} bytes)"
         )
-    layout = VarstoreLayout(size=volume_end, start=store.start, end=store.end)
+    size = len(data) if is_padded(data, volume_end) else volume_end
+    layout = VarstoreLayout(size=size, start=store.start, end=store.end)
     return _Parsed(store=store, layout=layout, records=_walk(store.filedata, store.start, store.end, name))
 
 
@@ -274,6 +277,41 @@ def _render(parsed: _Parsed, records: dict[str, _RawVar], template_name: str, sr
     return blob
 
 
+def is_flash_size(n: int) -> bool:
+    """A whole flash device: a power of two of at least 1 MiB (OVMF 1/2/4 MiB, AAVMF 64 MiB)."""
+    return n >= 1 << 20 and n & (n - 1) == 0
+
+
+def is_erased(data: bytes, start: int = 0) -> bool:
+    """Whether `data[start:]` is erased flash: all 0x00 (what Debian's AAVMF images are padded
+    with) or all 0xff (what erased NOR flash reads as)."""
+    n = len(data) - start
+    return n > 0 and data[start] in (0, 0xFF) and data.count(data[start], start) == n
+
+
+PADDED_BANK = 64 << 20
+"""The flash bank a padded varstore fills: QEMU's `virt` machine (AAVMF). x86 OVMF varstores
+fill their range exactly, so an x86 varstore with zeros after it stays "oversized"."""
+
+
+def is_padded_size(size: int, volume_end: int) -> bool:
+    return size == PADDED_BANK and size > volume_end
+
+
+def is_padded(data: bytes, volume_end: int) -> bool:
+    """A varstore padded to its flash bank (AAVMF: a 768 KiB NvData volume, then erased bytes
+    up to the 64 MiB a QEMU `virt` flash bank must be). The padding belongs to the varstore
+    file (QEMU refuses a smaller one), so its layout size is the file's; a varstore followed
+    by anything else (a unified image's code, junk) is not padded."""
+    return is_padded_size(len(data), volume_end) and is_erased(data, volume_end)
+
+
+def is_blank_flash(data: bytes) -> bool:
+    """A flash image that is all erased: ArmVirtQemu formats such a varstore at its first boot
+    (Debian 12's `AAVMF_VARS.fd` is 64 MiB of zeros)."""
+    return is_flash_size(len(data)) and is_erased(data)
+
+
 def layout_of_bytes(data: bytes, name: str) -> VarstoreLayout:
     """Layout of the varstore at the start of `data` (read from the file called `name`)."""
     return _parse(data, name).layout
@@ -295,13 +333,21 @@ def read_layout(path: str) -> VarstoreLayout:
     try:
         head = fsio.read_head(path, _HEAD)
         offset = _find_nvdata(head)
-        if offset is not None and offset + 40 <= len(head):
-            (vlen,) = struct.unpack_from("<Q", head, offset + 32)
-            if offset + vlen > len(head):
-                head = fsio.read_head(path, min(offset + vlen, fsio.DEFAULT_MAX_READ))
+        if offset is None or offset + 40 > len(head):
+            return layout_of_bytes(head, path)  # raises, saying why
+        (vlen,) = struct.unpack_from("<Q", head, offset + 32)
+        end = offset + vlen
+        volume = head[:end] if end <= len(head) else fsio.read_head(path, min(end, fsio.DEFAULT_MAX_READ))
+        layout = layout_of_bytes(volume, path)
+        size = os.stat(path).st_size
+        if layout.size == end and is_padded_size(size, end) and size <= fsio.DEFAULT_MAX_READ \
+                and fsio.erased_from(path, end):
+            layout = VarstoreLayout(size=size, start=layout.start, end=layout.end)  # padded (AAVMF), streamed
+    except OSError as exc:
+        raise VarstoreError(f"{path}: {exc.strerror}") from None
     except fsio.ReadError as exc:
         raise VarstoreError(str(exc)) from None
-    return layout_of_bytes(head, path)
+    return layout
 
 
 def variables_of_bytes(data: bytes, name: str) -> dict[str, EfiVariable]:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
+from varsd.adapters.plan_memo_store import PlanMemoStore
 from varsd.cli.output import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, error
 from varsd.config import Config, qemu_owner
 from varsd.engine.reconciler import Reconciler
@@ -54,6 +55,7 @@ class Context:
         self.read_only = read_only  # the command only reads: the journal is opened read-only
         self._hv: Hypervisor | None = None
         self._journal: Journal | None = None
+        self._memo_store: PlanMemoStore | None = None
 
     @property
     def hv(self) -> Hypervisor:
@@ -67,10 +69,18 @@ class Context:
             self._journal = Journal(self.cfg.journal_path, read_only=self.read_only, readers=self.cfg.admin_group)
         return self._journal
 
+    @property
+    def memo_store(self) -> PlanMemoStore:
+        """The persisted plan memo (varsd.engine.plan_memo); read-only with the journal."""
+        if self._memo_store is None:
+            self._memo_store = PlanMemoStore(self.cfg.journal_path, read_only=self.read_only)
+        return self._memo_store
+
     def reconciler(self) -> Reconciler:
         catalog = load_configured(self.cfg)
         return Reconciler(self.cfg, self.hv, catalog, self.journal, qemu_owner(self.cfg), actor="varsctl",
-                          on_wait=error)  # "varsctl: waiting for pid N (what it does, for S s)"
+                          on_wait=error,  # "varsctl: waiting for pid N (what it does, for S s)"
+                          memo_store=self.memo_store)
 
     def secureboot(self):
         """The Secure Boot audit/rollout engine over this context's libvirt, catalog and journal."""
@@ -89,3 +99,5 @@ class Context:
             self._hv.close()
         if self._journal is not None:
             self._journal.close()
+        if self._memo_store is not None:
+            self._memo_store.close()

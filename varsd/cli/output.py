@@ -51,8 +51,22 @@ def exit_for(outcomes: Iterable[Outcome]) -> Exit:
 
 
 def emit_json(doc: dict[str, Any]) -> None:
-    """Print one JSON object (never a bare list: every shape has a named key)."""
-    print(json.dumps(doc, indent=2, default=_json_value))
+    """Print one JSON object (never a bare list: every shape has a named key): one
+    top-level key per line, and a list's entries one per line (grep finds a domain's whole
+    entry; json's indenting encoder is pure Python, 0.2 s for 1000 status entries)."""
+    dumps = json.JSONEncoder(default=_json_value).encode  # the C encoder (no indent)
+    lines = ["{"]
+    for i, (key, value) in enumerate(doc.items()):
+        comma = "," if i < len(doc) - 1 else ""
+        if isinstance(value, list) and value:
+            lines.append(f"  {dumps(key)}: [")
+            lines.extend(f"    {dumps(entry)}," for entry in value[:-1])
+            lines.append(f"    {dumps(value[-1])}")
+            lines.append(f"  ]{comma}")
+        else:
+            lines.append(f"  {dumps(key)}: {dumps(value)}{comma}")
+    lines.append("}")
+    print("\n".join(lines))
 
 
 def _json_value(value: object) -> object:

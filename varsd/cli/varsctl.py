@@ -30,7 +30,8 @@ from varsd.cli.output import (
 from varsd.clock import stamp
 from varsd.config import load_config
 from varsd.domain.xml import parse_domain, set_metadata
-from varsd.engine.backups import backup_status, domain_targets, open_store
+from varsd.engine import status
+from varsd.engine.backups import backup_status, open_store
 from varsd.errors import ConfigError, HypervisorError, VarsdError
 from varsd.model.domain import Status
 from varsd.model.journal import ChangeKind
@@ -40,10 +41,12 @@ from varsd.planning.repair import Action, CreateVarstore
 def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
     rec = ctx.reconciler()
     refs = ctx.refs(args.domains)
-    outcomes = [rec.reconcile(ref, apply=False) for ref in refs]
+    looks = status.look(rec, refs, ctx.memo_store, complete=not args.domains)
+    outcomes = [lk.outcome for lk in looks]
     if args.json:
-        targets, _errors = domain_targets(ctx.hv, refs)
-        backups = backup_status(open_store(ctx.cfg, read_only=True), targets)
+        targets = [lk.target for lk in looks if lk.target is not None]
+        known = {lk.outcome.ref.uuid: lk.varstore for lk in looks if lk.varstore is not None}
+        backups = backup_status(open_store(ctx.cfg, read_only=True), targets, known)
         emit_json({"domains": [dict(o.as_dict(), backup=backups.get(o.ref.uuid)) for o in outcomes]})
     else:
         print(outcome_table(outcomes))

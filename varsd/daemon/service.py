@@ -42,6 +42,7 @@ from varsd.adapters import fsio
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.adapters.libvirt_events import LifecycleEvent, Subscription, start_event_loop
+from varsd.adapters.plan_memo_store import PlanMemoStore
 from varsd.clock import SYSTEM, Clock, stamp
 from varsd.config import Config, parse_listen, qemu_owner
 from varsd.daemon.notify import sd_notify, watchdog_interval
@@ -98,6 +99,7 @@ class Service:
         self.queue = WorkQueue()
         self.inspector = FileInspector()
         self.journal = Journal(cfg.journal_path, readers=cfg.admin_group)
+        self.memo_store = PlanMemoStore(cfg.journal_path)  # compliant plans, for fresh processes (status)
         self.backups = open_store(cfg)
         self.owner = qemu_owner(cfg)
         self.archive = Archive(cfg.archive_dir, state_dir=cfg.state_dir)
@@ -279,7 +281,8 @@ class Service:
 
     def _new_reconciler(self, hv: Hypervisor, cfg: Config, catalog) -> Reconciler:
         return Reconciler(cfg, hv, catalog, self.journal, self.owner, actor="varsd", clock=self.clock,
-                          inspector=self.inspector, archive=self.archive, lock_wait=self.retry.lock_wait)
+                          inspector=self.inspector, archive=self.archive, lock_wait=self.retry.lock_wait,
+                          memo_store=self.memo_store)
 
     def _reload_in_background(self) -> None:
         try:
@@ -600,5 +603,6 @@ class Service:
         if self.exporter is not None:
             self.exporter.close()
         self.journal.close()
+        self.memo_store.close()
         self.backups.index.close()
         log.info("stopped")

@@ -45,7 +45,8 @@ def looks_like_ovmf(facts: FileFacts | None, path: str, catalog: Catalog) -> boo
         if facts.sha256 and catalog.by_code_sha(facts.sha256):
             return True
     lowered = path.rsplit("/", 1)[-1].lower()
-    return any(word in lowered for word in ("ovmf", "edk2", "uefi", "aavmf"))
+    # QEMU_EFI.fd: edk2's ArmVirtQemu build output, what Debian's qemu-efi-aarch64 ships for -bios
+    return any(word in lowered for word in ("ovmf", "edk2", "uefi", "aavmf", "qemu_efi"))
 
 
 def classify(fw: DomainFirmware, loader: FileFacts | None, catalog: Catalog) -> FirmwareConfig:

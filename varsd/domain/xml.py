@@ -660,3 +660,40 @@ def redact_secrets(xml: str) -> str:
     printed goes through this.
     """
     return _SECRET.sub("", xml)
+
+
+def _without_varsd_metadata(root: etree._Element) -> bytes:
+    """Canonical XML without varsd's metadata element (and an emptied <metadata>), layout
+    whitespace dropped: what a change of only varsd's record leaves equal."""
+    for el in root.findall(f"metadata/{{{VARSD_NS}}}{VARSD_KEY}"):
+        el.getparent().remove(el)
+    meta = root.find("metadata")
+    if meta is not None and len(meta) == 0:
+        root.remove(meta)
+    for el in root.iter():
+        el.tail = None
+        if isinstance(el.tag, str) and len(el):
+            el.text = None
+    return etree.tostring(root, method="c14n")
+
+
+def metadata_only_change(old_xml: str, new_xml: str) -> str | None:
+    """varsd's metadata element of `new_xml` as virDomainSetMetadata takes it (bare: libvirt
+    puts it and its children into our namespace), when it is all that differs from
+    `old_xml`; else None (then the whole definition is written). A rebind after a firmware
+    upgrade changes only the binding; the loader path stays. An element holding anything
+    of another namespace (a newer varsd's) is written by a define, which keeps it whole."""
+    new_root = _root(new_xml)
+    el = new_root.find(f"metadata/{{{VARSD_NS}}}{VARSD_KEY}")
+    if el is None:
+        return None
+    bare = etree.fromstring(etree.tostring(el, with_tail=False))
+    for node in bare.iter():
+        if not isinstance(node.tag, str) or etree.QName(node).namespace != VARSD_NS \
+                or any(name.startswith("{") for name in node.attrib):
+            return None
+        node.tag = etree.QName(node).localname
+    etree.cleanup_namespaces(bare)
+    if _without_varsd_metadata(_root(old_xml)) != _without_varsd_metadata(new_root):
+        return None
+    return etree.tostring(bare, encoding="unicode")

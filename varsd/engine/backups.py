@@ -28,7 +28,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from varsd.adapters import fsio, virtfw
@@ -386,19 +386,29 @@ def domain_targets(hv: Hypervisor, refs: Iterable[DomainRef], cfg: Config | None
         except VarsdError as exc:
             errors.append((ref, str(exc)))
             continue
-        if fw.nvram_path and os.path.isabs(fw.nvram_path):
-            build = catalog.by_code_path(fw.loader_path) if catalog is not None and fw.loader_path else None
-            targets.append(Target(uuid=ref.uuid, name=ref.name, path=fw.nvram_path, running=ref.active,
-                                  paused=ref.state == "paused", layout=build.layout if build else None))
+        build = catalog.by_code_path(fw.loader_path) if catalog is not None and fw.loader_path else None
+        target = target_of(ref, fw.nvram_path, build.layout if build else None)
+        if target is not None:
+            targets.append(target)
     return targets, errors
 
 
-def backup_status(store: BackupStore, targets: Iterable[Target]) -> dict[str, dict]:
+def target_of(ref: DomainRef, nvram_path: str | None, layout: VarstoreLayout | None = None) -> Target | None:
+    """The domain's varstore as a backup target; None for no file-backed varstore."""
+    if not nvram_path or not os.path.isabs(nvram_path):
+        return None
+    return Target(uuid=ref.uuid, name=ref.name, path=nvram_path, running=ref.active, paused=ref.state == "paused",
+                  layout=layout)
+
+
+def backup_status(store: BackupStore, targets: Iterable[Target],
+                  known: Mapping[str, SeenVarstore] | None = None) -> dict[str, dict]:
     """`varsctl status`'s `backup` per domain UUID: the newest backup (time, digest) and
     whether the current varstore is in a backup; `never_backed_up` flags the rest.
 
     Costs an lstat per varstore; the file is hashed only when it changed since varsd
-    last saw it."""
+    last saw it (in a backup pass, or in `known`: digests of the plan memo)."""
+    known = known or {}
     latest = store.index.latest_all()
     seen = store.index.seen_all()
     events = {}
@@ -412,15 +422,15 @@ def backup_status(store: BackupStore, targets: Iterable[Target]) -> dict[str, di
         current = None
         try:
             st = os.lstat(t.path)
-            s = seen.get(t.uuid)
-            if s is not None and s.path == t.path and s.stat_key == stat_key(st):
-                current = s.sha256
-            elif stat.S_ISREG(st.st_mode):
+            key = stat_key(st)
+            current = next((s.sha256 for s in (seen.get(t.uuid), known.get(t.uuid))
+                            if s is not None and s.path == t.path and s.stat_key == key), None)
+            if current is None and stat.S_ISREG(st.st_mode):
                 current = fsio.sha256_bytes(read_offline(t.path))
         except (OSError, VarsdError):
             current = None
         entry["current_sha256"] = current
-        entry["current_in_backup"] = bool(current and store.index.has_digest(t.uuid, current))
+        entry["current_in_backup"] = bool(current and newest is not None and store.index.has_digest(t.uuid, current))
         ev = events.get(t.uuid)
         if ev is not None:
             entry["last_event"] = {"at": stamp(ev.at), "event": ev.event, "detail": ev.detail,

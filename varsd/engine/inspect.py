@@ -41,6 +41,7 @@ class FileInspector:
     def _read(self, path: str, size: int, digest: bool) -> FileFacts:
         if size > fsio.DEFAULT_MAX_READ:  # no firmware file is this large: refused unread
             return FileFacts(path=path, exists=True, size=size, error=fsio.too_big(path, size))
+        blank = False
         if not os.access(path, os.R_OK):
             return FileFacts(path=path, exists=True, size=size, realpath=os.path.realpath(path), unreadable=True,
                              error="this user may not read it")
@@ -49,6 +50,7 @@ class FileInspector:
             error = None
         except VarstoreError as exc:
             layout, error = None, str(exc)
+            blank = virtfw.is_flash_size(size) and _blank(path)
         sha = trailing = None
         if digest:
             # fsio refuses anything but a regular file and never blocks in open(): a FIFO
@@ -65,5 +67,14 @@ class FileInspector:
             realpath=os.path.realpath(path),
             varstore_layout=layout,
             trailing_sha256=trailing,
-            error=error if layout is None and not digest else None,
+            error=error if layout is None and not digest and not blank else None,
+            blank=blank,
         )
+
+
+def _blank(path: str) -> bool:
+    """All erased (streamed: a blank AAVMF varstore is 64 MiB of zeros)."""
+    try:
+        return fsio.erased_from(path, 0)
+    except fsio.ReadError:
+        return False

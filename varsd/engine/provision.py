@@ -48,7 +48,7 @@ def provision_varstore(
     (uid, gid) of the qemu user. Raises ProvisionError (VarstoreError for a source
     that is not a varstore) naming the file; on error nothing was created.
     """
-    data, layout = _verified_source(source, length)
+    data, layout = _verified_source(source, length, expected_layout)
     if layout != expected_layout:
         raise VarstoreError(
             f"{source}: varstore layout ({layout.describe()}) does not match the layout the firmware "
@@ -71,11 +71,12 @@ def provision_varstore(
     return Provisioned(path=target, adopted=False, layout=layout)
 
 
-def preflight(target: str, source: str, *, length: int | None = None) -> str | None:
+def preflight(target: str, source: str, *, length: int | None = None,
+              expected_layout: VarstoreLayout | None = None) -> str | None:
     """Why `provision_varstore(target, source)` would fail now, or None: what `status` and
     `reconcile --dry-run` report instead of promising a repair that cannot be made."""
     try:
-        data, _layout = _verified_source(source, length)
+        data, _layout = _verified_source(source, length, expected_layout)
         _adoptable(target, data[:length] if length else data, source)
     except (ProvisionError, VarstoreError) as exc:
         return str(exc)
@@ -87,15 +88,25 @@ def preflight(target: str, source: str, *, length: int | None = None) -> str | N
 _VERIFIED: ContentCache[tuple[bytes, VarstoreLayout]] = ContentCache(limit=16)
 
 
-def _verified_source(source: str, length: int | None) -> tuple[bytes, VarstoreLayout]:
+def _verified_source(source: str, length: int | None,
+                     blank_as: VarstoreLayout | None = None) -> tuple[bytes, VarstoreLayout]:
+    """The source's bytes and layout. With `blank_as`, a source that is blank flash of exactly
+    that layout's size passes as having it: a copy of a blank AAVMF template, which the code
+    formats at its first boot (the catalog learned that layout from the same code's formatted
+    template); anything else must be a varstore of that layout itself."""
     def read() -> tuple[bytes, VarstoreLayout]:
         data = _read_source(source, length)
-        return data, virtfw.layout_of_bytes(data, source)
+        try:
+            return data, virtfw.layout_of_bytes(data, source)
+        except VarstoreError:
+            if blank_as is not None and len(data) == blank_as.size and virtfw.is_blank_flash(data):
+                return data, blank_as
+            raise
 
     key = stat_key_of(source)
     if key is None:
         return read()  # _read_source reports it
-    return _VERIFIED.get((source, length), key, read)
+    return _VERIFIED.get((source, length, blank_as), key, read)
 
 
 def _read_source(source: str, length: int | None) -> bytes:

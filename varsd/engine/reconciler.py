@@ -24,10 +24,12 @@ from itertools import islice
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
+from varsd.adapters.plan_memo_store import PlanMemoStore
 from varsd.clock import SYSTEM, Clock
 from varsd.config import Config
 from varsd.domain.classify import firmware_image_path
 from varsd.domain.xml import firmware_signature, parse_domain
+from varsd.engine import plan_memo
 from varsd.engine.inspect import FileInspector
 from varsd.engine.lock import host_lock
 from varsd.engine.provision import preflight, provision_varstore
@@ -190,6 +192,7 @@ class Reconciler:
         archive: Archive | None = None,
         lock_wait: float | None = None,
         on_wait: Callable[[str], None] | None = None,
+        memo_store: PlanMemoStore | None = None,
     ) -> None:
         self.cfg = cfg
         self.hv = hv
@@ -201,6 +204,7 @@ class Reconciler:
         self.inspector = inspector or FileInspector()
         self.archive = archive if archive is not None else Archive(cfg.archive_dir, state_dir=cfg.state_dir)
         self._memo: dict[str, _Memo] = {}
+        self.memo_store = memo_store  # the memo, persisted for fresh processes (varsd.engine.plan_memo)
         # None: wait as long as the holder of a domain's lock progresses (varsctl); a bound
         # (the daemon) makes a busy domain a retry instead of a blocked worker.
         self.lock_wait = lock_wait
@@ -290,12 +294,16 @@ class Reconciler:
 
     # -- reading -----------------------------------------------------------------
 
-    def examine(self, ref: DomainRef) -> tuple[DomainFacts, Plan]:
+    def examine(self, ref: DomainRef, seen: tuple[str, str | None] | None = None) -> tuple[DomainFacts, Plan]:
         """Read the domain now and plan; a compliant domain whose inputs are unchanged
         since the last look (same XML text, same file stat keys, same catalog) reuses
-        its plan, so a full pass costs about one XML fetch per domain."""
-        xml = self.hv.persistent_xml(ref.uuid)
-        live_xml = self.hv.live_xml(ref.uuid) if ref.active else None
+        its plan, so a full pass costs about one XML fetch per domain. `seen`: the
+        persistent and live XML the caller has just read (status)."""
+        if seen is not None:
+            xml, live_xml = seen
+        else:
+            xml = self.hv.persistent_xml(ref.uuid)
+            live_xml = self.hv.live_xml(ref.uuid) if ref.active else None
         excluded = self.cfg.is_excluded(ref.name, ref.uuid)
         upgrades = self.upgrade_context()
         memo = self._memo.get(ref.uuid)
@@ -321,7 +329,33 @@ class Reconciler:
                 xml, live_xml, self.catalog, upgrades, excluded, ref.persistent, paths,
                 tuple(self.inspector.stat_key(p) for p in paths), facts, plan,
             )
+            self._persist(ref, xml, live_xml, excluded, upgrades, facts, plan, paths)
         return facts, plan
+
+    def _persist(self, ref: DomainRef, xml: str, live_xml: str | None, excluded: bool, upgrades: UpgradeContext,
+                 facts: DomainFacts, plan: Plan, paths: tuple[str, ...]) -> None:
+        """Write a compliant plan's memo row (varsd.engine.plan_memo), when the files are
+        still what the plan read: a file changed since must not get the old plan's row."""
+        store = self.memo_store
+        if store is None or not store.writable:
+            return
+        fw = facts.firmware
+        files = [plan_memo.file_key(p) for p in paths]
+        image_path = firmware_image_path(fw)
+        if image_path and self.inspector.inspect(image_path, digest=True) != facts.image:
+            return
+        if fw.nvram_path and self.inspector.inspect(fw.nvram_path, digest=False) != facts.nvram:
+            return
+        user, realpath, digest = None, None, None
+        if fw.nvram_path:
+            user, realpath = self.varstores.entry_of(fw, persistent=ref.persistent)
+            if facts.nvram is not None and facts.nvram.exists:
+                digest = plan_memo.varstore_digest(fw.nvram_path)
+        key = plan_memo.memo_key(plan_memo.context_digest(self.catalog, upgrades, self.cfg.nvram_dir), xml, live_xml,
+                                 excluded=excluded, persistent=ref.persistent, files=files)
+        row = plan_memo.encode(plan, boot_unrecorded=facts.live is not None and facts.live.booted_sha256 is None,
+                               nvram_path=fw.nvram_path, user=user, realpath=realpath, varstore=digest)
+        store.put(ref.uuid, plan_memo.stored(key, list(paths), row))
 
     def facts(self, xml: str, live_xml: str | None, *, excluded: bool = False, persistent: bool = True) -> DomainFacts:
         """What the planner looks at for this XML: parsed, plus the files it names."""
@@ -363,11 +397,13 @@ class Reconciler:
         """Drop what is remembered of a domain that is gone; returns its last varstore path."""
         path = self.varstores.forget(uuid)
         memo = self._memo.pop(uuid, None)
+        if self.memo_store is not None:
+            self.memo_store.drop(uuid)
         return memo.facts.firmware.nvram_path if memo is not None else path
 
     # -- acting ------------------------------------------------------------------
 
-    def reconcile(self, ref: DomainRef, *, apply: bool = True) -> Outcome:
+    def reconcile(self, ref: DomainRef, *, apply: bool = True, seen: tuple[str, str | None] | None = None) -> Outcome:
         """Bring one domain to its planned state; never raises for a domain problem.
 
         Looking is lock-free; acting happens under the domain's lock after a fresh
@@ -375,7 +411,7 @@ class Reconciler:
         on what it read before the other changed it.
         """
         try:
-            outcome = self._reconcile(ref, apply)
+            outcome = self._reconcile(ref, apply, seen)
             if apply:
                 self.archive_build(outcome.plan.build)
             return outcome
@@ -404,14 +440,14 @@ class Reconciler:
             log.debug("%s", outcome.detail)
             return outcome
 
-    def _reconcile(self, ref: DomainRef, apply: bool) -> Outcome:
+    def _reconcile(self, ref: DomainRef, apply: bool, seen: tuple[str, str | None] | None = None) -> Outcome:
         if apply and ref.uuid not in self._memo:
             # Not known compliant (a new domain, most likely to need work): look
             # once, in the write transaction, instead of looking twice.
             with self.writer.transaction(ref) as tx:
                 facts, plan = self.examine(ref)
                 return self._act(tx, facts, plan)
-        facts, plan = self.examine(ref)
+        facts, plan = self.examine(ref, seen)
         if not plan.actions:
             return _outcome(ref, facts, plan, ())
         if not apply:
@@ -431,7 +467,7 @@ class Reconciler:
         blocked = None
         for action in plan.actions:
             if isinstance(action, CreateVarstore):
-                blocked = preflight(action.path, action.source, length=action.length)
+                blocked = preflight(action.path, action.source, length=action.length, expected_layout=action.layout)
                 if blocked:
                     break
         out = _outcome(ref, facts, plan, (), unrepaired=_changes_firmware(facts, plan))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,8 +36,25 @@ class _Entry:
     inode: tuple[int, int] | None
 
 
-def _identity(path: str) -> tuple[str, tuple[int, int] | None]:
-    real = os.path.realpath(path)
+def _identity(path: str, dirs: dict[str, str] | None = None) -> tuple[str, tuple[int, int] | None]:
+    """(realpath, (dev, inode) or None). `dirs` caches realpath() of parent directories for
+    one look at several names in one directory: a name that is no symlink resolves to its
+    resolved directory plus itself, so only symlinks pay a full realpath()."""
+    try:
+        lst = os.lstat(path)
+    except OSError:
+        lst = None
+    if (lst is not None and stat.S_ISLNK(lst.st_mode)) or dirs is None or not os.path.isabs(path) \
+            or os.path.normpath(path) != path:  # '..' after a symlink is not textual
+        real = os.path.realpath(path)
+    else:
+        head, tail = os.path.split(path)
+        parent = dirs.get(head)
+        if parent is None:
+            parent = dirs[head] = os.path.realpath(head)
+        real = os.path.join(parent, tail)
+    if lst is not None and not stat.S_ISLNK(lst.st_mode):
+        return real, (lst.st_dev, lst.st_ino)
     try:
         st = os.stat(path)
     except OSError:
@@ -74,6 +92,36 @@ class VarstoreIndex:
             running=running,
         )
         return _Entry(user, real, inode)
+
+    def entry_of(self, fw: DomainFirmware, *, persistent: bool) -> tuple[VarstoreUser | None, str | None]:
+        """The record `fw` would get (its `running` left False) and its file's realpath."""
+        entry = self._entry(fw, running=False, persistent=persistent)
+        return (entry.user, entry.realpath) if entry is not None else (None, None)
+
+    def put_known(self, user: VarstoreUser, realpath: str, inode: tuple[int, int] | None) -> None:
+        """Record a domain from what is known of it (a memo row whose key matched now)."""
+        with self._lock:
+            self._put(user.uuid, _Entry(user, realpath, inode))
+
+    def register(self, fw: DomainFirmware, *, running: bool, persistent: bool) -> None:
+        """Record what `fw` names now, without looking at the other users (yet)."""
+        entry = self._entry(fw, running=running, persistent=persistent)
+        with self._lock:
+            if entry is None:
+                self._drop(fw.uuid)
+            else:
+                self._put(fw.uuid, entry)
+
+    def mark_filled(self) -> None:
+        """The caller recorded every domain there is (status over all of them)."""
+        with self._lock:
+            self._filled = True
+
+    def others(self, uuid: str) -> set[str]:
+        """UUIDs of the other domains whose varstore is this domain's file (by identity)."""
+        with self._lock:
+            entry = self._entries.get(uuid)
+            return self._matches(entry) - {uuid} if entry is not None else set()
 
     def _read(self, uuid: str) -> _Entry | None:
         """Another domain as libvirt has it now; None when it is gone or names no varstore."""
@@ -149,11 +197,12 @@ class VarstoreIndex:
 
     def taken(self, paths: list[str], uuid: str) -> frozenset[str]:
         """Those of `paths` that another domain's varstore is (by identity)."""
-        return frozenset(p for p in paths if self.user_of(p, uuid) is not None)
+        dirs: dict[str, str] = {}
+        return frozenset(p for p in paths if self.user_of(p, uuid, dirs) is not None)
 
-    def user_of(self, path: str, uuid: str) -> str | None:
+    def user_of(self, path: str, uuid: str, dirs: dict[str, str] | None = None) -> str | None:
         """The name of another domain whose varstore `path` is (by identity), if any."""
-        real, inode = _identity(path)
+        real, inode = _identity(path, dirs)
         probe = _Entry(VarstoreUser(uuid="", name="", path=path), real, inode)
         with self._lock:
             others = sorted(self._matches(probe) - {uuid})

@@ -30,7 +30,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.filecache import ContentCache, StatKey, stat_key
@@ -67,6 +67,7 @@ class _Reader:
         self._sha256 = sha256
         self._images: ContentCache[_Image] = ContentCache()
         self._layouts: ContentCache[VarstoreLayout] = ContentCache()
+        self._blanks: ContentCache[bool] = ContentCache()
 
     @staticmethod
     def _key(path: str, role: str) -> StatKey:
@@ -102,12 +103,28 @@ class _Reader:
 
         return self._layouts.get(key, key, read)
 
+    def blank(self, path: str, role: str) -> bool:
+        """Whether `path` is blank flash (all erased), which ArmVirtQemu formats at first boot."""
+        key = self._key(path, role)
+
+        def read() -> bool:
+            try:
+                return virtfw.is_flash_size(key[2]) and fsio.erased_from(path, 0)
+            except fsio.ReadError as exc:
+                raise _Skip(f"cannot read {role} {path}: {exc}") from None
+
+        return self._blanks.get(key, key, read)
+
 
 def _split_parts(
     reader: _Reader, code: str, template: str, architectures: Sequence[str]
-) -> tuple[_Image, _Image, VarstoreLayout]:
+) -> tuple[_Image, _Image, VarstoreLayout | None]:
+    """Code, template and the template's layout; layout None for a blank template (module rules)."""
     code_img = reader.image(code, "code image")
     tmpl_img = reader.image(template, "varstore template")
+    x86 = any(a in X86_ARCHITECTURES for a in architectures)
+    if not x86 and reader.blank(template, "varstore template"):
+        return code_img, tmpl_img, None
     layout = reader.layout(template, "varstore template")
     if layout.size != tmpl_img.size:
         # e.g. a unified OVMF.fd named as template: libvirt would copy code into every varstore
@@ -115,7 +132,7 @@ def _split_parts(
             f"varstore template {template} is {tmpl_img.size} bytes but its varstore is "
             f"{layout.size} bytes; a template must be a varstore file only"
         )
-    if any(a in X86_ARCHITECTURES for a in architectures) and not _is_flash_size(code_img.size + layout.size):
+    if x86 and not virtfw.is_flash_size(code_img.size + layout.size):
         # OVMF's code finds its variables at 4 GiB minus the whole flash (varstore + code), so
         # code and varstore of one build always add up to the build's flash size (1, 2 or 4 MiB).
         raise _Skip(
@@ -129,11 +146,6 @@ def _split_parts(
 X86_ARCHITECTURES = frozenset({"x86_64", "i686"})
 
 
-def _is_flash_size(n: int) -> bool:
-    """A whole flash device: a power of two of at least 1 MiB."""
-    return n >= 1 << 20 and n & (n - 1) == 0
-
-
 def _descriptor_build(desc: Descriptor, reader: _Reader) -> Build:
     mode = desc.mode or MappingMode.SPLIT
     if mode is MappingMode.SPLIT and desc.template_path is not None:
@@ -141,8 +153,10 @@ def _descriptor_build(desc: Descriptor, reader: _Reader) -> Build:
             reader, desc.executable_path, desc.template_path, [t.architecture for t in desc.targets]
         )
         tmpl_sha: str | None = tmpl_img.sha256
+        blank = layout is None
     else:
         code_img, tmpl_sha, layout = reader.image(desc.executable_path, "code image"), None, None
+        blank = False
     return Build(
         origin=desc.path,
         code_path=desc.executable_path,
@@ -158,6 +172,7 @@ def _descriptor_build(desc: Descriptor, reader: _Reader) -> Build:
         targets=desc.targets,
         interface_types=desc.interface_types,
         description=desc.description,
+        template_blank=blank,
     )
 
 
@@ -175,6 +190,7 @@ def _extra_build(index: int, extra: ExtraFirmware, reader: _Reader) -> Build:
         template_format="raw",
         template_sha256=tmpl_img.sha256,
         layout=layout,
+        template_blank=layout is None,
         features=frozenset(extra.features),
         targets=(Target(extra.architecture, tuple(extra.machines)),),
         interface_types=("uefi",),
@@ -278,24 +294,62 @@ def load_catalog(
         except Exception as exc:  # see above
             log.exception("%s: unexpected error", origin)
             problems.append(CatalogProblem(source=origin, message=f"{origin}: unexpected error: {exc}"))
+    builds = _with_blank_layouts(builds, problems)
     if search_dirs:
         try:
-            builds += discovery.discover(search_dirs, {b.code_sha256 for b in builds}, modules_cache=modules_cache)
+            listed = frozenset(os.path.realpath(b.code_path) for b in builds)
+            templates = frozenset(os.path.realpath(b.template_path) for b in builds if b.template_path)
+            builds += discovery.discover(search_dirs, {b.code_sha256 for b in builds}, modules_cache=modules_cache,
+                                         known_files=listed, known_templates=templates - listed)
         except Exception as exc:  # see above
             log.exception("firmware discovery: unexpected error")
             problems.append(CatalogProblem(source="discovery", message=f"firmware discovery: unexpected error: {exc}"))
     return Catalog(builds=tuple(builds), problems=tuple(problems))
 
 
+def _with_blank_layouts(builds: list[Build], problems: list[CatalogProblem]) -> list[Build]:
+    """Builds whose template is blank flash, given the layout their code formats; those it
+    cannot be learned for become problems (pure).
+
+    A blank template holds no layout to read, but the code formats one layout only: that of
+    a formatted template of the same file size shipped for the same code (Debian 12 pairs
+    AAVMF_CODE.fd with the blank AAVMF_VARS.fd and, through the AAVMF_CODE.ms.fd symlink,
+    with the formatted AAVMF_VARS.ms.fd). Without it varsd could not tell a varstore the
+    guest formatted from a foreign one, so the build is not offered.
+    """
+    out = []
+    for b in builds:
+        if not b.template_blank:
+            out.append(b)
+            continue
+        known = {o.layout for o in builds if o.code_sha256 == b.code_sha256 and not o.template_blank
+                 and o.layout is not None}
+        if len(known) == 1:
+            out.append(replace(b, layout=known.pop()))
+            continue
+        problems.append(CatalogProblem(source=b.origin, message=(
+            f"{b.origin}: varstore template {b.template_path} is blank flash (the firmware formats it at its "
+            f"first boot) and no formatted template of code {b.code_path} tells which layout it formats; "
+            "varsd cannot check a varstore against this build, so it does not offer it")))
+    return out
+
+
 def load_configured(cfg: Config) -> Catalog:
     """The catalog `cfg` describes, each unusable descriptor or pair logged as a warning
-    (the admin's first hint that a firmware package or /etc/qemu/firmware is broken)."""
-    cache = _load_modules_cache(cfg)
-    before = dict(cache)
-    catalog = load_catalog(cfg.firmware_dirs, cfg.extra_firmware, search_dirs=cfg.firmware_search_dirs,
-                           modules_cache=cache)
-    if cache != before:
-        _save_modules_cache(cfg, cache)
+    (the admin's first hint that a firmware package or /etc/qemu/firmware is broken).
+    Kept between processes while its files are unchanged (`varsd.firmware.catalog_cache`)."""
+    from varsd.firmware import catalog_cache
+
+    cache_key = catalog_cache.key(cfg)
+    catalog = catalog_cache.load(cfg, cache_key)
+    if catalog is None:
+        cache = _load_modules_cache(cfg)
+        before = dict(cache)
+        catalog = load_catalog(cfg.firmware_dirs, cfg.extra_firmware, search_dirs=cfg.firmware_search_dirs,
+                               modules_cache=cache)
+        if cache != before:
+            _save_modules_cache(cfg, cache)
+        catalog_cache.save(cfg, cache_key, catalog)
     for problem in catalog.problems:
         log.warning("firmware catalog: %s", problem.message)
     if cfg.secureboot_templates == "2023":

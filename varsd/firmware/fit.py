@@ -12,7 +12,8 @@ Rules:
   migration gives no layout, since it changes the layout; repair's SMM check gives
   only the machine).
 - `misfits` returns every misfit, typed, in one fixed order: mapping, format,
-  architecture, machine, Secure Boot, enrolled keys, SMM, layout, code size. Callers
+  architecture (checked whenever the domain's is known: OVMF is x86 firmware, AAVMF
+  aarch64, and neither boots the other's guests), machine, Secure Boot, enrolled keys, SMM, layout, code size. Callers
   that report one reason report the first.
 - Each kind's words are in `_WORDS`, one row per kind: a short `phrase` (what is wrong
   with the build, for lists of builds passed over) and a `sentence` an admin can act
@@ -27,7 +28,7 @@ Rules:
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -147,6 +148,10 @@ def _targets(b: Build) -> str:
     return "; ".join(f"{t.architecture} {','.join(t.machines)}" for t in b.targets) or "none"
 
 
+def _arches(b: Build) -> str:
+    return "/".join(dict.fromkeys(t.architecture for t in b.targets)) or "no architecture"
+
+
 def _formats(b: Build) -> str:
     return "/".join((b.code_format, b.template_format or RAW))
 
@@ -163,7 +168,8 @@ _WORDS: dict[Misfit, tuple[_Words, _Words]] = {
     ),
     Misfit.ARCHITECTURE: (
         lambda b, n: f"targets {_targets(b)}",
-        lambda b, n: f"build {b.label} does not support {n.arch} machine '{n.machine}'",
+        lambda b, n: f"build {b.label} does not support {n.arch}"
+                     f"{f' machine {n.machine!r}' if n.machine else ''}: it is firmware for {_arches(b)}",
     ),
     Misfit.MACHINE: (
         lambda b, n: f"targets {_targets(b)}",
@@ -205,9 +211,11 @@ def misfits(build: Build, needs: Needs) -> tuple[Problem, ...]:
         found.append(Misfit.MAPPING)
     if (build.code_format, build.template_format or RAW) != (RAW, RAW):
         found.append(Misfit.FORMAT)
-    if needs.arch and needs.machine and not any(target_matches(t, needs.arch, needs.machine) for t in build.targets):
-        arch_known = any(t.architecture == needs.arch for t in build.targets)
-        found.append(Misfit.MACHINE if arch_known else Misfit.ARCHITECTURE)
+    if needs.arch and not any(t.architecture == needs.arch for t in build.targets):
+        found.append(Misfit.ARCHITECTURE)  # an x86 domain never gets AAVMF, nor an aarch64 one OVMF
+    elif needs.arch and needs.machine and not any(target_matches(t, needs.arch, needs.machine)
+                                                  for t in build.targets):
+        found.append(Misfit.MACHINE)
     if needs.secure_boot is not None and build.secure_boot != needs.secure_boot:
         found.append(Misfit.SECURE_BOOT)
     if needs.enrolled_keys is not None and build.enrolled_keys != needs.enrolled_keys:
@@ -219,6 +227,20 @@ def misfits(build: Build, needs: Needs) -> tuple[Problem, ...]:
     if needs.code_size is not None and build.code_size != needs.code_size:
         found.append(Misfit.CODE_SIZE)
     return tuple(Problem(kind, build, needs) for kind in found)
+
+
+def code_secure_boot(builds: Sequence[Build]) -> bool | None:
+    """Whether the code these builds share (one digest) is Secure Boot code; None when the
+    builds disagree.
+
+    On x86 Secure Boot is the code's: SMM-protected variables, a build of its own. AAVMF has
+    no SMM, and Debian ships one code image for both: AAVMF_CODE.ms.fd (a symlink to
+    AAVMF_CODE.fd) is "secure-boot" beside the enrolled template, AAVMF_CODE.fd is plain
+    beside the blank one. There the varstore alone decides, so the code's kind is "don't
+    care" (None) and a domain keeps the build whose template its varstore fits.
+    """
+    kinds = {b.secure_boot for b in builds}
+    return kinds.pop() if len(kinds) == 1 else None
 
 
 def fits(build: Build, needs: Needs) -> bool:

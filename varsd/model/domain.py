@@ -161,6 +161,9 @@ class FileFacts:
     # planner can recognise which build the image was made from.
     trailing_sha256: str | None = None
     error: str | None = None  # unreadable, corrupt, ...
+    # All erased flash of a flash device's size: a varstore the firmware has not formatted yet
+    # (a never-booted AAVMF guest's copy of the blank AAVMF_VARS.fd).
+    blank: bool = False
     # This process may not read it (a non-root admin's `status`; varstores are the qemu
     # user's, 0600): its content is unknown, not wrong.
     unreadable: bool = False

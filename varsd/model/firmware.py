@@ -75,6 +75,10 @@ class Build:
     interface_types: tuple[str, ...] = ("uefi",)
     description: str = ""
     derived_from: str | None = None  # the shipped template, when template_path is varsd's derived 2023 copy
+    # The template is blank flash (all erased) that the code formats at its first boot (Debian 12's
+    # AAVMF_VARS.fd); `layout` is then what that code formats, learned from a formatted template of
+    # the same code (see varsd.firmware.catalog), and a domain's still-blank varstore fits it.
+    template_blank: bool = False
 
     @property
     def secure_boot(self) -> bool:

@@ -170,7 +170,7 @@ def _pin_problem(md: VarsdMetadata, name: str) -> str | None:
 class _Wants:
     """What the target must keep of the domain's firmware."""
 
-    secure: bool  # Secure Boot build or not
+    secure: bool | None  # Secure Boot build or not; None: the code serves both (AAVMF)
     keys: bool  # the varstore has PK, KEK and db
     known: bool  # `secure` comes from the domain's code (a catalog build), not just its XML
 
@@ -336,7 +336,7 @@ def plan_migration(
             code_path=target.code_path,
             nvram_path=varstore,
             template_path=target.template_path,
-            secure=target.secure_boot,
+            secure=target.requires_smm,
             smm=target.requires_smm or fw.smm,
             metadata=md,
         ),

@@ -63,7 +63,7 @@ from datetime import datetime
 
 from varsd.domain.classify import classify, firmware_image_path
 from varsd.domain.xml import FirmwareEdit, apply_edit, nvram_storage, parse_domain, replace_loader_code, set_metadata
-from varsd.firmware.fit import Needs, machine_has_smm, misfits, uefi_needs_acpi, why_not
+from varsd.firmware.fit import Needs, code_secure_boot, machine_has_smm, misfits, uefi_needs_acpi, why_not
 from varsd.firmware.selection import explain_no_build, select_build
 from varsd.model.domain import DomainFirmware, FileFacts, FirmwareConfig, Status, VarsdMetadata
 from varsd.model.firmware import Build, Catalog, MappingMode, VarstoreLayout
@@ -178,23 +178,29 @@ def _shared(facts: DomainFacts) -> bool:
     return facts.sharing is not None and not facts.sharing.keeps
 
 
-def wants_secure_boot(fw: DomainFirmware, image: FileFacts | None, catalog: Catalog) -> bool:
+def wants_secure_boot(fw: DomainFirmware, image: FileFacts | None, catalog: Catalog) -> bool | None:
     """Keep the firmware features the domain had: its code decides, its XML only for unknown code.
 
     The code is known by its digest, or else by its path (the file may have been
     replaced by an upgrade the catalog has not seen yet). A plain build with
     `secure='yes'` (SMM-protected flash, which libvirt allows) stays a plain build.
+    None: the code serves both kinds (AAVMF, `fit.code_secure_boot`), its varstore decides.
     """
     if image is not None:
         for sha in (image.sha256, image.trailing_sha256):
             builds = catalog.by_code_sha(sha) if sha else []
             if builds:
-                return any(b.secure_boot for b in builds)
+                return code_secure_boot(builds)
     paths = {firmware_image_path(fw), image.realpath if image is not None else None} - {None}
     builds = [b for b in catalog.builds if b.code_path in paths]
     if builds:
-        return any(b.secure_boot for b in builds)
+        return code_secure_boot(builds)
     return bool(fw.loader_secure)
+
+
+def _same_kind(build: Build, secure: bool | None) -> bool:
+    """Whether `build` is of the Secure Boot kind wanted (None: either, see wants_secure_boot)."""
+    return secure is None or build.secure_boot == secure
 
 
 def _unmanaged(config: FirmwareConfig, why: str, fw: DomainFirmware) -> Plan:
@@ -434,7 +440,7 @@ def _rewrite(facts: DomainFacts, catalog: Catalog, build: Build, nvram: str, md:
             code_path=build.code_path,
             nvram_path=nvram,
             template_path=_template_for(catalog, facts.firmware, build),
-            secure=build.secure_boot,
+            secure=build.requires_smm,
             smm=build.requires_smm or facts.firmware.smm,
             metadata=md,
             acpi=uefi_needs_acpi(facts.firmware.arch),
@@ -470,7 +476,7 @@ def is_private_varstore(catalog: Catalog, nvram_dir: str, nvram: FileFacts) -> b
 
 
 def _plan_new_varstore(
-    facts: DomainFacts, config: FirmwareConfig, catalog: Catalog, nvram_dir: str, now: datetime, secure: bool
+    facts: DomainFacts, config: FirmwareConfig, catalog: Catalog, nvram_dir: str, now: datetime, secure: bool | None
 ) -> Plan:
     fw, nvram = facts.firmware, facts.nvram
     query = dict(arch=fw.arch, machine=fw.machine, secure_boot=secure, smm_allowed=machine_has_smm(fw.machine))
@@ -489,6 +495,10 @@ def _plan_new_varstore(
             build=kept, code=kept.code_path, varstore=nvram.path,
         )
     query["enrolled_keys"] = False if secure else None
+    if secure is None:
+        # Code that serves both kinds (AAVMF): a guest without a varstore had no Secure Boot
+        # state to keep, so it gets the plain build's template, not one with keys enrolled.
+        query["secure_boot"] = False
     build = select_build(catalog, **query)
     if build is None:
         return Plan(config, Status.ERROR, explain_no_build(catalog, **query), code=firmware_image_path(fw))
@@ -514,7 +524,7 @@ def _plan_new_varstore(
     )
 
 
-def _plan_unified(facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: datetime, secure: bool) -> Plan:
+def _plan_unified(facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: datetime, secure: bool | None) -> Plan:
     fw, image = facts.firmware, facts.image
     if image is None or image.varstore_layout is None or not fw.loader_path:  # classify() says unified: never
         return Plan(FirmwareConfig.UNIFIED, Status.ERROR, "unified image without a readable varstore",
@@ -560,13 +570,15 @@ def _plan_unified(facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: dat
     )
 
 
-def _exact_build(catalog: Catalog, sha: str | None, layout: VarstoreLayout | None, secure: bool) -> Build | None:
+def _exact_build(
+    catalog: Catalog, sha: str | None, layout: VarstoreLayout | None, secure: bool | None
+) -> Build | None:
     """A split build whose code is byte-identical to `sha` and whose layout fits."""
     if not sha:
         return None
     for b in catalog.by_code_sha(sha):
         if b.mode is MappingMode.SPLIT and b.layout is not None and layout in (None, b.layout) \
-                and b.secure_boot == secure:
+                and _same_kind(b, secure):
             return b
     return None
 
@@ -581,7 +593,7 @@ def _central(catalog: Catalog, fw: DomainFirmware, image: FileFacts | None) -> B
 
 
 def _plan_split(
-    facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: datetime, secure: bool, ctx: UpgradeContext
+    facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: datetime, secure: bool | None, ctx: UpgradeContext
 ) -> Plan:
     fw, image, nvram = facts.firmware, facts.image, facts.nvram
     config = FirmwareConfig.SPLIT
@@ -592,7 +604,7 @@ def _plan_split(
     if nvram is None or not nvram.exists:
         return _plan_missing_varstore(facts, catalog, nvram_dir, now, secure, central)
 
-    layout = nvram.varstore_layout
+    layout = nvram.varstore_layout or _blank_layout(catalog, central, image, nvram)
     if nvram.unreadable:
         return Plan(config, Status.ERROR, f"varstore {nvram.path} cannot be read by this user, so whether it "
                     "fits is unknown; run as root to see", code=fw.loader_path, varstore=nvram.path)
@@ -615,7 +627,7 @@ def _plan_split(
         if isinstance(decision, Track):
             central, note = decision.build, decision.note
 
-    if central is not None and central.layout == layout and central.secure_boot == secure:
+    if central is not None and central.layout == layout and _same_kind(central, secure):
         build = central
         reason = None
     else:
@@ -646,7 +658,7 @@ def _plan_split(
     md = _bind(fw.metadata, build)
     needs_attrs = (
         (build.requires_smm and not fw.smm)
-        or (build.secure_boot and not fw.loader_secure)
+        or (build.requires_smm and not fw.loader_secure)
         or fw.loader_readonly is not True
         or _template_wrong(catalog, fw, build)
     )
@@ -665,6 +677,22 @@ def _plan_split(
                     code=fw.loader_path, varstore=nvram.path)
     return Plan(config, Status.OK, reason, actions=(Redefine(new_xml, reason),), build=build,
                 code=code, varstore=nvram.path)
+
+
+def _blank_layout(catalog: Catalog, central: Build | None, image: FileFacts | None,
+                  nvram: FileFacts) -> VarstoreLayout | None:
+    """The layout a still-blank varstore will have: that of the domain's own code's build whose
+    template is blank flash of the same size (a never-booted AAVMF guest; the code formats the
+    varstore at its first boot). None when the domain's code ships no blank template."""
+    if not nvram.blank:
+        return None
+    candidates = [central] if central is not None else []
+    if image is not None and image.sha256:
+        candidates += catalog.by_code_sha(image.sha256)
+    for b in candidates:
+        if b.template_blank and b.layout is not None and b.layout.size == nvram.size:
+            return b.layout
+    return None
 
 
 def _why_not_private(facts: DomainFacts, nvram: FileFacts, layout: VarstoreLayout) -> str:
@@ -711,7 +739,7 @@ def _plan_shared_varstore(
 
 
 def _plan_missing_varstore(
-    facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: datetime, secure: bool, central: Build | None
+    facts: DomainFacts, catalog: Catalog, nvram_dir: str, now: datetime, secure: bool | None, central: Build | None
 ) -> Plan:
     """No varstore yet (a domain never started): create it, so we record where it came from."""
     fw, image = facts.firmware, facts.image

@@ -43,7 +43,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from varsd.firmware.fit import Needs, why_not
+from varsd.firmware.fit import Needs, code_secure_boot, why_not
 from varsd.model.archive import ArchiveIndex
 from varsd.model.domain import DomainFirmware, FileFacts, PinKind, Status, VarsdMetadata
 from varsd.model.firmware import Build, Catalog, MappingMode, UpgradePolicy, VarstoreLayout
@@ -115,7 +115,7 @@ def tracks_central(fw: DomainFirmware, image: FileFacts | None) -> bool:
     return md.build_code_path in paths
 
 
-def had_secure_boot(fw: DomainFirmware, catalog: Catalog, ctx: UpgradeContext) -> bool:
+def had_secure_boot(fw: DomainFirmware, catalog: Catalog, ctx: UpgradeContext) -> bool | None:
     """Whether the domain's own build (the one it is held on, else bound to) is a Secure
     Boot build.
 
@@ -128,7 +128,7 @@ def had_secure_boot(fw: DomainFirmware, catalog: Catalog, ctx: UpgradeContext) -
             continue
         builds = catalog.by_code_sha(sha)
         if builds:
-            return any(b.secure_boot for b in builds)
+            return code_secure_boot(builds)
         if sha in ctx.features:
             return "secure-boot" in ctx.features[sha]
     return bool(fw.loader_secure)
@@ -143,7 +143,7 @@ def decide_tracking(
     image: FileFacts | None,
     catalog: Catalog,
     layout: VarstoreLayout,
-    secure: bool,
+    secure: bool | None,
     policy: UpgradePolicy | str,
     booted: str | None = None,
 ) -> Decision | None:
@@ -187,7 +187,7 @@ def decide_pinned(
     fw: DomainFirmware,
     catalog: Catalog,
     layout: VarstoreLayout | None,
-    secure: bool,
+    secure: bool | None,
     policy: UpgradePolicy | str,
 ) -> Track | Hold:
     """Whether a pinned domain stays held (and by whom) or is released to the central build."""
