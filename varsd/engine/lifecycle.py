@@ -91,6 +91,7 @@ class Lifecycle:
         self.cfg = cfg
         self.rec = rec
         self.store = store
+        self._failing: dict[str, str] = {}  # uuid -> the backup trouble last logged for it
 
     @property
     def hv(self) -> Hypervisor:
@@ -105,9 +106,9 @@ class Lifecycle:
         """Back up shut-off domains whose varstore changed (stat-only when it did not)."""
         targets, errors = domain_targets(self.hv, [r for r in refs if not r.active], self.cfg)
         for ref, message in errors:
-            log.warning("%s", about_domain(ref.name, f"cannot look for a varstore to back up: {message}", ref.uuid))
+            self._trouble(ref.name, ref.uuid, f"cannot look for a varstore to back up: {message}", logging.WARNING)
         results = self.store.run_pass(targets, reason=reason)
-        _log_results(results)
+        self._log_results(results)
         return results
 
     def scheduled_pass(self) -> list[PassResult]:
@@ -115,12 +116,29 @@ class Lifecycle:
         refs = self.hv.list_domains()
         targets, errors = domain_targets(self.hv, refs, self.cfg, self.rec.catalog)
         for ref, message in errors:
-            log.warning("%s", about_domain(ref.name, f"scheduled backup: {message}", ref.uuid))
+            self._trouble(ref.name, ref.uuid, f"scheduled backup: {message}", logging.WARNING)
         results = self.store.run_pass(targets, reason=BackupReason.SCHEDULE, running_mode=self.cfg.backup_running,
                                       hv=self.hv)
-        _log_results(results)
+        self._log_results(results)
         self.prune({r.uuid for r in refs})
         return results
+
+    def _trouble(self, name: str, uuid: str, message: str, level: int = logging.ERROR) -> None:
+        """A domain's backup trouble is logged once when it starts (or changes), not at every
+        pass; later passes with the same trouble log at debug level."""
+        level = logging.DEBUG if self._failing.get(uuid) == message else level
+        self._failing[uuid] = message
+        log.log(level, "%s", about_domain(name, message, uuid))
+
+    def _log_results(self, results: Iterable[PassResult]) -> None:
+        for r in results:
+            if r.error:
+                self._trouble(r.target.name, r.target.uuid, f"backup failed: {r.error}")
+                continue
+            if self._failing.pop(r.target.uuid, None) is not None:
+                log.info("%s", about_domain(r.target.name, "backups work again", r.target.uuid))
+            if r.skipped and r.read:
+                log.info("%s", about_domain(r.target.name, f"backup skipped: {r.skipped}", r.target.uuid))
 
     def prune(self, defined: set[str]) -> int:
         plan = plan_retention(self.store.index.records(), self.cfg.backup_keep, self.rec.clock.now(), defined)
@@ -246,11 +264,3 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _log_results(results: Iterable[PassResult]) -> None:
-    for r in results:
-        if r.error:
-            log.error("%s", about_domain(r.target.name, f"backup failed: {r.error}", r.target.uuid))
-        elif r.skipped and r.read:
-            log.info("%s", about_domain(r.target.name, f"backup skipped: {r.skipped}", r.target.uuid))
