@@ -32,13 +32,18 @@ ENROLLED = f"{DESCRIPTORS}/40-edk2-aarch64-secure-enrolled.json"
 SECURE = f"{DESCRIPTORS}/50-edk2-aarch64-secure.json"  # Debian 12's names a code file it lacks
 
 
-def _executable(descriptor: str) -> str:
-    with open(descriptor, encoding="utf-8") as f:
-        return json.load(f)["mapping"]["executable"]["filename"]
+def _executable(descriptor: str) -> str | None:
+    try:
+        with open(descriptor, encoding="utf-8") as f:
+            return json.load(f)["mapping"]["executable"]["filename"]
+    except FileNotFoundError:  # no qemu-efi-aarch64 here (the test beds): x86 helpers still work
+        return None
 
 
+INSTALLED = os.path.exists(PLAIN)  # scripts/host-setup installs qemu-efi-aarch64 on every host
 PLAIN_CODE = _executable(PLAIN)  # what a repaired plain guest gets: AAVMF_CODE.fd, or .no-secboot.fd
-DEBIAN12 = not os.path.exists(_executable(SECURE))  # Debian 12's AAVMF set (blank VARS, one code image)
+_SECURE_CODE = _executable(SECURE)
+DEBIAN12 = _SECURE_CODE is not None and not os.path.exists(_SECURE_CODE)  # Debian 12's set: blank VARS, one code
 
 
 def blank_flash(path) -> str:
