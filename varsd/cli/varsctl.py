@@ -129,7 +129,8 @@ def cmd_undo(ctx: Context, args: argparse.Namespace) -> int:
                       f"leaves the domain alone until 'varsctl opt-in {ref.name}'); to restore it only until the "
                       "next repair: --force")
                 return EXIT_ATTENTION
-        tx.write(restored, f"undo of journal #{change.id}" + (", domain opted out" if args.opt_out else ""))
+        tx.write(restored, f"undo of journal #{change.id}" + (", domain opted out" if args.opt_out else ""),
+                 as_given=True)
     text = f"{ref.name}: restored the definition from before journal #{change.id}" + (
         "; opted out, so varsd leaves it alone (varsctl opt-in to manage it again)" if args.opt_out else "")
     if args.json:

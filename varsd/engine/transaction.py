@@ -118,14 +118,20 @@ class Writer:
             raise ArchiveError(f"domain '{ref.name}': not pointed at {loader}: {entry.problem}")
 
     def write(self, ref: DomainRef, planned_from: str, new_xml: str, reason: str,
-              kind: ChangeKind = ChangeKind.EDIT) -> str:
+              kind: ChangeKind = ChangeKind.EDIT, as_given: bool = False) -> str:
         """Module steps 3-5 for a change planned from `planned_from`; the caller holds the
-        domain's lock (inside `transaction`). Returns the definition as libvirt stored it."""
+        domain's lock (inside `transaction`). Returns the definition as libvirt stored it.
+
+        `as_given`: `new_xml` is an admin's definition put back (undo), written as it was:
+        no format='raw' added. A metadata-only change (opt-out/in, a rebind) gets none either:
+        varsd did not write that loader, and it stays a virDomainSetMetadata."""
         self.verify_archived_loader(ref, new_xml)
         if self.hv.persistent_xml(ref.uuid) != planned_from:
             raise StaleDefinition(f"domain '{ref.name}' was redefined meanwhile; will look again")
-        # explicit format='raw' (and templateFormat) where the connected libvirt has them
-        new_xml = with_raw_formats(new_xml, firmware_formats(self.hv.lib_version()))
+        # explicit format='raw' (and templateFormat) where the connected libvirt has them,
+        # only on firmware XML varsd itself wrote
+        if not as_given and metadata_only_change(planned_from, new_xml) is None:
+            new_xml = with_raw_formats(new_xml, firmware_formats(self.hv.lib_version()))
         change = self.journal.record(
             at=self.clock.now(), uuid=ref.uuid, name=ref.name, actor=self.actor, reason=reason,
             old_xml=planned_from, new_xml=new_xml, kind=kind,
@@ -167,7 +173,7 @@ class Transaction:
         return self._xml
 
     def write(self, new_xml: str, reason: str, *, planned_from: str | None = None,
-              kind: ChangeKind = ChangeKind.EDIT) -> None:
+              kind: ChangeKind = ChangeKind.EDIT, as_given: bool = False) -> None:
         """Journal (as `kind`) and define `new_xml`, planned from `planned_from` (default: `xml`)."""
         self._xml = self.writer.write(self.ref, self.xml if planned_from is None else planned_from, new_xml, reason,
-                                      kind)
+                                      kind, as_given)
