@@ -18,7 +18,7 @@ from pathlib import Path
 import libvirt
 import pytest
 from generated import FEATURES, FORMS, OTHER_ARGS, Shape
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 from support.varstores import read_variables
@@ -76,6 +76,10 @@ def _accepted(drivers, xml: str) -> None:
           derandomize=True)
 @given(shape=shapes(), name=names)
 def test_plan_apply_replan(shape: Shape, name: str, catalogs, drivers) -> None:
+    # A split x86 domain without <acpi/> does not exist: libvirt refuses it (9.0 and 12.9: "UEFI
+    # requires ACPI on this architecture"), and varsd only binds a split domain, adding nothing.
+    # (Debian 13's hypothesis 6.130 generates it; 6.170 did not, in 150 derandomized examples.)
+    assume(shape.form != "split" or "<acpi/>" in shape.features)
     catalog = catalogs["4m"]
     with tempfile.TemporaryDirectory() as tmp:
         hostfs = HostFS(Path(tmp))
