@@ -27,6 +27,7 @@ from varsd.adapters import fsio, virtfw
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.config import load_config, qemu_owner
+from varsd.domain.xml import parse_domain
 from varsd.engine.backups import open_store
 from varsd.engine.lifecycle import Lifecycle
 from varsd.engine.offline_write import StartBegan, VarstoreWriter
@@ -356,6 +357,11 @@ def test_a_start_that_waits_too_long_goes_on_and_the_write_is_refused(hv, guest_
 # -- the lifecycle libvirt leaves open -----------------------------------------------------
 
 
+def _nvram(xml: str) -> tuple[str | None, str | None]:
+    fw = parse_domain(xml)
+    return fw.nvram_template, fw.nvram_path
+
+
 def test_domrename_moves_the_varstore_and_the_guest_boots_with_its_variables(hv, guest_factory, tmp_path):
     name = guest_factory.name("ren")
     config = write_config(tmp_path, name)
@@ -372,7 +378,8 @@ def test_domrename_moves_the_varstore_and_the_guest_boots_with_its_variables(hv,
         r = subprocess.run(["virsh", "-c", "qemu:///system", "domrename", name, new], capture_output=True,
                            text=True)
         assert r.returncode == 0, r.stderr
-        wait_until(lambda: f"<nvram template='{VARS_4M}'>{new_path}</nvram>" in hv.persistent_xml(g.uuid), 60,
+        # the element, not its spelling: libvirt >= 9.2 (12.9) also stores templateFormat/format='raw'
+        wait_until(lambda: _nvram(hv.persistent_xml(g.uuid)) == (VARS_4M, str(new_path)), 60,
                    "varsd points the renamed domain at <new>_VARS.fd")
     finally:
         daemon.stop()
