@@ -59,5 +59,7 @@ def test_rename_moves_the_varstore_and_points_the_xml_at_it(conn, service_factor
     data = open(old, "rb").read()
     conn.lookupByName(name).rename(new, 0)
     want = os.path.join(svc.cfg.nvram_dir, f"{new}_VARS.fd")
-    wait_until(lambda: _repaired_varstore(conn, new) == want, what="XML follows the rename")
-    assert not os.path.exists(old) and open(want, "rb").read() == data
+    # varsd links <new>, redefines, then unlinks <old> (crash-safe order): wait for the last step
+    wait_until(lambda: _repaired_varstore(conn, new) == want and not os.path.exists(old),
+               what="XML follows the rename and the old name is gone")
+    assert open(want, "rb").read() == data
