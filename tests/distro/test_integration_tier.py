@@ -8,6 +8,7 @@ bed's tree was given when it was built (tests/debian_archive.py; the bed has no 
 
 What does not run there, and why, is listed here (never silently):
 - HOST_ONLY: tests of the host's own venvs (their Debian 13 counterparts run here anyway);
+- NEEDS_AAVMF: tests of Debian's real AAVMF files (the beds have no qemu-efi-aarch64);
 - KNOWN_DEBIAN13: tests that fail on Debian 13 today, each with what differs. Any other
   failure fails the test; a listed one that passes is printed (take it off the list).
 - tests marked `debian12_host` report themselves as not applicable (they change the Debian
@@ -30,6 +31,16 @@ HOST_ONLY = {
                                   "runs under systemd in tests/distro/test_systemd.py",
     "tests/adapters/test_virtfw_2411.py": "runs the Secure Boot tests in the host's 24.11 venv; here Debian's own "
                                           "24.11 runs them directly",
+}
+# The beds have no qemu-efi-aarch64 (scripts/host-setup installs it on hosts, where these run):
+# Debian 13's AAVMF set in the bed is open work (issue 7's note).
+NEEDS_AAVMF = {
+    "tests/planning/test_aarch64.py": "real AAVMF files",
+    "tests/engine/test_aarch64.py": "real AAVMF files",
+    "tests/firmware/test_catalog.py::test_a_blank_template_alone_is_a_problem_not_a_build": "real AAVMF files",
+    "tests/firmware/test_discovery.py::test_aavmf_code_pairs_with_the_templates_of_its_bank_size_by_content":
+        "real AAVMF files",
+    "tests/integration/test_aarch64_boot.py": "real AAVMF files and qemu-system-aarch64",
 }
 KNOWN_DEBIAN13: dict[str, str] = {
     # (deb13c: the others listed before were test assumptions, a test race and one varsd bug -
@@ -55,7 +66,7 @@ def platform(request: pytest.FixtureRequest) -> Iterator[testbed.Bed]:
 
 def _pytest_in(bed: testbed.Bed, *args: str, timeout: float) -> tuple[set[str], set[str], str, float]:
     """pytest inside `bed`: (passed, failed) node ids, the output's tail, wall seconds."""
-    deselect = [f"--deselect={t}" for t in HOST_ONLY]
+    deselect = [f"--deselect={t}" for t in (*HOST_ONLY, *NEEDS_AAVMF)]
     t0 = time.monotonic()
     r = bed.run("sh", "-c", f"cd {testbed.SOURCE} && python3 -m pytest -q -p no:cacheprovider -rA "
                 + " ".join([*args, *deselect]), check=False, timeout=timeout,
