@@ -43,11 +43,8 @@ NEEDS_AAVMF = {
     "tests/integration/test_aarch64_boot.py": "real AAVMF files and qemu-system-aarch64",
 }
 KNOWN_DEBIAN13: dict[str, str] = {
-    # (deb13c: the others listed before were test assumptions, a test race and one varsd bug -
-    # format='raw' added to the admin's XML by undo/opt-out - all fixed; see notes2/deb13c.md)
-    "tests/engine/test_firmware_sync.py::test_prune_keeps_what_domains_use_and_what_is_recent":
-        "fails only in the whole tier (15/15 alone in the bed): its full sync sees every domain earlier tests "
-        "left on the process-wide test:///default; the assertion now names them",
+    # Empty: what was listed here were test assumptions (Debian 12's files and XML spellings), two
+    # test races and one varsd bug (format='raw' added to the admin's XML by undo/opt-out), all fixed.
 }
 UNIT = ("tests", "--ignore=tests/integration", "--ignore=tests/distro")
 # Debian 13 always (the package tests need it); on a Debian 13 host also Debian 12, the
