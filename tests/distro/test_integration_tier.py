@@ -105,6 +105,8 @@ INTEGRATION = (
 )
 HOOK = "/etc/libvirt/hooks/qemu.d/varsd"
 INTEGRATION_NOT_HERE: dict[str, str] = {
+    "tests/integration/test_secureboot.py": "waits for Debian 12's serial line of a Secure Boot boot; Debian 13's "
+                                            "Secure Boot build prints another one (not adapted yet: issue 8's note)",
 }
 
 
