@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from varsd.adapters.journal import Journal
@@ -37,7 +37,7 @@ from varsd.adapters.libvirt_api import Hypervisor
 from varsd.clock import SYSTEM, Clock, stamp
 from varsd.config import Config
 from varsd.domain.classify import firmware_image_path
-from varsd.domain.xml import firmware_signature, parse_domain
+from varsd.domain.xml import parse_domain
 from varsd.engine.boots import record_boot
 from varsd.engine.fetch import Seen, fetched
 from varsd.engine.inspect import FileInspector
@@ -264,9 +264,7 @@ def _written_in_use(rec: Reconciler, ref: DomainRef, written: Written) -> tuple[
     loader, live state and class as planned (its new binding is read from what libvirt
     stored); any other change is looked at again."""
     after = parse_domain(written.stored)
-    before = written.facts.firmware
-    if firmware_signature(written.stored) != firmware_signature(written.facts.xml) \
-            or firmware_image_path(after) != firmware_image_path(before):
+    if replace(after, metadata=written.facts.firmware.metadata) != written.facts.firmware:
         return _in_use(rec, ref)
     return _used_by(rec, after, written.facts, written.plan)
 

@@ -646,8 +646,8 @@ class Reconciler:
                      written: dict[str, Written]) -> list[DomainRef]:
         """One batch through the write path; returns the domains left to the one-domain way."""
         try:
-            result = self.writer.write_batch([PlannedWrite(ref, facts.xml, action.xml, action.reason)
-                                              for ref, facts, _, action in batch])
+            result = self.writer.write_batch([PlannedWrite(ref, facts.xml, action.xml, action.reason,
+                                                           parsed=facts.firmware) for ref, facts, _, action in batch])
         except StateDirError:
             raise
         except VarsdError as exc:  # the journal refused the intents: nothing was written

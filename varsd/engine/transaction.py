@@ -55,7 +55,7 @@ from varsd.engine.lock import host_lock
 from varsd.errors import HypervisorError, LockBusy, VarsdError
 from varsd.firmware.archive import Archive, ArchiveError
 from varsd.model.archive import is_archive_path, sha_of_archive_path
-from varsd.model.domain import DomainRef
+from varsd.model.domain import DomainFirmware, DomainRef
 from varsd.model.journal import ChangeKind
 
 log = logging.getLogger("varsd.reconcile")
@@ -89,6 +89,7 @@ class PlannedWrite:
     new_xml: str
     reason: str
     kind: ChangeKind = ChangeKind.EDIT
+    parsed: DomainFirmware | None = None  # `planned_from` parsed, when the planner has it
 
 
 @dataclass
@@ -144,7 +145,10 @@ class Writer:
     def verify_archived_loader(self, ref: DomainRef, xml: str) -> None:
         """Verify-before-use: a definition about to boot an archived image gets it only if
         the file's content still has the digest its name promises (ArchiveError if not)."""
-        loader = parse_domain(xml).loader_path
+        self.verify_loader(ref, parse_domain(xml).loader_path)
+
+    def verify_loader(self, ref: DomainRef, loader: str | None) -> None:
+        """`verify_archived_loader` of a definition whose loader is `loader`."""
         if not is_archive_path(self.archive.directory, loader):
             return
         entry = self.archive.verify(sha_of_archive_path(loader or "") or "")
@@ -195,8 +199,11 @@ class Writer:
             for w in held:
                 try:
                     self.settle_pending(w.ref)
-                    self.verify_archived_loader(w.ref, w.new_xml)
                     fragment = metadata_only_change(w.planned_from, w.new_xml)
+                    if fragment is not None and w.parsed is not None:
+                        self.verify_loader(w.ref, w.parsed.loader_path)  # the loader it has, parsed already
+                    else:
+                        self.verify_archived_loader(w.ref, w.new_xml)
                     if self.hv.persistent_xml(w.ref.uuid) != w.planned_from:
                         result.stale.append(w.ref)
                         continue
