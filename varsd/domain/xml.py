@@ -133,8 +133,13 @@ def parse_metadata(el: etree._Element | None) -> VarsdMetadata:
     if el is None:
         return VarsdMetadata()
 
+    first: dict[str, etree._Element] = {}  # each child's first element (what find() gives), in one pass
+    for c in el:
+        if isinstance(c.tag, str):
+            first.setdefault(c.tag, c)
+
     def attr(child: str, name: str) -> str | None:
-        c = el.find(f"{{{VARSD_NS}}}{child}")
+        c = first.get(f"{{{VARSD_NS}}}{child}")
         return None if c is None else c.get(name)
 
     return VarsdMetadata(
