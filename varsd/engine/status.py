@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from varsd.adapters.plan_memo_store import PlanMemoStore, StoredMemo
 from varsd.domain.xml import parse_domain
@@ -104,7 +104,7 @@ def _reuse(rec: Reconciler, ref: DomainRef, stored: StoredMemo | None, context: 
     files = plan_memo.lookup(stored, ref, context, xml, live_xml, excluded=rec.cfg.is_excluded(ref.name, ref.uuid))
     if files is None:
         return None
-    row = plan_memo.decode(ref.uuid, ref.name, stored.row, rec.catalog)
+    row = plan_memo.decode(ref.uuid, ref.name, stored.row, rec.catalog, running=live_xml is not None, files=files)
     if row is None:
         return None
     user, path = row.user, row.nvram_path
@@ -112,8 +112,7 @@ def _reuse(rec: Reconciler, ref: DomainRef, stored: StoredMemo | None, context: 
         key = files[path]
         inode = plan_memo.identity(key)
         realpath = row.realpath if inode is not None and row.realpath else os.path.realpath(path)
-        rec.varstores.put_known(replace(user, running=live_xml is not None, link=plan_memo.is_link(key)), realpath,
-                                inode)
+        rec.varstores.put_known(user, realpath, inode)
     elif path:
         return None  # a row without its varstore's key: plan it
     else:
