@@ -302,9 +302,10 @@ def _serialize(root: etree._Element) -> str:
     meta_start, meta_end = text.find("<metadata>"), text.rfind("</metadata>")
 
     def fix(m: re.Match[str]) -> str:
-        if meta_start != -1 and meta_start < m.start() < meta_end:
-            return m.group(0)
-        return _single_quote(m.group(0))
+        tag = m.group(0)
+        if '"' not in tag or (meta_start != -1 and meta_start < m.start() < meta_end):
+            return tag  # no attribute to requote (most tags), or inside <metadata>
+        return _single_quote(tag)
 
     out = _MARKUP.sub(fix, text)
     first = _MARKUP.search(out)
