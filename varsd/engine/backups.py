@@ -421,6 +421,12 @@ def backup_status(store: BackupStore, targets: Iterable[Target],
     for ev in reversed(store.index.events(limit=1000)):
         events[ev.uuid] = ev
     out: dict[str, dict] = {}
+    targets = list(targets)
+    pairs = store.index.digest_pairs() if len(targets) > FEW else None  # one query, not one per domain
+
+    def in_backup(uuid: str, sha: str) -> bool:
+        return (uuid, sha) in pairs if pairs is not None else store.index.has_digest(uuid, sha)
+
     for t in targets:
         newest = latest.get(t.uuid)
         entry: dict = {"newest": stamp(newest.taken) if newest else None, "sha256": newest.sha256 if newest else None,
@@ -436,7 +442,7 @@ def backup_status(store: BackupStore, targets: Iterable[Target],
         except (OSError, VarsdError):
             current = None
         entry["current_sha256"] = current
-        entry["current_in_backup"] = bool(current and newest is not None and store.index.has_digest(t.uuid, current))
+        entry["current_in_backup"] = bool(current and newest is not None and in_backup(t.uuid, current))
         ev = events.get(t.uuid)
         if ev is not None:
             entry["last_event"] = {"at": stamp(ev.at), "event": ev.event, "detail": ev.detail,
