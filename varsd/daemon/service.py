@@ -47,7 +47,7 @@ from varsd.clock import SYSTEM, Clock, stamp
 from varsd.config import Config, parse_listen, qemu_owner
 from varsd.daemon.notify import sd_notify, watchdog_interval
 from varsd.daemon.workqueue import WorkQueue
-from varsd.engine import firmware_sync
+from varsd.engine import firmware_sync, qemu_hook
 from varsd.engine.backups import open_store
 from varsd.engine.boots import record_boot
 from varsd.engine.inspect import FileInspector
@@ -201,6 +201,9 @@ class Service:
                     self.ready.set()
                     self.notify("READY=1", f"STATUS=watching {self.cfg.uri}")
                     log.info("first full reconcile done; watching %s", self.cfg.uri)
+                    hook = qemu_hook.probe(self.cfg.uri)
+                    if hook.attention:  # `varsctl status` says it too, as long as it lasts
+                        log.warning("qemu hook %s: %s", hook.state.value, hook.detail)
                     if self.exporter is not None:
                         self._scheduler.add_job(self.export_metrics, id="metrics-first")
                 if time.monotonic() - last_status >= 10 and self.handled != last_handled:
