@@ -12,6 +12,7 @@ import pytest
 from aavmf_files import hide_aarch64, without_aarch64, x86_only
 from ovmf_files import DEBIAN12_OVMF  # Debian 12's files, release-aware
 from ovmf_files import UNIFIED as UNIFIED_2M_IMAGE
+from support.firmware import descriptor
 
 from varsd.adapters import fsio, virtfw
 from varsd.config import ExtraFirmware
@@ -136,27 +137,6 @@ def test_copies_are_distinct_files_each_read(tmp_path):
     )
     assert [b.layout for b in cat.builds] == [LAYOUT_4M, LAYOUT_2M]
     assert len(c.layouts) == 2
-
-
-def descriptor(code, template=None, *, mode=None, device="flash", interfaces=("uefi",), machines=("pc-q35-*",)):
-    mapping: dict = {"device": device}
-    if device == "flash":
-        mapping["executable"] = {"filename": str(code), "format": "raw"}
-        if template is not None:
-            mapping["nvram-template"] = {"filename": str(template), "format": "raw"}
-        if mode:
-            mapping["mode"] = mode
-    else:
-        mapping["filename"] = str(code)
-    return json.dumps(
-        {
-            "description": "test",
-            "interface-types": list(interfaces),
-            "mapping": mapping,
-            "targets": [{"architecture": "x86_64", "machines": list(machines)}],
-            "features": [],
-        }
-    )
 
 
 @pytest.fixture

@@ -47,6 +47,7 @@ from varsd.clock import SYSTEM, Clock, stamp
 from varsd.config import Config, parse_listen, qemu_owner
 from varsd.daemon.notify import sd_notify, watchdog_interval
 from varsd.daemon.workqueue import WorkQueue
+from varsd.domain.xml import parse_domain
 from varsd.engine import firmware_sync, qemu_hook
 from varsd.engine.backups import open_store
 from varsd.engine.boots import record_boot
@@ -584,6 +585,8 @@ class Service:
             varstore = None
         name = self._names.pop(uuid, uuid)
         try:
+            if varstore is None:  # not in memory (undefined before its plan was remembered): the journal knows
+                varstore = self._last_written_varstore(uuid)
             rec = self.journal.close_record(uuid, self.clock.now(), varstore)
         except VarsdError as exc:
             log.error("%s", about_domain(name, f"undefined, but its record could not be closed: {exc}", uuid))
@@ -591,6 +594,16 @@ class Service:
         kept = (rec.varstore if rec else None) or varstore
         log.info("domain '%s' was undefined; record closed%s", name,
                  f", varstore {kept} kept" if kept else "")
+
+    def _last_written_varstore(self, uuid: str) -> str | None:
+        """The varstore named by the newest XML varsd applied to the domain, if any."""
+        for change in self.journal.changes(uuid, limit=20):
+            if change.outcome == "applied" and change.new_xml:
+                try:
+                    return parse_domain(change.new_xml).nvram_path
+                except VarsdError:
+                    return None
+        return None
 
     def _shutdown(self) -> None:
         self.notify("STOPPING=1")
