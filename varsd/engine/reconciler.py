@@ -636,10 +636,10 @@ class Reconciler:
                 singles.append(ref)
         for start in range(0, len(batch), BATCH):
             singles += self._write_batch(batch[start:start + BATCH], outcomes, written)
+        for o in outcomes.values():
+            self.archive_build(o.plan.build)  # as `reconcile` does (the singles' below do it themselves)
         for ref in singles:
             outcomes[ref.uuid] = self.reconcile(ref)
-        for o in outcomes.values():
-            self.archive_build(o.plan.build)
         return BatchPass([outcomes[ref.uuid] for ref in refs], written, as_seen)
 
     def _write_batch(self, batch: list[tuple[DomainRef, DomainFacts, Plan, Redefine]], outcomes: dict[str, Outcome],
