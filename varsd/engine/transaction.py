@@ -52,7 +52,7 @@ from varsd.domain.xml import (
     with_raw_formats,
 )
 from varsd.engine.lock import host_lock
-from varsd.errors import HypervisorError, LockBusy, VarsdError
+from varsd.errors import HypervisorError, VarsdError
 from varsd.firmware.archive import Archive, ArchiveError
 from varsd.model.archive import is_archive_path, sha_of_archive_path
 from varsd.model.domain import DomainFirmware, DomainRef
@@ -99,7 +99,7 @@ class BatchResult:
     stored: dict[str, str] = field(default_factory=dict)  # written: the definition as libvirt stored it
     failed: dict[str, VarsdError] = field(default_factory=dict)  # not written (journaled as failed if it got that far)
     stale: list[DomainRef] = field(default_factory=list)  # changed since planned: refused, nothing journaled
-    busy: list[DomainRef] = field(default_factory=list)  # another actor holds its lock: not tried
+    busy: list[DomainRef] = field(default_factory=list)  # its lock is held (or unusable): not tried
 
 
 class Writer:
@@ -191,8 +191,8 @@ class Writer:
                 try:
                     locks.enter_context(host_lock(self.lock_path(w.ref.uuid), max_wait=0.0,
                                                   doing=f"{self.actor}: {doing} domain '{w.ref.name}'"))
-                except LockBusy:
-                    result.busy.append(w.ref)
+                except VarsdError:  # LockBusy, or a lock file that cannot be used: the one-domain way
+                    result.busy.append(w.ref)  # waits for it, or says why
                     continue
                 held.append(w)
             ready: list[tuple[PlannedWrite, str, str | None]] = []
