@@ -116,10 +116,11 @@ class Watcher:
                 self.cond.wait(left)
 
 
-def cleanup(uri: str) -> None:
+def cleanup(uri: str, prefix: str = PREFIX) -> None:
+    """Remove the bench's domains (named `prefix`*) and their varstores."""
     conn = libvirt.open(uri)
     for dom in conn.listAllDomains():
-        if dom.name().startswith(PREFIX):
+        if dom.name().startswith(prefix):
             if dom.isActive():
                 dom.destroy()
             xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)

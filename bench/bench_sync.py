@@ -38,15 +38,6 @@ from varsd.cli.varsctl import main as varsctl_main  # noqa: E402
 PREFIX = "varsd-bench-sync-"
 
 
-def cleanup(uri: str) -> None:
-    conn = libvirt.open(uri)
-    for dom in conn.listAllDomains():
-        if dom.name().startswith(PREFIX):
-            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM if "<nvram" in xml else 0)
-    conn.close()
-
-
 def timed_sync(argv: list[str]) -> tuple[float, int, dict]:
     """Seconds of one in-process `varsctl ... firmware sync --json`, its exit code and report."""
     saved, out = sys.stdout, io.StringIO()
@@ -75,7 +66,7 @@ def main() -> int:
     ap.add_argument("--domains", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    cleanup(args.uri)
+    bench.cleanup(args.uri, PREFIX)
     work = Path(tempfile.mkdtemp(prefix="varsd-bench-sync-"))
     fw = work / "firmware"
     fw.mkdir()
@@ -109,7 +100,7 @@ def main() -> int:
         lines.append(f"idle sync (nothing to rebind): {idle:.2f} s{why(rc, report)}")
     finally:
         conn.close()
-        cleanup(args.uri)
+        bench.cleanup(args.uri, PREFIX)
         shutil.rmtree(work, ignore_errors=True)
     print("\n".join(lines))
     print(f"firmware sync rebinding {args.domains}: median {statistics.median(times):.2f} s, "

@@ -121,7 +121,8 @@ class SyncReport:
         }
 
 
-def _archive_catalog(archive: Archive, journal: Journal, catalog: Catalog, at: datetime) -> tuple[list[str], list[str]]:
+def _archive_catalog(archive: Archive, journal: Journal, catalog: Catalog, at: datetime,
+                     inspector: FileInspector) -> tuple[list[str], list[str]]:
     archived, problems = [], []
     done: set[str] = set()
     for build in catalog.builds:
@@ -129,6 +130,13 @@ def _archive_catalog(archive: Archive, journal: Journal, catalog: Catalog, at: d
             continue
         done.add(build.code_sha256)
         try:
+            # A build archived before whose file still is that build (the digest `refresh` takes
+            # anyway, cached by stat) is not read and hashed a second time to be stored again.
+            if inspector.inspect(build.code_path, digest=True).sha256 == build.code_sha256 \
+                    and archive.verify(build.code_sha256).ok:
+                journal.note_archived(sha256=build.code_sha256, code_path=build.code_path, size=build.code_size,
+                                      at=at, layout=build.layout, features=build.features)
+                continue
             stored = archive.store_file(build.code_path, expect_sha256=build.code_sha256)
             journal.note_archived(sha256=build.code_sha256, code_path=build.code_path, size=build.code_size, at=at,
                                   layout=build.layout, features=build.features)
@@ -195,7 +203,7 @@ def refresh(
             problems.append(str(exc))
             archived: list[str] = []
         else:
-            archived, more = _archive_catalog(archive, journal, catalog, at)
+            archived, more = _archive_catalog(archive, journal, catalog, at, inspector)
             problems += more
         current = {}
         for build in catalog.builds:
