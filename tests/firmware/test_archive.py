@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 from datetime import UTC, datetime, timedelta
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from varsd.adapters import fsio
 from varsd.firmware.archive import Archive, ArchiveError, archive_path, is_archive_path, sha_of_archive_path
 
 CODE_A = b"\x90" * 4096 + b"build A"
@@ -164,3 +166,27 @@ def test_archive_paths() -> None:
     assert not is_archive_path("/var/lib/varsd/archive", "/usr/share/OVMF/OVMF_CODE.fd")
     assert not is_archive_path("/var/lib/varsd/archive", "/var/lib/varsd/archive/b157d97b1f69.fd")
     assert not is_archive_path("/var/lib/varsd/archive", None)
+
+
+def test_a_new_process_trusts_a_verification_until_the_file_changes(tmp_path, state, archive, monkeypatch) -> None:
+    """Every varsctl command is a new process: what one verified (stat key with ctime) is not
+    hashed again by the next, as the daemon's own memory does not; a change is seen at once."""
+    archive.store_file(source(tmp_path, "a.fd", CODE_A))
+    assert archive.index().verified == {sha(CODE_A)}
+    kept = state / "archive-verified.json"
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o644 and sha(CODE_A) in kept.read_text()
+
+    real_read = fsio.read_file
+    reads: list[str] = []
+    monkeypatch.setattr(fsio, "read_file", lambda path, **kw: reads.append(path) or real_read(path, **kw))
+    fresh = Archive(archive.directory, state_dir=str(state))
+    assert fresh.index().verified == {sha(CODE_A)} and reads == []  # trusted, not read
+
+    _corrupt(archive, sha(CODE_A))  # a write: new mtime and ctime
+    again = Archive(archive.directory, state_dir=str(state))
+    assert sha(CODE_A) in again.index().corrupt and reads  # hashed again, found corrupt
+    assert sha(CODE_A) not in kept.read_text()  # and forgotten
+
+    kept.write_text(json.dumps({sha(CODE_B): [1, 2, 3, 4, 5]}))
+    kept.chmod(0o666)  # writable by others: never trusted
+    assert Archive(archive.directory, state_dir=str(state))._persisted_key(sha(CODE_B)) is None

@@ -14,9 +14,12 @@ Rules:
   permission for everyone (0711): QEMU runs as the qemu user and opens an archived
   image by path, while the journal and locks beside it stay private (0600/0700).
 - Verify before use: `verify` and `index` hash each file (cached by stat) and compare
-  with its name. A file whose content does not match is *corrupt*: reported, never
-  offered to the planner, and replaced only by bytes of the right digest (the corrupt
-  file is moved to `corrupt/` for inspection, never deleted).
+  with its name. The stat key (with ctime, which nobody can set back) of each image found
+  good is kept in `<state_dir>/archive-verified.json`, so a new process (every varsctl
+  command) trusts what an earlier one verified exactly as a running daemon trusts its own
+  in-memory verification: until the file's stat key changes. A file whose content
+  does not match is *corrupt*: reported, never offered to the planner, and replaced
+  only by bytes of the right digest (the corrupt file is moved to `corrupt/` for inspection, never deleted).
 - Symlinks and anything but regular files in the archive are refused, not followed.
 - `prune` removes only what the caller says nobody is bound to, pinned to or running,
   and only once the retention period has passed since it was last used.
@@ -24,10 +27,13 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import json
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -78,6 +84,8 @@ class Archive:
         self.directory = directory
         self.state_dir = state_dir
         self._verified: ContentCache[Entry] = ContentCache()  # sha -> entry, per stat key
+        self._persisted: dict[str, list[int]] | None = None  # sha -> stat key, as verified by any process
+        self._persist_lock = threading.Lock()
 
     def path_for(self, sha256: str) -> str:
         return archive_path(self.directory, sha256)
@@ -167,6 +175,7 @@ class Archive:
                 f"{self.path_for(sha)}: corrupt archived image could not be moved aside: {fsio.describe_oserror(exc)}"
             ) from None
         self._verified.drop(sha)
+        self._persist(sha, None)
         return dest
 
     # -- reading ---------------------------------------------------------------------
@@ -183,7 +192,11 @@ class Archive:
         if not stat.S_ISREG(st.st_mode):
             return Entry(sha256, path, problem=f"{path} is not a regular file")
 
+        key = stat_key(st, ctime=True)
+
         def check() -> Entry:
+            if self._persisted_key(sha256) == list(key):
+                return Entry(sha256, path, st.st_size)
             try:
                 data = fsio.read_file(path, follow_symlinks=False)
             except fsio.ReadError as exc:
@@ -192,9 +205,37 @@ class Archive:
             problem = None if actual == sha256 else (
                 f"archived image {path} is corrupt: its content has digest {actual[:12]}, not {sha256[:12]}"
             )
+            self._persist(sha256, list(key) if problem is None else None)
             return Entry(sha256, path, len(data), problem=problem)
 
-        return self._verified.get(sha256, stat_key(st, ctime=True), check)
+        return self._verified.get(sha256, key, check)
+
+    # -- verification kept between processes -------------------------------------------
+
+    def _persist_path(self) -> str | None:
+        return os.path.join(self.state_dir, VERIFIED_NAME) if self.state_dir else None
+
+    def _persisted_key(self, sha256: str) -> list[int] | None:
+        with self._persist_lock:
+            if self._persisted is None:
+                self._persisted = _load_verified(self._persist_path())
+            return self._persisted.get(sha256)
+
+    def _persist(self, sha256: str, key: list[int] | None) -> None:
+        """Note (or, with None, forget) a verification; best effort, like any cache."""
+        path = self._persist_path()
+        with self._persist_lock:
+            if self._persisted is None:
+                self._persisted = _load_verified(path)
+            if self._persisted.get(sha256) == key:
+                return
+            if key is None:
+                self._persisted.pop(sha256, None)
+            else:
+                self._persisted[sha256] = key
+            if path is None or not os.path.isdir(os.path.dirname(path)):
+                return
+            _save_verified(path, self._persisted)
 
     def entries(self) -> list[Entry]:
         """Every `<sha256>.fd` in the archive, verified; a missing archive is empty."""
@@ -251,8 +292,51 @@ class Archive:
             except OSError as exc:
                 raise ArchiveError(f"{entry.path}: cannot prune: {fsio.describe_oserror(exc)}") from None
             self._verified.drop(entry.sha256)
+            self._persist(entry.sha256, None)
             removed.append(entry.sha256)
         return removed
+
+
+VERIFIED_NAME = "archive-verified.json"
+
+
+def _load_verified(path: str | None) -> dict[str, list[int]]:
+    """The verifications kept in the state dir: trusted only from a regular file of root's
+    (or ours) that nobody else may write, as any state varsd reads back."""
+    if path is None:
+        return {}
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return {}
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+            return {}
+        doc = json.loads(os.read(fd, 1 << 20))
+    except (OSError, ValueError):
+        return {}
+    finally:
+        os.close(fd)
+    if not isinstance(doc, dict):
+        return {}
+    return {k: v for k, v in doc.items() if isinstance(k, str) and isinstance(v, list)
+            and all(isinstance(x, int) for x in v)}
+
+
+def _save_verified(path: str, verified: dict[str, list[int]]) -> None:
+    """A cache: temp file + rename (never half-written), 0644 (digests of world-readable
+    files); a read-only state dir (an admin's `status`) leaves it to the next writer."""
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o644)
+            json.dump(verified, f, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _exists(path: str) -> bool:
