@@ -99,8 +99,8 @@ TRIXIE = Release(
     packages=(*_BASE, *_BUILD, "python3-virt-firmware"),
     backports=("libvirt-daemon-system", "libvirt-clients", "libvirt-daemon", "qemu-system-x86", "qemu-utils",
                "qemu-system-modules-spice", "libxml2-utils", "qemu-system-arm"),
-    # qemu-efi-aarch64 + qemu-system-arm: what scripts/host-setup installs (tests/aavmf_files reads
-    # AAVMF's descriptors at import: without them 8 unit modules and test_aarch64_boot fail to collect)
+    # qemu-efi-aarch64 + qemu-system-arm, as scripts/host-setup installs them on a host: the AAVMF
+    # tests and test_aarch64_boot (a real TCG boot) run on the release's own AAVMF set in the bed
     pinned=("ovmf/trixie", "qemu-efi-aarch64/trixie"),
     downloads=(("unstable", "ovmf"), ("unstable", "ovmf-generic"), ("unstable", "ovmf-amdsev"),
                ("unstable", "ovmf-inteltdx")),
