@@ -112,7 +112,8 @@ BOOKWORM = Release(
     packages=(*_BASE, "python3-pip", "qemu-system-arm"),
     pinned=("ovmf/bookworm", "qemu-efi-aarch64/bookworm"),
     pip=("virt-firmware",),
-    test_debs=(("ovmf", None, "trixie", False),),
+    # Debian 12's ovmf deb12u1 and u2 (the upgrade tests dpkg -i them) and Debian 13's own .deb
+    test_debs=(*debian_archive.BED_PREFETCH, ("ovmf", None, "trixie", False)),
 )
 RELEASES = {r.codename: r for r in (TRIXIE, BOOKWORM)}
 
