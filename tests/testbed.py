@@ -17,7 +17,9 @@ Rules kept here because breaking them hurts the host:
 - An executable /usr/sbin/policy-rc.d exiting 101 is in the tree while installing,
   so nothing starts at install time; it is removed before the tree is marked complete.
 - The container gets its own network namespace (`--private-network`): the bed's
-  libvirt can never touch the host's bridges or addresses.
+  libvirt can never touch the host's bridges or addresses. The one exception is a fresh
+  machine (`FRESH`, `host_network=True`), whose set-up must reach the archive and PyPI:
+  its libvirt defines no network, and its test checks the host's interfaces afterwards.
 - A bed is stopped by the PIDs recorded when it started; a crashed earlier run's bed
   is found through its pid file (PID + start time, so a reused PID is never hit).
 """
@@ -73,6 +75,9 @@ class Release:
     codename: str
     version: str
     packages: tuple[str, ...]
+    # "fresh": the release as a newcomer's machine is before the README's set-up commands
+    # (debootstrap minbase + systemd), its own cached tree beside the bed's
+    flavour: str = ""
     backports: tuple[str, ...] = ()
     pinned: tuple[str, ...] = ()
     downloads: tuple[tuple[str, str], ...] = ()  # (suite, package)
@@ -82,13 +87,18 @@ class Release:
     test_debs: tuple[tuple[str, str | None, str, bool], ...] = ()
 
     @property
+    def label(self) -> str:
+        """The tree's name: the codename, plus the flavour if any (`trixie-fresh`)."""
+        return f"{self.codename}-{self.flavour}" if self.flavour else self.codename
+
+    @property
     def suites(self) -> tuple[str, ...]:
         extra = (f"{self.codename}-backports",) if self.backports else ()
         return (self.codename, f"{self.codename}-updates", *extra)
 
     def recipe(self, mirror: str) -> str:
         """What the cached tree was built from: a different recipe means a rebuild."""
-        return json.dumps({"v": RECIPE_VERSION, "release": self.codename, "mirror": mirror,
+        return json.dumps({"v": RECIPE_VERSION, "release": self.codename, "flavour": self.flavour, "mirror": mirror,
                            "packages": self.packages, "backports": self.backports, "pinned": self.pinned,
                            "downloads": self.downloads, "pip": self.pip,
                            "test_debs": self.test_debs}, sort_keys=True)
@@ -116,6 +126,10 @@ BOOKWORM = Release(
     test_debs=(*debian_archive.BED_PREFETCH, ("ovmf", None, "trixie", False)),
 )
 RELEASES = {r.codename: r for r in (TRIXIE, BOOKWORM)}
+# A newcomer's fresh machine of each release: what debootstrap leaves, plus systemd to boot it.
+# scripts/host-setup installs everything else from the release's own archive.
+FRESH = {c: Release(codename=c, version=r.version, flavour="fresh", packages=("systemd", "systemd-sysv", "dbus"))
+         for c, r in RELEASES.items()}
 
 
 def host_release() -> str:
@@ -130,6 +144,11 @@ def host_release() -> str:
 def second_platform() -> Release:
     """The release the suite runs on besides the host: Debian 13 on a Debian 12 host, else Debian 12."""
     return BOOKWORM if host_release() == "trixie" else TRIXIE
+
+
+def second_fresh_machine() -> Release:
+    """A fresh machine of the second platform's release (for the README's set-up commands)."""
+    return FRESH[second_platform().codename]
 
 
 host_mirror = debian_archive.host_mirror  # one place for "the mirror the host uses"
@@ -203,7 +222,7 @@ class Tree:
     def base(self) -> Path:
         """One directory per recipe version: worktrees of branches with an older recipe keep
         using their tree while a newer one is built, instead of rebuilding it back and forth."""
-        return self.cache / f"{self.release.codename}.r{RECIPE_VERSION}"
+        return self.cache / f"{self.release.label}.r{RECIPE_VERSION}"
 
     @property
     def root(self) -> Path:
@@ -314,9 +333,10 @@ class Tree:
     def _configure(self, root: Path) -> None:
         """Make the tree a virt host that boots under nspawn on this machine kind (§7)."""
         qemu_conf = root / "etc/libvirt/qemu.conf"
-        # cgroup v1 host, read-only cgroup fs inside the container: QEMU gets no controllers.
-        qemu_conf.write_text(qemu_conf.read_text()
-                             + "\n# varsd test bed (nspawn on cgroup v1)\ncgroup_controllers = [ ]\n")
+        if qemu_conf.exists():  # a fresh machine has no libvirt yet
+            # cgroup v1 host, read-only cgroup fs inside the container: QEMU gets no controllers.
+            qemu_conf.write_text(qemu_conf.read_text()
+                                 + "\n# varsd test bed (nspawn on cgroup v1)\ncgroup_controllers = [ ]\n")
         # libvirt-guests would wait up to 5 minutes at shutdown for firmware-only guests to
         # power off; the tests end their guests themselves.
         (root / "etc/systemd/system/libvirt-guests.service").unlink(missing_ok=True)
@@ -325,7 +345,7 @@ class Tree:
             link = root / "etc/systemd/system" / unit
             link.unlink(missing_ok=True)
             link.symlink_to("/dev/null")
-        (root / "etc/hostname").write_text(f"varsd-bed-{self.release.codename}\n")
+        (root / "etc/hostname").write_text(f"varsd-bed-{self.release.label}\n")
         (root / SHARE.lstrip("/")).mkdir(parents=True, exist_ok=True)
         (root / SOURCE.lstrip("/")).mkdir(parents=True, exist_ok=True)
 
@@ -343,6 +363,10 @@ class Bed:
 
     release: Release
     repo: Path | None = None  # bound read-only at SOURCE
+    # The host's network namespace instead of a private one: only for a fresh machine, whose
+    # set-up needs the archive and PyPI (its libvirt then has no network defined: host-setup
+    # installs no libvirt-daemon-config-network).
+    host_network: bool = False
     boot_timeout: float = 180.0
     stop_timeout: float = 60.0
     tree: Tree = field(init=False)
@@ -375,7 +399,7 @@ class Bed:
     @property
     def name(self) -> str:
         """Machine name (and hostname): unique per run, so two beds never share nspawn's /run state."""
-        return f"varsd-bed-{self.release.codename}-{self.run_dir.name.split('-', 1)[0]}"
+        return f"varsd-bed-{self.release.label}-{self.run_dir.name.split('-', 1)[0]}"
 
     def __enter__(self) -> Bed:
         try:
@@ -402,10 +426,11 @@ class Bed:
         # starts it again, and a client connecting at that moment gets a closed socket (seen
         # here). The bed's libvirtd stays up for the whole run.
         defaults = self.merged / "etc/default/libvirtd"
-        defaults.write_text((defaults.read_text() if defaults.exists() else "")
-                            + '\n# varsd test bed: no idle exit\nLIBVIRTD_ARGS=""\n')
+        if (self.merged / "usr/sbin/libvirtd").exists():  # not on a fresh machine: host-setup installs it
+            defaults.write_text((defaults.read_text() if defaults.exists() else "")
+                                + '\n# varsd test bed: no idle exit\nLIBVIRTD_ARGS=""\n')
         cmd = ["systemd-nspawn", "-D", str(self.merged), "--boot", "--register=no", "--keep-unit",
-               "--console=passive", "-M", self.name, "--private-network",
+               "--console=passive", "-M", self.name, *(() if self.host_network else ("--private-network",)),
                f"--bind={self.share}:{SHARE}", "--setenv=SYSTEMD_CGROUP_ENABLE_LEGACY_FORCE=1"]
         if self.repo is not None:
             cmd.append(f"--bind-ro={self.repo}:{SOURCE}")

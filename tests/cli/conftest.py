@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import libvirt
 import pytest
 from support.domains import SHUTOFF, domain_xml, rom_os, split_os
+from support.testdriver import tracked_connection
 
 from .common import (
     CODE_4M,
@@ -59,13 +60,5 @@ def host(tmp_path) -> dict[str, str]:
 @pytest.fixture
 def default_conn() -> Iterator[libvirt.virConnect]:
     """Keeps test:///default's state alive across main() calls; undefines what tests made."""
-    conn = libvirt.open(DEFAULT)
-    made: list[str] = []
-    conn.made = made  # type: ignore[attr-defined]
-    yield conn
-    for name in made:
-        try:
-            conn.lookupByName(name).undefine()
-        except libvirt.libvirtError:
-            pass
-    conn.close()
+    with tracked_connection(DEFAULT) as conn:
+        yield conn

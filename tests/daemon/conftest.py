@@ -23,6 +23,7 @@ import libvirt
 import pytest
 from ovmf_files import UNIFIED as UNIFIED_2M_IMAGE  # Debian 12's files, release-aware
 from support.domains import domain_xml, rom_os
+from support.testdriver import tracked_connection
 
 from varsd.config import Config
 from varsd.daemon.service import Backoff, Service
@@ -46,19 +47,8 @@ def bios_xml(name: str, image: str = UNIFIED_2M_IMAGE) -> str:
 
 @pytest.fixture
 def conn() -> Iterator[libvirt.virConnect]:
-    c = libvirt.open(TEST_URI)
-    created: list[str] = []
-    c.created = created  # type: ignore[attr-defined]
-    yield c
-    for name in created:
-        try:
-            d = c.lookupByName(name)
-        except libvirt.libvirtError:
-            continue
-        if d.isActive():
-            d.destroy()
-        d.undefine()
-    c.close()
+    with tracked_connection(TEST_URI) as c:
+        yield c
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ def test_a_stop_backs_up_the_changed_varstore_once(conn, service_factory) -> Non
     svc = service_factory()
     name = "evt-stop-backup"
     conn.defineXML(bios_xml(name))
-    conn.created.append(name)
+    conn.made.append(name)
     path = wait_until(lambda: _repaired_varstore(conn, name), what="repair")
     wait_until(lambda: os.path.exists(path), what="varstore")
     dom = conn.lookupByName(name)
@@ -52,7 +52,7 @@ def test_rename_moves_the_varstore_and_points_the_xml_at_it(conn, service_factor
     svc = service_factory()
     name, new = "evt-ren-a", "evt-ren-b"
     conn.defineXML(bios_xml(name))
-    conn.created.append(new)
+    conn.made.append(new)
     old = wait_until(lambda: _repaired_varstore(conn, name), what="repair")
     wait_until(lambda: os.path.exists(old), what="varstore")
     wait_until(svc.queue.idle, what="queue idle")

@@ -25,7 +25,7 @@ def _repaired(conn: libvirt.virConnect, name: str) -> bool:
 def test_defined_bios_domain_is_repaired_without_any_command(conn, service_factory) -> None:
     svc = service_factory()
     name = "evt-bios"
-    conn.created.append(name)
+    conn.made.append(name)
     conn.defineXML(bios_xml(name))
     wait_until(lambda: _repaired(conn, name), what="repair of a freshly defined -bios domain")
     xml = conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
@@ -42,7 +42,7 @@ def test_defined_bios_domain_is_repaired_without_any_command(conn, service_facto
 def test_own_redefinition_does_not_loop(conn, service_factory) -> None:
     svc = service_factory()
     name = "evt-noloop"
-    conn.created.append(name)
+    conn.made.append(name)
     conn.defineXML(bios_xml(name))
     wait_until(lambda: _repaired(conn, name), what="repair")
     # Our define raised a DEFINED event; handling it must plan nothing and stop there.
@@ -65,7 +65,7 @@ def test_own_redefinition_does_not_loop(conn, service_factory) -> None:
 def test_burst_of_defines_converges_once_each(conn, service_factory) -> None:
     svc = service_factory()
     names = [f"evt-burst-{i:03d}" for i in range(60)]
-    conn.created.extend(names)
+    conn.made.extend(names)
     for n in names:
         conn.defineXML(bios_xml(n))
     wait_until(lambda: all(_repaired(conn, n) for n in names), timeout=60, what="all 60 repaired")
@@ -83,7 +83,7 @@ def test_burst_of_defines_converges_once_each(conn, service_factory) -> None:
 def test_start_event_records_the_booted_build_in_live_metadata(conn, service_factory) -> None:
     service_factory()
     name = "evt-start"
-    conn.created.append(name)
+    conn.made.append(name)
     conn.defineXML(bios_xml(name))
     wait_until(lambda: _repaired(conn, name), what="repair")
     dom = conn.lookupByName(name)
@@ -131,7 +131,7 @@ def test_domains_without_uefi_are_left_alone(conn, service_factory) -> None:
     service_factory()
     before = conn.lookupByName("test").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
     name = "evt-seabios"
-    conn.created.append(name)
+    conn.made.append(name)
     conn.defineXML(bios_xml(name, image="/usr/share/seabios/bios-256k.bin"))
     time.sleep(0.5)
     assert not _repaired(conn, name)
@@ -165,13 +165,13 @@ def test_reload_applies_a_changed_config_without_restart(conn, tmp_path) -> None
         svc.request_reload()
         wait_until(lambda: svc.cfg.exclude == ("evt-reload-*",), what="config reloaded")
         name = "evt-reload-excluded"
-        conn.created.append(name)
+        conn.made.append(name)
         conn.defineXML(bios_xml(name))
         time.sleep(0.5)
         wait_until(svc.queue.idle, what="queue idle")
         assert not _repaired(conn, name), "an excluded domain was repaired after the reload"
         other = "evt-after-reload"
-        conn.created.append(other)
+        conn.made.append(other)
         conn.defineXML(bios_xml(other))
         wait_until(lambda: _repaired(conn, other), what="the service still repairs after a reload")
     finally:
@@ -206,7 +206,7 @@ def test_firmware_change_is_noticed_archived_and_applied(conn, service_factory, 
     archive = Archive(svc.cfg.archive_dir)
     assert archive.index().verified == {old}, "the catalog's build was not archived at start-up"
     name = "evt-fw-upgrade"
-    conn.created.append(name)
+    conn.made.append(name)
     conn.defineXML(bios_xml(name))
     wait_until(lambda: _repaired(conn, name), what="repair onto the tree's build")
 
@@ -232,7 +232,7 @@ def test_a_busy_domain_is_retried_not_failed(conn, service_factory, caplog) -> N
 
     svc = service_factory()  # its full pass is an hour away: only the retry can repair it
     name = "evt-busy"
-    conn.created.append(name)
+    conn.made.append(name)
     xml = bios_xml(name)
     uuid = xml.split("<uuid>")[1].split("</uuid>")[0]
     held, release = th.Event(), th.Event()
@@ -268,7 +268,7 @@ def test_a_hostile_descriptor_neither_stops_the_daemon_nor_its_reload(conn, serv
     with caplog.at_level("WARNING"):
         svc = service_factory(firmware_dirs=("/usr/share/qemu/firmware", str(bad)))
         name = "evt-hostile-desc"
-        conn.created.append(name)
+        conn.made.append(name)
         conn.defineXML(bios_xml(name))
         wait_until(lambda: _repaired(conn, name), what="repair with a hostile descriptor in the catalog")
         svc._do_reload()  # what SIGHUP runs (off the main thread)
@@ -286,7 +286,7 @@ def test_a_failure_is_logged_when_it_first_happens_and_when_it_clears(conn, serv
     name = "evt-fail-once"
     target = os.path.join(svc.cfg.nvram_dir, f"{name}_VARS.fd")
     os.symlink("/nonexistent/elsewhere_VARS.fd", target)
-    conn.created.append(name)
+    conn.made.append(name)
     uuid = conn.defineXML(bios_xml(name)).UUIDString()
 
     def errors() -> list[str]:

@@ -14,6 +14,7 @@ last one removes and purges the package.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ import pytest
 import testbed
 
 from .conftest import install_deb
-from .guests import BedGuest, define, inactive_xml, remove, status, wait_booted, wait_for
+from .guests import BedGuest, define, inactive_xml, remove, status, varsctl, wait_booted, wait_for
 
 EXPOSURE_LIMIT = 2.5
 BOOT_NS = "https://varsd.org/xmlns/boot/1"
@@ -48,9 +49,20 @@ def bed_now(bed: testbed.Bed) -> str:
     return bed.run("date", "+%Y-%m-%d %H:%M:%S").stdout.strip()
 
 
+APT_OUTPUT: dict[str, str] = {}  # the installation's output, for the test of what it said
+PENDING = "/run/varsd-qemu-hook.pending"
+
+
 @pytest.fixture(scope="module")
 def installed(debian13: testbed.Bed, deb_file: Path) -> Iterator[testbed.Bed]:
-    install_deb(debian13, deb_file)
+    # Installed where libvirtd already runs, as on most hosts (started afresh without any QEMU
+    # hook, and a client connection held open so its idle timeout cannot end it meanwhile).
+    debian13.run("systemctl", "restart", "libvirtd")
+    debian13.sh("systemd-run --unit=varsd-test-client --collect virsh -q event --loop --all >/dev/null")
+    try:
+        APT_OUTPUT["install"] = install_deb(debian13, deb_file)
+    finally:
+        debian13.run("systemctl", "stop", "varsd-test-client", check=False)
     try:
         yield debian13
     finally:
@@ -62,6 +74,26 @@ def bios_guest(installed: testbed.Bed) -> Iterator[BedGuest]:
     guest = define(installed, "bios", f"<loader type='rom'>{CODE}</loader>")
     yield guest
     remove(installed, guest)
+
+
+def test_install_says_libvirtd_must_restart_before_the_hook_is_in_force(installed: testbed.Bed) -> None:
+    """libvirt looks for QEMU hooks only when it starts: the package says so and does not restart
+    libvirtd itself; `varsctl status` reports the hook as pending until libvirtd restarted."""
+    bed = installed
+    said = APT_OUTPUT["install"]
+    pid = bed.run("cat", "/run/libvirtd.pid").stdout.strip()
+    assert f"libvirtd (pid {pid}) loads QEMU hooks only when it starts: run 'systemctl restart libvirtd'" in said, said
+    assert bed.run("cat", PENDING).stdout.split()[:2] == ["libvirtd", pid]
+    r = varsctl(bed, "status", "--json")
+    hook = json.loads(r.stdout)["host"]["qemu_hook"]
+    assert (r.returncode, hook["state"]) == (1, "pending-restart"), r.stdout
+    assert "systemctl restart libvirtd" in hook["detail"]
+    table = varsctl(bed, "status").stdout
+    assert "qemu hook pending-restart: libvirtd (pid" in table, table
+    bed.run("systemctl", "restart", "libvirtd")
+    r = varsctl(bed, "status", "--json")
+    assert json.loads(r.stdout)["host"]["qemu_hook"]["state"] == "active", r.stdout
+    print(f"\n[distro] after install: hook pending-restart (libvirtd pid {pid}); after restart: active")
 
 
 def test_installed_enabled_and_active_only_after_ready(installed: testbed.Bed) -> None:

@@ -8,7 +8,6 @@ changed the way dpkg changes files: written aside and renamed over, or removed.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import uuid as uuidlib
@@ -23,8 +22,8 @@ from ovmf_files import (
 )
 from support.clock import FixedClock
 from support.domains import domain_xml, split_os
+from support.firmware import BuildPaths, descriptor, install_like_dpkg
 
-from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
 from varsd.config import Config
 from varsd.domain.xml import parse_domain
@@ -45,7 +44,7 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class Tree:
+class Tree(BuildPaths):
     def __init__(self, root: Path) -> None:
         self.fw = root / "fw"
         self.desc_dir = root / "descriptors"
@@ -53,29 +52,15 @@ class Tree:
         self.desc_dir.mkdir()
 
     @property
-    def code(self) -> str:
-        return str(self.fw / "CODE.fd")
-
-    @property
-    def vars(self) -> str:
-        return str(self.fw / "VARS.fd")
-
-    @property
     def descriptor(self) -> Path:
         return self.desc_dir / "60-test.json"
 
     def descriptor_text(self) -> str:
-        return json.dumps({
-            "description": "test build", "interface-types": ["uefi"],
-            "mapping": {"device": "flash", "mode": "split", "executable": {"filename": self.code, "format": "raw"},
-                        "nvram-template": {"filename": self.vars, "format": "raw"}},
-            "targets": [{"architecture": "x86_64", "machines": ["pc-q35-*"]}], "features": [], "tags": [],
-        })
+        return descriptor(self.code, self.vars, mode="split", description="test build")
 
     def install(self, code: bytes, template: str = VARS_2M) -> None:
-        for data, dst in ((fit_code(code, template), self.code), (Path(template).read_bytes(), self.vars)):
-            Path(dst + ".dpkg-new").write_bytes(data)
-            os.rename(dst + ".dpkg-new", dst)
+        install_like_dpkg(fit_code(code, template), self.code)
+        install_like_dpkg(Path(template).read_bytes(), self.vars)
         self.descriptor.write_text(self.descriptor_text())
 
 
@@ -92,13 +77,6 @@ def cfg(tmp_path, tree) -> Config:
                firmware_dirs=(str(tree.desc_dir),), firmware_search_dirs=(), qemu_user="root", qemu_group="root")
     os.makedirs(c.nvram_dir)
     return c
-
-
-@pytest.fixture
-def journal(cfg) -> Iterator[Journal]:
-    j = Journal(cfg.journal_path)
-    yield j
-    j.close()
 
 
 # A test driver of its own (a node file: every connection gets a private instance), for a test

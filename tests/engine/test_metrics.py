@@ -7,7 +7,8 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from varsd.engine.metrics import BackupFigure, Exporter, Snapshot
+from varsd.engine.metrics import BackupFigure, Exporter, Snapshot, samples
+from varsd.engine.qemu_hook import HookReport, HookState
 
 
 def _free_port() -> int:
@@ -39,3 +40,11 @@ def test_http_serves_the_latest_snapshot_and_textfile_is_replaced(tmp_path):
         assert oct(textfile.stat().st_mode & 0o777) == "0o644"
     finally:
         exporter.close()
+
+
+def test_the_qemu_hook_state_is_one_gauge_per_state() -> None:
+    pending = HookReport(HookState.PENDING_RESTART, "libvirtd (pid 7) was running ...")
+    got = {s["labels"]["state"]: s["value"] for s in samples(Snapshot(hook=pending))
+           if s["name"] == "varsd_qemu_hook_state"}
+    assert got == {"active": 0.0, "pending-restart": 1.0, "missing": 0.0}
+    assert not [s for s in samples(Snapshot()) if s["name"] == "varsd_qemu_hook_state"]  # not this host's daemon

@@ -21,7 +21,6 @@ from ovmf_files import UNIFIED as UNIFIED_2M_IMAGE  # Debian 12's unified image,
 from support.clock import FixedClock
 from support.domains import domain_xml
 
-from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import DomainRef, Hypervisor
 from varsd.clock import parse_stamp, stamp
 from varsd.config import Config
@@ -73,13 +72,6 @@ def cfg(tmp_path) -> Config:
     )
     os.makedirs(c.nvram_dir)
     return c
-
-
-@pytest.fixture
-def journal(cfg) -> Iterator[Journal]:
-    j = Journal(cfg.journal_path)
-    yield j
-    j.close()
 
 
 @pytest.fixture

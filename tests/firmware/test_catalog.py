@@ -6,11 +6,13 @@ import hashlib
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from aavmf_files import hide_aarch64, without_aarch64, x86_only
 from ovmf_files import DEBIAN12_OVMF  # Debian 12's files, release-aware
 from ovmf_files import UNIFIED as UNIFIED_2M_IMAGE
+from support.firmware import descriptor
 
 from varsd.adapters import fsio, virtfw
 from varsd.config import ExtraFirmware
@@ -135,27 +137,6 @@ def test_copies_are_distinct_files_each_read(tmp_path):
     )
     assert [b.layout for b in cat.builds] == [LAYOUT_4M, LAYOUT_2M]
     assert len(c.layouts) == 2
-
-
-def descriptor(code, template=None, *, mode=None, device="flash", interfaces=("uefi",), machines=("pc-q35-*",)):
-    mapping: dict = {"device": device}
-    if device == "flash":
-        mapping["executable"] = {"filename": str(code), "format": "raw"}
-        if template is not None:
-            mapping["nvram-template"] = {"filename": str(template), "format": "raw"}
-        if mode:
-            mapping["mode"] = mode
-    else:
-        mapping["filename"] = str(code)
-    return json.dumps(
-        {
-            "description": "test",
-            "interface-types": list(interfaces),
-            "mapping": mapping,
-            "targets": [{"architecture": "x86_64", "machines": list(machines)}],
-            "features": [],
-        }
-    )
 
 
 @pytest.fixture
@@ -366,3 +347,20 @@ def test_a_blank_template_is_never_taken_for_x86(tmp_path):
     (d / "60-x86.json").write_text(descriptor(f"{OVMF}/OVMF_CODE_4M.fd", blank_flash(tmp_path / "VARS.fd")))
     (problem,) = load_catalog([str(d)]).problems
     assert "not usable as a varstore template" in problem.message
+
+
+def test_a_broken_distro_descriptor_says_how_to_hide_it(fw_dirs):
+    """A descriptor in a lower-precedence directory is not the admin's to fix (Debian 12's
+    50-edk2-aarch64-secure.json names a file its package lacks): the problem says which empty
+    file hides it; the admin's own broken files (highest directory) get no such advice."""
+    root, dirs = fw_dirs
+    usr, etc = dirs
+    (Path(usr) / "70-vendor-broken.json").write_text(descriptor(root / "img" / "vendor_CODE.fd",
+                                                                root / "img" / "OVMF_VARS_4M.fd"))
+    cat = load_catalog(dirs)
+    problems = {os.path.basename(p.source): p.message for p in cat.problems}
+    assert problems["70-vendor-broken.json"].endswith(
+        f"does not exist; to hide it from varsd and libvirt, create an empty {etc}/70-vendor-broken.json")
+    assert "to hide it" not in problems["20-dangling-code.json"]
+    (Path(etc) / "70-vendor-broken.json").write_text("")
+    assert "70-vendor-broken.json" not in {os.path.basename(p.source) for p in load_catalog(dirs).problems}

@@ -285,10 +285,16 @@ def test_start_during_restore_waits_and_boots_the_restored_store(hv, guest_facto
         assert result.write.changed
         st = path.stat()
         assert opened_varstore(name, path).st_ino == st.st_ino  # the restored file, not the old one
-        wait_for_serial(g.serial_log, BOOT_LINE, timeout=180)
-        assert variables(path.read_bytes())[f"{VENDOR}:VarsdProof"].data == b"race-restored"
+        _booted_with_proof(g, name, path, b"race-restored")
     finally:
         hv.destroy(g.uuid)
+
+
+def _booted_with_proof(g, name: str, path: Path, proof: bytes) -> None:
+    """The running guest booted, from the file at `path` (QEMU holds that inode), with our variable in it."""
+    wait_for_serial(g.serial_log, BOOT_LINE, timeout=180)
+    assert opened_varstore(name, path).st_ino == path.stat().st_ino
+    assert variables(path.read_bytes())[f"{VENDOR}:VarsdProof"].data == proof
 
 
 def test_restore_requested_while_a_start_is_in_progress_is_refused(hv, guest_factory, tmp_path):
@@ -388,9 +394,7 @@ def test_domrename_moves_the_varstore_and_the_guest_boots_with_its_variables(hv,
     assert any("varstore follows domrename" in c["reason"] for c in json.loads(r.stdout)["changes"]), r.stdout
     hv.start(g.uuid)
     try:
-        wait_for_serial(g.serial_log, BOOT_LINE, timeout=180)
-        assert opened_varstore(new, new_path).st_ino == new_path.stat().st_ino
-        assert variables(new_path.read_bytes())[f"{VENDOR}:VarsdProof"].data == b"rename"
+        _booted_with_proof(g, new, new_path, b"rename")
     finally:
         hv.destroy(g.uuid)
 

@@ -66,3 +66,14 @@ def test_status_shows_a_failed_repair_until_it_succeeds(hv: Hypervisor, guest_fa
         assert CODE_4M in files and str(link) in files, sorted(files)
     finally:
         hv.destroy(g.uuid)
+
+
+def test_status_says_the_qemu_hook_is_in_force(guest_factory, config) -> None:
+    """On the local system daemon `status` judges varsd's QEMU hook: scripts/host-setup (and the
+    Debian 13 bed's tier) put it in place before libvirtd started, so it is in force."""
+    name = guest_factory.name("hook")
+    g = guest_factory.define(name, xml=guest_xml(name, "", serial_log="{serial_log}"))
+    js = varsctl(config, "status", "--json", g.name)
+    hook = json.loads(js.stdout)["host"]["qemu_hook"]
+    assert hook == {"state": "active", "detail": "/etc/libvirt/hooks/qemu.d/varsd is in force"}, js.stdout
+    assert "qemu hook" not in varsctl(config, "status", g.name).stdout  # the table speaks only of trouble

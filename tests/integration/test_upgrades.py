@@ -27,6 +27,7 @@ from pathlib import Path
 
 import debian_archive
 import pytest
+from support.firmware import BuildPaths, descriptor, install_like_dpkg
 from support.varstores import read_variables
 
 from varsd.adapters import virtfw
@@ -59,7 +60,7 @@ def ovmf() -> dict[str, Path]:
 
 
 @dataclass
-class Host:
+class Host(BuildPaths):
     """A firmware tree + config in a directory QEMU (the qemu user) can reach."""
 
     base: Path
@@ -69,14 +70,6 @@ class Host:
     @property
     def fw(self) -> Path:
         return self.base / "fw"
-
-    @property
-    def code(self) -> str:
-        return str(self.fw / "CODE.fd")
-
-    @property
-    def vars(self) -> str:
-        return str(self.fw / "VARS.fd")
 
     @property
     def descriptor(self) -> Path:
@@ -107,20 +100,10 @@ class Host:
         self.descriptor.parent.mkdir(mode=0o755, exist_ok=True)
         suffix = "_4M" if four_mib else ""
         for src, dst in ((f"OVMF_CODE{suffix}.fd", self.code), (f"OVMF_VARS{suffix}.fd", self.vars)):
-            tmp = f"{dst}.dpkg-new"
-            shutil.copyfile(self.ovmf[version] / src, tmp)
-            os.chmod(tmp, 0o644)
-            os.rename(tmp, dst)
-        self.descriptor.write_text(json.dumps({
-            "description": f"varsd test build (ovmf {DEBS[version]}{suffix})",
-            "interface-types": ["uefi"],
-            "mapping": {"device": "flash", "mode": "split",
-                        "executable": {"filename": self.code, "format": "raw"},
-                        "nvram-template": {"filename": self.vars, "format": "raw"}},
-            "targets": [{"architecture": "x86_64", "machines": ["pc-i440fx-*", "pc-q35-*"]}],
-            "features": ["acpi-s3", "verbose-dynamic"],
-            "tags": [],
-        }))
+            install_like_dpkg((self.ovmf[version] / src).read_bytes(), dst)
+        self.descriptor.write_text(descriptor(
+            self.code, self.vars, mode="split", machines=("pc-i440fx-*", "pc-q35-*"),
+            features=("acpi-s3", "verbose-dynamic"), description=f"varsd test build (ovmf {DEBS[version]}{suffix})"))
         return _sha(self.code), _sha(self.vars)
 
     def remove_build(self) -> None:

@@ -30,7 +30,7 @@ from varsd.cli.output import (
 from varsd.clock import stamp
 from varsd.config import load_config
 from varsd.domain.xml import parse_domain, set_metadata
-from varsd.engine import status
+from varsd.engine import qemu_hook, status
 from varsd.engine.backups import backup_status, open_store
 from varsd.errors import ConfigError, HypervisorError, VarsdError
 from varsd.model.domain import Status
@@ -42,15 +42,21 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
     rec = ctx.reconciler()
     refs = ctx.refs(args.domains)
     looks = status.look(rec, refs, ctx.memo_store, complete=not args.domains)
+    hook = qemu_hook.probe(ctx.cfg.uri)
     outcomes = [lk.outcome for lk in looks]
     if args.json:
         targets = [lk.target for lk in looks if lk.target is not None]
         known = {lk.outcome.ref.uuid: lk.varstore for lk in looks if lk.varstore is not None}
         backups = backup_status(open_store(ctx.cfg, read_only=True), targets, known)
-        emit_json({"domains": [dict(o.as_dict(), backup=backups.get(o.ref.uuid)) for o in outcomes]})
+        doc: dict[str, object] = {"domains": [dict(o.as_dict(), backup=backups.get(o.ref.uuid)) for o in outcomes]}
+        if hook.state is not qemu_hook.HookState.NOT_CHECKED:  # this host's own daemon: its hook is judged
+            doc["host"] = {"qemu_hook": hook.as_dict()}
+        emit_json(doc)
     else:
         print(outcome_table(outcomes))
-    return exit_for(outcomes)
+        if hook.attention:
+            print(f"\nqemu hook {hook.state.value}: {hook.detail}")
+    return max(exit_for(outcomes), EXIT_ATTENTION if hook.attention else EXIT_OK)
 
 
 def describe_action(action: Action) -> str:

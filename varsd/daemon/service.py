@@ -47,7 +47,8 @@ from varsd.clock import SYSTEM, Clock, stamp
 from varsd.config import Config, parse_listen, qemu_owner
 from varsd.daemon.notify import sd_notify, watchdog_interval
 from varsd.daemon.workqueue import WorkQueue
-from varsd.engine import firmware_sync
+from varsd.domain.xml import parse_domain
+from varsd.engine import firmware_sync, qemu_hook
 from varsd.engine.backups import open_store
 from varsd.engine.boots import record_boot
 from varsd.engine.inspect import FileInspector
@@ -201,6 +202,9 @@ class Service:
                     self.ready.set()
                     self.notify("READY=1", f"STATUS=watching {self.cfg.uri}")
                     log.info("first full reconcile done; watching %s", self.cfg.uri)
+                    hook = qemu_hook.probe(self.cfg.uri)
+                    if hook.attention:  # `varsctl status` says it too, as long as it lasts
+                        log.warning("qemu hook %s: %s", hook.state.value, hook.detail)
                     if self.exporter is not None:
                         self._scheduler.add_job(self.export_metrics, id="metrics-first")
                 if time.monotonic() - last_status >= 10 and self.handled != last_handled:
@@ -581,6 +585,8 @@ class Service:
             varstore = None
         name = self._names.pop(uuid, uuid)
         try:
+            if varstore is None:  # not in memory (undefined before its plan was remembered): the journal knows
+                varstore = self._last_written_varstore(uuid)
             rec = self.journal.close_record(uuid, self.clock.now(), varstore)
         except VarsdError as exc:
             log.error("%s", about_domain(name, f"undefined, but its record could not be closed: {exc}", uuid))
@@ -588,6 +594,16 @@ class Service:
         kept = (rec.varstore if rec else None) or varstore
         log.info("domain '%s' was undefined; record closed%s", name,
                  f", varstore {kept} kept" if kept else "")
+
+    def _last_written_varstore(self, uuid: str) -> str | None:
+        """The varstore named by the newest XML varsd applied to the domain, if any."""
+        for change in self.journal.changes(uuid, limit=20):
+            if change.outcome == "applied" and change.new_xml:
+                try:
+                    return parse_domain(change.new_xml).nvram_path
+                except VarsdError:
+                    return None
+        return None
 
     def _shutdown(self) -> None:
         self.notify("STOPPING=1")

@@ -23,6 +23,8 @@ from prometheus_client.registry import Collector
 from varsd.adapters import fsio, virtfw
 from varsd.adapters.libvirt_api import DomainRef
 from varsd.clock import stamp
+from varsd.engine import qemu_hook
+from varsd.engine.qemu_hook import HookReport, HookState
 from varsd.engine.reconciler import Outcome, Reconciler
 from varsd.engine.secureboot import Audit, SecureBoot, for_reconciler
 from varsd.errors import VarsdError
@@ -51,6 +53,7 @@ class Snapshot:
     backups: Sequence[BackupFigure] | None = None  # None: the backups store is not available
     errors_since: dict[str, float] = field(default_factory=dict)  # uuid -> epoch seconds of its current error
     now: float = 0.0
+    hook: HookReport | None = None  # None: not this host's system daemon (nothing judged)
 
 
 def _ts(iso: str | None) -> float | None:
@@ -115,6 +118,11 @@ def registry(snap: Snapshot) -> CollectorRegistry:
             else:
                 age.labels(b.name).set(max(0.0, snap.now - t))
         never.set(missing)
+    if snap.hook is not None:
+        hook = Gauge("varsd_qemu_hook_state", "varsd's libvirt QEMU hook: 1 for its current state "
+                     "(pending-restart: libvirt has not loaded it yet)", ["state"], registry=reg)
+        for state in (HookState.ACTIVE, HookState.PENDING_RESTART, HookState.MISSING):
+            hook.labels(state.value).set(1 if snap.hook.state is state else 0)
     info = Gauge("varsd_virt_firmware_info", "The virt-firmware varsd uses, and which 2023 certificates it ships",
                  ["version", "ships"], registry=reg)
     shipped = [s.cert.subject for s in virtfw.ms2023_certificates() if s.der is not None]
@@ -209,5 +217,7 @@ def take_snapshot(rec: Reconciler, refs: Sequence[DomainRef] | None = None, *,
     except VarsdError as exc:
         log.warning("metrics: backup index: %s", exc)
         backups = None
+    hook = qemu_hook.probe(rec.cfg.uri)
     return Snapshot(outcomes=outcomes, audits=audits, templates=sb.audit_templates(),
-                    backups=backups, errors_since=errors_since or {}, now=rec.clock.now().timestamp())
+                    backups=backups, errors_since=errors_since or {}, now=rec.clock.now().timestamp(),
+                    hook=None if hook.state is HookState.NOT_CHECKED else hook)

@@ -40,9 +40,11 @@ from varsd.adapters.libvirt_api import DomainRef, Hypervisor
 from varsd.clock import SYSTEM, Clock
 from varsd.config import Config, qemu_owner
 from varsd.domain.xml import parse_domain
+from varsd.engine import qemu_hook
 from varsd.engine.backups import BackupStore, open_store, read_offline
 from varsd.engine.lock import host_lock
 from varsd.errors import VarsdError, VarstoreError
+from varsd.messages import about_domain
 from varsd.model.backup import BackupRecord, before_write
 
 log = logging.getLogger("varsd.offline_write")
@@ -189,6 +191,10 @@ class VarstoreWriter:
         the new content is in place and verified; if it fails the old content is put
         back. `on_stage` sees "in-hand" and "before-commit" (tests use it to race a start).
         Raises WriteRefused (nothing changed) or WriteFailed."""
+        hook = qemu_hook.probe(self.cfg.uri)
+        if hook.attention:  # the write stays safe against a start that began; one beginning now is not held
+            log.warning("%s", about_domain(ref.name, f"{op} of the varstore goes on without the start hook "
+                                             f"({hook.state.value}): {hook.detail}"))
         with host_lock(self.cfg.domain_lock_path(ref.uuid), doing=f"{op} of the varstore of domain {ref.name!r}"):
             with InHand(self.cfg.offline_dir, ref.uuid, op=op, wait=self.cfg.start_wait) as hand:
                 if on_stage:

@@ -238,6 +238,16 @@ def list_descriptor_paths(dirs: Sequence[str]) -> list[str]:
     return ordered_descriptor_paths({d: _listing(d) for d in dirs}, dirs)
 
 
+def _with_remedy(message: str, path: str, firmware_dirs: Sequence[str]) -> str:
+    """A broken descriptor the admin does not own (a distro's, e.g. Debian 12's
+    50-edk2-aarch64-secure.json names a file its package lacks) is hidden the QEMU way: a
+    same-named empty file in the highest-precedence directory, which libvirt honours too."""
+    top = firmware_dirs[-1] if firmware_dirs else None
+    if top is None or os.path.dirname(path) == top.rstrip("/"):
+        return message  # the admin's own file: fix or remove it
+    return f"{message}; to hide it from varsd and libvirt, create an empty {os.path.join(top, os.path.basename(path))}"
+
+
 def load_catalog(
     firmware_dirs: Sequence[str],
     extra: Sequence[ExtraFirmware] = (),
@@ -258,10 +268,11 @@ def load_catalog(
         try:
             desc = parse_descriptor(_read_descriptor(path), path)
         except DescriptorError as exc:
-            problems.append(CatalogProblem(source=path, message=str(exc)))
+            problems.append(CatalogProblem(source=path, message=_with_remedy(str(exc), path, firmware_dirs)))
             continue
         except _Skip as exc:
-            problems.append(CatalogProblem(source=path, message=f"firmware descriptor {path}: {exc}"))
+            problems.append(CatalogProblem(source=path, message=_with_remedy(f"firmware descriptor {path}: {exc}",
+                                                                              path, firmware_dirs)))
             continue
         if not desc.is_uefi_flash:
             log.info(
@@ -281,7 +292,8 @@ def load_catalog(
         try:
             builds.append(_descriptor_build(desc, reader))
         except _Skip as exc:
-            problems.append(CatalogProblem(source=path, message=f"firmware descriptor {path}: {exc}"))
+            problems.append(CatalogProblem(source=path, message=_with_remedy(f"firmware descriptor {path}: {exc}",
+                                                                              path, firmware_dirs)))
         except Exception as exc:  # a bug or library surprise must not take the catalog down
             log.exception("firmware descriptor %s: unexpected error", path)
             problems.append(CatalogProblem(source=path, message=f"firmware descriptor {path}: unexpected error: {exc}"))
