@@ -32,15 +32,6 @@ PREFIX = "varsd-bench-r2-"
 URI = "qemu:///system"
 
 
-def cleanup() -> None:
-    conn = libvirt.open(URI)
-    for dom in conn.listAllDomains():
-        if dom.name().startswith(PREFIX):
-            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM if "<nvram" in xml else 0)
-    conn.close()
-
-
 def profiled(argv: list[str]) -> tuple[float, str]:
     prof = cProfile.Profile()
     prof.enable()
@@ -53,7 +44,7 @@ def profiled(argv: list[str]) -> tuple[float, str]:
 
 def main() -> int:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 150
-    cleanup()
+    bench.cleanup(URI, PREFIX)
     work = Path(tempfile.mkdtemp(prefix="varsd-r2prof-"))
     fw = work / "firmware"
     fw.mkdir()
@@ -84,7 +75,7 @@ def main() -> int:
             print(f"sync {seconds:.2f} s\n{table}")
     finally:
         conn.close()
-        cleanup()
+        bench.cleanup(URI, PREFIX)
     return 0
 
 

@@ -8,6 +8,7 @@ metadata, the journal, JSON and tables).
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import UTC, datetime
 from typing import Protocol
@@ -37,6 +38,13 @@ def stamp(t: datetime) -> str:
     return t.astimezone(UTC).strftime(STAMP)
 
 
+_STAMP = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)Z")
+
+
 def parse_stamp(text: str) -> datetime:
-    """The datetime of a `stamp` (ValueError if `text` is not one)."""
+    """The datetime of a `stamp` (ValueError if `text` is not one). The form varsd writes is
+    read without strptime (a tenth of its cost: every metadata time of every domain is one)."""
+    m = _STAMP.fullmatch(text)
+    if m is not None:
+        return datetime(*map(int, m.groups()), tzinfo=UTC)
     return datetime.strptime(text, STAMP).replace(tzinfo=UTC)

@@ -24,6 +24,7 @@ explicitly must exist. Example::
 from __future__ import annotations
 
 import fnmatch
+import functools
 import grp
 import os
 import pwd
@@ -81,6 +82,13 @@ class ExtraFirmware:
     features: tuple[str, ...] = ()
 
 
+@functools.lru_cache(maxsize=8)
+def _exclusion(patterns: tuple[str, ...]) -> tuple[frozenset[str], re.Pattern[str]]:
+    """`exclude` compiled once: the lower-cased patterns (as UUIDs) and one regex matching a
+    name any pattern matches (fnmatchcase), asked for every domain of every pass."""
+    return frozenset(p.lower() for p in patterns), re.compile("|".join(fnmatch.translate(p) for p in patterns))
+
+
 @dataclass(frozen=True)
 class Config:
     uri: str = "qemu:///system"
@@ -113,7 +121,10 @@ class Config:
 
     def is_excluded(self, name: str, uuid: str) -> bool:
         # UUIDs compare case-insensitively (libvirt prints lower case, admins paste either).
-        return any(uuid.lower() == pat.lower() or fnmatch.fnmatchcase(name, pat) for pat in self.exclude)
+        if not self.exclude:
+            return False
+        uuids, names = _exclusion(tuple(self.exclude))
+        return uuid.lower() in uuids or names.match(name) is not None
 
     @property
     def journal_path(self) -> str:

@@ -141,3 +141,20 @@ def test_concurrent_puts_of_one_content_agree(tmp_path, store):
         th.join()
     assert errors == []
     assert store.problem(fsio.sha256_bytes(data)) is None
+
+
+def test_a_pass_or_report_over_many_domains_says_what_one_over_each_does(tmp_path, store):
+    """Passes and status reports over many targets read the index once for all (FEW or
+    more); over one target, its rows. Both give the same answers."""
+    from varsd.engine.backups import FEW, backup_status
+
+    targets = _varstores(tmp_path, FEW + 4)
+    store.run_pass(targets[:2], reason="defined")  # a pass of a few: rows looked up one by one
+    store.run_pass(targets, reason="schedule")  # of many: all rows at once
+    assert len(store.index.records()) == len(targets)  # each backed up once, whichever pass did it
+    with open(targets[5].path, "r+b") as f:  # the guest wrote a variable
+        f.write(virtfw.with_variable(targets[5].path, "VarsdTest", EFI_GLOBAL, b"\x01"))
+    together = backup_status(store, targets)
+    alone = {t.uuid: backup_status(store, [t])[t.uuid] for t in targets}
+    assert together == alone
+    assert [together[t.uuid]["current_in_backup"] for t in targets] == [i != 5 for i in range(len(targets))]

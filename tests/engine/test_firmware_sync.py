@@ -274,3 +274,80 @@ def test_report_as_json(cfg, journal, hv, tree, domain) -> None:
     assert data["firmware"]["changes"] == [
         {"path": tree.code, "event": "appeared", "sha256": sha(CODE_A), "previous": None}]
     assert data["domains"][0]["status"] == "ok" and data["domains"][0]["code_sha256"] == sha(CODE_A)
+
+
+@pytest.fixture
+def domains(hv, cfg, tree) -> Iterator[list[str]]:
+    """Five shut-off split domains like `domain`'s."""
+    made = []
+    for _ in range(5):
+        name = f"sync-{uuidlib.uuid4().hex[:8]}"
+        varstore = os.path.join(cfg.nvram_dir, f"{name}_VARS.fd")
+        shutil.copyfile(VARS_2M, varstore)
+        made.append(hv.define(domain_xml(name, split_os(tree.code, varstore, template=tree.vars))).uuid)
+    yield made
+    for uuid in made:
+        try:
+            hv.undefine(uuid, remove_nvram=False)
+        except HypervisorError:
+            pass
+
+
+def test_an_upgrade_rebinds_in_batches_a_domain_changed_meanwhile_is_looked_at_again(
+        cfg, journal, hv, tree, domains, monkeypatch) -> None:
+    run_sync(cfg, journal, hv, *domains)
+    tree.install(CODE_B)
+    middle = domains[2]
+    original = firmware_sync.Reconciler.reconcile_batch
+
+    def edit_after_planning(rec, refs, seen=None, parsed=None):
+        # an admin's virsh edit between the lock-free plan and the batch's fresh read
+        real_write = rec.writer.write_batch
+
+        def write_batch(writes, *a, **kw):
+            hv.define(hv.persistent_xml(middle).replace("<memory unit='KiB'>", "<memory unit='KiB'>1"))
+            return real_write(writes, *a, **kw)
+
+        rec.writer.write_batch = write_batch
+        return original(rec, refs, seen, parsed)
+
+    monkeypatch.setattr(firmware_sync.Reconciler, "reconcile_batch", edit_after_planning)
+    report = run_sync(cfg, journal, hv, *domains)
+    assert report.exit_code == 0, report.as_dict()
+    assert all(o.done and o.status.value == "ok" for o in report.outcomes)
+    for uuid in domains:  # every domain rebound once, the edited one by the one-domain way, its edit kept
+        md = parse_domain(hv.persistent_xml(uuid)).metadata
+        assert md.build_code_sha256 == sha(CODE_B)
+        rebinds = [c for c in journal.changes(uuid) if c.outcome == "applied" and sha(CODE_B) in c.new_xml]
+        assert len(rebinds) == 1
+    (edited,) = [c for c in journal.changes(middle) if sha(CODE_B) in c.new_xml]
+    assert "<memory unit='KiB'>1" in edited.old_xml
+
+
+def test_a_libvirt_failure_mid_batch_is_that_domains_recorded_failure(cfg, journal, hv, tree, domains) -> None:
+    run_sync(cfg, journal, hv, *domains)
+    tree.install(CODE_B)
+    broken = domains[3]
+    original = hv.set_metadata
+
+    def set_metadata(uuid, *a, **kw):
+        if uuid == broken:
+            raise HypervisorError("cannot set metadata: operation failed: cannot save the definition")
+        return original(uuid, *a, **kw)
+
+    hv.set_metadata = set_metadata
+    try:
+        report = run_sync(cfg, journal, hv, *domains)
+    finally:
+        hv.set_metadata = original
+    by_uuid = {o.ref.uuid: o for o in report.outcomes}
+    assert report.exit_code == 1
+    failed = by_uuid[broken]
+    assert failed.status.value == "error" and "cannot save the definition" in failed.detail and not failed.done
+    assert journal.failure(broken) is not None
+    assert parse_domain(hv.persistent_xml(broken)).metadata.build_code_sha256 == sha(CODE_A)
+    assert all(by_uuid[u].done and by_uuid[u].status.value == "ok" for u in domains if u != broken)
+
+    again = run_sync(cfg, journal, hv, *domains)  # the next sync writes it, and the failure is over
+    assert again.exit_code == 0 and [o.ref.uuid for o in again.outcomes if o.done] == [broken]
+    assert journal.failure(broken) is None

@@ -119,6 +119,11 @@ class BackupIndex(StateDB):
             return self._db.execute("SELECT 1 FROM backups WHERE uuid=? AND sha256=? LIMIT 1",
                                     (uuid, sha256)).fetchone() is not None
 
+    def digest_pairs(self) -> set[tuple[str, str]]:
+        """(uuid, sha256) of every backup: `has_digest` for a whole pass in one query."""
+        with self._sql("read"):
+            return {(u, h) for u, h in self._db.execute("SELECT DISTINCT uuid, sha256 FROM backups").fetchall()}
+
     def remove(self, ids: list[int]) -> None:
         with self._sql("write to"):
             self._db.executemany("DELETE FROM backups WHERE id=?", [(i,) for i in ids])

@@ -464,6 +464,12 @@ class Journal(StateDB):
             )
         return int(cur.lastrowid)
 
+    def record_many(self, intents: list[dict]) -> list[int]:
+        """`record` for many changes in one transaction (one fsync): all intents are on disk
+        before libvirt sees any of them, or none is. Each dict has `record`'s arguments."""
+        with self.batch():
+            return [self.record(**intent) for intent in intents]
+
     def close_record(self, uuid: str, at: datetime, varstore: str | None = None) -> DomainRecord | None:
         """The domain was undefined: close varsd's record of it, noting the varstore that
         stays on disk (varsd never deletes one). None when varsd never changed it."""
@@ -500,6 +506,22 @@ class Journal(StateDB):
                     self._db.execute(
                         "UPDATE xml_changes SET outcome=?, new_xml=? WHERE id=?", (outcome, stored_xml, change_id)
                     )
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
+
+    def settle_many(self, outcomes: list[tuple[int, str, str | None]]) -> None:
+        """`settle` for many (change id, outcome, stored XML or None) in one transaction."""
+        with self._sql("write to"):
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany("UPDATE xml_changes SET outcome=?, new_xml=COALESCE(?, new_xml) WHERE id=?",
+                                         [(outcome, stored, change_id) for change_id, outcome, stored in outcomes])
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
             finally:
                 self._db.execute("PRAGMA synchronous=FULL")
 

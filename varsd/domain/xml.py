@@ -133,8 +133,13 @@ def parse_metadata(el: etree._Element | None) -> VarsdMetadata:
     if el is None:
         return VarsdMetadata()
 
+    first: dict[str, etree._Element] = {}  # each child's first element (what find() gives), in one pass
+    for c in el:
+        if isinstance(c.tag, str):
+            first.setdefault(c.tag, c)
+
     def attr(child: str, name: str) -> str | None:
-        c = el.find(f"{{{VARSD_NS}}}{child}")
+        c = first.get(f"{{{VARSD_NS}}}{child}")
         return None if c is None else c.get(name)
 
     return VarsdMetadata(
@@ -297,9 +302,10 @@ def _serialize(root: etree._Element) -> str:
     meta_start, meta_end = text.find("<metadata>"), text.rfind("</metadata>")
 
     def fix(m: re.Match[str]) -> str:
-        if meta_start != -1 and meta_start < m.start() < meta_end:
-            return m.group(0)
-        return _single_quote(m.group(0))
+        tag = m.group(0)
+        if '"' not in tag or (meta_start != -1 and meta_start < m.start() < meta_end):
+            return tag  # no attribute to requote (most tags), or inside <metadata>
+        return _single_quote(tag)
 
     out = _MARKUP.sub(fix, text)
     first = _MARKUP.search(out)

@@ -47,6 +47,7 @@ log = logging.getLogger("varsd.backups")
 OBJECTS = "objects"
 COHERENT_TRIES = 5
 COHERENT_DELAY = 0.05  # seconds between two reads of a running guest's varstore
+FEW = 8  # targets of a pass that are looked up one by one in the index (more: all rows at once)
 PASS_BATCH = 100  # varstores per index transaction in a pass (a suspend pass never holds it long)
 
 
@@ -278,10 +279,15 @@ class BackupStore:
         An unchanged file (same stat key as last seen, and that content already backed
         up) costs one lstat. `running_mode` (backup_running) decides running guests;
         `suspend` needs `hv` to pause and resume them."""
-        seen = self.index.seen_all()
-        latest = self.index.latest_all()
-        results: list[PassResult] = []
         pending = list(targets)
+        if len(pending) <= FEW:  # one domain defined or stopped: its rows, not every domain's (a burst of
+            # 1000 defines would read 1000 x 1000 rows)
+            seen = {t.uuid: s for t in pending if (s := self.index.seen(t.uuid)) is not None}
+            latest = {t.uuid: r for t in pending if (r := self.index.latest(t.uuid)) is not None}
+        else:
+            seen = self.index.seen_all()
+            latest = self.index.latest_all()
+        results: list[PassResult] = []
         while pending:  # index rows in batches: one fsync per batch, not two per varstore
             chunk, pending = pending[:PASS_BATCH], pending[PASS_BATCH:]
             with self.index.batch():
@@ -415,6 +421,12 @@ def backup_status(store: BackupStore, targets: Iterable[Target],
     for ev in reversed(store.index.events(limit=1000)):
         events[ev.uuid] = ev
     out: dict[str, dict] = {}
+    targets = list(targets)
+    pairs = store.index.digest_pairs() if len(targets) > FEW else None  # one query, not one per domain
+
+    def in_backup(uuid: str, sha: str) -> bool:
+        return (uuid, sha) in pairs if pairs is not None else store.index.has_digest(uuid, sha)
+
     for t in targets:
         newest = latest.get(t.uuid)
         entry: dict = {"newest": stamp(newest.taken) if newest else None, "sha256": newest.sha256 if newest else None,
@@ -430,7 +442,7 @@ def backup_status(store: BackupStore, targets: Iterable[Target],
         except (OSError, VarsdError):
             current = None
         entry["current_sha256"] = current
-        entry["current_in_backup"] = bool(current and newest is not None and store.index.has_digest(t.uuid, current))
+        entry["current_in_backup"] = bool(current and newest is not None and in_backup(t.uuid, current))
         ev = events.get(t.uuid)
         if ev is not None:
             entry["last_event"] = {"at": stamp(ev.at), "event": ev.event, "detail": ev.detail,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from varsd.adapters.journal import Journal
@@ -37,17 +37,20 @@ from varsd.adapters.libvirt_api import Hypervisor
 from varsd.clock import SYSTEM, Clock, stamp
 from varsd.config import Config
 from varsd.domain.classify import firmware_image_path
+from varsd.domain.xml import parse_domain
 from varsd.engine.boots import record_boot
+from varsd.engine.fetch import Seen, fetched
 from varsd.engine.inspect import FileInspector
 from varsd.engine.lock import host_lock
-from varsd.engine.reconciler import Outcome, Reconciler
+from varsd.engine.reconciler import Outcome, Reconciler, Written
 from varsd.errors import HypervisorError, VarsdError
 from varsd.firmware.archive import Archive, ArchiveError, is_archive_path
 from varsd.firmware.catalog import load_configured
 from varsd.messages import about_domain, for_row
-from varsd.model.domain import ATTENTION, DomainRef, FirmwareConfig, Status
+from varsd.model.domain import ATTENTION, DomainFirmware, DomainRef, FirmwareConfig, Status
 from varsd.model.exit import Exit
 from varsd.model.firmware import Catalog
+from varsd.planning.repair import DomainFacts, Plan
 
 log = logging.getLogger("varsd.firmware")
 
@@ -118,7 +121,8 @@ class SyncReport:
         }
 
 
-def _archive_catalog(archive: Archive, journal: Journal, catalog: Catalog, at: datetime) -> tuple[list[str], list[str]]:
+def _archive_catalog(archive: Archive, journal: Journal, catalog: Catalog, at: datetime,
+                     inspector: FileInspector) -> tuple[list[str], list[str]]:
     archived, problems = [], []
     done: set[str] = set()
     for build in catalog.builds:
@@ -126,6 +130,13 @@ def _archive_catalog(archive: Archive, journal: Journal, catalog: Catalog, at: d
             continue
         done.add(build.code_sha256)
         try:
+            # A build archived before whose file still is that build (the digest `refresh` takes
+            # anyway, cached by stat) is not read and hashed a second time to be stored again.
+            if inspector.inspect(build.code_path, digest=True).sha256 == build.code_sha256 \
+                    and archive.verify(build.code_sha256).ok:
+                journal.note_archived(sha256=build.code_sha256, code_path=build.code_path, size=build.code_size,
+                                      at=at, layout=build.layout, features=build.features)
+                continue
             stored = archive.store_file(build.code_path, expect_sha256=build.code_sha256)
             journal.note_archived(sha256=build.code_sha256, code_path=build.code_path, size=build.code_size, at=at,
                                   layout=build.layout, features=build.features)
@@ -192,7 +203,7 @@ def refresh(
             problems.append(str(exc))
             archived: list[str] = []
         else:
-            archived, more = _archive_catalog(archive, journal, catalog, at)
+            archived, more = _archive_catalog(archive, journal, catalog, at, inspector)
             problems += more
         current = {}
         for build in catalog.builds:
@@ -229,12 +240,17 @@ def watch_signature(cfg: Config, catalog: Catalog, watched: Iterable[str] = ()) 
     return tuple(parts)
 
 
-def _in_use(rec: Reconciler, ref: DomainRef) -> tuple[set[str], dict[str, str]]:
+def _in_use(rec: Reconciler, ref: DomainRef, seen: Seen | None = None) -> tuple[set[str], dict[str, str]]:
     """Digests this domain is bound to, pinned to, running or pointing at, and the code
     images it uses that belong in the archive (path -> digest): split loaders that are
     pure code (never a unified image: it holds the guest's variables)."""
-    facts, plan = rec.examine(ref)
-    fw = facts.firmware
+    facts, plan = rec.examine(ref, seen)
+    return _used_by(rec, facts.firmware, facts, plan)
+
+
+def _used_by(rec: Reconciler, fw: DomainFirmware, facts: DomainFacts, plan: Plan) -> tuple[set[str], dict[str, str]]:
+    """`_in_use` of the definition `fw`, whose loader image, live state and class are those
+    of `facts` and `plan`."""
     md = fw.metadata
     shas = {s for s in (md.build_code_sha256, md.pinned_sha256) if s}
     if facts.live is not None and facts.live.booted_sha256:
@@ -249,6 +265,36 @@ def _in_use(rec: Reconciler, ref: DomainRef) -> tuple[set[str], dict[str, str]]:
                 and not is_archive_path(rec.archive.directory, path):
             images[path] = image.sha256
     return shas, images
+
+
+def _written_in_use(rec: Reconciler, ref: DomainRef, written: Written) -> tuple[set[str], dict[str, str]]:
+    """`_in_use` of a domain the sync just wrote: a change of only varsd's record leaves its
+    loader, live state and class as planned (its new binding is read from what libvirt
+    stored); any other change is looked at again."""
+    after = parse_domain(written.stored)
+    if replace(after, metadata=written.facts.firmware.metadata) != written.facts.firmware:
+        return _in_use(rec, ref)
+    return _used_by(rec, after, written.facts, written.plan)
+
+
+def _read_all(rec: Reconciler, refs: list[DomainRef], complete: bool) -> tuple[dict[str, Seen],
+                                                                              dict[str, DomainFirmware]]:
+    """Every domain's XML, read once and parsed once; with `complete` (they are all the
+    domains there are) the varstore index is filled from them, not read again."""
+    seen: dict[str, Seen] = {}
+    parsed: dict[str, DomainFirmware] = {}
+    for _, ref, xmls in fetched(rec.hv, refs):
+        if xmls is None:
+            continue  # the one-domain way reads it again and reports it
+        try:
+            fw = parse_domain(xmls[0])
+        except VarsdError:
+            continue
+        seen[ref.uuid], parsed[ref.uuid] = xmls, fw
+        rec.varstores.register(fw, running=xmls[1] is not None, persistent=ref.persistent)
+    if complete and len(seen) == len(refs):
+        rec.varstores.mark_filled()
+    return seen, parsed
 
 
 def sync(
@@ -280,31 +326,38 @@ def sync(
     except VarsdError as exc:
         return SyncReport(fresh, error=f"{exc}; firmware was archived and recorded, domains were not planned")
     problems: list[str] = []
+    try:
+        seen, parsed = _read_all(rec, refs, complete=not domains)
+    except VarsdError as exc:
+        return SyncReport(fresh, error=f"{exc}; firmware was archived and recorded, domains were not planned")
     for ref in refs:
         # Running since before anything recorded its boot (no daemon): QEMU's open file still
         # tells which build it runs, which is what `pending-cold-boot` is judged by.
         if not ref.active:
             continue
         try:
-            live = rec.examine(ref)[0].live
-            if live is not None and live.booted_sha256 is None:
+            live_xml = seen[ref.uuid][1] if ref.uuid in seen else hv.live_xml(ref.uuid)
+            if live_xml is not None and parse_domain(live_xml).booted_sha256 is None:
                 record_boot(hv, ref.uuid, stamp(clock.now()))
+                seen.pop(ref.uuid, None)  # its live XML changed: read again
         except VarsdError as exc:
             problems.append(about_domain(ref.name, f"cannot record what it booted: {for_row(ref.name, exc, ref.uuid)}"))
-    done: list[Outcome] = []
-    for ref in refs:
-        try:
-            done.append(rec.reconcile(ref))  # a domain's own problem is its outcome; this is the link
-        except VarsdError as exc:
-            return SyncReport(fresh, tuple(done), problems=tuple(problems),
-                              error=f"{exc}; firmware was archived and recorded, not every domain was planned")
-    outcomes = tuple(done)
+    try:
+        # a domain's own problem is its outcome; an error here is the link to libvirt
+        done = rec.reconcile_batch(refs, seen, parsed)
+    except VarsdError as exc:
+        return SyncReport(fresh, problems=tuple(problems),
+                          error=f"{exc}; firmware was archived and recorded, not every domain was planned")
+    outcomes = tuple(done.outcomes)
     used = {b.code_sha256 for b in fresh.catalog.builds}
     images: dict[str, str] = {}
     complete = not domains
     for ref in refs:
         try:
-            shas, imgs = _in_use(rec, ref)
+            if ref.uuid in done.written:
+                shas, imgs = _written_in_use(rec, ref, done.written[ref.uuid])
+            else:  # compliant as read above: its memoised plan (no fetch); else read again
+                shas, imgs = _in_use(rec, ref, seen[ref.uuid] if ref.uuid in done.as_seen else None)
         except VarsdError as exc:
             complete = False  # a domain we could not read may use anything: prune nothing
             problems.append(about_domain(ref.name, exc, ref.uuid))

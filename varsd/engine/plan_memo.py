@@ -123,15 +123,34 @@ def encode(plan: Plan, *, boot_unrecorded: bool, nvram_path: str | None, user: V
     }, separators=(",", ":"))
 
 
-def decode(uuid: str, name: str, text: str, catalog: Catalog) -> Row | None:
+_builds_lock = threading.Lock()
+_builds: tuple[Catalog, dict[tuple[str, str], Build]] | None = None
+
+
+def _build_of(catalog: Catalog, path: str, sha: str) -> Build | None:
+    """The catalog's first build of this code path and digest (indexed once per catalog)."""
+    global _builds
+    with _builds_lock:
+        last = _builds
+        if last is None or last[0] is not catalog:
+            index: dict[tuple[str, str], Build] = {}
+            for b in catalog.builds:
+                index.setdefault((b.code_path, b.code_sha256), b)
+            last = _builds = (catalog, index)
+    return last[1].get((path, sha))
+
+
+def decode(uuid: str, name: str, text: str, catalog: Catalog, *, running: bool = False,
+           files: Mapping[str, list] | None = None) -> Row | None:
     """The row, or None when it cannot be used (another version's shape, a build the
-    catalog does not list: then the key could not have matched either)."""
+    catalog does not list: then the key could not have matched either). `running` and
+    `files` (the file keys now) fill in what is live in its varstore user: running, link."""
     try:
         d = json.loads(text)
         build: Build | None = None
         if d["build"] is not None:
             path, sha = d["build"]
-            build = next((b for b in catalog.builds if b.code_path == path and b.code_sha256 == sha), None)
+            build = _build_of(catalog, path, sha)
             if build is None:
                 return None
         plan = Plan(FirmwareConfig(d["config"]), Status(d["status"]), d["detail"], build=build, code=d["code"],
@@ -139,7 +158,8 @@ def decode(uuid: str, name: str, text: str, catalog: Catalog) -> Row | None:
         user = None
         if d["user"] is not None and d["nvram"]:
             own, bound, managed = d["user"]
-            user = VarstoreUser(uuid=uuid, name=name, path=d["nvram"], own=own, bound=bound, managed=managed)
+            key = files.get(d["nvram"]) if files is not None else None
+            user = VarstoreUser(uuid, name, d["nvram"], own, key is not None and is_link(key), bound, managed, running)
         digest = d["varstore_digest"]
         return Row(plan, bool(d["boot_unrecorded"]), d["nvram"], user, d["realpath"],
                    (digest[0], digest[1]) if digest else None)

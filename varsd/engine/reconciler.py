@@ -18,7 +18,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import islice
 
@@ -30,6 +30,7 @@ from varsd.config import Config
 from varsd.domain.classify import firmware_image_path
 from varsd.domain.xml import firmware_signature, parse_domain
 from varsd.engine import plan_memo
+from varsd.engine.fetch import Seen
 from varsd.engine.inspect import FileInspector
 from varsd.engine.lock import host_lock
 from varsd.engine.provision import (
@@ -39,7 +40,7 @@ from varsd.engine.provision import (
     provision_json_varstore,
     provision_varstore,
 )
-from varsd.engine.transaction import Transaction, Writer
+from varsd.engine.transaction import PlannedWrite, Transaction, Writer
 from varsd.engine.varstore_users import VarstoreIndex
 from varsd.errors import HypervisorError, LockBusy, ProvisionError, StateDirError, VarsdError
 from varsd.firmware.archive import Archive, ArchiveError, ArchiveIndex
@@ -182,6 +183,27 @@ def _changes_firmware(facts: DomainFacts, plan: Plan) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class Written:
+    """A domain `reconcile_batch` wrote: the facts and plan of the change, and the
+    definition libvirt stored."""
+
+    facts: DomainFacts
+    plan: Plan
+    stored: str
+
+
+@dataclass(frozen=True)
+class BatchPass:
+    """What `reconcile_batch` did: an outcome per domain (in order), the domains it wrote in
+    batches, and those found compliant in the XML the caller had read (nothing read since)."""
+
+    outcomes: list[Outcome]
+    written: dict[str, Written]
+    as_seen: set[str]
+
+
+BATCH = 100  # domains whose locks a batch holds at once (one journal transaction each)
 ARCHIVE_RECHECK = 1.0  # seconds an archive snapshot serves the planner before it is re-listed
 
 
@@ -302,11 +324,13 @@ class Reconciler:
 
     # -- reading -----------------------------------------------------------------
 
-    def examine(self, ref: DomainRef, seen: tuple[str, str | None] | None = None) -> tuple[DomainFacts, Plan]:
+    def examine(self, ref: DomainRef, seen: Seen | None = None,
+                parsed: DomainFirmware | None = None) -> tuple[DomainFacts, Plan]:
         """Read the domain now and plan; a compliant domain whose inputs are unchanged
         since the last look (same XML text, same file stat keys, same catalog) reuses
         its plan, so a full pass costs about one XML fetch per domain. `seen`: the
-        persistent and live XML the caller has just read (status)."""
+        persistent and live XML the caller has just read (status, sync); `parsed`: that
+        persistent XML parsed."""
         if seen is not None:
             xml, live_xml = seen
         else:
@@ -326,7 +350,8 @@ class Reconciler:
             and memo.stats == tuple(self.inspector.stat_key(p) for p in memo.paths)
         ):
             return memo.facts, memo.plan
-        facts = self.facts(xml, live_xml, excluded=excluded, persistent=ref.persistent)
+        facts = self.facts(xml, live_xml, excluded=excluded, persistent=ref.persistent,
+                           parsed=parsed if seen is not None else None)
         plan = plan_repair(facts, self.catalog, self.cfg.nvram_dir, self.clock.now(), upgrades)
         if plan.actions or facts.sharing is not None:  # a sharer's plan follows the others' state
             self._memo.pop(ref.uuid, None)
@@ -365,9 +390,11 @@ class Reconciler:
                                nvram_path=fw.nvram_path, user=user, realpath=realpath, varstore=digest)
         store.put(ref.uuid, plan_memo.stored(key, list(paths), row))
 
-    def facts(self, xml: str, live_xml: str | None, *, excluded: bool = False, persistent: bool = True) -> DomainFacts:
-        """What the planner looks at for this XML: parsed, plus the files it names."""
-        fw = parse_domain(xml)
+    def facts(self, xml: str, live_xml: str | None, *, excluded: bool = False, persistent: bool = True,
+              parsed: DomainFirmware | None = None) -> DomainFacts:
+        """What the planner looks at for this XML: parsed (`parsed`, when the caller has), plus
+        the files it names."""
+        fw = parsed if parsed is not None else parse_domain(xml)
         live = parse_domain(live_xml) if live_xml else None
         image_path = firmware_image_path(fw)
         image = self.inspector.inspect(image_path, digest=True) if image_path else None
@@ -495,16 +522,22 @@ class Reconciler:
         try:
             done = self._execute(tx, facts, plan, attempt)
         except VarsdError as exc:
-            alive = not isinstance(exc, HypervisorError) or not exc.retryable or self.hv.is_alive()
-            verdict = decide(exc, alive=alive, settings=self.retry).action
-            if verdict is Action.RECONNECT:
-                raise  # the connection is gone: the caller reconnects and looks again
-            failure = self.journal.note_failure(
-                uuid=ref.uuid, name=ref.name, at=self.clock.now(), action=attempt[-1] if attempt else "plan",
-                error=str(exc), definition_sha256=_definition_sha(facts.xml))
-            self._failed_uuids().add(ref.uuid)
-            return replace(_outcome(ref, facts, plan, ()), failure=failure, retry=verdict is Action.RETRY)
+            return self._attempt_failed(ref, facts, plan, exc, attempt[-1] if attempt else "plan")
         return replace(_outcome(ref, facts, plan, done), cleared=self._clear_failure(ref.uuid, force=True))
+
+    def _attempt_failed(self, ref: DomainRef, facts: DomainFacts, plan: Plan, exc: VarsdError,
+                        action: str) -> Outcome:
+        """The outcome of a failed attempt, recorded in the state database; a lost connection
+        is raised instead (the caller reconnects and looks again)."""
+        alive = not isinstance(exc, HypervisorError) or not exc.retryable or self.hv.is_alive()
+        verdict = decide(exc, alive=alive, settings=self.retry).action
+        if verdict is Action.RECONNECT:
+            raise exc
+        failure = self.journal.note_failure(
+            uuid=ref.uuid, name=ref.name, at=self.clock.now(), action=action,
+            error=str(exc), definition_sha256=_definition_sha(facts.xml))
+        self._failed_uuids().add(ref.uuid)
+        return replace(_outcome(ref, facts, plan, ()), failure=failure, retry=verdict is Action.RETRY)
 
     def _failed_uuids(self) -> set[str]:
         if self._failed is None:
@@ -570,6 +603,65 @@ class Reconciler:
                 _discard_unused_varstore(tx.ref, path)
             raise
         return tuple(done)
+
+    def reconcile_batch(self, refs: Sequence[DomainRef], seen: Mapping[str, Seen] | None = None,
+                        parsed: Mapping[str, DomainFirmware] | None = None) -> BatchPass:
+        """`reconcile` (apply) of many domains, for a pass that changes most of them (an
+        upgrade rebinding every domain): each is planned lock-free (from `seen`, its XML just
+        read, and `parsed`, that XML parsed, where given); the plans that are one redefinition
+        are written BATCH at a time through `Writer.write_batch` (locks, fresh reads, stale
+        refusal, one journal transaction, the writes, one settle transaction); every other
+        domain, and one that changed since it was planned or whose lock was held, goes the
+        one-domain way (`reconcile`)."""
+        outcomes: dict[str, Outcome] = {}
+        as_seen: set[str] = set()
+        written: dict[str, Written] = {}
+        batch: list[tuple[DomainRef, DomainFacts, Plan, Redefine]] = []
+        singles: list[DomainRef] = []
+        for ref in refs:
+            try:
+                facts, plan = self.examine(ref, (seen or {}).get(ref.uuid), (parsed or {}).get(ref.uuid))
+            except StateDirError:
+                raise
+            except VarsdError:
+                singles.append(ref)  # the one-domain way looks again and reports it (naming it once)
+                continue
+            if not plan.actions:
+                outcomes[ref.uuid] = replace(_outcome(ref, facts, plan, ()), cleared=self._clear_failure(ref.uuid))
+                if seen is not None and ref.uuid in seen:
+                    as_seen.add(ref.uuid)
+            elif len(plan.actions) == 1 and isinstance(plan.actions[0], Redefine):
+                batch.append((ref, facts, plan, plan.actions[0]))
+            else:
+                singles.append(ref)
+        for start in range(0, len(batch), BATCH):
+            singles += self._write_batch(batch[start:start + BATCH], outcomes, written)
+        for o in outcomes.values():
+            self.archive_build(o.plan.build)  # as `reconcile` does (the singles' below do it themselves)
+        for ref in singles:
+            outcomes[ref.uuid] = self.reconcile(ref)
+        return BatchPass([outcomes[ref.uuid] for ref in refs], written, as_seen)
+
+    def _write_batch(self, batch: list[tuple[DomainRef, DomainFacts, Plan, Redefine]], outcomes: dict[str, Outcome],
+                     written: dict[str, Written]) -> list[DomainRef]:
+        """One batch through the write path; returns the domains left to the one-domain way."""
+        try:
+            result = self.writer.write_batch([PlannedWrite(ref, facts.xml, action.xml, action.reason,
+                                                           parsed=facts.firmware) for ref, facts, _, action in batch])
+        except StateDirError:
+            raise
+        except VarsdError as exc:  # the journal refused the intents: nothing was written
+            log.warning("%s; the domains of this batch are reconciled one by one", exc)
+            return [ref for ref, *_ in batch]
+        for ref, facts, plan, action in batch:
+            if ref.uuid in result.stored:
+                written[ref.uuid] = Written(facts, plan, result.stored[ref.uuid])
+                outcomes[ref.uuid] = replace(_outcome(ref, facts, plan, (f"redefined: {action.reason}",)),
+                                             cleared=self._clear_failure(ref.uuid, force=True))
+            elif ref.uuid in result.failed:
+                outcomes[ref.uuid] = self._attempt_failed(ref, facts, plan, result.failed[ref.uuid],
+                                                          f"redefine ({action.reason})")
+        return result.busy + result.stale
 
     def reconcile_all(self, refs: Iterable[DomainRef] | None = None, *, apply: bool = True) -> list[Outcome]:
         """Every domain once, then again those a later domain's facts changed the view of

@@ -24,23 +24,19 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from varsd.adapters.plan_memo_store import PlanMemoStore, StoredMemo
 from varsd.domain.xml import parse_domain
 from varsd.engine import plan_memo
 from varsd.engine.backups import Target, target_of
+from varsd.engine.fetch import fetched
 from varsd.engine.reconciler import Outcome, Reconciler
 from varsd.errors import VarsdError
 from varsd.model.backup import SeenVarstore
 from varsd.model.domain import DomainRef
 
 log = logging.getLogger("varsd.status")
-
-FETCHERS = 1  # threads fetching XML; more did not measure faster on 2 cores shared with libvirtd
 
 
 @dataclass(frozen=True)
@@ -66,11 +62,11 @@ def look(rec: Reconciler, refs: list[DomainRef], store: PlanMemoStore | None, *,
     looks: list[Look | None] = [None] * len(refs)
     plan: list[tuple[int, tuple[str, str | None] | None, str | None]] = []  # (index, XML seen, nvram path)
     reused: list[tuple[int, plan_memo.Row]] = []
-    for i, ref, fetched in _fetched(rec, refs):
-        if fetched is None:
+    for i, ref, xmls in fetched(rec.hv, refs):
+        if xmls is None:
             plan.append((i, None, None))  # the reconciler reports it, naming the domain once
             continue
-        xml, live_xml = fetched
+        xml, live_xml = xmls
         row = _reuse(rec, ref, rows.get(ref.uuid), context, xml, live_xml)
         if row is not None:
             reused.append((i, row))
@@ -99,34 +95,6 @@ def look(rec: Reconciler, refs: list[DomainRef], store: PlanMemoStore | None, *,
     return [lk for lk in looks if lk is not None]
 
 
-def _fetched(rec: Reconciler, refs: list[DomainRef]) -> Iterator[tuple[int, DomainRef, tuple[str, str | None] | None]]:
-    """Each domain's persistent and live XML, in order, fetched by a thread of its own: the
-    round trips to libvirtd (which release the GIL) overlap the work on the domains before
-    them, so the pass costs about the longer of the two, not their sum. None: unreadable."""
-    results: queue.SimpleQueue = queue.SimpleQueue()
-
-    def fetch(start: int) -> None:
-        for i in range(start, len(refs), FETCHERS):
-            ref = refs[i]
-            try:
-                xml = rec.hv.persistent_xml(ref.uuid)
-                results.put((i, (xml, rec.hv.live_xml(ref.uuid) if ref.active else None)))
-            except Exception:  # noqa: BLE001 - the reconciler looks again and reports it
-                results.put((i, None))
-
-    workers = [threading.Thread(target=fetch, args=(n,), name=f"status-fetch-{n}", daemon=True)
-               for n in range(min(FETCHERS, len(refs)))]
-    for w in workers:
-        w.start()
-    try:
-        for _ in refs:
-            i, fetched = results.get()
-            yield i, refs[i], fetched
-    finally:
-        for w in workers:
-            w.join()
-
-
 def _reuse(rec: Reconciler, ref: DomainRef, stored: StoredMemo | None, context: str, xml: str,
            live_xml: str | None) -> plan_memo.Row | None:
     """The row, when its key matches the domain as it is now; its varstore recorded in the
@@ -136,7 +104,7 @@ def _reuse(rec: Reconciler, ref: DomainRef, stored: StoredMemo | None, context: 
     files = plan_memo.lookup(stored, ref, context, xml, live_xml, excluded=rec.cfg.is_excluded(ref.name, ref.uuid))
     if files is None:
         return None
-    row = plan_memo.decode(ref.uuid, ref.name, stored.row, rec.catalog)
+    row = plan_memo.decode(ref.uuid, ref.name, stored.row, rec.catalog, running=live_xml is not None, files=files)
     if row is None:
         return None
     user, path = row.user, row.nvram_path
@@ -144,8 +112,7 @@ def _reuse(rec: Reconciler, ref: DomainRef, stored: StoredMemo | None, context: 
         key = files[path]
         inode = plan_memo.identity(key)
         realpath = row.realpath if inode is not None and row.realpath else os.path.realpath(path)
-        rec.varstores.put_known(replace(user, running=live_xml is not None, link=plan_memo.is_link(key)), realpath,
-                                inode)
+        rec.varstores.put_known(user, realpath, inode)
     elif path:
         return None  # a row without its varstore's key: plan it
     else:

@@ -21,13 +21,24 @@ domain's XML the same way, in one transaction (`Writer.transaction(ref)`):
    entry settled as applied (with libvirt's normalised copy) or failed. A change of
    nothing but varsd's own metadata element (an upgrade's rebind) is written as that
    element alone (`virDomainSetMetadata` on the persistent definition), not a define.
+
+`Writer.write_batch` is the same transaction for many domains at once (an upgrade that
+rebinds every domain): each domain's lock (one order for every actor; a domain whose lock
+is held is left to the caller), pending entries settled, one fresh read each and the
+stale refusal, the same checks, then ONE journal transaction holding every intent (one
+fsync for the batch, before libvirt sees any change), the writes (a few in parallel:
+libvirtd saves each definition to disk), and one transaction settling them all. A crash
+anywhere leaves each entry `pending` or settled, as for one domain: the next holder of its
+lock settles it against what libvirt has.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 
 from varsd.adapters.journal import Journal
 from varsd.adapters.libvirt_api import Hypervisor
@@ -44,7 +55,7 @@ from varsd.engine.lock import host_lock
 from varsd.errors import HypervisorError, VarsdError
 from varsd.firmware.archive import Archive, ArchiveError
 from varsd.model.archive import is_archive_path, sha_of_archive_path
-from varsd.model.domain import DomainRef
+from varsd.model.domain import DomainFirmware, DomainRef
 from varsd.model.journal import ChangeKind
 
 log = logging.getLogger("varsd.reconcile")
@@ -64,6 +75,32 @@ def settle_outcome(old_xml: str, new_xml: str, current: str) -> tuple[str, str |
 
 class StaleDefinition(VarsdError):
     """The domain was redefined by someone else between our read and our write."""
+
+
+WRITERS = 4  # concurrent writes of a batch: libvirtd saves (and fsyncs) each definition (1.0 -> 0.9 ms
+# per domain idle, 8: 0.65 ms; under load no difference measured, and 4 leave libvirtd room for others)
+
+
+@dataclass(frozen=True)
+class PlannedWrite:
+    """One domain's change for `Writer.write_batch`, planned (lock-free) from `planned_from`."""
+
+    ref: DomainRef
+    planned_from: str
+    new_xml: str
+    reason: str
+    kind: ChangeKind = ChangeKind.EDIT
+    parsed: DomainFirmware | None = None  # `planned_from` parsed, when the planner has it
+
+
+@dataclass
+class BatchResult:
+    """What `write_batch` did with each domain (by uuid); every domain is in exactly one."""
+
+    stored: dict[str, str] = field(default_factory=dict)  # written: the definition as libvirt stored it
+    failed: dict[str, VarsdError] = field(default_factory=dict)  # not written (journaled as failed if it got that far)
+    stale: list[DomainRef] = field(default_factory=list)  # changed since planned: refused, nothing journaled
+    busy: list[DomainRef] = field(default_factory=list)  # its lock is held (or unusable): not tried
 
 
 class Writer:
@@ -109,7 +146,10 @@ class Writer:
     def verify_archived_loader(self, ref: DomainRef, xml: str) -> None:
         """Verify-before-use: a definition about to boot an archived image gets it only if
         the file's content still has the digest its name promises (ArchiveError if not)."""
-        loader = parse_domain(xml).loader_path
+        self.verify_loader(ref, parse_domain(xml).loader_path)
+
+    def verify_loader(self, ref: DomainRef, loader: str | None) -> None:
+        """`verify_archived_loader` of a definition whose loader is `loader`."""
         if not is_archive_path(self.archive.directory, loader):
             return
         entry = self.archive.verify(sha_of_archive_path(loader or "") or "")
@@ -126,35 +166,104 @@ class Writer:
         no format='raw' added. A metadata-only change (opt-out/in, a rebind) gets none either:
         varsd did not write that loader, and it stays a virDomainSetMetadata."""
         self.verify_archived_loader(ref, new_xml)
+        fragment = metadata_only_change(planned_from, new_xml)
         if self.hv.persistent_xml(ref.uuid) != planned_from:
             raise StaleDefinition(f"domain '{ref.name}' was redefined meanwhile; will look again")
-        # explicit format='raw' (and templateFormat) where the connected libvirt has them,
-        # only on firmware XML varsd itself wrote
-        if not as_given and metadata_only_change(planned_from, new_xml) is None:
-            new_xml = with_raw_formats(new_xml, firmware_formats(self.hv.lib_version()))
-        change = self.journal.record(
-            at=self.clock.now(), uuid=ref.uuid, name=ref.name, actor=self.actor, reason=reason,
-            old_xml=planned_from, new_xml=new_xml, kind=kind,
-        )
-        # Only varsd's record changes (a rebind after an upgrade): write just that element
-        # to the persistent definition (virDomainSetMetadata, AFFECT_CONFIG), half the cost
-        # of a define for libvirtd; the journal entry is the same.
-        fragment = metadata_only_change(planned_from, new_xml)
+        new_xml = self._formats(new_xml, fragment, as_given)
+        change = self.journal.record(**self._intent(ref, planned_from, new_xml, reason, kind))
         try:
-            if fragment is not None:
-                self.hv.set_metadata(ref.uuid, fragment, key=VARSD_PREFIX, ns_uri=VARSD_NS, live=False, config=True)
-            else:
-                self.hv.define(new_xml)
+            self._apply(ref, new_xml, fragment)
         except VarsdError as exc:
             self.journal.settle(change, f"failed: {exc}")
             raise
-        try:
-            stored = self.hv.persistent_xml(ref.uuid)
-        except HypervisorError:
-            stored = None  # the change is made; only the normalised copy is missing
+        stored = self._read_back(ref)
         self.journal.settle(change, "applied", stored_xml=stored)
         log.info("domain '%s': %s (journal #%d)", ref.name, reason, change)
         return stored if stored is not None else new_xml
+
+    def write_batch(self, writes: Sequence[PlannedWrite], doing: str = "reconciling") -> BatchResult:
+        """Module steps 1-5 for many domains at once (module doc); never waits for a lock
+        (a busy domain is returned as such). Raises only what no single domain caused (the
+        journal could not take the intents: then nothing was written)."""
+        result = BatchResult()
+        with ExitStack() as locks:
+            held: list[PlannedWrite] = []
+            for w in sorted(writes, key=lambda w: w.ref.uuid):  # one order: batches never wait on each other
+                try:
+                    locks.enter_context(host_lock(self.lock_path(w.ref.uuid), max_wait=0.0,
+                                                  doing=f"{self.actor}: {doing} domain '{w.ref.name}'"))
+                except VarsdError:  # LockBusy, or a lock file that cannot be used: the one-domain way
+                    result.busy.append(w.ref)  # waits for it, or says why
+                    continue
+                held.append(w)
+            ready: list[tuple[PlannedWrite, str, str | None]] = []
+            for w in held:
+                try:
+                    self.settle_pending(w.ref)
+                    fragment = metadata_only_change(w.planned_from, w.new_xml)
+                    if fragment is not None and w.parsed is not None:
+                        self.verify_loader(w.ref, w.parsed.loader_path)  # the loader it has, parsed already
+                    else:
+                        self.verify_archived_loader(w.ref, w.new_xml)
+                    if self.hv.persistent_xml(w.ref.uuid) != w.planned_from:
+                        result.stale.append(w.ref)
+                        continue
+                    ready.append((w, self._formats(w.new_xml, fragment, False), fragment))
+                except VarsdError as exc:
+                    result.failed[w.ref.uuid] = exc
+            if not ready:
+                return result
+            ids = self.journal.record_many([self._intent(w.ref, w.planned_from, new, w.reason, w.kind)
+                                            for w, new, _ in ready])
+
+            def write(item: tuple[PlannedWrite, str, str | None]) -> tuple[str | None, VarsdError | None]:
+                w, new_xml, fragment = item
+                try:
+                    self._apply(w.ref, new_xml, fragment)
+                except VarsdError as exc:
+                    return None, exc
+                return self._read_back(w.ref), None
+
+            with ThreadPoolExecutor(max_workers=min(WRITERS, len(ready)), thread_name_prefix="varsd-write") as pool:
+                done = list(pool.map(write, ready))
+            settles: list[tuple[int, str, str | None]] = []
+            for (w, new_xml, _), change, (stored, exc) in zip(ready, ids, done, strict=True):
+                if exc is not None:
+                    settles.append((change, f"failed: {exc}", None))
+                    result.failed[w.ref.uuid] = exc
+                else:
+                    settles.append((change, "applied", stored))
+                    result.stored[w.ref.uuid] = stored if stored is not None else new_xml
+                    log.info("domain '%s': %s (journal #%d)", w.ref.name, w.reason, change)
+            self.journal.settle_many(settles)
+        return result
+
+    def _formats(self, new_xml: str, fragment: str | None, as_given: bool) -> str:
+        """Explicit format='raw' (and templateFormat) where the connected libvirt has them, only
+        on firmware XML varsd itself wrote: not an admin's definition put back (undo), and not a
+        change of only varsd's metadata (that loader is not varsd's to rewrite)."""
+        if as_given or fragment is not None:
+            return new_xml
+        return with_raw_formats(new_xml, firmware_formats(self.hv.lib_version()))
+
+    def _intent(self, ref: DomainRef, old_xml: str, new_xml: str, reason: str, kind: ChangeKind) -> dict:
+        return dict(at=self.clock.now(), uuid=ref.uuid, name=ref.name, actor=self.actor, reason=reason,
+                    old_xml=old_xml, new_xml=new_xml, kind=kind)
+
+    def _apply(self, ref: DomainRef, new_xml: str, fragment: str | None) -> None:
+        """The define; or, when only varsd's record changes (a rebind after an upgrade), just
+        that element of the persistent definition (virDomainSetMetadata, AFFECT_CONFIG): half
+        the cost of a define for libvirtd, the same journal entry."""
+        if fragment is not None:
+            self.hv.set_metadata(ref.uuid, fragment, key=VARSD_PREFIX, ns_uri=VARSD_NS, live=False, config=True)
+        else:
+            self.hv.define(new_xml)
+
+    def _read_back(self, ref: DomainRef) -> str | None:
+        try:
+            return self.hv.persistent_xml(ref.uuid)
+        except HypervisorError:
+            return None  # the change is made; only the normalised copy is missing
 
 
 class Transaction:

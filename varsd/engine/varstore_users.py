@@ -36,6 +36,11 @@ class _Entry:
     inode: tuple[int, int] | None
 
 
+def _plain(path: str) -> bool:
+    """An absolute path that is its own normpath (cheaply: no '//', '/.' or trailing '/')."""
+    return path.startswith("/") and "//" not in path and "/." not in path and not path.endswith("/")
+
+
 def _identity(path: str, dirs: dict[str, str] | None = None) -> tuple[str, tuple[int, int] | None]:
     """(realpath, (dev, inode) or None). `dirs` caches realpath() of parent directories for
     one look at several names in one directory: a name that is no symlink resolves to its
@@ -44,15 +49,14 @@ def _identity(path: str, dirs: dict[str, str] | None = None) -> tuple[str, tuple
         lst = os.lstat(path)
     except OSError:
         lst = None
-    if (lst is not None and stat.S_ISLNK(lst.st_mode)) or dirs is None or not os.path.isabs(path) \
-            or os.path.normpath(path) != path:  # '..' after a symlink is not textual
-        real = os.path.realpath(path)
+    if (lst is not None and stat.S_ISLNK(lst.st_mode)) or dirs is None or not _plain(path):
+        real = os.path.realpath(path)  # '..' after a symlink is not textual
     else:
-        head, tail = os.path.split(path)
+        head, _, tail = path.rpartition("/")
         parent = dirs.get(head)
         if parent is None:
-            parent = dirs[head] = os.path.realpath(head)
-        real = os.path.join(parent, tail)
+            parent = dirs[head] = os.path.realpath(head or "/")
+        real = parent + tail if parent.endswith("/") else f"{parent}/{tail}"
     if lst is not None and not stat.S_ISLNK(lst.st_mode):
         return real, (lst.st_dev, lst.st_ino)
     try:

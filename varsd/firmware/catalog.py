@@ -256,6 +256,7 @@ def load_catalog(
     sha256: Callable[[str], str] = fsio.sha256_file,
     search_dirs: Sequence[str] = (),
     modules_cache: dict[str, frozenset[str]] | None = None,
+    probe_file: Callable[[str], discovery.Probe | None] = discovery.probe,
 ) -> Catalog:
     """Build the catalog from descriptor dirs (lowest precedence first) and extra pairs.
 
@@ -312,7 +313,8 @@ def load_catalog(
             listed = frozenset(os.path.realpath(b.code_path) for b in builds)
             templates = frozenset(os.path.realpath(b.template_path) for b in builds if b.template_path)
             builds += discovery.discover(search_dirs, {b.code_sha256 for b in builds}, modules_cache=modules_cache,
-                                         known_files=listed, known_templates=templates - listed)
+                                         known_files=listed, known_templates=templates - listed,
+                                         probe_file=probe_file)
         except Exception as exc:  # see above
             log.exception("firmware discovery: unexpected error")
             problems.append(CatalogProblem(source="discovery", message=f"firmware discovery: unexpected error: {exc}"))
@@ -357,11 +359,15 @@ def load_configured(cfg: Config) -> Catalog:
     if catalog is None:
         cache = _load_modules_cache(cfg)
         before = dict(cache)
+        results = catalog_cache.FileResults(cfg)
         catalog = load_catalog(cfg.firmware_dirs, cfg.extra_firmware, search_dirs=cfg.firmware_search_dirs,
-                               modules_cache=cache)
+                               modules_cache=cache,
+                               read_layout=lambda p: results.get("layout", p, virtfw.read_layout),
+                               sha256=lambda p: results.get("sha256", p, fsio.sha256_file),
+                               probe_file=lambda p: results.get("probe", p, discovery.probe))
         if cache != before:
             _save_modules_cache(cfg, cache)
-        catalog_cache.save(cfg, cache_key, catalog)
+        catalog_cache.save(cfg, cache_key, catalog, results)
     for problem in catalog.problems:
         log.warning("firmware catalog: %s", problem.message)
     if cfg.secureboot_templates == "2023":

@@ -11,7 +11,8 @@ that is a digest of:
   dir (and its subdirectories, which discovery reads too), with the names in it and each
   entry's key; of every file a descriptor names (its `filename`s); of each extra pair.
 A new, removed, replaced, touched or chmod-ed file changes the key, and the catalog is
-loaded afresh (and stored again). The key is computed *before* a load, so a file that
+loaded afresh (and stored again), re-reading only the files whose own key changed
+(`FileResults`). The key is computed *before* a load, so a file that
 changes during one is seen by the next process.
 
 The file is written by root into the state dir (temp + rename, 0600, or 0640 to
@@ -30,7 +31,8 @@ import logging
 import os
 import pickle
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from varsd import __version__
 from varsd.adapters import fsio
@@ -41,6 +43,7 @@ from varsd.model.firmware import Catalog
 log = logging.getLogger(__name__)
 
 NAME = "catalog-cache.pickle"
+V = TypeVar("V")
 
 
 def _path(cfg: Config) -> str:
@@ -89,21 +92,51 @@ def key(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).hexdigest()
 
 
-def load(cfg: Config, cache_key: str) -> Catalog | None:
-    """The stored catalog, when it was stored under `cache_key` (else None)."""
+def _stored(cfg: Config) -> tuple:
+    """(key, catalog, file results) as stored; () when there is none we may trust."""
     path = _path(cfg)
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
-                return None
-            stored_key, catalog = pickle.load(f)
+                return ()
+            stored = pickle.load(f)
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError):
+        return ()
+    return tuple(stored) if isinstance(stored, tuple) and len(stored) in (2, 3) else ()
+
+
+def load(cfg: Config, cache_key: str) -> Catalog | None:
+    """The stored catalog, when it was stored under `cache_key` (else None)."""
+    stored = _stored(cfg)
+    if not stored:
         return None
-    return catalog if stored_key == cache_key and isinstance(catalog, Catalog) else None
+    catalog = stored[1]
+    return catalog if stored[0] == cache_key and isinstance(catalog, Catalog) else None
 
 
-def save(cfg: Config, cache_key: str, catalog: Catalog) -> None:
+class FileResults:
+    """What the last load computed from each file's content (digests, layouts, discovery's
+    probes), reused while that file's `file_key` is unchanged: after a package upgrade the
+    next load reads only the files it replaced, not every 64 MiB AAVMF image again. The key
+    is taken before the file is read, so a file changing during a read is read again next time."""
+
+    def __init__(self, cfg: Config) -> None:
+        stored = _stored(cfg)
+        old = stored[2] if len(stored) == 3 else None
+        self._old: dict = old if isinstance(old, dict) else {}
+        self.new: dict = {}
+
+    def get(self, what: str, path: str, compute: Callable[[str], V]) -> V:
+        """`compute(path)`, or what it gave for the same file last time (a raise is not kept)."""
+        fkey = file_key(path)
+        hit = self._old.get((what, path))
+        value = hit[1] if isinstance(hit, tuple) and len(hit) == 2 and hit[0] == fkey else compute(path)
+        self.new[(what, path)] = (fkey, value)
+        return value
+
+
+def save(cfg: Config, cache_key: str, catalog: Catalog, results: FileResults | None = None) -> None:
     """Best effort (a cache): temp file 0600 + rename, never a half-written file."""
     path = _path(cfg)
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -114,7 +147,8 @@ def save(cfg: Config, cache_key: str, catalog: Catalog) -> None:
                 with contextlib.suppress(KeyError, OSError):
                     os.fchown(f.fileno(), -1, grp.getgrnam(cfg.admin_group).gr_gid)
                     os.fchmod(f.fileno(), 0o640)
-            pickle.dump((cache_key, catalog), f, protocol=pickle.HIGHEST_PROTOCOL)
+            stored = (cache_key, catalog) if results is None else (cache_key, catalog, results.new)
+            pickle.dump(stored, f, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, path)
     except OSError as exc:
         log.debug("firmware catalog: cache not written: %s", exc)
