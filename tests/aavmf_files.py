@@ -36,7 +36,7 @@ def _executable(descriptor: str) -> str | None:
     try:
         with open(descriptor, encoding="utf-8") as f:
             return json.load(f)["mapping"]["executable"]["filename"]
-    except FileNotFoundError:  # no qemu-efi-aarch64 here (the test beds): x86 helpers still work
+    except FileNotFoundError:  # no qemu-efi-aarch64 here: x86 helpers still work, AAVMF tests fail
         return None
 
 

@@ -120,7 +120,7 @@ def extracted(package: str, version: str, codename: str, *, cache: Path = CACHE)
     return root
 
 
-# What the Debian 13 bed's tree is given when it is built (it has no network later).
+# What a bed's tree is given when it is built (it has no network later): Debian 12's ovmf builds.
 BED_PREFETCH: tuple[tuple[str, str | None, str, bool], ...] = (
     # (package, version, codename, extract)
     ("ovmf", OVMF_DEB12U1, "bookworm", True),

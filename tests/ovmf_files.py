@@ -49,6 +49,16 @@ VARS_4M = f"{OVMF}/OVMF_VARS_4M.fd"
 VARS_4M_MS = f"{OVMF}/OVMF_VARS_4M.ms.fd"
 UNIFIED = f"{DEBIAN12_ROOT}/usr/share/ovmf/OVMF.fd"  # Debian 12's unified image: 2 MiB layout
 
+# What the host's 4 MiB Secure Boot build (OVMF_CODE_4M.secboot.fd with OVMF_VARS_4M.ms.fd) prints on
+# the serial console of a guest with no disk once its boot manager ran, read from real boots:
+# Debian 12 (2022.11) tries the template's hard disk entry ("BdsDxe: failed to load Boot0001 ...");
+# Debian 13 (2025.02) finds no option to try ("BdsDxe: No bootable option or device was found.").
+_SECURE_BOOT_LINES = {
+    "bookworm": r"BdsDxe: (loading|starting|failed to load) Boot",
+    "trixie": r"BdsDxe: No bootable option or device was found",
+}
+SECURE_BOOT_LINE = _SECURE_BOOT_LINES.get(host_codename(), "|".join(f"({r})" for r in _SECURE_BOOT_LINES.values()))
+
 
 
 def debian12_path(path: str) -> str:

@@ -48,7 +48,7 @@ HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SHARE = "/srv/share"  # bind-mounted host directory: the bed's /tmp is a private tmpfs
 SOURCE = "/srv/varsd"  # the repository, bound read-only
-RECIPE_VERSION = 5  # bump when the steps below change in a way the package lists do not show
+RECIPE_VERSION = 6  # bump when the steps below change in a way the package lists do not show
 
 # Packages every bed gets: a virt host with systemd as PID 1, Debian's python3 stack for varsd,
 # pytest for the integration tier, and the tools to build and check varsd's Debian package.
@@ -108,8 +108,10 @@ TRIXIE = Release(
     codename="trixie", version="13",
     packages=(*_BASE, *_BUILD, "python3-virt-firmware"),
     backports=("libvirt-daemon-system", "libvirt-clients", "libvirt-daemon", "qemu-system-x86", "qemu-utils",
-               "qemu-system-modules-spice", "libxml2-utils"),
-    pinned=("ovmf/trixie",),
+               "qemu-system-modules-spice", "libxml2-utils", "qemu-system-arm"),
+    # qemu-efi-aarch64 + qemu-system-arm, as scripts/host-setup installs them on a host: the AAVMF
+    # tests and test_aarch64_boot (a real TCG boot) run on the release's own AAVMF set in the bed
+    pinned=("ovmf/trixie", "qemu-efi-aarch64/trixie"),
     downloads=(("unstable", "ovmf"), ("unstable", "ovmf-generic"), ("unstable", "ovmf-amdsev"),
                ("unstable", "ovmf-inteltdx")),
     # Debian 12's ovmf builds (its 2 MiB images; deb12u1 -> u2) and Debian 13's own .deb
@@ -117,10 +119,11 @@ TRIXIE = Release(
 )
 BOOKWORM = Release(
     codename="bookworm", version="12",
-    packages=(*_BASE, "python3-pip"),
-    pinned=("ovmf/bookworm",),
+    packages=(*_BASE, "python3-pip", "qemu-system-arm"),
+    pinned=("ovmf/bookworm", "qemu-efi-aarch64/bookworm"),
     pip=("virt-firmware",),
-    test_debs=(("ovmf", None, "trixie", False),),
+    # Debian 12's ovmf deb12u1 and u2 (the upgrade tests dpkg -i them) and Debian 13's own .deb
+    test_debs=(*debian_archive.BED_PREFETCH, ("ovmf", None, "trixie", False)),
 )
 RELEASES = {r.codename: r for r in (TRIXIE, BOOKWORM)}
 # A newcomer's fresh machine of each release: what debootstrap leaves, plus systemd to boot it.

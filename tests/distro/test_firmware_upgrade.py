@@ -6,7 +6,10 @@ With varsd installed (its daemon running under systemd) and a guest running, Deb
 explicitly when the bed's tree was built). The package's own dpkg file trigger runs
 `varsctl firmware sync`; then the running guest is `pending-cold-boot` and still executes
 the old build (the deleted inode QEMU holds), the shut-off domain's varstore is
-byte-identical, and the next cold boot maps the new code.
+byte-identical, and the next cold boot maps the new code. The Microsoft-keyed template
+becomes 2023-ready: Debian 13's `OVMF_VARS_4M.ms.fd` holds the 2011 CAs only
+(`update-available`), unstable's already has the 2023 KEK and db CAs (`ok`: new guests
+need no update).
 
 This module boots its own bed (a fresh overlay of the cached tree), so the upgrade never
 reaches another test.
@@ -14,6 +17,7 @@ reaches another test.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,9 +25,10 @@ import pytest
 import testbed
 
 from .conftest import install_deb
-from .guests import define, remove, status, wait_booted, wait_for
+from .guests import define, remove, status, varsctl, wait_booted, wait_for
 
 CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+VARS_MS = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"
 UNSTABLE_DEBS = "/var/cache/varsd-bed/debs/unstable"
 
 
@@ -48,6 +53,12 @@ def _open_code(bed: testbed.Bed, name: str) -> tuple[str, str]:
     return held[0][0], held[0][1]
 
 
+def _template_ms2023(bed: testbed.Bed) -> str:
+    """The `ms2023` state varsctl gives the Microsoft-keyed 4 MiB template."""
+    doc = json.loads(varsctl(bed, "secureboot", "status", "--json").stdout)
+    return {t["varstore"]: t["ms2023"] for t in doc["templates"]}[VARS_MS]
+
+
 def _version(bed: testbed.Bed, pkg: str) -> str:
     return bed.run("dpkg-query", "-W", "-f=${Version}", pkg).stdout
 
@@ -67,6 +78,7 @@ def test_ovmf_upgrade_to_unstable_through_the_packages_trigger(bed: testbed.Bed)
         assert _open_code(bed, running.name) == (CODE, old_code)
         before = _version(bed, "ovmf")
         assert before.startswith("2025.02"), before
+        assert _template_ms2023(bed) == "update-available"  # 2025.02-8+deb13u1: the 2011 CAs only
 
         debs = bed.sh(f"ls {UNSTABLE_DEBS}/*.deb").stdout.split()
         r = bed.run("apt-get", "install", "-y", "-q", *debs, env={"DEBIAN_FRONTEND": "noninteractive"}, timeout=600)
@@ -78,6 +90,7 @@ def test_ovmf_upgrade_to_unstable_through_the_packages_trigger(bed: testbed.Bed)
         assert "varsd: firmware sync done (triggered by: /usr/share" in out, out
         new_code = _sha(bed, CODE)
         assert new_code != old_code, "unstable's OVMF_CODE_4M.fd should be another build"
+        assert _template_ms2023(bed) == "ok"  # unstable's template carries the 2023 CAs already
 
         # the running guest: still the old build (QEMU's deleted inode), new code at its next cold boot
         assert bed.run("cat", f"/run/libvirt/qemu/{running.name}.pid").stdout.strip() == old_pid

@@ -5,10 +5,11 @@ python3-libvirt, python3-lxml, python3-apscheduler, python3-virt-firmware 24.11,
 3.13), from this checkout bound read-only, against the bed's libvirtd 12.9 and QEMU 11.1:
 Debian 13 as a host. Debian 12's 2 MiB images come from Debian 12's ovmf .deb, which the
 bed's tree was given when it was built (tests/debian_archive.py; the bed has no network).
+The beds have qemu-efi-aarch64 and qemu-system-arm like a host (scripts/host-setup), so the
+tests of Debian's real AAVMF files and the aarch64 TCG boot run on the bed release's own set.
 
 What does not run there, and why, is listed here (never silently):
 - HOST_ONLY: tests of the host's own venvs (their Debian 13 counterparts run here anyway);
-- NEEDS_AAVMF: tests of Debian's real AAVMF files (the beds have no qemu-efi-aarch64);
 - KNOWN_DEBIAN13: tests that fail on Debian 13 today, each with what differs. Any other
   failure fails the test; a listed one that passes is printed (take it off the list).
 - tests marked `debian12_host` report themselves as not applicable (they change the Debian
@@ -32,16 +33,6 @@ HOST_ONLY = {
     "tests/adapters/test_virtfw_2411.py": "runs the Secure Boot tests in the host's 24.11 venv; here Debian's own "
                                           "24.11 runs them directly",
 }
-# The beds have no qemu-efi-aarch64 (scripts/host-setup installs it on hosts, where these run):
-# Debian 13's AAVMF set in the bed is open work (issue 7's note).
-NEEDS_AAVMF = {
-    "tests/planning/test_aarch64.py": "real AAVMF files",
-    "tests/engine/test_aarch64.py": "real AAVMF files",
-    "tests/firmware/test_catalog.py::test_a_blank_template_alone_is_a_problem_not_a_build": "real AAVMF files",
-    "tests/firmware/test_discovery.py::test_aavmf_code_pairs_with_the_templates_of_its_bank_size_by_content":
-        "real AAVMF files",
-    "tests/integration/test_aarch64_boot.py": "real AAVMF files and qemu-system-aarch64",
-}
 KNOWN_DEBIAN13: dict[str, str] = {
     # Empty: what was listed here were test assumptions (Debian 12's files and XML spellings), two
     # test races and one varsd bug (format='raw' added to the admin's XML by undo/opt-out), all fixed.
@@ -63,7 +54,7 @@ def platform(request: pytest.FixtureRequest) -> Iterator[testbed.Bed]:
 
 def _pytest_in(bed: testbed.Bed, *args: str, timeout: float) -> tuple[set[str], set[str], str, float]:
     """pytest inside `bed`: (passed, failed) node ids, the output's tail, wall seconds."""
-    deselect = [f"--deselect={t}" for t in (*HOST_ONLY, *NEEDS_AAVMF)]
+    deselect = [f"--deselect={t}" for t in HOST_ONLY]
     t0 = time.monotonic()
     r = bed.run("sh", "-c", f"cd {testbed.SOURCE} && python3 -m pytest -q -p no:cacheprovider -rA "
                 + " ".join([*args, *deselect]), check=False, timeout=timeout,
@@ -105,8 +96,8 @@ INTEGRATION = (
 )
 HOOK = "/etc/libvirt/hooks/qemu.d/varsd"
 INTEGRATION_NOT_HERE: dict[str, str] = {
-    "tests/integration/test_secureboot.py": "waits for Debian 12's serial line of a Secure Boot boot; Debian 13's "
-                                            "Secure Boot build prints another one (not adapted yet: issue 8's note)",
+    # Empty: test_secureboot runs here too (it waits for the release's own Secure Boot serial line,
+    # ovmf_files.SECURE_BOOT_LINE, and knows what Debian 13's virt-firmware 24.11 can add).
 }
 
 

@@ -109,18 +109,26 @@ def test_a_unified_image_proves_the_layout_of_its_code() -> None:
 
 
 def test_aavmf_code_pairs_with_the_templates_of_its_bank_size_by_content(tmp_path: Path) -> None:
-    """Names that say nothing (links to Debian 12's files): the code is ArmVirtQemu's, the
+    """Names that say nothing (links to Debian's files): the code is ArmVirtQemu's, the
     blank template takes the layout of the formatted one beside it; no SMM, so the plain
-    build has the blank template and the Secure Boot one the enrolled template."""
-    from aavmf_files import CODE, LAYOUT, VARS_MS, blank_flash
+    build has the blank template and the Secure Boot one the enrolled template.
 
-    d = _tree(tmp_path, {"c.fd": f"->{CODE}", "keys.fd": f"->{VARS_MS}",
+    The code is the Secure Boot capable one (AAVMF_CODE.ms.fd: Debian 12's one image, Debian 13's
+    AAVMF_CODE.secboot.fd). Debian 13's AAVMF_CODE.fd is AAVMF_CODE.no-secboot.fd: built without
+    Secure Boot, it gets the plain build only."""
+    from aavmf_files import CODE, CODE_MS, DEBIAN12, LAYOUT, VARS_MS, blank_flash
+
+    d = _tree(tmp_path, {"c.fd": f"->{CODE_MS}", "keys.fd": f"->{VARS_MS}",
                          "efi.fd": "->/usr/share/qemu-efi-aarch64/QEMU_EFI.fd"})
     blank_flash(d / "blank.fd")
     builds = discover([str(d)], set())
     assert _summary(builds) == [("c.fd", "keys.fd", ("enrolled-keys", "secure-boot")), ("c.fd", "blank.fd", ())]
     assert all(b.layout == LAYOUT and b.targets[0].architecture == "aarch64" for b in builds)
     assert [b.template_blank for b in builds] == [False, True]
+    if not DEBIAN12:  # Debian 13: the code without Secure Boot is never paired with the enrolled template
+        os.unlink(d / "c.fd")
+        os.symlink(CODE, d / "c.fd")
+        assert _summary(discover([str(d)], set())) == [("c.fd", "blank.fd", ())]
 
 
 def test_aavmf_code_without_a_formatted_template_is_no_build(tmp_path: Path) -> None:

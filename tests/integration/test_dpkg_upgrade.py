@@ -53,6 +53,20 @@ from .guests import NVRAM_DIR, clean_serial, qemu_pid, wait_for_serial, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 VARSCTL = REPO / ".venv" / "bin" / "varsctl"
+
+
+def _trigger_varsctl(workdir: Path) -> str:
+    """The varsctl the trigger runs: the venv's (scripts/host-setup) when the tests run in it, as on a
+    host; in a Debian 12 bed (the second platform on a Debian 13 host: the source bound read-only,
+    Debian's python3, no venv) a wrapper running this interpreter on this source tree (dpkg gives
+    maintainer scripts no PYTHONPATH)."""
+    if Path(sys.prefix).resolve() == (REPO / ".venv").resolve():
+        assert VARSCTL.exists(), f"{VARSCTL} missing: run scripts/host-setup"
+        return str(VARSCTL)
+    wrapper = workdir / "varsctl"
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} -m varsd.cli.varsctl "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
 U1, U2 = debian_archive.OVMF_DEB12U1, debian_archive.OVMF_DEB12U2
 HOOK_PKG = "varsd-upgrade-hook-test"
 OVMF = "/usr/share/OVMF"
@@ -169,7 +183,7 @@ def _restore_u2(u2_deb: Path) -> None:
 @pytest.mark.debian12_host("it upgrades the host's own ovmf deb12u1 -> u2; on Debian 13 the same "
                            "upgrade through the installed package is tests/distro/test_firmware_upgrade.py")
 def test_real_ovmf_upgrade_through_the_dpkg_trigger(hv: Hypervisor, guest_factory, tmp_path) -> None:
-    assert VARSCTL.exists(), f"{VARSCTL} missing: run scripts/host-setup"
+    varsctl_path = _trigger_varsctl(tmp_path)
     installed = debtools.version("ovmf")
     assert installed == U2, (
         f"the host must have ovmf {U2} installed, not {installed} (another run of this test in its u1 window, "
@@ -190,7 +204,7 @@ def test_real_ovmf_upgrade_through_the_dpkg_trigger(hv: Hypervisor, guest_factor
                       f'firmware_dirs = ["/usr/share/qemu/firmware", "/etc/qemu/firmware", "{hidden}"]\n'
                       f"exclude = {json.dumps(_exclude_all_but(prefix))}\n")
     debtools.purge(HOOK_PKG)
-    hook = debtools.trigger_package(tmp_path, HOOK_PKG, varsctl=str(VARSCTL), config=str(config))
+    hook = debtools.trigger_package(tmp_path, HOOK_PKG, varsctl=varsctl_path, config=str(config))
 
     try:
         setup = _dpkg_install(hook)
