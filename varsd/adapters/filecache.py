@@ -94,3 +94,9 @@ class ContentCache(Generic[V]):
     def drop(self, name: Hashable) -> None:
         with self._lock:
             self._entries.pop(name, None)
+
+
+def trusted_cache(st: os.stat_result) -> bool:
+    """May a cache file kept between processes be believed? Only a regular file of root's
+    (or ours) that nobody else may write: what it says is taken instead of reading files."""
+    return stat.S_ISREG(st.st_mode) and st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022

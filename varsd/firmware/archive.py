@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from varsd.adapters import fsio
-from varsd.adapters.filecache import ContentCache, stat_key
+from varsd.adapters.filecache import ContentCache, stat_key, trusted_cache
 from varsd.errors import VarsdError
 from varsd.model.archive import _NAME, SUFFIX, ArchiveIndex, archive_path, is_archive_path, sha_of_archive_path
 
@@ -311,7 +311,7 @@ def _load_verified(path: str | None) -> dict[str, list[int]]:
         return {}
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+        if not trusted_cache(st):
             return {}
         doc = json.loads(os.read(fd, 1 << 20))
     except (OSError, ValueError):

@@ -30,13 +30,12 @@ import json
 import logging
 import os
 import pickle
-import stat
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from varsd import __version__
 from varsd.adapters import fsio
-from varsd.adapters.filecache import file_key
+from varsd.adapters.filecache import file_key, trusted_cache
 from varsd.config import Config
 from varsd.model.firmware import Catalog
 
@@ -98,7 +97,7 @@ def _stored(cfg: Config) -> tuple:
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+            if not trusted_cache(st):
                 return ()
             stored = pickle.load(f)
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError):
